@@ -1,0 +1,439 @@
+//! [`AllowanceStore`] and [`TokenStore`] on DynamoDB. Items are converted next to the adapter;
+//! SDK errors are kept as the `source` of [`StoreError`].
+
+use std::collections::{BTreeSet, HashMap};
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
+use iam_broker_core::allowance::{Allowance, Subject};
+use iam_broker_core::ports::{AllowanceStore, StoreError, TokenStore};
+use iam_broker_core::{TokenHash, TokenRecord};
+
+type Item = HashMap<String, AttributeValue>;
+
+/// Attribute names of the Allowances table.
+pub mod allowance_attributes {
+    /// Hash key.
+    pub const NAMESPACE: &str = "namespace";
+    /// Range key.
+    pub const SERVICE_ACCOUNT: &str = "service_account";
+    /// String set of role ARNs.
+    pub const ALLOWED_ROLES: &str = "allowed_roles";
+}
+
+/// Attribute names of the Authorizations table.
+pub mod token_attributes {
+    /// Hash key: lowercase hex SHA-256 of the token.
+    pub const TOKEN_HASH: &str = "token_hash";
+    /// Namespace of the ServiceAccount.
+    pub const NAMESPACE: &str = "namespace";
+    /// ServiceAccount name.
+    pub const SERVICE_ACCOUNT: &str = "service_account";
+    /// The role.
+    pub const ROLE_ARN: &str = "role_arn";
+    /// Secret holding the token.
+    pub const SECRET_NAME: &str = "secret_name";
+    /// Pod name or generateName prefix.
+    pub const POD_NAME: &str = "pod_name";
+    /// Epoch seconds.
+    pub const CREATED_AT: &str = "created_at";
+    /// Epoch seconds.
+    pub const LAST_USED: &str = "last_used";
+    /// Epoch seconds; the TTL attribute.
+    pub const EXPIRES: &str = "expires";
+}
+
+use allowance_attributes as aa;
+use token_attributes as ta;
+
+fn unavailable<E, R>(table: &str, error: SdkError<E, R>) -> StoreError
+where
+    E: std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    StoreError::Unavailable {
+        store: format!("DynamoDB table {table}"),
+        source: Box::new(error),
+    }
+}
+
+fn is_conditional_failure<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {
+    matches!(error, SdkError::ServiceError(e) if e.err().code() == Some("ConditionalCheckFailedException"))
+}
+
+fn corrupt(table: &str, message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        store: format!("DynamoDB table {table}"),
+        message: message.into(),
+    }
+}
+
+fn string(item: &Item, name: &str) -> Option<String> {
+    item.get(name).and_then(|v| v.as_s().ok()).cloned()
+}
+
+fn number(item: &Item, name: &str) -> Option<i64> {
+    item.get(name)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|n| n.parse().ok())
+}
+
+/// The Allowances table.
+#[derive(Debug, Clone)]
+pub struct DynamoAllowanceStore {
+    client: Client,
+    table: String,
+}
+
+impl DynamoAllowanceStore {
+    /// Wraps a client and the table name.
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+        }
+    }
+
+    fn key(subject: &Subject) -> Item {
+        HashMap::from([
+            (
+                aa::NAMESPACE.to_owned(),
+                AttributeValue::S(subject.namespace.clone()),
+            ),
+            (
+                aa::SERVICE_ACCOUNT.to_owned(),
+                AttributeValue::S(subject.service_account.clone()),
+            ),
+        ])
+    }
+
+    fn read_item(&self, item: &Item) -> Result<Allowance, StoreError> {
+        let (Some(namespace), Some(service_account)) = (
+            string(item, aa::NAMESPACE),
+            string(item, aa::SERVICE_ACCOUNT),
+        ) else {
+            return Err(corrupt(&self.table, "an allowance without its keys"));
+        };
+        let allowed_roles = item
+            .get(aa::ALLOWED_ROLES)
+            .map(|v| match v {
+                AttributeValue::Ss(roles) => Ok(roles.iter().cloned().collect::<BTreeSet<_>>()),
+                // A plain string is accepted too: hand-made rows from the console often are.
+                AttributeValue::S(role) => Ok(BTreeSet::from([role.clone()])),
+                AttributeValue::L(list) => {
+                    Ok(list.iter().filter_map(|v| v.as_s().ok().cloned()).collect())
+                }
+                _ => Err(corrupt(&self.table, "allowed_roles is not a string set")),
+            })
+            .transpose()?
+            .unwrap_or_default();
+        Ok(Allowance {
+            subject: Subject {
+                namespace,
+                service_account,
+            },
+            allowed_roles,
+        })
+    }
+}
+
+#[async_trait]
+impl AllowanceStore for DynamoAllowanceStore {
+    async fn allowance(&self, subject: &Subject) -> Result<Option<Allowance>, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(subject)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| unavailable(&self.table, e))?;
+        output
+            .item
+            .as_ref()
+            .map(|item| self.read_item(item))
+            .transpose()
+    }
+
+    async fn allow(&self, subject: &Subject, role_arn: &str) -> Result<Allowance, StoreError> {
+        let output = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(subject)))
+            .update_expression("ADD #roles :role")
+            .expression_attribute_names("#roles", aa::ALLOWED_ROLES)
+            .expression_attribute_values(":role", AttributeValue::Ss(vec![role_arn.to_owned()]))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await
+            .map_err(|e| unavailable(&self.table, e))?;
+        let item = output
+            .attributes
+            .ok_or_else(|| corrupt(&self.table, "UpdateItem returned no attributes"))?;
+        self.read_item(&item)
+    }
+
+    async fn disallow(
+        &self,
+        subject: &Subject,
+        role_arn: Option<&str>,
+    ) -> Result<Option<Allowance>, StoreError> {
+        if let Some(role_arn) = role_arn {
+            let output = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(Self::key(subject)))
+                .update_expression("DELETE #roles :role")
+                .condition_expression("attribute_exists(#ns)")
+                .expression_attribute_names("#roles", aa::ALLOWED_ROLES)
+                .expression_attribute_names("#ns", aa::NAMESPACE)
+                .expression_attribute_values(":role", AttributeValue::Ss(vec![role_arn.to_owned()]))
+                .return_values(ReturnValue::AllNew)
+                .send()
+                .await;
+            let output = match output {
+                Ok(output) => output,
+                Err(e) if is_conditional_failure(&e) => return Ok(None),
+                Err(e) => return Err(unavailable(&self.table, e)),
+            };
+            let remaining = output
+                .attributes
+                .as_ref()
+                .map(|item| self.read_item(item))
+                .transpose()?;
+            if remaining
+                .as_ref()
+                .is_some_and(|a| !a.allowed_roles.is_empty())
+            {
+                return Ok(remaining);
+            }
+        }
+        // Remove the row: all roles were asked for, or the last one just went. The condition
+        // keeps a role that someone re-added in between.
+        let mut delete = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(subject)));
+        if role_arn.is_some() {
+            delete = delete
+                .condition_expression("attribute_not_exists(#roles)")
+                .expression_attribute_names("#roles", aa::ALLOWED_ROLES);
+        }
+        match delete.send().await {
+            Ok(_) => Ok(None),
+            Err(e) if is_conditional_failure(&e) => self.allowance(subject).await,
+            Err(e) => Err(unavailable(&self.table, e)),
+        }
+    }
+
+    async fn list(&self, namespace: Option<&str>) -> Result<Vec<Allowance>, StoreError> {
+        let pages: Vec<Item> = match namespace {
+            Some(namespace) => self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("#ns = :ns")
+                .expression_attribute_names("#ns", aa::NAMESPACE)
+                .expression_attribute_values(":ns", AttributeValue::S(namespace.to_owned()))
+                .into_paginator()
+                .items()
+                .send()
+                .try_collect()
+                .await
+                .map_err(|e| unavailable(&self.table, e))?,
+            None => self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .into_paginator()
+                .items()
+                .send()
+                .try_collect()
+                .await
+                .map_err(|e| unavailable(&self.table, e))?,
+        };
+        let mut rows = pages
+            .iter()
+            .map(|item| self.read_item(item))
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.sort_by(|a, b| a.subject.cmp(&b.subject));
+        Ok(rows)
+    }
+}
+
+/// The Authorizations table.
+#[derive(Debug, Clone)]
+pub struct DynamoTokenStore {
+    client: Client,
+    table: String,
+}
+
+impl DynamoTokenStore {
+    /// Wraps a client and the table name.
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+        }
+    }
+
+    fn key(hash: &TokenHash) -> Item {
+        HashMap::from([(
+            ta::TOKEN_HASH.to_owned(),
+            AttributeValue::S(hash.as_str().to_owned()),
+        )])
+    }
+
+    fn to_item(record: &TokenRecord) -> Item {
+        let mut item = Self::key(&record.token_hash);
+        let s = |v: &str| AttributeValue::S(v.to_owned());
+        let n = |v: i64| AttributeValue::N(v.to_string());
+        item.insert(ta::NAMESPACE.to_owned(), s(&record.subject.namespace));
+        item.insert(
+            ta::SERVICE_ACCOUNT.to_owned(),
+            s(&record.subject.service_account),
+        );
+        item.insert(ta::ROLE_ARN.to_owned(), s(&record.role_arn));
+        if let Some(secret) = &record.secret_name {
+            item.insert(ta::SECRET_NAME.to_owned(), s(secret));
+        }
+        if let Some(pod) = &record.pod_name {
+            item.insert(ta::POD_NAME.to_owned(), s(pod));
+        }
+        item.insert(ta::CREATED_AT.to_owned(), n(record.created_at));
+        if let Some(last_used) = record.last_used {
+            item.insert(ta::LAST_USED.to_owned(), n(last_used));
+        }
+        item.insert(ta::EXPIRES.to_owned(), n(record.expires));
+        item
+    }
+
+    fn read_item(&self, item: &Item) -> Result<TokenRecord, StoreError> {
+        let required = |name: &str| {
+            string(item, name)
+                .ok_or_else(|| corrupt(&self.table, format!("a token record without {name}")))
+        };
+        let token_hash = TokenHash::parse(&required(ta::TOKEN_HASH)?)
+            .ok_or_else(|| corrupt(&self.table, "token_hash is not lowercase hex SHA-256"))?;
+        Ok(TokenRecord {
+            token_hash,
+            subject: Subject {
+                namespace: required(ta::NAMESPACE)?,
+                service_account: required(ta::SERVICE_ACCOUNT)?,
+            },
+            role_arn: required(ta::ROLE_ARN)?,
+            secret_name: string(item, ta::SECRET_NAME),
+            pod_name: string(item, ta::POD_NAME),
+            created_at: number(item, ta::CREATED_AT).unwrap_or_default(),
+            last_used: number(item, ta::LAST_USED),
+            // A record without a readable expiry is treated as already expired.
+            expires: number(item, ta::EXPIRES).unwrap_or(0),
+        })
+    }
+}
+
+#[async_trait]
+impl TokenStore for DynamoTokenStore {
+    async fn record(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(hash)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| unavailable(&self.table, e))?;
+        output
+            .item
+            .as_ref()
+            .map(|item| self.read_item(item))
+            .transpose()
+    }
+
+    async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        match self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(Self::to_item(record)))
+            .condition_expression("attribute_not_exists(#hash)")
+            .expression_attribute_names("#hash", ta::TOKEN_HASH)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_conditional_failure(&e) => Err(StoreError::AlreadyExists),
+            Err(e) => Err(unavailable(&self.table, e)),
+        }
+    }
+
+    async fn touch(
+        &self,
+        hash: &TokenHash,
+        last_used: i64,
+        expires: i64,
+    ) -> Result<(), StoreError> {
+        match self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(hash)))
+            .update_expression("SET #used = :used, #expires = :expires")
+            .condition_expression("attribute_exists(#hash)")
+            .expression_attribute_names("#used", ta::LAST_USED)
+            .expression_attribute_names("#expires", ta::EXPIRES)
+            .expression_attribute_names("#hash", ta::TOKEN_HASH)
+            .expression_attribute_values(":used", AttributeValue::N(last_used.to_string()))
+            .expression_attribute_values(":expires", AttributeValue::N(expires.to_string()))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_conditional_failure(&e) => Err(StoreError::NotFound),
+            Err(e) => Err(unavailable(&self.table, e)),
+        }
+    }
+
+    async fn delete(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+        let output = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(hash)))
+            .return_values(ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(|e| unavailable(&self.table, e))?;
+        output
+            .attributes
+            .as_ref()
+            .map(|item| self.read_item(item))
+            .transpose()
+    }
+
+    async fn list(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let items: Vec<Item> = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| unavailable(&self.table, e))?;
+        let mut records = items
+            .iter()
+            .map(|item| self.read_item(item))
+            .collect::<Result<Vec<_>, _>>()?;
+        records.sort_by_key(|r| (r.subject.clone(), r.created_at));
+        Ok(records)
+    }
+}

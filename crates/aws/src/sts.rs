@@ -1,0 +1,84 @@
+//! [`CredentialIssuer`] on `sts:AssumeRole`.
+
+use async_trait::async_trait;
+use aws_sdk_sts::Client;
+use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_sts::types::Tag;
+use iam_broker_core::Credentials;
+use iam_broker_core::ports::{AssumeRoleRequest, CredentialIssuer, IssueError};
+use time::OffsetDateTime;
+
+/// STS error codes that mean "try again later" rather than "no".
+const RETRYABLE_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "ServiceUnavailable",
+    "InternalFailure",
+];
+
+/// Issues credentials with `sts:AssumeRole`, using the process's own AWS identity.
+#[derive(Debug, Clone)]
+pub struct StsCredentialIssuer {
+    client: Client,
+}
+
+impl StsCredentialIssuer {
+    /// Wraps an STS client.
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+}
+
+#[async_trait]
+impl CredentialIssuer for StsCredentialIssuer {
+    async fn assume_role(&self, request: &AssumeRoleRequest) -> Result<Credentials, IssueError> {
+        let tags = request
+            .tags
+            .iter()
+            .map(|(key, value)| Tag::builder().key(*key).value(value).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| IssueError::Unavailable(Box::new(e)))?;
+        let duration = i32::try_from(request.duration.as_secs()).unwrap_or(3600);
+        let output = self
+            .client
+            .assume_role()
+            .role_arn(&request.role_arn)
+            .role_session_name(&request.session_name)
+            .duration_seconds(duration)
+            .set_tags((!tags.is_empty()).then_some(tags))
+            .send()
+            .await
+            .map_err(classify)?;
+        let credentials = output.credentials.ok_or_else(|| IssueError::Refused {
+            code: "MissingCredentials".to_owned(),
+            message: "STS answered without credentials".to_owned(),
+        })?;
+        let expiration = OffsetDateTime::from_unix_timestamp(credentials.expiration.secs())
+            .map_err(|e| IssueError::Unavailable(Box::new(e)))?;
+        Ok(Credentials {
+            access_key_id: credentials.access_key_id,
+            secret_access_key: credentials.secret_access_key,
+            session_token: credentials.session_token,
+            expiration,
+        })
+    }
+}
+
+fn classify<E, R>(error: SdkError<E, R>) -> IssueError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match &error {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("Unknown").to_owned();
+            if RETRYABLE_CODES.contains(&code.as_str()) {
+                return IssueError::Unavailable(Box::new(error));
+            }
+            let message = service.err().message().unwrap_or_default().to_owned();
+            IssueError::Refused { code, message }
+        }
+        _ => IssueError::Unavailable(Box::new(error)),
+    }
+}

@@ -1,0 +1,146 @@
+//! `iam-broker`: run the router as a plain HTTP server and administer allowances and tokens.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod serve;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// iam-broker: short-lived AWS IAM role credentials for Kubernetes pods, without static keys
+/// and without an OIDC issuer.
+///
+/// Every command reads the same environment as the Lambda function (ALLOWANCES_TABLE,
+/// AUTHORIZATIONS_TABLE, CREDENTIAL_DURATION_SECONDS, TOKEN_TTL_DAYS, ...) plus the standard AWS
+/// variables (AWS_REGION, AWS_ENDPOINT_URL, credentials).
+#[derive(Debug, Parser)]
+#[command(name = "iam-broker", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the broker router over plain HTTP (the same router as the Lambda function).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Allow a ServiceAccount (or `*`, every ServiceAccount of the namespace) to assume a role.
+    Allow(AllowanceArgs),
+    /// Withdraw a role from a ServiceAccount, or every role when --role is left out.
+    Disallow(DisallowArgs),
+    /// List allowances.
+    Allowances {
+        /// Only this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Manage tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Manage the DynamoDB tables (for local and test set-ups; production tables come from
+    /// template.yaml).
+    #[command(subcommand)]
+    Tables(TablesCommand),
+}
+
+#[derive(Debug, Args)]
+struct AllowanceArgs {
+    /// Kubernetes namespace.
+    #[arg(long)]
+    namespace: String,
+    /// ServiceAccount name, or `*` for every ServiceAccount of the namespace.
+    #[arg(long)]
+    service_account: String,
+    /// IAM role ARN.
+    #[arg(long)]
+    role: String,
+}
+
+#[derive(Debug, Args)]
+struct DisallowArgs {
+    /// Kubernetes namespace.
+    #[arg(long)]
+    namespace: String,
+    /// ServiceAccount name, or `*`.
+    #[arg(long)]
+    service_account: String,
+    /// IAM role ARN; all roles of the ServiceAccount when left out.
+    #[arg(long)]
+    role: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Mint a token for a namespace / ServiceAccount / role, record its hash and print the
+    /// token once on stdout.
+    Create {
+        /// Kubernetes namespace.
+        #[arg(long)]
+        namespace: String,
+        /// ServiceAccount name.
+        #[arg(long)]
+        service_account: String,
+        /// IAM role ARN.
+        #[arg(long)]
+        role: String,
+        /// Pod name, recorded and used in the STS session name.
+        #[arg(long)]
+        pod: Option<String>,
+    },
+    /// List token records (hashes only; tokens are never stored).
+    List {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Revoke a token by its hash (as `token list` shows it) or by the token itself on stdin.
+    Revoke {
+        /// The token's hash (64 hex characters).
+        #[arg(long, conflicts_with = "stdin", required_unless_present = "stdin")]
+        hash: Option<String>,
+        /// Read the token itself from stdin.
+        #[arg(long)]
+        stdin: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TablesCommand {
+    /// Create the Allowances and Authorizations tables if they do not exist.
+    Create,
+}
+
+/// Output format of listings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    iam_broker_router::telemetry::init_json_logging();
+    let result = match cli.command {
+        Command::Serve { listen } => serve::run(listen).await,
+        command => admin::run(command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("iam-broker: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

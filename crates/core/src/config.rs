@@ -1,0 +1,294 @@
+//! Configuration: typed, parsed once at start-up from a key/value source (the environment in the
+//! binaries, a map in tests), with one clear message naming the bad variable.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// `ALLOWANCES_TABLE`: the Allowances table.
+pub const ENV_ALLOWANCES_TABLE: &str = "ALLOWANCES_TABLE";
+/// `AUTHORIZATIONS_TABLE`: the Authorizations table.
+pub const ENV_AUTHORIZATIONS_TABLE: &str = "AUTHORIZATIONS_TABLE";
+/// `KUBECONFIG_PARAMETER`: SSM SecureString holding the webhook's kubeconfig.
+pub const ENV_KUBECONFIG_PARAMETER: &str = "KUBECONFIG_PARAMETER";
+/// `ROLE_ARN_ANNOTATION`: ServiceAccount annotation naming the role.
+pub const ENV_ROLE_ARN_ANNOTATION: &str = "ROLE_ARN_ANNOTATION";
+/// `PROXY_IMAGE`: the sidecar image.
+pub const ENV_PROXY_IMAGE: &str = "PROXY_IMAGE";
+/// `PROXY_PORT`: the sidecar's port on 127.0.0.1.
+pub const ENV_PROXY_PORT: &str = "PROXY_PORT";
+/// `BROKER_URL`: the URL the sidecar calls.
+pub const ENV_BROKER_URL: &str = "BROKER_URL";
+/// `CREDENTIAL_DURATION_SECONDS`: `DurationSeconds` of `sts:AssumeRole`.
+pub const ENV_CREDENTIAL_DURATION_SECONDS: &str = "CREDENTIAL_DURATION_SECONDS";
+/// `TOKEN_TTL_DAYS`: sliding lifetime of token records.
+pub const ENV_TOKEN_TTL_DAYS: &str = "TOKEN_TTL_DAYS";
+/// `AWS_CALL_TIMEOUT_MS`: deadline of each AWS call, retries included.
+pub const ENV_AWS_CALL_TIMEOUT_MS: &str = "AWS_CALL_TIMEOUT_MS";
+/// `STS_SESSION_TAGS`: pass namespace / ServiceAccount / pod as session tags (`true`/`false`).
+pub const ENV_STS_SESSION_TAGS: &str = "STS_SESSION_TAGS";
+
+/// A variable that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {variable}: {message}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub variable: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// Everything iam-broker reads from its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Allowances table name.
+    pub allowances_table: String,
+    /// Authorizations table name.
+    pub authorizations_table: String,
+    /// SSM parameter with the webhook's kubeconfig, when set.
+    pub kubeconfig_parameter: Option<String>,
+    /// ServiceAccount annotation naming the role.
+    pub role_arn_annotation: String,
+    /// Sidecar image (required by the webhook only).
+    pub proxy_image: Option<String>,
+    /// Sidecar port on 127.0.0.1.
+    pub proxy_port: u16,
+    /// URL the sidecar calls; the request's own origin when unset.
+    pub broker_url: Option<String>,
+    /// `DurationSeconds` for `sts:AssumeRole` (900..=3600).
+    pub credential_duration: Duration,
+    /// Sliding lifetime of token records.
+    pub token_ttl: Duration,
+    /// Deadline of each AWS call.
+    pub aws_call_timeout: Duration,
+    /// Whether to send session tags with `sts:AssumeRole`.
+    pub session_tags: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            allowances_table: "iam-broker-allowances".to_owned(),
+            authorizations_table: "iam-broker-authorizations".to_owned(),
+            kubeconfig_parameter: None,
+            role_arn_annotation: "eks.amazonaws.com/role-arn".to_owned(),
+            proxy_image: None,
+            proxy_port: 53080,
+            broker_url: None,
+            credential_duration: Duration::from_secs(3600),
+            token_ttl: Duration::from_secs(14 * 86_400),
+            aws_call_timeout: Duration::from_millis(3000),
+            session_tags: false,
+        }
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads a map (tests).
+    pub fn from_map(map: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| map.get(name).cloned())
+    }
+
+    /// Reads any key/value source. Unset and empty variables take their defaults.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let defaults = Self::default();
+        let config = Self {
+            allowances_table: table_name(ENV_ALLOWANCES_TABLE, get(ENV_ALLOWANCES_TABLE))?
+                .unwrap_or(defaults.allowances_table),
+            authorizations_table: table_name(
+                ENV_AUTHORIZATIONS_TABLE,
+                get(ENV_AUTHORIZATIONS_TABLE),
+            )?
+            .unwrap_or(defaults.authorizations_table),
+            kubeconfig_parameter: get(ENV_KUBECONFIG_PARAMETER),
+            role_arn_annotation: get(ENV_ROLE_ARN_ANNOTATION)
+                .unwrap_or(defaults.role_arn_annotation),
+            proxy_image: get(ENV_PROXY_IMAGE),
+            proxy_port: match get(ENV_PROXY_PORT) {
+                None => defaults.proxy_port,
+                Some(v) => {
+                    v.parse::<u16>()
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| ConfigError {
+                            variable: ENV_PROXY_PORT,
+                            message: format!("{v:?} is not a port number (1..=65535)"),
+                        })?
+                }
+            },
+            broker_url: get(ENV_BROKER_URL)
+                .map(|v| {
+                    if v.starts_with("https://") || v.starts_with("http://") {
+                        Ok(v)
+                    } else {
+                        Err(ConfigError {
+                            variable: ENV_BROKER_URL,
+                            message: format!("{v:?} is not an http:// or https:// URL"),
+                        })
+                    }
+                })
+                .transpose()?,
+            credential_duration: Duration::from_secs(
+                integer_in(
+                    ENV_CREDENTIAL_DURATION_SECONDS,
+                    get(ENV_CREDENTIAL_DURATION_SECONDS),
+                    900..=3600,
+                    "seconds; AWS caps role chaining at one hour",
+                )?
+                .unwrap_or(3600),
+            ),
+            token_ttl: Duration::from_secs(
+                integer_in(
+                    ENV_TOKEN_TTL_DAYS,
+                    get(ENV_TOKEN_TTL_DAYS),
+                    1..=3650,
+                    "days",
+                )?
+                .unwrap_or(14)
+                    * 86_400,
+            ),
+            aws_call_timeout: Duration::from_millis(
+                integer_in(
+                    ENV_AWS_CALL_TIMEOUT_MS,
+                    get(ENV_AWS_CALL_TIMEOUT_MS),
+                    50..=60_000,
+                    "milliseconds",
+                )?
+                .unwrap_or(3000),
+            ),
+            session_tags: match get(ENV_STS_SESSION_TAGS).as_deref() {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(other) => {
+                    return Err(ConfigError {
+                        variable: ENV_STS_SESSION_TAGS,
+                        message: format!("{other:?} is neither true nor false"),
+                    });
+                }
+            },
+        };
+        Ok(config)
+    }
+}
+
+fn integer_in(
+    variable: &'static str,
+    value: Option<String>,
+    range: std::ops::RangeInclusive<u64>,
+    unit: &str,
+) -> Result<Option<u64>, ConfigError> {
+    let Some(value) = value else { return Ok(None) };
+    match value.parse::<u64>() {
+        Ok(n) if range.contains(&n) => Ok(Some(n)),
+        _ => Err(ConfigError {
+            variable,
+            message: format!(
+                "{value:?} must be a whole number from {} to {} ({unit})",
+                range.start(),
+                range.end()
+            ),
+        }),
+    }
+}
+
+/// DynamoDB table names: 3..=255 of `[a-zA-Z0-9_.-]`.
+fn table_name(
+    variable: &'static str,
+    value: Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    match value {
+        Some(v)
+            if !(3..=255).contains(&v.len())
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) =>
+        {
+            Err(ConfigError {
+                variable,
+                message: format!("{v:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ . -)"),
+            })
+        }
+        other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_map(&map)
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.allowances_table, "iam-broker-allowances");
+        assert_eq!(config.authorizations_table, "iam-broker-authorizations");
+        assert_eq!(config.role_arn_annotation, "eks.amazonaws.com/role-arn");
+        assert_eq!(config.proxy_port, 53080);
+        assert_eq!(config.credential_duration, Duration::from_secs(3600));
+        assert_eq!(config.token_ttl, Duration::from_secs(14 * 86_400));
+    }
+
+    #[test]
+    fn values_are_read() {
+        let config = parse(&[
+            ("ALLOWANCES_TABLE", "a-table"),
+            ("AUTHORIZATIONS_TABLE", "b.table"),
+            ("CREDENTIAL_DURATION_SECONDS", "900"),
+            ("TOKEN_TTL_DAYS", "1"),
+            ("PROXY_PORT", "8080"),
+            ("BROKER_URL", "https://x.example/Prod"),
+            ("STS_SESSION_TAGS", "true"),
+            ("KUBECONFIG_PARAMETER", " "),
+        ])
+        .unwrap();
+        assert_eq!(config.allowances_table, "a-table");
+        assert_eq!(config.authorizations_table, "b.table");
+        assert_eq!(config.credential_duration, Duration::from_secs(900));
+        assert_eq!(config.token_ttl, Duration::from_secs(86_400));
+        assert_eq!(config.proxy_port, 8080);
+        assert_eq!(config.broker_url.as_deref(), Some("https://x.example/Prod"));
+        assert!(config.session_tags);
+        assert_eq!(config.kubeconfig_parameter, None, "blank means unset");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (name, value) in [
+            ("CREDENTIAL_DURATION_SECONDS", "3601"),
+            ("CREDENTIAL_DURATION_SECONDS", "899"),
+            ("CREDENTIAL_DURATION_SECONDS", "1h"),
+            ("TOKEN_TTL_DAYS", "0"),
+            ("PROXY_PORT", "0"),
+            ("PROXY_PORT", "70000"),
+            ("BROKER_URL", "ftp://x"),
+            ("ALLOWANCES_TABLE", "a b"),
+            ("AUTHORIZATIONS_TABLE", "ab"),
+            ("STS_SESSION_TAGS", "yes"),
+            ("AWS_CALL_TIMEOUT_MS", "10"),
+        ] {
+            let err = parse(&[(name, value)]).unwrap_err();
+            assert_eq!(err.variable, name);
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("invalid configuration: {name}: "))
+            );
+        }
+    }
+}

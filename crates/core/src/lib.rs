@@ -1,0 +1,25 @@
+//! Pure domain logic of iam-broker.
+//!
+//! Nothing in this crate talks to a network: it holds the domain types (tokens, allowances,
+//! token records, credentials), the configuration, the broker decision and the ports
+//! ([`ports`]) that the AWS and Kubernetes adapters implement. Most unit tests live here.
+#![forbid(unsafe_code)]
+
+pub mod allowance;
+pub mod broker;
+pub mod clock;
+pub mod config;
+pub mod credentials;
+pub mod memory;
+pub mod ports;
+pub mod record;
+pub mod session;
+pub mod token;
+
+pub use allowance::{Allowance, Subject, WILDCARD_SERVICE_ACCOUNT};
+pub use broker::{Broker, BrokerError};
+pub use clock::{Clock, SystemClock};
+pub use config::{Config, ConfigError};
+pub use credentials::{Credentials, EcsCredentials};
+pub use record::TokenRecord;
+pub use token::{Token, TokenHash};

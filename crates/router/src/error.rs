@@ -1,0 +1,72 @@
+//! [`ApiError`]: the one mapping from failures to DESIGN.md's HTTP error contract.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use iam_broker_core::BrokerError;
+use serde::Serialize;
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECONDS: u32 = 2;
+
+/// An error answer: status, `Code`, `Message`, and `Retry-After` for 503s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Machine-readable code.
+    pub code: &'static str,
+    /// Human-readable message.
+    pub message: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Body<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    /// Builds an error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<&BrokerError> for ApiError {
+    fn from(error: &BrokerError) -> Self {
+        let status = match error {
+            BrokerError::MissingAuthorization => StatusCode::UNAUTHORIZED,
+            BrokerError::InvalidToken(_) | BrokerError::AllowanceRevoked { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            BrokerError::AssumeRoleFailed { .. } => StatusCode::BAD_GATEWAY,
+            BrokerError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self::new(status, error.code(), error.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(Body {
+                code: self.code,
+                message: &self.message,
+            }),
+        )
+            .into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        response
+    }
+}

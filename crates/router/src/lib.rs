@@ -1,0 +1,78 @@
+//! The one HTTP router of iam-broker (DESIGN.md "HTTP routes"). The Lambda binary and
+//! `iam-broker serve` both call [`router`]; no handler depends on Lambda-only extensions.
+#![forbid(unsafe_code)]
+
+mod error;
+mod handlers;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::get;
+use iam_broker_core::Broker;
+
+pub use error::ApiError;
+
+/// What the handlers share, built once at start-up.
+#[derive(Clone)]
+pub struct AppState {
+    /// The credential broker.
+    pub broker: Arc<Broker>,
+}
+
+/// The router of DESIGN.md: `GET /` and `GET /credentials` (broker), `POST /` and
+/// `POST /mutate` (admission webhook), `GET /healthz`; JSON errors for anything else.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(handlers::credentials).post(handlers::admission))
+        .route("/credentials", get(handlers::credentials))
+        .route("/mutate", axum::routing::post(handlers::admission))
+        .route("/healthz", get(handlers::healthz))
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(middleware::from_fn(access_log))
+        .with_state(state)
+}
+
+/// One JSON log line per request: method, path, status, latency. Headers (which carry tokens)
+/// are never logged.
+async fn access_log(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    tracing::info!(
+        method = %method,
+        path = %path,
+        status = response.status().as_u16(),
+        latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "request"
+    );
+    response
+}
+
+pub mod telemetry {
+    //! Logging set-up shared by the binaries: one JSON object per line on stderr, level from
+    //! `RUST_LOG` (default `info`).
+
+    use tracing_subscriber::EnvFilter;
+
+    /// Installs the JSON log subscriber. Safe to call once per process.
+    pub fn init_json_logging() {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        // A second installation (e.g. from a test) is harmless; ignore its error.
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_target(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
