@@ -1,1 +1,310 @@
-fn main() {}
+//! Broker benchmarks (run with `cargo bench -p iam-broker-tests --bench broker`, after
+//! `cargo build --release --bins`):
+//!
+//! 1. overhead of the router + broker handler per request, with in-memory ports (no I/O);
+//! 2. the same request through the real DynamoDB and STS adapters, with the AWS round trips
+//!    served by a fast local endpoint that answers canned DynamoDB / STS responses;
+//! 3. time from spawning `iam-broker serve` to the first credentials it serves.
+//!
+//! It prints a Markdown table for BENCHMARKS.md. Every loop is bounded; servers bind 127.0.0.1.
+
+// Test code: a failed set-up step should panic with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, header};
+use axum::response::IntoResponse;
+use iam_broker_core::allowance::Subject;
+use iam_broker_core::broker::{Broker, BrokerSettings};
+use iam_broker_core::memory::{MemoryAllowanceStore, MemoryTokenStore};
+use iam_broker_core::ports::{
+    AllowanceStore, AssumeRoleRequest, CredentialIssuer, IssueError, TokenStore,
+};
+use iam_broker_core::{Config, Credentials, SystemClock, Token, TokenRecord};
+use iam_broker_router::{AppState, router};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tower::ServiceExt as _;
+
+const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
+/// A fixed token for the canned endpoint (exists only in this benchmark).
+const TOKEN: &str = "iamb_AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA";
+
+struct FixedIssuer;
+
+#[async_trait]
+impl CredentialIssuer for FixedIssuer {
+    async fn assume_role(&self, _: &AssumeRoleRequest) -> Result<Credentials, IssueError> {
+        Ok(Credentials {
+            access_key_id: "ASIABENCH".into(),
+            secret_access_key: "bench-secret".into(),
+            session_token: "bench-session".into(),
+            expiration: OffsetDateTime::now_utc() + time::Duration::hours(1),
+        })
+    }
+}
+
+fn settings() -> BrokerSettings {
+    BrokerSettings {
+        credential_duration: Duration::from_secs(3600),
+        token_ttl: Duration::from_secs(14 * 86_400),
+        session_tags: false,
+    }
+}
+
+struct Stats {
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+    max: Duration,
+    n: usize,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    Stats {
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        max: samples[samples.len() - 1],
+        n: samples.len(),
+    }
+}
+
+fn row(name: &str, s: &Stats) {
+    println!(
+        "| {name} | {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+        s.n,
+        s.p50.as_secs_f64() * 1e6,
+        s.p90.as_secs_f64() * 1e6,
+        s.p99.as_secs_f64() * 1e6,
+        s.max.as_secs_f64() * 1e6
+    );
+}
+
+fn request() -> axum::http::Request<axum::body::Body> {
+    axum::http::Request::get("/credentials")
+        .header("authorization", TOKEN)
+        .body(axum::body::Body::empty())
+        .expect("a static request is valid")
+}
+
+async fn measure(app: axum::Router, warmup: usize, runs: usize) -> Stats {
+    for _ in 0..warmup {
+        let response = app.clone().oneshot(request()).await.expect("infallible");
+        assert_eq!(
+            response.status(),
+            200,
+            "the benchmark set-up must serve credentials"
+        );
+    }
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        let response = app.clone().oneshot(request()).await.expect("infallible");
+        let _ = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+        samples.push(started.elapsed());
+    }
+    stats(samples)
+}
+
+async fn in_memory_router() -> axum::Router {
+    let allowances = Arc::new(MemoryAllowanceStore::default());
+    let tokens = Arc::new(MemoryTokenStore::default());
+    let subject = Subject::new("team-a", "app", false).expect("valid");
+    allowances.allow(&subject, ROLE).await.expect("memory");
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    tokens
+        .insert(&TokenRecord {
+            token_hash: Token::parse(TOKEN).expect("valid").hash(),
+            subject,
+            role_arn: ROLE.into(),
+            secret_name: None,
+            pod_name: Some("web-1".into()),
+            created_at: now,
+            last_used: None,
+            expires: now + 86_400,
+        })
+        .await
+        .expect("memory");
+    let broker = Broker::new(
+        allowances,
+        tokens,
+        Arc::new(FixedIssuer),
+        Arc::new(SystemClock),
+        settings(),
+    );
+    router(AppState {
+        broker: Arc::new(broker),
+    })
+}
+
+/// Answers DynamoDB GetItem / UpdateItem and STS AssumeRole with canned bodies, as fast as
+/// a local HTTP server can.
+async fn canned_aws(headers: HeaderMap, body: Bytes) -> axum::response::Response {
+    let target = headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let json = |body: String| {
+        ([(header::CONTENT_TYPE, "application/x-amz-json-1.0")], body).into_response()
+    };
+    match target {
+        "DynamoDB_20120810.GetItem" if text.contains("token_hash") => {
+            let hash = Token::parse(TOKEN).expect("valid").hash();
+            let expires = OffsetDateTime::now_utc().unix_timestamp() + 86_400;
+            json(format!(
+                r#"{{"Item":{{"token_hash":{{"S":"{hash}"}},"namespace":{{"S":"team-a"}},"service_account":{{"S":"app"}},"role_arn":{{"S":"{ROLE}"}},"pod_name":{{"S":"web-1"}},"created_at":{{"N":"1"}},"expires":{{"N":"{expires}"}}}}}}"#
+            ))
+        }
+        "DynamoDB_20120810.GetItem" if text.contains(r#""S":"*""#) => json("{}".into()),
+        "DynamoDB_20120810.GetItem" => json(format!(
+            r#"{{"Item":{{"namespace":{{"S":"team-a"}},"service_account":{{"S":"app"}},"allowed_roles":{{"SS":["{ROLE}"]}}}}}}"#
+        )),
+        "DynamoDB_20120810.UpdateItem" => json("{}".into()),
+        _ if text.contains("Action=AssumeRole") => {
+            let expiration = (OffsetDateTime::now_utc() + time::Duration::hours(1))
+                .replace_nanosecond(0)
+                .expect("0 is a valid nanosecond")
+                .format(&Rfc3339)
+                .expect("formattable");
+            (
+                [(header::CONTENT_TYPE, "text/xml")],
+                format!(
+                    r#"<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><AssumeRoleResult><Credentials><AccessKeyId>ASIABENCH</AccessKeyId><SecretAccessKey>bench-secret</SecretAccessKey><SessionToken>bench-session</SessionToken><Expiration>{expiration}</Expiration></Credentials><AssumedRoleUser><AssumedRoleId>AROABENCH:team-a.app.web-1</AssumedRoleId><Arn>arn:aws:sts::123456789012:assumed-role/s3_reader/team-a.app.web-1</Arn></AssumedRoleUser></AssumeRoleResult><ResponseMetadata><RequestId>bench</RequestId></ResponseMetadata></AssumeRoleResponse>"#
+                ),
+            )
+                .into_response()
+        }
+        _ => (axum::http::StatusCode::BAD_REQUEST, "unexpected request").into_response(),
+    }
+}
+
+async fn start_canned_aws() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let app = axum::Router::new()
+        .route("/", axum::routing::post(canned_aws))
+        .route("/ping", axum::routing::get(|| async { "pong" }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{address}")
+}
+
+fn aws_env(endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL", endpoint.to_owned()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "bench".into()),
+        ("AWS_SECRET_ACCESS_KEY", "bench".into()),
+    ]
+}
+
+async fn adapter_router(endpoint: &str) -> axum::Router {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "bench", "bench", None, None, "bench",
+        ))
+        .load()
+        .await;
+    let broker = iam_broker_aws::broker(&Config::default(), &sdk);
+    router(AppState {
+        broker: Arc::new(broker),
+    })
+}
+
+async fn loopback_round_trip(endpoint: &str, runs: usize) -> Stats {
+    let client = reqwest::Client::new();
+    let url = format!("{endpoint}/ping");
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..runs + 100 {
+        let started = Instant::now();
+        let _ = client.get(&url).send().await.expect("ping").bytes().await;
+        if i >= 100 {
+            samples.push(started.elapsed());
+        }
+    }
+    stats(samples)
+}
+
+async fn start_to_first_credentials(endpoint: &str, runs: usize) -> Option<Stats> {
+    let binary = iam_broker_tests::binary("iam-broker").ok()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?;
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let port = iam_broker_tests::free_port().ok()?;
+        let url = format!("http://127.0.0.1:{port}/credentials");
+        let mut command = tokio::process::Command::new(&binary);
+        command
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env_clear()
+            .envs(aws_env(endpoint))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let started = Instant::now();
+        let mut child = command.spawn().ok()?;
+        let deadline = started + Duration::from_secs(10);
+        let elapsed = loop {
+            if let Ok(response) = client.get(&url).header("authorization", TOKEN).send().await {
+                if response.status() == 200 {
+                    break started.elapsed();
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill().await;
+                return None;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        };
+        samples.push(elapsed);
+        let _ = child.kill().await;
+    }
+    Some(stats(samples))
+}
+
+#[tokio::main]
+async fn main() {
+    println!("| measurement | requests | p50 | p90 | p99 | max |");
+    println!("|---|---|---|---|---|---|");
+    let overhead = measure(in_memory_router().await, 2_000, 50_000).await;
+    row(
+        "router + broker handler, in-memory ports (own overhead)",
+        &overhead,
+    );
+
+    let endpoint = start_canned_aws().await;
+    let rtt = loopback_round_trip(&endpoint, 2_000).await;
+    row(
+        "one loopback HTTP round trip to the canned endpoint (floor)",
+        &rtt,
+    );
+    let adapters = measure(adapter_router(&endpoint).await, 200, 5_000).await;
+    row(
+        "router + handler + DynamoDB/STS SDK adapters, canned local endpoint (3 sequential round trips)",
+        &adapters,
+    );
+    match start_to_first_credentials(&endpoint, 20).await {
+        Some(startup) => row(
+            "process start to first credentials (`iam-broker serve`)",
+            &startup,
+        ),
+        None => println!(
+            "| process start to first credentials | skipped: build `iam-broker` in this profile first (cargo build --release --bins) | | | | |"
+        ),
+    }
+}

@@ -2,7 +2,9 @@
 
 use async_trait::async_trait;
 use aws_sdk_sts::Client;
+use aws_sdk_sts::config::http::HttpResponse;
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_sts::operation::assume_role::AssumeRoleError;
 use aws_sdk_sts::types::Tag;
 use iam_broker_core::Credentials;
 use iam_broker_core::ports::{AssumeRoleRequest, CredentialIssuer, IssueError};
@@ -65,20 +67,55 @@ impl CredentialIssuer for StsCredentialIssuer {
     }
 }
 
-fn classify<E, R>(error: SdkError<E, R>) -> IssueError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
+fn classify(error: SdkError<AssumeRoleError, HttpResponse>) -> IssueError {
     match &error {
         SdkError::ServiceError(service) => {
-            let code = service.err().code().unwrap_or("Unknown").to_owned();
+            // Some STS-compatible endpoints (moto among them) wrap the error in an extra
+            // <Errors> element the SDK's parser does not read; fall back to the raw body so the
+            // operator still sees STS's own code.
+            let raw = service
+                .raw()
+                .body()
+                .bytes()
+                .and_then(|b| std::str::from_utf8(b).ok());
+            let code = service
+                .err()
+                .code()
+                .map(str::to_owned)
+                .or_else(|| raw.and_then(|body| xml_text(body, "Code")))
+                .unwrap_or_else(|| format!("HTTP{}", service.raw().status().as_u16()));
             if RETRYABLE_CODES.contains(&code.as_str()) {
                 return IssueError::Unavailable(Box::new(error));
             }
-            let message = service.err().message().unwrap_or_default().to_owned();
+            let message = service
+                .err()
+                .message()
+                .map(str::to_owned)
+                .or_else(|| raw.and_then(|body| xml_text(body, "Message")))
+                .unwrap_or_default();
             IssueError::Refused { code, message }
         }
         _ => IssueError::Unavailable(Box::new(error)),
+    }
+}
+
+/// The text of the first `<tag>...</tag>` in an XML error body.
+fn xml_text(body: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let start = body.find(&open)? + open.len();
+    let end = body[start..].find(&format!("</{tag}>"))?;
+    Some(body[start..start + end].to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::xml_text;
+
+    #[test]
+    fn reads_codes_from_either_error_shape() {
+        let nested = "<ErrorResponse><Errors><Error><Code>AccessDenied</Code><Message>no</Message></Error></Errors></ErrorResponse>";
+        assert_eq!(xml_text(nested, "Code").as_deref(), Some("AccessDenied"));
+        assert_eq!(xml_text(nested, "Message").as_deref(), Some("no"));
+        assert_eq!(xml_text("<x/>", "Code"), None);
     }
 }

@@ -1,0 +1,45 @@
+# Shared helpers for the scripts in this folder. Source it; do not run it.
+# shellcheck shell=bash
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Creates .venv and installs requirements-dev.txt when missing or changed.
+ensure_venv() {
+  command -v python3 >/dev/null || die "python3 is required (for moto)"
+  local stamp="$VENV/.requirements.sha256"
+  local want
+  want="$(sha256sum "$ROOT/requirements-dev.txt" | cut -d' ' -f1)"
+  if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return
+  fi
+  log "installing Python tools into .venv (moto, cargo-lambda)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --upgrade pip
+  "$VENV/bin/pip" install --quiet -r "$ROOT/requirements-dev.txt"
+  echo "$want" > "$stamp"
+}
+
+ensure_rust() {
+  command -v curl >/dev/null || die "curl is required"
+  command -v cargo >/dev/null || die "cargo is required: https://rustup.rs"
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
+}
+
+# Prints a free TCP port on 127.0.0.1.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Waits until a URL answers (any status), up to $2 seconds (default 30).
+wait_http() {
+  local url=$1 seconds=${2:-30} i
+  for ((i = 0; i < seconds * 10; i++)); do
+    curl -s -o /dev/null "$url" && return 0
+    sleep 0.1
+  done
+  die "$url did not answer within ${seconds}s"
+}

@@ -1,0 +1,235 @@
+//! The DynamoDB and STS adapters against moto over HTTP: the semantics the ports promise.
+
+// Test code: a failed set-up step should panic with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore, StsCredentialIssuer};
+use iam_broker_core::allowance::{RoleArn, Subject};
+use iam_broker_core::broker::{Grant, mint};
+use iam_broker_core::ports::{
+    AllowanceStore, AssumeRoleRequest, CredentialIssuer, StoreError, TokenStore,
+};
+use iam_broker_tests::{Moto, Tables};
+use time::OffsetDateTime;
+
+const A: &str = "arn:aws:iam::123456789012:role/a";
+const B: &str = "arn:aws:iam::123456789012:role/b";
+
+async fn stores() -> (
+    Moto,
+    aws_sdk_dynamodb::Client,
+    Tables,
+    DynamoAllowanceStore,
+    DynamoTokenStore,
+) {
+    let moto = Moto::start().await.unwrap();
+    let sdk = moto.sdk_config().await;
+    let tables = Tables::create(&sdk, "adapters").await.unwrap();
+    let client = aws_sdk_dynamodb::Client::new(&sdk);
+    let allowances = DynamoAllowanceStore::new(client.clone(), &tables.allowances);
+    let tokens = DynamoTokenStore::new(client.clone(), &tables.authorizations);
+    (moto, client, tables, allowances, tokens)
+}
+
+#[tokio::test]
+async fn allowances_add_remove_and_list() {
+    let (_moto, client, tables, store, _) = stores().await;
+    let app = Subject::new("ns", "app", false).unwrap();
+    let all = Subject::new("ns", "*", true).unwrap();
+    let other = Subject::new("other", "app", false).unwrap();
+
+    assert_eq!(store.allowance(&app).await.unwrap(), None);
+    store.allow(&app, A).await.unwrap();
+    let row = store.allow(&app, B).await.unwrap();
+    assert_eq!(row.allowed_roles.len(), 2);
+    store.allow(&app, B).await.unwrap(); // idempotent
+    store.allow(&all, A).await.unwrap();
+    store.allow(&other, A).await.unwrap();
+
+    // The item has the shape DESIGN.md fixes: a string set named allowed_roles.
+    let item = client
+        .get_item()
+        .table_name(&tables.allowances)
+        .key("namespace", AttributeValue::S("ns".into()))
+        .key("service_account", AttributeValue::S("app".into()))
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    let mut roles = item["allowed_roles"].as_ss().unwrap().clone();
+    roles.sort();
+    assert_eq!(roles, vec![A.to_owned(), B.to_owned()]);
+
+    let in_ns = store.list(Some("ns")).await.unwrap();
+    assert_eq!(
+        in_ns
+            .iter()
+            .map(|r| r.subject.service_account.as_str())
+            .collect::<Vec<_>>(),
+        vec!["*", "app"]
+    );
+    assert_eq!(store.list(None).await.unwrap().len(), 3);
+
+    // Removing one role keeps the row; removing the last one deletes it.
+    let left = store.disallow(&app, Some(A)).await.unwrap().unwrap();
+    assert!(left.allows(B) && !left.allows(A));
+    assert_eq!(store.disallow(&app, Some(B)).await.unwrap(), None);
+    assert_eq!(
+        store.allowance(&app).await.unwrap(),
+        None,
+        "the empty row is gone"
+    );
+    // Withdrawing from a row that does not exist creates nothing.
+    assert_eq!(store.disallow(&app, Some(A)).await.unwrap(), None);
+    assert_eq!(store.allowance(&app).await.unwrap(), None);
+    // Withdrawing everything deletes the row.
+    assert_eq!(store.disallow(&all, None).await.unwrap(), None);
+    assert_eq!(store.allowance(&all).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn hand_made_rows_with_a_plain_string_are_read() {
+    let (_moto, client, tables, store, _) = stores().await;
+    client
+        .put_item()
+        .table_name(&tables.allowances)
+        .item("namespace", AttributeValue::S("ns".into()))
+        .item("service_account", AttributeValue::S("app".into()))
+        .item("allowed_roles", AttributeValue::S(A.into()))
+        .send()
+        .await
+        .unwrap();
+    let row = store
+        .allowance(&Subject::new("ns", "app", false).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(row.allows(A));
+}
+
+#[tokio::test]
+async fn token_records_insert_once_touch_never_creates_and_delete_returns_the_old_row() {
+    let (_moto, client, tables, _, store) = stores().await;
+    let now = OffsetDateTime::now_utc();
+    let (token, record) = mint(
+        Grant {
+            subject: Subject::new("ns", "app", false).unwrap(),
+            role_arn: RoleArn::parse(A).unwrap(),
+            pod_name: Some("web-1".into()),
+            secret_name: Some("iam-broker-web-1".into()),
+        },
+        now,
+        Duration::from_secs(86_400),
+    )
+    .unwrap();
+    store.insert(&record).await.unwrap();
+    assert!(matches!(
+        store.insert(&record).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    assert_eq!(store.record(&token.hash()).await.unwrap().unwrap(), record);
+
+    // Stored under the hash, with the attributes of DESIGN.md and never the token.
+    let scan = client
+        .scan()
+        .table_name(&tables.authorizations)
+        .send()
+        .await
+        .unwrap();
+    let item: &HashMap<String, AttributeValue> = &scan.items()[0];
+    assert_eq!(item["token_hash"].as_s().unwrap(), token.hash().as_str());
+    for name in [
+        "namespace",
+        "service_account",
+        "role_arn",
+        "secret_name",
+        "pod_name",
+    ] {
+        assert!(item[name].as_s().is_ok(), "{name}");
+    }
+    for name in ["created_at", "expires"] {
+        assert!(item[name].as_n().is_ok(), "{name}");
+    }
+    assert!(!format!("{item:?}").contains(token.expose()));
+
+    store
+        .touch(
+            &token.hash(),
+            now.unix_timestamp() + 5,
+            now.unix_timestamp() + 99,
+        )
+        .await
+        .unwrap();
+    let touched = store.record(&token.hash()).await.unwrap().unwrap();
+    assert_eq!(touched.last_used, Some(now.unix_timestamp() + 5));
+    assert_eq!(touched.expires, now.unix_timestamp() + 99);
+
+    let stranger = iam_broker_core::Token::mint().unwrap().hash();
+    assert!(matches!(
+        store.touch(&stranger, 1, 2).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        store.record(&stranger).await.unwrap(),
+        None,
+        "touch never creates"
+    );
+
+    assert_eq!(store.list().await.unwrap(), vec![touched.clone()]);
+    assert_eq!(store.delete(&token.hash()).await.unwrap(), Some(touched));
+    assert_eq!(store.delete(&token.hash()).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn an_unreadable_record_is_reported_not_served() {
+    let (_moto, client, tables, _, store) = stores().await;
+    let hash = iam_broker_core::Token::mint().unwrap().hash();
+    client
+        .put_item()
+        .table_name(&tables.authorizations)
+        .item("token_hash", AttributeValue::S(hash.as_str().into()))
+        .send()
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.record(&hash).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_missing_table_is_unavailable() {
+    let (moto, ..) = stores().await;
+    let client = aws_sdk_dynamodb::Client::new(&moto.sdk_config().await);
+    let store = DynamoTokenStore::new(client, "no-such-table");
+    let hash = iam_broker_core::Token::mint().unwrap().hash();
+    assert!(matches!(
+        store.record(&hash).await,
+        Err(StoreError::Unavailable { .. })
+    ));
+}
+
+#[tokio::test]
+async fn sts_issues_credentials_with_the_requested_duration() {
+    let moto = Moto::start().await.unwrap();
+    let issuer = StsCredentialIssuer::new(aws_sdk_sts::Client::new(&moto.sdk_config().await));
+    let before = OffsetDateTime::now_utc();
+    let creds = issuer
+        .assume_role(&AssumeRoleRequest {
+            role_arn: A.into(),
+            session_name: "ns.app.web-1".into(),
+            duration: Duration::from_secs(900),
+            tags: vec![("kubernetes-namespace", "ns".into())],
+        })
+        .await
+        .unwrap();
+    assert!(creds.access_key_id.starts_with("ASIA"));
+    assert!(!creds.secret_access_key.is_empty() && !creds.session_token.is_empty());
+    let lifetime = (creds.expiration - before).whole_seconds();
+    assert!((895..=905).contains(&lifetime), "{lifetime}");
+}

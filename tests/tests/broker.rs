@@ -1,0 +1,502 @@
+//! End to end: moto + the real `iam-broker` binary. Every row of DESIGN.md's broker error table
+//! is pinned here, along with the success answer and what must never reach a log.
+
+// Test code: a failed set-up step should panic with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use aws_config::SdkConfig;
+use iam_broker_aws::DynamoTokenStore;
+use iam_broker_core::allowance::{RoleArn, Subject};
+use iam_broker_core::broker::{Grant, mint};
+use iam_broker_core::ports::TokenStore;
+use iam_broker_tests::{ACCOUNT_ID, Env, Moto, Server, Tables, cli, cli_with_stdin};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
+const OTHER_ROLE: &str = "arn:aws:iam::123456789012:role/other";
+
+struct World {
+    moto: Moto,
+    sdk: SdkConfig,
+    tables: Tables,
+    env: Env,
+}
+
+async fn world() -> World {
+    let moto = Moto::start().await.unwrap();
+    let sdk = moto.sdk_config().await;
+    let tables = Tables::create(&sdk, "e2e").await.unwrap();
+    let env = moto.env().tables(&tables);
+    World {
+        moto,
+        sdk,
+        tables,
+        env,
+    }
+}
+
+impl World {
+    fn token_store(&self) -> DynamoTokenStore {
+        DynamoTokenStore::new(
+            aws_sdk_dynamodb::Client::new(&self.sdk),
+            &self.tables.authorizations,
+        )
+    }
+
+    async fn allow(&self, namespace: &str, service_account: &str, role: &str) {
+        let out = cli(
+            &self.env,
+            &[
+                "allow",
+                "--namespace",
+                namespace,
+                "--service-account",
+                service_account,
+                "--role",
+                role,
+            ],
+        )
+        .await
+        .unwrap();
+        assert!(out.success, "allow failed: {}", out.stderr);
+    }
+
+    async fn token(&self, namespace: &str, service_account: &str, role: &str) -> (String, String) {
+        let out = cli(
+            &self.env,
+            &[
+                "token",
+                "create",
+                "--namespace",
+                namespace,
+                "--service-account",
+                service_account,
+                "--role",
+                role,
+                "--pod",
+                "web-1",
+            ],
+        )
+        .await
+        .unwrap();
+        assert!(out.success, "token create failed: {}", out.stderr);
+        (out.stdout.trim().to_owned(), out.stderr)
+    }
+}
+
+#[tokio::test]
+async fn serves_ecs_credentials_that_sts_accepts_and_never_logs_secrets() {
+    // GIVEN an allowed ServiceAccount and a token minted for it
+    let w = world().await;
+    w.allow("team-a", "app", ROLE).await;
+    let (token, cli_stderr) = w.token("team-a", "app", ROLE).await;
+    assert!(token.starts_with("iamb_") && token.len() == 48, "{token}");
+    let server = Server::start(&w.env).await.unwrap();
+
+    // WHEN the raw token asks for credentials
+    let answer = server.get("/credentials", Some(&token)).await.unwrap();
+    let now = OffsetDateTime::now_utc();
+
+    // THEN every field of the ECS answer is there
+    assert_eq!(answer.status, 200, "{:?}", answer.json);
+    assert_eq!(answer.header("content-type"), "application/json");
+    let body = &answer.json;
+    for field in ["AccessKeyId", "SecretAccessKey", "Token", "Expiration"] {
+        assert!(
+            body[field].as_str().is_some_and(|v| !v.is_empty()),
+            "{field}"
+        );
+    }
+    assert_eq!(body["AccountId"], ACCOUNT_ID);
+    assert_eq!(body["RoleArn"], ROLE);
+    let expiration = body["Expiration"].as_str().unwrap();
+    assert!(expiration.ends_with('Z'), "{expiration}");
+    let expires_at = OffsetDateTime::parse(expiration, &Rfc3339).unwrap();
+    // AND max-age is expiry - now - 300 (within 2 s)
+    let max_age: i64 = answer
+        .header("cache-control")
+        .strip_prefix("max-age=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let expected = (expires_at - now).whole_seconds() - 300;
+    assert!(
+        (max_age - expected).abs() <= 2,
+        "max-age {max_age}, expected {expected}"
+    );
+    assert!(expected > 3000, "one hour credentials by default");
+
+    // AND STS accepts them: the caller is the assumed role, with a session naming the pod
+    let creds = aws_credential_types::Credentials::new(
+        body["AccessKeyId"].as_str().unwrap(),
+        body["SecretAccessKey"].as_str().unwrap(),
+        body["Token"].as_str().map(str::to_owned),
+        None,
+        "broker",
+    );
+    let sts = aws_sdk_sts::Client::from_conf(
+        aws_sdk_sts::config::Builder::from(&w.sdk)
+            .credentials_provider(creds)
+            .build(),
+    );
+    let identity = sts.get_caller_identity().send().await.unwrap();
+    let arn = identity.arn().unwrap();
+    assert_eq!(
+        arn,
+        "arn:aws:sts::123456789012:assumed-role/s3_reader/team-a.app.web-1"
+    );
+    assert!(
+        !arn.contains(&token[5..]),
+        "the session name never holds the token"
+    );
+
+    // AND `Bearer <token>` on GET / works as well
+    let bearer = server
+        .get("/", Some(&format!("Bearer {token}")))
+        .await
+        .unwrap();
+    assert_eq!(bearer.status, 200);
+
+    // AND the record's last use slid forward
+    let record = w
+        .token_store()
+        .record(&iam_broker_core::Token::parse(&token).unwrap().hash())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(record.last_used.is_some());
+    assert!(record.expires > now.unix_timestamp() + 13 * 86_400);
+
+    // AND no log line holds the token or a secret
+    let log = server.stop().await;
+    assert!(
+        log.contains("credentials served"),
+        "the server logs its decisions:\n{log}"
+    );
+    for secret in [
+        token.as_str(),
+        &token[5..],
+        body["SecretAccessKey"].as_str().unwrap(),
+        body["Token"].as_str().unwrap(),
+    ] {
+        assert!(!log.contains(secret), "server log leaks a secret");
+        assert!(!cli_stderr.contains(secret), "CLI stderr leaks a secret");
+    }
+    w.moto.stop().await;
+}
+
+#[tokio::test]
+async fn missing_or_empty_authorization_is_401() {
+    let w = world().await;
+    let server = Server::start(&w.env).await.unwrap();
+    for header in [None, Some(""), Some("   "), Some("Bearer ")] {
+        let answer = server.get("/", header).await.unwrap();
+        assert_eq!(answer.status, 401, "{header:?}");
+        assert_eq!(answer.code(), "MissingAuthorization");
+        assert!(
+            answer.json["Message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+        assert_eq!(answer.header("cache-control"), "no-store");
+    }
+}
+
+#[tokio::test]
+async fn unknown_malformed_and_expired_tokens_are_403_and_write_nothing() {
+    // GIVEN an allowed subject, one live token and one that expired yesterday
+    let w = world().await;
+    w.allow("team-a", "app", ROLE).await;
+    let (live, _) = w.token("team-a", "app", ROLE).await;
+    let store = w.token_store();
+    let (expired, record) = mint(
+        Grant {
+            subject: Subject::new("team-a", "app", false).unwrap(),
+            role_arn: RoleArn::parse(ROLE).unwrap(),
+            pod_name: None,
+            secret_name: None,
+        },
+        OffsetDateTime::now_utc() - time::Duration::days(3),
+        Duration::from_secs(2 * 86_400),
+    )
+    .unwrap();
+    store.insert(&record).await.unwrap();
+    let before = store.list().await.unwrap();
+    let server = Server::start(&w.env).await.unwrap();
+    let unknown = iam_broker_core::Token::mint().unwrap();
+
+    // WHEN each bad token is tried
+    for (label, value) in [
+        ("unknown", unknown.expose().to_owned()),
+        ("malformed", "not-a-token".to_owned()),
+        ("truncated", live[..40].to_owned()),
+        ("expired", expired.expose().to_owned()),
+    ] {
+        let answer = server.get("/credentials", Some(&value)).await.unwrap();
+        // THEN 403 InvalidToken, not cacheable
+        assert_eq!(answer.status, 403, "{label}");
+        assert_eq!(answer.code(), "InvalidToken", "{label}");
+        assert_eq!(answer.header("cache-control"), "no-store", "{label}");
+    }
+
+    // AND nothing was written: no row created, the expired one not revived
+    assert_eq!(store.list().await.unwrap(), before);
+}
+
+#[tokio::test]
+async fn changing_or_deleting_the_allowance_revokes_at_the_next_fetch() {
+    let w = world().await;
+    w.allow("team-a", "app", ROLE).await;
+    w.allow("team-a", "app", OTHER_ROLE).await;
+    let (token, _) = w.token("team-a", "app", ROLE).await;
+    let server = Server::start(&w.env).await.unwrap();
+    assert_eq!(server.get("/", Some(&token)).await.unwrap().status, 200);
+
+    // WHEN the role is withdrawn but the row keeps another role
+    let out = cli(
+        &w.env,
+        &[
+            "disallow",
+            "--namespace",
+            "team-a",
+            "--service-account",
+            "app",
+            "--role",
+            ROLE,
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(out.success, "{}", out.stderr);
+    let answer = server.get("/", Some(&token)).await.unwrap();
+    assert_eq!((answer.status, answer.code()), (403, "AllowanceRevoked"));
+    assert_eq!(answer.header("cache-control"), "no-store");
+
+    // WHEN it is granted again, then the whole row deleted
+    w.allow("team-a", "app", ROLE).await;
+    assert_eq!(server.get("/", Some(&token)).await.unwrap().status, 200);
+    let out = cli(
+        &w.env,
+        &[
+            "disallow",
+            "--namespace",
+            "team-a",
+            "--service-account",
+            "app",
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(out.success, "{}", out.stderr);
+    let answer = server.get("/", Some(&token)).await.unwrap();
+    assert_eq!((answer.status, answer.code()), (403, "AllowanceRevoked"));
+}
+
+#[tokio::test]
+async fn a_namespace_wildcard_allows_every_service_account() {
+    let w = world().await;
+    w.allow("team-b", "*", ROLE).await;
+    let (token, _) = w.token("team-b", "any-sa", ROLE).await;
+    let (other_ns, _) = w.token("team-c", "any-sa", ROLE).await;
+    let server = Server::start(&w.env).await.unwrap();
+    assert_eq!(server.get("/", Some(&token)).await.unwrap().status, 200);
+    let answer = server.get("/", Some(&other_ns)).await.unwrap();
+    assert_eq!((answer.status, answer.code()), (403, "AllowanceRevoked"));
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_403() {
+    let w = world().await;
+    w.allow("team-a", "app", ROLE).await;
+    let (token, _) = w.token("team-a", "app", ROLE).await;
+    let server = Server::start(&w.env).await.unwrap();
+    assert_eq!(server.get("/", Some(&token)).await.unwrap().status, 200);
+    let out = cli_with_stdin(&w.env, &["token", "revoke", "--stdin"], Some(&token))
+        .await
+        .unwrap();
+    assert!(out.success, "{}", out.stderr);
+    let answer = server.get("/", Some(&token)).await.unwrap();
+    assert_eq!((answer.status, answer.code()), (403, "InvalidToken"));
+}
+
+#[tokio::test]
+async fn sts_refusal_is_502_with_its_code() {
+    // GIVEN moto enforcing IAM and a broker identity that may use DynamoDB but not sts:AssumeRole
+    let w = world().await;
+    let iam = aws_sdk_iam_free::Iam::new(&w.moto.endpoint);
+    let (access_key, secret_key) = iam.user_without_assume_role("broker").await.unwrap();
+    w.allow("team-a", "app", ROLE).await;
+    let (token, _) = w.token("team-a", "app", ROLE).await;
+    w.moto.enforce_iam().await.unwrap();
+    let env = w
+        .env
+        .clone()
+        .set("AWS_ACCESS_KEY_ID", &access_key)
+        .set("AWS_SECRET_ACCESS_KEY", &secret_key);
+    let server = Server::start(&env).await.unwrap();
+
+    // WHEN the pod asks
+    let answer = server.get("/", Some(&token)).await.unwrap();
+
+    // THEN 502 AssumeRoleFailed naming STS's error code
+    assert_eq!(answer.status, 502, "{:?}", answer.json);
+    assert_eq!(answer.code(), "AssumeRoleFailed");
+    assert!(
+        answer.json["Message"]
+            .as_str()
+            .unwrap()
+            .contains("AccessDenied"),
+        "{:?}",
+        answer.json
+    );
+    assert_eq!(answer.header("cache-control"), "no-store");
+}
+
+#[tokio::test]
+async fn dynamodb_down_is_a_quick_503() {
+    let w = world().await;
+    w.allow("team-a", "app", ROLE).await;
+    let (token, _) = w.token("team-a", "app", ROLE).await;
+
+    // A port nobody listens on, and one that accepts connections but never answers.
+    let closed = iam_broker_tests::free_port().unwrap();
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+
+    for port in [closed, silent_port] {
+        let env = w
+            .env
+            .clone()
+            .set(
+                "AWS_ENDPOINT_URL_DYNAMODB",
+                format!("http://127.0.0.1:{port}"),
+            )
+            .set("AWS_CALL_TIMEOUT_MS", "400");
+        let server = Server::start(&env).await.unwrap();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            server.get("/credentials", Some(&token)),
+        )
+        .await
+        .expect("a dead DynamoDB must not hang the broker")
+        .unwrap();
+        assert_eq!(answer.status, 503, "port {port}: {:?}", answer.json);
+        assert_eq!(answer.code(), "ServiceUnavailable");
+        assert!(answer.header("retry-after").parse::<u32>().is_ok());
+        assert_eq!(answer.header("cache-control"), "no-store");
+        let log = server.stop().await;
+        assert!(!log.contains(&token[5..]));
+    }
+    hold.abort();
+}
+
+#[tokio::test]
+async fn other_routes_answer_json_errors() {
+    let w = world().await;
+    let server = Server::start(&w.env).await.unwrap();
+    let health = server.get("/healthz", None).await.unwrap();
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json["status"], "ok");
+
+    let missing = server.get("/nope", None).await.unwrap();
+    assert_eq!((missing.status, missing.code()), (404, "NotFound"));
+
+    let client = reqwest::Client::new();
+    for path in ["/", "/mutate"] {
+        let response = client
+            .post(format!("{}{path}", server.url))
+            .header("content-type", "application/json")
+            .body(r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 501);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["Code"], "WebhookNotAvailable");
+    }
+    let put = client.put(format!("{}/", server.url)).send().await.unwrap();
+    assert_eq!(put.status().as_u16(), 405);
+    let body: serde_json::Value = put.json().await.unwrap();
+    assert_eq!(body["Code"], "MethodNotAllowed");
+}
+
+/// Just enough IAM (over moto's query API) to make a user whose policy leaves out
+/// `sts:AssumeRole`; the workspace does not otherwise need the IAM SDK.
+mod aws_sdk_iam_free {
+    pub struct Iam {
+        endpoint: String,
+        client: reqwest::Client,
+    }
+
+    impl Iam {
+        pub fn new(endpoint: &str) -> Self {
+            Self {
+                endpoint: endpoint.to_owned(),
+                client: reqwest::Client::new(),
+            }
+        }
+
+        async fn call(&self, params: &[(&str, &str)]) -> anyhow::Result<String> {
+            let mut form = vec![("Version", "2010-05-08")];
+            form.extend_from_slice(params);
+            let response = self
+                .client
+                .post(format!("{}/", self.endpoint))
+                .header(
+                    "Authorization",
+                    "AWS4-HMAC-SHA256 Credential=testing/20261122/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=x",
+                )
+                .form(&form)
+                .send()
+                .await?;
+            let status = response.status();
+            let text = response.text().await?;
+            anyhow::ensure!(status.is_success(), "IAM call failed: {status}: {text}");
+            Ok(text)
+        }
+
+        fn between<'a>(text: &'a str, open: &str, close: &str) -> anyhow::Result<&'a str> {
+            let start = text
+                .find(open)
+                .ok_or_else(|| anyhow::anyhow!("no {open} in {text}"))?
+                + open.len();
+            let end = text[start..]
+                .find(close)
+                .ok_or_else(|| anyhow::anyhow!("no {close} in {text}"))?;
+            Ok(&text[start..start + end])
+        }
+
+        /// Creates a user allowed `dynamodb:*` only and returns its access key.
+        pub async fn user_without_assume_role(
+            &self,
+            name: &str,
+        ) -> anyhow::Result<(String, String)> {
+            self.call(&[("Action", "CreateUser"), ("UserName", name)])
+                .await?;
+            let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"dynamodb:*","Resource":"*"}]}"#;
+            self.call(&[
+                ("Action", "PutUserPolicy"),
+                ("UserName", name),
+                ("PolicyName", "tables-only"),
+                ("PolicyDocument", policy),
+            ])
+            .await?;
+            let created = self
+                .call(&[("Action", "CreateAccessKey"), ("UserName", name)])
+                .await?;
+            Ok((
+                Self::between(&created, "<AccessKeyId>", "</AccessKeyId>")?.to_owned(),
+                Self::between(&created, "<SecretAccessKey>", "</SecretAccessKey>")?.to_owned(),
+            ))
+        }
+    }
+}
