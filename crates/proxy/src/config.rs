@@ -1,0 +1,272 @@
+//! The sidecar's configuration: typed, parsed once at start-up from a key/value source (the
+//! environment in the binary, a map in tests), with one clear message naming the bad variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::Uri;
+
+/// `BROKER_URL`: the broker's credentials URL (`https://` or `http://`). Required.
+pub const ENV_BROKER_URL: &str = "BROKER_URL";
+/// `LISTEN_ADDR`: loopback address the sidecar listens on.
+pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
+/// `MIN_VALIDITY_SECONDS`: the least validity left on any credential the sidecar serves.
+pub const ENV_MIN_VALIDITY_SECONDS: &str = "MIN_VALIDITY_SECONDS";
+/// `REFRESH_AHEAD_SECONDS`: how long before the min-validity point a background refresh starts.
+pub const ENV_REFRESH_AHEAD_SECONDS: &str = "REFRESH_AHEAD_SECONDS";
+/// `BROKER_TIMEOUT_MS`: deadline of one broker call, connection and body included.
+pub const ENV_BROKER_TIMEOUT_MS: &str = "BROKER_TIMEOUT_MS";
+/// `CACHE_MAX_ENTRIES`: how many tokens' credentials the cache holds at most.
+pub const ENV_CACHE_MAX_ENTRIES: &str = "CACHE_MAX_ENTRIES";
+
+/// Default of [`ENV_LISTEN_ADDR`] (DESIGN.md: `PROXY_PORT` 53080 on 127.0.0.1).
+pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:53080";
+/// Default of [`ENV_MIN_VALIDITY_SECONDS`]: botocore refreshes 15 minutes ahead of expiry.
+pub const DEFAULT_MIN_VALIDITY_SECONDS: u64 = 900;
+/// Default of [`ENV_REFRESH_AHEAD_SECONDS`].
+pub const DEFAULT_REFRESH_AHEAD_SECONDS: u64 = 300;
+/// Default of [`ENV_BROKER_TIMEOUT_MS`].
+pub const DEFAULT_BROKER_TIMEOUT_MS: u64 = 5000;
+/// Default of [`ENV_CACHE_MAX_ENTRIES`]: a pod rarely holds more than one token.
+pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 64;
+
+/// A variable that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {variable}: {message}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub variable: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// Everything the sidecar reads from its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The broker URL every credential request is forwarded to, whatever path the caller used.
+    pub broker_url: Uri,
+    /// Where to listen; always a loopback address.
+    pub listen_addr: SocketAddr,
+    /// The least validity left on anything served.
+    pub min_validity: Duration,
+    /// How long before `min_validity` is reached a background refresh starts.
+    pub refresh_ahead: Duration,
+    /// Deadline of one broker call.
+    pub broker_timeout: Duration,
+    /// Most tokens cached at once.
+    pub cache_max_entries: usize,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads any key/value source. Unset and empty variables take their defaults.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        Ok(Self {
+            broker_url: broker_url(get(ENV_BROKER_URL))?,
+            listen_addr: listen_addr(get(ENV_LISTEN_ADDR))?,
+            min_validity: Duration::from_secs(integer_in(
+                ENV_MIN_VALIDITY_SECONDS,
+                get(ENV_MIN_VALIDITY_SECONDS),
+                60..=3300,
+                "seconds",
+                DEFAULT_MIN_VALIDITY_SECONDS,
+            )?),
+            refresh_ahead: Duration::from_secs(integer_in(
+                ENV_REFRESH_AHEAD_SECONDS,
+                get(ENV_REFRESH_AHEAD_SECONDS),
+                0..=3300,
+                "seconds",
+                DEFAULT_REFRESH_AHEAD_SECONDS,
+            )?),
+            broker_timeout: Duration::from_millis(integer_in(
+                ENV_BROKER_TIMEOUT_MS,
+                get(ENV_BROKER_TIMEOUT_MS),
+                50..=60_000,
+                "milliseconds",
+                DEFAULT_BROKER_TIMEOUT_MS,
+            )?),
+            cache_max_entries: usize::try_from(integer_in(
+                ENV_CACHE_MAX_ENTRIES,
+                get(ENV_CACHE_MAX_ENTRIES),
+                1..=100_000,
+                "entries",
+                DEFAULT_CACHE_MAX_ENTRIES,
+            )?)
+            .unwrap_or(usize::MAX),
+        })
+    }
+}
+
+/// `BROKER_URL` must be an absolute `http://` or `https://` URL with a host.
+fn broker_url(value: Option<String>) -> Result<Uri, ConfigError> {
+    let error = |message: String| ConfigError {
+        variable: ENV_BROKER_URL,
+        message,
+    };
+    let value = value.ok_or_else(|| error("required, e.g. https://broker.example.com/".into()))?;
+    let uri: Uri = value
+        .parse()
+        .map_err(|e| error(format!("{value:?} is not a URL: {e}")))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("https" | "http"));
+    if !scheme_ok || uri.host().is_none_or(str::is_empty) {
+        return Err(error(format!(
+            "{value:?} is not an http:// or https:// URL with a host"
+        )));
+    }
+    // The URL is logged at start-up; it must not carry a password.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(error(
+            "must not contain user information (user:password@)".into(),
+        ));
+    }
+    Ok(uri)
+}
+
+/// `LISTEN_ADDR` must be a loopback socket address: the SDKs only accept plain-HTTP credential
+/// URIs on loopback, and the answers carry credentials that must not leave the pod.
+fn listen_addr(value: Option<String>) -> Result<SocketAddr, ConfigError> {
+    let value = value.unwrap_or_else(|| DEFAULT_LISTEN_ADDR.to_owned());
+    let error = |message: String| ConfigError {
+        variable: ENV_LISTEN_ADDR,
+        message,
+    };
+    let addr: SocketAddr = value
+        .parse()
+        .map_err(|_| error(format!("{value:?} is not an IP:port address")))?;
+    if !addr.ip().is_loopback() {
+        return Err(error(format!(
+            "{value:?} is not a loopback address; credentials must not leave the pod"
+        )));
+    }
+    Ok(addr)
+}
+
+fn integer_in(
+    variable: &'static str,
+    value: Option<String>,
+    range: std::ops::RangeInclusive<u64>,
+    unit: &str,
+    default: u64,
+) -> Result<u64, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    match value.parse::<u64>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(ConfigError {
+            variable,
+            message: format!(
+                "{value:?} must be a whole number from {} to {} ({unit})",
+                range.start(),
+                range.end()
+            ),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    const URL: (&str, &str) = (ENV_BROKER_URL, "https://broker.example.com/Prod/");
+
+    #[test]
+    fn defaults_apply_when_only_the_broker_url_is_set() {
+        let config = parse(&[URL]).unwrap();
+        assert_eq!(config.broker_url, "https://broker.example.com/Prod/");
+        assert_eq!(config.listen_addr, "127.0.0.1:53080".parse().unwrap());
+        assert_eq!(config.min_validity, Duration::from_secs(900));
+        assert_eq!(config.refresh_ahead, Duration::from_secs(300));
+        assert_eq!(config.broker_timeout, Duration::from_millis(5000));
+        assert_eq!(config.cache_max_entries, 64);
+    }
+
+    #[test]
+    fn empty_values_take_defaults_and_set_values_are_used() {
+        let config = parse(&[
+            (ENV_BROKER_URL, " http://127.0.0.1:8080/ "),
+            (ENV_LISTEN_ADDR, "[::1]:9000"),
+            (ENV_MIN_VALIDITY_SECONDS, "600"),
+            (ENV_REFRESH_AHEAD_SECONDS, ""),
+            (ENV_BROKER_TIMEOUT_MS, "250"),
+            (ENV_CACHE_MAX_ENTRIES, "2"),
+        ])
+        .unwrap();
+        assert_eq!(config.broker_url, "http://127.0.0.1:8080/");
+        assert_eq!(config.listen_addr, "[::1]:9000".parse().unwrap());
+        assert_eq!(config.min_validity, Duration::from_secs(600));
+        assert_eq!(config.refresh_ahead, Duration::from_secs(300));
+        assert_eq!(config.broker_timeout, Duration::from_millis(250));
+        assert_eq!(config.cache_max_entries, 2);
+    }
+
+    #[test]
+    fn a_missing_broker_url_is_named() {
+        let error = parse(&[]).unwrap_err();
+        assert_eq!(error.variable, ENV_BROKER_URL);
+        assert!(
+            error
+                .to_string()
+                .starts_with("invalid configuration: BROKER_URL: "),
+            "{error}"
+        );
+        assert_eq!(
+            parse(&[(ENV_BROKER_URL, "  ")]).unwrap_err().variable,
+            ENV_BROKER_URL
+        );
+    }
+
+    #[test]
+    fn each_bad_value_names_its_variable() {
+        let cases: &[(&str, &str)] = &[
+            (ENV_BROKER_URL, "ftp://broker.example.com/"),
+            (ENV_BROKER_URL, "broker.example.com"),
+            (ENV_BROKER_URL, "https://"),
+            (ENV_BROKER_URL, "not a url"),
+            (ENV_BROKER_URL, "https://user:secret@broker.example.com/"),
+            (ENV_LISTEN_ADDR, "localhost:53080"),
+            (ENV_LISTEN_ADDR, "0.0.0.0:53080"),
+            (ENV_LISTEN_ADDR, "127.0.0.1"),
+            (ENV_MIN_VALIDITY_SECONDS, "fifteen"),
+            (ENV_MIN_VALIDITY_SECONDS, "59"),
+            (ENV_MIN_VALIDITY_SECONDS, "-900"),
+            (ENV_REFRESH_AHEAD_SECONDS, "3301"),
+            (ENV_REFRESH_AHEAD_SECONDS, "1.5"),
+            (ENV_BROKER_TIMEOUT_MS, "0"),
+            (ENV_BROKER_TIMEOUT_MS, "60001"),
+            (ENV_CACHE_MAX_ENTRIES, "0"),
+            (ENV_CACHE_MAX_ENTRIES, "many"),
+        ];
+        for (variable, value) in cases {
+            let mut pairs = vec![URL];
+            pairs.retain(|(k, _)| k != variable);
+            pairs.push((variable, value));
+            let error = parse(&pairs).expect_err(value);
+            assert_eq!(error.variable, *variable, "{value:?}: {error}");
+            assert!(
+                error
+                    .to_string()
+                    .starts_with(&format!("invalid configuration: {variable}: ")),
+                "{error}"
+            );
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! The iam-broker sidecar proxy: serves AWS container credentials on loopback from a per-token
+//! cache in front of the broker.
+//!
+//! AWS SDKs in the pod read `AWS_CONTAINER_CREDENTIALS_FULL_URI` (this proxy) and send
+//! `AWS_CONTAINER_AUTHORIZATION_TOKEN` as the raw `Authorization` header; the proxy forwards
+//! misses to `BROKER_URL` with the same header. DESIGN.md, "The sidecar proxy's promises":
+//! per-token caching, at least [`Config::min_validity`] left on anything served, refresh ahead
+//! in the background, still-valid credentials kept while the broker fails, never an expired
+//! credential, one broker call for concurrent misses. The rules are pure functions in
+//! [`policy`]; [`serve`] runs them behind a hyper server.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use iam_broker_proxy::{Config, SystemClock, serve};
+//!
+//! let config = Config::from_env()?;
+//! let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
+//! let proxy = serve(listener, config, Arc::new(SystemClock))?;
+//! // ... until asked to stop:
+//! proxy.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+mod answer;
+mod broker;
+mod cache;
+pub mod clock;
+pub mod config;
+pub mod policy;
+mod server;
+
+pub use cache::CacheStats;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{Config, ConfigError};
+pub use server::{HEALTH_PATH, ProxyHandle, ServeError, serve};
+
+pub mod telemetry {
+    //! Logging set-up for the binary: one JSON object per line on stderr, level from `RUST_LOG`
+    //! (default `info`). Nothing logged carries a token or a credential: requests are
+    //! identified by the first 12 hex digits of the token's SHA-256.
+
+    use tracing_subscriber::EnvFilter;
+
+    /// Installs the JSON log subscriber. Safe to call once per process.
+    pub fn init_json_logging() {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        // A second installation (e.g. from a test) is harmless; ignore its error.
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_target(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}

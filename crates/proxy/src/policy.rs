@@ -1,0 +1,325 @@
+//! The cache policy as pure functions of the time: when a cached credential may be served, when a
+//! background refresh starts, what to do with a fresh broker answer, and how long to back off
+//! after failed refreshes. Nothing here reads a clock; callers pass `now`.
+//!
+//! The rules (DESIGN.md, "The sidecar proxy's promises"):
+//! - **Servable** means at least `min_validity` is left before `Expiration`. Nothing else is ever
+//!   served from the cache, so expired credentials never are.
+//! - **Fresh** ends at the earlier of the broker's `Cache-Control: max-age` (an upper bound,
+//!   counted from when the answer arrived) and the refresh-ahead point,
+//!   `Expiration - min_validity - refresh_ahead`. A servable entry past that point is still
+//!   served at once, and one background refresh starts (refresh-ahead, stale-while-valid).
+//! - After a failed refresh, the next one waits [`retry_delay`] (exponential backoff), while the
+//!   entry keeps being served as long as it is servable.
+//! - An entry that is no longer servable is never served: the caller waits for the broker, and
+//!   gets the broker's answer, credentials or error. Backoff does not apply there: there is
+//!   nothing better to give that caller, and concurrent callers still share one broker call.
+//! - Refreshes are started by requests, not timers, so the cache never needs to keep a raw
+//!   token: an idle sidecar makes no broker calls, and a request that comes after its entry fell
+//!   below min validity waits for the broker. Refresh-ahead therefore pays off when several
+//!   processes share a token; a lone SDK that returns only when its copy is 15 minutes from
+//!   expiry usually gets a foreground fetch.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+/// The first retry after a failed refresh waits this long; each further failure doubles it.
+pub const RETRY_BASE: Duration = Duration::from_secs(1);
+/// The longest wait between refresh attempts.
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// The timing knobs of the cache, from [`crate::Config`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// The least validity left on anything served from the cache.
+    pub min_validity: Duration,
+    /// How long before the min-validity point a background refresh starts.
+    pub refresh_ahead: Duration,
+}
+
+/// What the cache remembers about the timing of one token's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryTimes {
+    /// The credentials' `Expiration`.
+    pub expiration: OffsetDateTime,
+    /// End of freshness: the broker's `max-age` bound, never later than `expiration`.
+    pub fresh_until: OffsetDateTime,
+    /// After failed refreshes: no new refresh before this instant.
+    pub retry_at: Option<OffsetDateTime>,
+}
+
+/// What to do with a request that finds a cached entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Serve the entry.
+    Serve,
+    /// Serve the entry and start a background refresh (unless one is already running).
+    ServeAndRefresh,
+    /// The entry must not be served: drop it and wait for the broker.
+    Fetch,
+}
+
+/// What to do with credentials the broker has just returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Serve and cache them; they are fresh until `fresh_until`.
+    Cache {
+        /// End of freshness.
+        fresh_until: OffsetDateTime,
+    },
+    /// Serve them to the callers waiting for this broker call, but do not cache them: they
+    /// already have less than `min_validity` left (or the broker said `no-store`). They are the
+    /// best there is right now, and an SDK that gets them will come back soon; the next request
+    /// asks the broker again.
+    ServeOnce,
+    /// Never serve them: they have already expired.
+    Reject,
+}
+
+impl Policy {
+    /// Whether credentials expiring at `expiration` may be served at `now`.
+    pub fn servable(&self, expiration: OffsetDateTime, now: OffsetDateTime) -> bool {
+        expiration - now >= span(self.min_validity)
+    }
+
+    /// The instant from which a request should start a background refresh.
+    pub fn refresh_at(&self, times: &EntryTimes) -> OffsetDateTime {
+        let ahead = times
+            .expiration
+            .checked_sub(span(self.min_validity))
+            .and_then(|t| t.checked_sub(span(self.refresh_ahead)))
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        ahead.min(times.fresh_until)
+    }
+
+    /// Decides how to answer a request that finds `times` in the cache at `now`.
+    pub fn decide(&self, times: &EntryTimes, now: OffsetDateTime) -> Decision {
+        if !self.servable(times.expiration, now) {
+            Decision::Fetch
+        } else if now >= self.refresh_at(times) && times.retry_at.is_none_or(|at| now >= at) {
+            Decision::ServeAndRefresh
+        } else {
+            Decision::Serve
+        }
+    }
+
+    /// Decides what to do with credentials expiring at `expiration` that the broker returned at
+    /// `now` with `Cache-Control: max-age=max_age` (`None` when absent: freshness is then bounded
+    /// by the expiry alone) and possibly `no-store`.
+    pub fn admit(
+        &self,
+        expiration: OffsetDateTime,
+        max_age: Option<u64>,
+        no_store: bool,
+        now: OffsetDateTime,
+    ) -> Admission {
+        if expiration <= now {
+            Admission::Reject
+        } else if no_store || !self.servable(expiration, now) {
+            Admission::ServeOnce
+        } else {
+            let bound = max_age
+                .and_then(|seconds| i64::try_from(seconds).ok())
+                .and_then(|seconds| now.checked_add(time::Duration::seconds(seconds)))
+                .unwrap_or(expiration);
+            Admission::Cache {
+                fresh_until: bound.min(expiration),
+            }
+        }
+    }
+
+    /// When the next refresh may start after `failures` failed attempts in a row, the last at
+    /// `now`.
+    pub fn retry_at(&self, failures: u32, now: OffsetDateTime) -> OffsetDateTime {
+        now.saturating_add(span(retry_delay(failures)))
+    }
+}
+
+/// The wait after `failures` failed refreshes in a row: 1 s, 2 s, 4 s, ... up to [`RETRY_MAX`].
+pub fn retry_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    RETRY_BASE.saturating_mul(1 << doublings).min(RETRY_MAX)
+}
+
+fn span(duration: Duration) -> time::Duration {
+    time::Duration::try_from(duration).unwrap_or(time::Duration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use time::macros::datetime;
+
+    const T0: OffsetDateTime = datetime!(2026-11-22 06:00:00 UTC);
+    const POLICY: Policy = Policy {
+        min_validity: Duration::from_secs(900),
+        refresh_ahead: Duration::from_secs(300),
+    };
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    /// Credentials fetched at T0 that expire an hour later, with the broker's max-age
+    /// (expiry minus five minutes).
+    fn one_hour_entry() -> EntryTimes {
+        let expiration = T0 + time::Duration::hours(1);
+        let Admission::Cache { fresh_until } = POLICY.admit(expiration, Some(3300), false, T0)
+        else {
+            panic!("one-hour credentials must be cached");
+        };
+        EntryTimes {
+            expiration,
+            fresh_until,
+            retry_at: None,
+        }
+    }
+
+    #[test]
+    fn servable_means_at_least_min_validity_left() {
+        let expiration = T0 + time::Duration::minutes(30);
+        let clock = ManualClock::new(T0);
+        assert!(POLICY.servable(expiration, clock.now()));
+        clock.advance(secs(15 * 60));
+        assert!(
+            POLICY.servable(expiration, clock.now()),
+            "exactly 15 minutes left"
+        );
+        clock.advance(secs(1));
+        assert!(!POLICY.servable(expiration, clock.now()));
+        clock.advance(secs(3600));
+        assert!(!POLICY.servable(expiration, clock.now()), "expired");
+    }
+
+    #[test]
+    fn an_entry_is_served_then_refreshed_ahead_then_fetched() {
+        // GIVEN one-hour credentials, min validity 15 minutes, refresh 5 minutes ahead of that
+        let entry = one_hour_entry();
+        let clock = ManualClock::new(T0);
+        assert_eq!(POLICY.refresh_at(&entry), T0 + time::Duration::minutes(40));
+        // THEN they are served as they are for 40 minutes
+        assert_eq!(POLICY.decide(&entry, clock.now()), Decision::Serve);
+        clock.advance(secs(40 * 60 - 1));
+        assert_eq!(POLICY.decide(&entry, clock.now()), Decision::Serve);
+        // THEN served with a background refresh until 15 minutes are left
+        clock.advance(secs(1));
+        assert_eq!(
+            POLICY.decide(&entry, clock.now()),
+            Decision::ServeAndRefresh
+        );
+        clock.advance(secs(5 * 60));
+        assert_eq!(
+            POLICY.decide(&entry, clock.now()),
+            Decision::ServeAndRefresh
+        );
+        // THEN never served again
+        clock.advance(secs(1));
+        assert_eq!(POLICY.decide(&entry, clock.now()), Decision::Fetch);
+        clock.advance(secs(3600));
+        assert_eq!(POLICY.decide(&entry, clock.now()), Decision::Fetch);
+    }
+
+    #[test]
+    fn the_brokers_max_age_bounds_freshness() {
+        let expiration = T0 + time::Duration::hours(1);
+        let Admission::Cache { fresh_until } = POLICY.admit(expiration, Some(60), false, T0) else {
+            panic!("must be cached");
+        };
+        assert_eq!(fresh_until, T0 + time::Duration::seconds(60));
+        let entry = EntryTimes {
+            expiration,
+            fresh_until,
+            retry_at: None,
+        };
+        assert_eq!(
+            POLICY.decide(&entry, T0 + time::Duration::seconds(59)),
+            Decision::Serve
+        );
+        assert_eq!(
+            POLICY.decide(&entry, T0 + time::Duration::seconds(60)),
+            Decision::ServeAndRefresh
+        );
+    }
+
+    #[test]
+    fn a_max_age_beyond_the_expiry_or_absent_is_capped_by_the_expiry() {
+        let expiration = T0 + time::Duration::hours(1);
+        for max_age in [None, Some(7200), Some(u64::MAX)] {
+            assert_eq!(
+                POLICY.admit(expiration, max_age, false, T0),
+                Admission::Cache {
+                    fresh_until: expiration
+                },
+                "{max_age:?}"
+            );
+        }
+        // The refresh-ahead point still comes first.
+        let entry = EntryTimes {
+            expiration,
+            fresh_until: expiration,
+            retry_at: None,
+        };
+        assert_eq!(POLICY.refresh_at(&entry), T0 + time::Duration::minutes(40));
+    }
+
+    #[test]
+    fn short_lived_answers_are_served_once_and_expired_ones_never() {
+        let now = T0;
+        let admit =
+            |left: i64| POLICY.admit(now + time::Duration::seconds(left), Some(0), false, now);
+        assert!(matches!(admit(900), Admission::Cache { .. }));
+        assert_eq!(admit(899), Admission::ServeOnce);
+        assert_eq!(admit(1), Admission::ServeOnce);
+        assert_eq!(admit(0), Admission::Reject);
+        assert_eq!(admit(-60), Admission::Reject);
+        assert_eq!(
+            POLICY.admit(now + time::Duration::hours(1), Some(3300), true, now),
+            Admission::ServeOnce,
+            "no-store"
+        );
+    }
+
+    #[test]
+    fn a_refresh_waits_for_its_backoff_but_serving_does_not() {
+        // GIVEN an entry in its refresh window whose last refresh failed at `failed`
+        let mut entry = one_hour_entry();
+        let failed = T0 + time::Duration::minutes(41);
+        entry.retry_at = Some(POLICY.retry_at(1, failed));
+        // THEN it is served without a refresh until the backoff is over
+        assert_eq!(POLICY.decide(&entry, failed), Decision::Serve);
+        assert_eq!(
+            POLICY.decide(&entry, failed + time::Duration::milliseconds(999)),
+            Decision::Serve
+        );
+        assert_eq!(
+            POLICY.decide(&entry, failed + time::Duration::seconds(1)),
+            Decision::ServeAndRefresh
+        );
+        // THEN a backoff never keeps an entry servable past min validity
+        entry.retry_at = Some(T0 + time::Duration::hours(2));
+        assert_eq!(
+            POLICY.decide(&entry, T0 + time::Duration::minutes(46)),
+            Decision::Fetch
+        );
+    }
+
+    #[test]
+    fn retry_delay_doubles_up_to_a_minute() {
+        let delays: Vec<u64> = (1..=9).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(retry_delay(0), RETRY_BASE);
+        assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
+    }
+
+    #[test]
+    fn refresh_ahead_of_zero_refreshes_at_the_min_validity_point() {
+        let policy = Policy {
+            refresh_ahead: Duration::ZERO,
+            ..POLICY
+        };
+        let entry = one_hour_entry();
+        assert_eq!(policy.refresh_at(&entry), T0 + time::Duration::minutes(45));
+    }
+}
