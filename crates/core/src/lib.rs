@@ -23,3 +23,4 @@ pub use config::{Config, ConfigError};
 pub use credentials::{Credentials, EcsCredentials};
 pub use record::TokenRecord;
 pub use token::{Token, TokenHash};
+pub use ports::{Cluster, ClusterError, ManagedSecret, ServiceAccount, TokenSecret};

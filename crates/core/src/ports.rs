@@ -112,3 +112,99 @@ pub trait CredentialIssuer: Send + Sync {
     /// `sts:AssumeRole`.
     async fn assume_role(&self, request: &AssumeRoleRequest) -> Result<Credentials, IssueError>;
 }
+
+/// A ServiceAccount as the webhook needs it: its identity and annotations.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceAccount {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `metadata.annotations` (the role annotation lives here).
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// A Secret that holds one pod's token (type `Opaque`, key `token`, no trailing newline).
+///
+/// `Debug` is redacted: the token never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenSecret {
+    /// Namespace (the pod's).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `metadata.labels` (at least the managed-by label).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// `metadata.annotations` (e.g. the token hash, for the sweep).
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// The token, stored under data key `token`.
+    pub token: crate::token::Token,
+}
+
+impl std::fmt::Debug for TokenSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSecret")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("labels", &self.labels)
+            .field("annotations", &self.annotations)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A Secret managed by iam-broker, as listed for the sweep (no token in it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedSecret {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `metadata.annotations`.
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// `metadata.creationTimestamp`, epoch seconds, when the API server sent it.
+    pub created_at: Option<i64>,
+}
+
+/// Errors of the Kubernetes API.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The API server could not be reached, answered 5xx or 429, or did not answer in time.
+    #[error("the Kubernetes API is unavailable")]
+    Unavailable(#[source] BoxError),
+    /// The API server refused the webhook's credentials (401).
+    #[error("the Kubernetes API refused the webhook's credentials")]
+    Unauthorized(#[source] BoxError),
+    /// RBAC refused the call (403); the message says which verb and resource.
+    #[error("the Kubernetes API forbids this call: {0}")]
+    Forbidden(String),
+    /// A create found the name taken (409 AlreadyExists).
+    #[error("an object with this name already exists")]
+    AlreadyExists,
+    /// Any other refusal (4xx), with the API server's message.
+    #[error("the Kubernetes API refused the call ({status}): {message}")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// `Status.message`.
+        message: String,
+    },
+}
+
+/// The Kubernetes API, in the webhook's words.
+#[async_trait]
+pub trait Cluster: Send + Sync {
+    /// `GET /api/v1/namespaces/{namespace}/serviceaccounts/{name}`; `None` on 404.
+    async fn service_account(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<ServiceAccount>, ClusterError>;
+    /// `POST /api/v1/namespaces/{namespace}/secrets`; [`ClusterError::AlreadyExists`] on 409.
+    async fn create_secret(&self, secret: &TokenSecret) -> Result<(), ClusterError>;
+    /// `DELETE /api/v1/namespaces/{namespace}/secrets/{name}`; `Ok(false)` when already gone.
+    async fn delete_secret(&self, namespace: &str, name: &str) -> Result<bool, ClusterError>;
+    /// Secrets in every namespace carrying `label_selector` (e.g.
+    /// `app.kubernetes.io/managed-by=iam-broker`), for the sweep.
+    async fn managed_secrets(&self, label_selector: &str) -> Result<Vec<ManagedSecret>, ClusterError>;
+}
