@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+pub use crate::admission::SidecarMode;
+
 /// `ALLOWANCES_TABLE`: the Allowances table.
 pub const ENV_ALLOWANCES_TABLE: &str = "ALLOWANCES_TABLE";
 /// `AUTHORIZATIONS_TABLE`: the Authorizations table.
@@ -26,6 +28,14 @@ pub const ENV_TOKEN_TTL_DAYS: &str = "TOKEN_TTL_DAYS";
 pub const ENV_AWS_CALL_TIMEOUT_MS: &str = "AWS_CALL_TIMEOUT_MS";
 /// `STS_SESSION_TAGS`: pass namespace / ServiceAccount / pod as session tags (`true`/`false`).
 pub const ENV_STS_SESSION_TAGS: &str = "STS_SESSION_TAGS";
+/// What the webhook does when a dependency fails: `open` (admit without a patch) or `closed`.
+pub const ENV_FAILURE_POLICY: &str = "FAILURE_POLICY";
+/// How the sidecar is injected: `container` (default) or `native` (Kubernetes ≥ 1.29).
+pub const ENV_SIDECAR_MODE: &str = "SIDECAR_MODE";
+/// Whether to also mount the token as a file (`AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`).
+pub const ENV_INJECT_TOKEN_FILE: &str = "INJECT_TOKEN_FILE";
+/// `AWS_REGION` / `AWS_DEFAULT_REGION` to set in injected containers that lack them.
+pub const ENV_POD_AWS_REGION: &str = "POD_AWS_REGION";
 
 /// A variable that could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +72,25 @@ pub struct Config {
     pub aws_call_timeout: Duration,
     /// Whether to send session tags with `sts:AssumeRole`.
     pub session_tags: bool,
+    /// The webhook's answer when a dependency fails.
+    pub failure_policy: FailurePolicy,
+    /// Regular container or native sidecar.
+    pub sidecar_mode: SidecarMode,
+    /// Also mount the token as a file.
+    pub inject_token_file: bool,
+    /// Region to set in injected containers that lack one.
+    pub pod_aws_region: Option<String>,
+}
+
+/// The webhook's answer when a dependency (Kubernetes, DynamoDB) fails or times out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Admit the pod without credentials, log why and warn the client (the default: a broker
+    /// outage never blocks deployments).
+    #[default]
+    Open,
+    /// Deny the pod with a message (pods that need credentials never start without them).
+    Closed,
 }
 
 impl Default for Config {
@@ -78,6 +107,10 @@ impl Default for Config {
             token_ttl: Duration::from_secs(14 * 86_400),
             aws_call_timeout: Duration::from_millis(3000),
             session_tags: false,
+            failure_policy: FailurePolicy::Open,
+            sidecar_mode: SidecarMode::Container,
+            inject_token_file: false,
+            pod_aws_region: None,
         }
     }
 }
@@ -165,18 +198,57 @@ impl Config {
                 )?
                 .unwrap_or(3000),
             ),
-            session_tags: match get(ENV_STS_SESSION_TAGS).as_deref() {
-                None | Some("false") => false,
-                Some("true") => true,
+            session_tags: boolean(ENV_STS_SESSION_TAGS, get(ENV_STS_SESSION_TAGS))?,
+            failure_policy: match get(ENV_FAILURE_POLICY).as_deref() {
+                None | Some("open") => FailurePolicy::Open,
+                Some("closed") => FailurePolicy::Closed,
                 Some(other) => {
                     return Err(ConfigError {
-                        variable: ENV_STS_SESSION_TAGS,
-                        message: format!("{other:?} is neither true nor false"),
+                        variable: ENV_FAILURE_POLICY,
+                        message: format!("{other:?} is neither open nor closed"),
                     });
                 }
             },
+            sidecar_mode: match get(ENV_SIDECAR_MODE).as_deref() {
+                None | Some("container") => SidecarMode::Container,
+                Some("native") => SidecarMode::Native,
+                Some(other) => {
+                    return Err(ConfigError {
+                        variable: ENV_SIDECAR_MODE,
+                        message: format!("{other:?} is neither container nor native"),
+                    });
+                }
+            },
+            inject_token_file: boolean(ENV_INJECT_TOKEN_FILE, get(ENV_INJECT_TOKEN_FILE))?,
+            pod_aws_region: get(ENV_POD_AWS_REGION)
+                .map(|region| {
+                    if !region.is_empty()
+                        && region
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    {
+                        Ok(region)
+                    } else {
+                        Err(ConfigError {
+                            variable: ENV_POD_AWS_REGION,
+                            message: format!("{region:?} is not an AWS region name"),
+                        })
+                    }
+                })
+                .transpose()?,
         };
         Ok(config)
+    }
+}
+
+fn boolean(variable: &'static str, value: Option<String>) -> Result<bool, ConfigError> {
+    match value.as_deref() {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ConfigError {
+            variable,
+            message: format!("{other:?} is neither true nor false"),
+        }),
     }
 }
 
@@ -256,8 +328,16 @@ mod tests {
             ("BROKER_URL", "https://x.example/Prod"),
             ("STS_SESSION_TAGS", "true"),
             ("KUBECONFIG_PARAMETER", " "),
+            ("FAILURE_POLICY", "closed"),
+            ("SIDECAR_MODE", "native"),
+            ("INJECT_TOKEN_FILE", "true"),
+            ("POD_AWS_REGION", "eu-west-1"),
         ])
         .unwrap();
+        assert_eq!(config.failure_policy, FailurePolicy::Closed);
+        assert_eq!(config.sidecar_mode, SidecarMode::Native);
+        assert!(config.inject_token_file);
+        assert_eq!(config.pod_aws_region.as_deref(), Some("eu-west-1"));
         assert_eq!(config.allowances_table, "a-table");
         assert_eq!(config.authorizations_table, "b.table");
         assert_eq!(config.credential_duration, Duration::from_secs(900));
@@ -282,6 +362,10 @@ mod tests {
             ("AUTHORIZATIONS_TABLE", "ab"),
             ("STS_SESSION_TAGS", "yes"),
             ("AWS_CALL_TIMEOUT_MS", "10"),
+            ("FAILURE_POLICY", "ignore"),
+            ("SIDECAR_MODE", "sidecar"),
+            ("INJECT_TOKEN_FILE", "1"),
+            ("POD_AWS_REGION", "EU West"),
         ] {
             let err = parse(&[(name, value)]).unwrap_err();
             assert_eq!(err.variable, name);

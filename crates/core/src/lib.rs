@@ -5,6 +5,7 @@
 //! ([`ports`]) that the AWS and Kubernetes adapters implement. Most unit tests live here.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod allowance;
 pub mod broker;
 pub mod clock;
@@ -13,14 +14,16 @@ pub mod credentials;
 pub mod memory;
 pub mod ports;
 pub mod record;
+pub mod review;
 pub mod session;
 pub mod token;
+pub mod webhook;
 
 pub use allowance::{Allowance, Subject, WILDCARD_SERVICE_ACCOUNT};
 pub use broker::{Broker, BrokerError};
 pub use clock::{Clock, SystemClock};
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, FailurePolicy};
 pub use credentials::{Credentials, EcsCredentials};
+pub use ports::{Cluster, ClusterError, ManagedSecret, ServiceAccount, TokenSecret};
 pub use record::TokenRecord;
 pub use token::{Token, TokenHash};
-pub use ports::{Cluster, ClusterError, ManagedSecret, ServiceAccount, TokenSecret};

@@ -7,7 +7,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 
 use crate::allowance::{Allowance, Subject};
-use crate::ports::{AllowanceStore, StoreError, TokenStore};
+use crate::ports::{
+    AllowanceStore, Cluster, ClusterError, ManagedSecret, ServiceAccount, StoreError, TokenSecret,
+    TokenStore,
+};
 use crate::record::TokenRecord;
 use crate::token::TokenHash;
 
@@ -118,5 +121,111 @@ impl TokenStore for MemoryTokenStore {
 
     async fn list(&self) -> Result<Vec<TokenRecord>, StoreError> {
         Ok(lock(&self.records).values().cloned().collect())
+    }
+}
+
+/// A Kubernetes API in maps: ServiceAccounts and Secrets, with failure injection per call, for
+/// unit tests of the webhook and local experiments.
+#[derive(Debug, Default)]
+pub struct MemoryCluster {
+    service_accounts: Mutex<BTreeMap<(String, String), ServiceAccount>>,
+    secrets: Mutex<BTreeMap<(String, String), TokenSecret>>,
+    failing: Mutex<BTreeSet<&'static str>>,
+}
+
+impl MemoryCluster {
+    /// Adds or replaces a ServiceAccount.
+    pub fn put_service_account(&self, account: ServiceAccount) {
+        lock(&self.service_accounts)
+            .insert((account.namespace.clone(), account.name.clone()), account);
+    }
+
+    /// The Secret stored under this name.
+    pub fn secret(&self, namespace: &str, name: &str) -> Option<TokenSecret> {
+        lock(&self.secrets)
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Every stored Secret.
+    pub fn secrets(&self) -> Vec<TokenSecret> {
+        lock(&self.secrets).values().cloned().collect()
+    }
+
+    /// Makes every call of `operation` (`service_account`, `create_secret`, `delete_secret`,
+    /// `managed_secrets`) fail with [`ClusterError::Unavailable`] until [`Self::heal`].
+    pub fn fail(&self, operation: &'static str) {
+        lock(&self.failing).insert(operation);
+    }
+
+    /// Ends every injected failure.
+    pub fn heal(&self) {
+        lock(&self.failing).clear();
+    }
+
+    fn check(&self, operation: &'static str) -> Result<(), ClusterError> {
+        if lock(&self.failing).contains(operation) {
+            Err(ClusterError::Unavailable(
+                format!("injected failure of {operation}").into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Cluster for MemoryCluster {
+    async fn service_account(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<ServiceAccount>, ClusterError> {
+        self.check("service_account")?;
+        Ok(lock(&self.service_accounts)
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned())
+    }
+
+    async fn create_secret(&self, secret: &TokenSecret) -> Result<(), ClusterError> {
+        self.check("create_secret")?;
+        let mut secrets = lock(&self.secrets);
+        let key = (secret.namespace.clone(), secret.name.clone());
+        if secrets.contains_key(&key) {
+            return Err(ClusterError::AlreadyExists);
+        }
+        secrets.insert(key, secret.clone());
+        Ok(())
+    }
+
+    async fn delete_secret(&self, namespace: &str, name: &str) -> Result<bool, ClusterError> {
+        self.check("delete_secret")?;
+        Ok(lock(&self.secrets)
+            .remove(&(namespace.to_owned(), name.to_owned()))
+            .is_some())
+    }
+
+    async fn managed_secrets(
+        &self,
+        label_selector: &str,
+    ) -> Result<Vec<ManagedSecret>, ClusterError> {
+        self.check("managed_secrets")?;
+        let (key, value) = label_selector
+            .split_once('=')
+            .unwrap_or((label_selector, ""));
+        Ok(lock(&self.secrets)
+            .values()
+            .filter(|s| {
+                s.labels
+                    .get(key)
+                    .is_some_and(|v| value.is_empty() || v == value)
+            })
+            .map(|s| ManagedSecret {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                annotations: s.annotations.clone(),
+                created_at: None,
+            })
+            .collect())
     }
 }

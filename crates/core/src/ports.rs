@@ -206,5 +206,8 @@ pub trait Cluster: Send + Sync {
     async fn delete_secret(&self, namespace: &str, name: &str) -> Result<bool, ClusterError>;
     /// Secrets in every namespace carrying `label_selector` (e.g.
     /// `app.kubernetes.io/managed-by=iam-broker`), for the sweep.
-    async fn managed_secrets(&self, label_selector: &str) -> Result<Vec<ManagedSecret>, ClusterError>;
+    async fn managed_secrets(
+        &self,
+        label_selector: &str,
+    ) -> Result<Vec<ManagedSecret>, ClusterError>;
 }

@@ -1,0 +1,972 @@
+//! The admission webhook: CREATE mints a token, creates its Secret and record, and answers the
+//! patch; DELETE removes the Secret and the record. Every multi-step write completes or is undone.
+//!
+//! The decision itself (pod in, patch out) is [`crate::admission`]; this module only sequences
+//! the lookups and writes around it, under one deadline, and applies the failure policy.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{Instant, timeout_at};
+
+use crate::admission::{
+    self, ANNOTATION_SECRET_NAME, ANNOTATION_TOKEN_HASH, Injection, LABEL_MANAGED_BY, MANAGED_BY,
+    PodView, SidecarSettings,
+};
+use crate::allowance::{RoleArn, Subject, is_allowed};
+use crate::broker::{Grant, mint};
+use crate::clock::Clock;
+use crate::config::{Config, FailurePolicy};
+use crate::ports::{AllowanceStore, Cluster, ClusterError, StoreError, TokenSecret, TokenStore};
+use crate::review::{AdmissionRequest, AdmissionResponse};
+use crate::token::TokenHash;
+
+/// Lookups and writes of one admission must finish within this; the API server's own timeout
+/// (`timeoutSeconds`, at most 30, 10 by default) is longer, so the webhook always answers.
+pub const FORWARD_BUDGET: Duration = Duration::from_millis(6000);
+/// Extra time an undo (compensation) may take after a failed write.
+pub const UNDO_BUDGET: Duration = Duration::from_millis(1500);
+
+/// Webhook settings, from [`Config`].
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// What to inject; `None` when `PROXY_IMAGE` is not configured (then nothing is injected and
+    /// the failure policy decides).
+    pub sidecar: Option<SidecarSettings>,
+    /// ServiceAccount annotation naming the role.
+    pub role_annotation: String,
+    /// `BROKER_URL`; when `None`, the URL the admission request came in on.
+    pub broker_url: Option<String>,
+    /// Sliding lifetime of token records.
+    pub token_ttl: Duration,
+    /// Open or closed.
+    pub failure_policy: FailurePolicy,
+    /// Budget of lookups and writes.
+    pub forward_budget: Duration,
+    /// Budget of an undo.
+    pub undo_budget: Duration,
+}
+
+impl From<&Config> for WebhookSettings {
+    fn from(config: &Config) -> Self {
+        Self {
+            sidecar: config.proxy_image.as_ref().map(|image| SidecarSettings {
+                image: image.clone(),
+                port: config.proxy_port,
+                mode: config.sidecar_mode,
+                token_file: config.inject_token_file,
+                region: config.pod_aws_region.clone(),
+            }),
+            role_annotation: config.role_arn_annotation.clone(),
+            broker_url: config.broker_url.clone(),
+            token_ttl: config.token_ttl,
+            failure_policy: config.failure_policy,
+            forward_budget: FORWARD_BUDGET,
+            undo_budget: UNDO_BUDGET,
+        }
+    }
+}
+
+/// What happened to one admission, for the decision log line and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Token, Secret and record written (or, on a dry run, would be) and the patch answered.
+    Patched,
+    /// Allowed without a patch: out of scope (not a pod, not annotated, not allowed, …).
+    Skipped,
+    /// DELETE: the Secret and record were removed.
+    CleanedUp,
+    /// A dependency failed; allowed without a patch (failure policy `open`).
+    FailedOpen,
+    /// A dependency failed; denied (failure policy `closed`).
+    FailedClosed,
+}
+
+impl Decision {
+    /// A stable name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Patched => "patched",
+            Self::Skipped => "skipped",
+            Self::CleanedUp => "cleaned_up",
+            Self::FailedOpen => "failed_open",
+            Self::FailedClosed => "failed_closed",
+        }
+    }
+}
+
+/// The answer to one admission request plus what to log about it (never the token).
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The AdmissionReview `response`.
+    pub response: AdmissionResponse,
+    /// What happened.
+    pub decision: Decision,
+    /// Why, in words.
+    pub reason: String,
+    /// The pod's ServiceAccount, when read.
+    pub service_account: Option<String>,
+}
+
+/// Why an admission could not be completed.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("the Kubernetes API failed: {0}")]
+    Cluster(#[from] ClusterError),
+    #[error("a DynamoDB table failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0} did not answer within the admission deadline")]
+    Deadline(&'static str),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The admission webhook over its ports.
+pub struct Webhook {
+    cluster: Arc<dyn Cluster>,
+    allowances: Arc<dyn AllowanceStore>,
+    tokens: Arc<dyn TokenStore>,
+    clock: Arc<dyn Clock>,
+    settings: WebhookSettings,
+}
+
+impl Webhook {
+    /// A webhook over its ports.
+    pub fn new(
+        cluster: Arc<dyn Cluster>,
+        allowances: Arc<dyn AllowanceStore>,
+        tokens: Arc<dyn TokenStore>,
+        clock: Arc<dyn Clock>,
+        settings: WebhookSettings,
+    ) -> Self {
+        Self {
+            cluster,
+            allowances,
+            tokens,
+            clock,
+            settings,
+        }
+    }
+
+    /// Answers one admission request. `origin` is the URL the request came in on (scheme, host
+    /// and API Gateway stage, ending in `/`), used as the broker URL unless `BROKER_URL` is set.
+    pub async fn admit(&self, request: &AdmissionRequest, origin: &str) -> Outcome {
+        if !request.is_pod() {
+            return skipped(request, None, "not a Pod");
+        }
+        match request.operation.as_str() {
+            "CREATE" => self.create(request, origin).await,
+            "DELETE" => self.delete(request).await,
+            other => skipped(request, None, &format!("{other} needs no action")),
+        }
+    }
+
+    async fn create(&self, request: &AdmissionRequest, origin: &str) -> Outcome {
+        let Some(pod) = request.object.as_ref() else {
+            return skipped(request, None, "CREATE without an object");
+        };
+        let view = match admission::view(pod) {
+            Ok(view) => view,
+            Err(e) => return skipped(request, None, &e.to_string()),
+        };
+        let sa = Some(view.service_account.clone());
+        if let Some(skip) = view.skip() {
+            return Outcome {
+                service_account: sa,
+                ..skipped(request, None, &skip.to_string())
+            };
+        }
+        let namespace = namespace_of(request, pod);
+        let Some(sidecar) = self.settings.sidecar.clone() else {
+            return self.fail(
+                request,
+                sa,
+                Failure::Internal(
+                    "PROXY_IMAGE is not configured, so the webhook cannot inject the sidecar"
+                        .to_owned(),
+                ),
+            );
+        };
+        let deadline = Instant::now() + self.settings.forward_budget;
+        match self
+            .create_in(request, pod, &view, &namespace, &sidecar, origin, deadline)
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(failure) => self.fail(request, sa, failure),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_in(
+        &self,
+        request: &AdmissionRequest,
+        pod: &serde_json::Value,
+        view: &PodView,
+        namespace: &str,
+        sidecar: &SidecarSettings,
+        origin: &str,
+        deadline: Instant,
+    ) -> Result<Outcome, Failure> {
+        let sa = Some(view.service_account.clone());
+        let subject = match Subject::new(namespace, &view.service_account, false) {
+            Ok(subject) => subject,
+            Err(e) => return Ok(skipped(request, sa, &e.to_string())),
+        };
+        // The ServiceAccount and both Allowances rows, concurrently.
+        let wildcard = subject.wildcard();
+        let (account, exact, any) = timeout_at(deadline, async {
+            futures::join!(
+                self.cluster
+                    .service_account(namespace, &view.service_account),
+                self.allowances.allowance(&subject),
+                self.allowances.allowance(&wildcard),
+            )
+        })
+        .await
+        .map_err(|_| Failure::Deadline("the ServiceAccount and Allowances lookups"))?;
+        let Some(account) = account? else {
+            return Ok(skipped(request, sa, "the ServiceAccount does not exist"));
+        };
+        let Some(role) = account.annotations.get(&self.settings.role_annotation) else {
+            return Ok(skipped(
+                request,
+                sa,
+                "the ServiceAccount has no role annotation",
+            ));
+        };
+        let role = match RoleArn::parse(role) {
+            Ok(role) => role,
+            Err(e) => {
+                let why = format!(
+                    "the ServiceAccount's {} annotation is not a role ARN: {e}",
+                    self.settings.role_annotation
+                );
+                let mut outcome = skipped(request, sa, &why);
+                outcome.response = outcome.response.warn(format!("iam-broker: {why}"));
+                return Ok(outcome);
+            }
+        };
+        if !is_allowed([&exact?, &any?], role.as_str()) {
+            let why = format!(
+                "role {} is not allowed for {}/{} in the Allowances table",
+                role.as_str(),
+                subject.namespace,
+                subject.service_account
+            );
+            let mut outcome = skipped(request, sa, &why);
+            outcome.response = outcome
+                .response
+                .warn(format!("iam-broker: no AWS credentials injected: {why}"));
+            return Ok(outcome);
+        }
+
+        let broker_url = self.settings.broker_url.as_deref().unwrap_or(origin);
+        let now = self.clock.now();
+        let grant = |secret: Option<String>| Grant {
+            subject: subject.clone(),
+            role_arn: role.clone(),
+            pod_name: view.name.clone(),
+            secret_name: secret,
+        };
+        let (token, mut record) = mint(grant(None), now, self.settings.token_ttl)
+            .map_err(|e| Failure::Internal(e.to_string()))?;
+        let mut secret_name = admission::secret_name(record.token_hash.as_str());
+
+        if request.is_dry_run() {
+            let patch = admission::patch(
+                pod,
+                view,
+                sidecar,
+                &Injection {
+                    secret_name: &secret_name,
+                    token_hash: record.token_hash.as_str(),
+                    broker_url,
+                },
+            );
+            return patched(request, sa, &patch, "dry run: patch only, nothing written");
+        }
+
+        // The Secret first, then the record; a name clash (another token's Secret, or a
+        // leftover) gets one fresh token.
+        let mut token = token;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            record.secret_name = Some(secret_name.clone());
+            let secret = TokenSecret {
+                namespace: namespace.to_owned(),
+                name: secret_name.clone(),
+                labels: BTreeMap::from([(LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned())]),
+                annotations: BTreeMap::from([
+                    (
+                        ANNOTATION_TOKEN_HASH.to_owned(),
+                        record.token_hash.as_str().to_owned(),
+                    ),
+                    (
+                        "iam-broker.io/service-account".to_owned(),
+                        subject.service_account.clone(),
+                    ),
+                    (
+                        "iam-broker.io/role-arn".to_owned(),
+                        role.as_str().to_owned(),
+                    ),
+                ]),
+                token: token.clone(),
+            };
+            match timeout_at(deadline, self.cluster.create_secret(&secret)).await {
+                Err(_) => {
+                    // The create may have landed after all: remove it to be sure.
+                    self.undo(namespace, &secret_name, None).await;
+                    return Err(Failure::Deadline("the Secret create"));
+                }
+                Ok(Ok(())) => break,
+                Ok(Err(ClusterError::AlreadyExists)) if attempts < 2 => {
+                    let (fresh, fresh_record) = mint(grant(None), now, self.settings.token_ttl)
+                        .map_err(|e| Failure::Internal(e.to_string()))?;
+                    token = fresh;
+                    record = fresh_record;
+                    secret_name = admission::secret_name(record.token_hash.as_str());
+                }
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        }
+        drop(token);
+
+        let written = match timeout_at(deadline, self.tokens.insert(&record)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Failure::Store(e)),
+            Err(_) => Err(Failure::Deadline("the Authorizations write")),
+        };
+        if let Err(failure) = written {
+            // Never a Secret without a record: undo the Secret (and the record, in case a
+            // timed-out write landed anyway).
+            self.undo(namespace, &secret_name, Some(&record.token_hash))
+                .await;
+            return Err(failure);
+        }
+
+        let patch = admission::patch(
+            pod,
+            view,
+            sidecar,
+            &Injection {
+                secret_name: &secret_name,
+                token_hash: record.token_hash.as_str(),
+                broker_url,
+            },
+        );
+        match patched(request, sa, &patch, &format!("role {}", role.as_str())) {
+            Ok(outcome) => Ok(outcome),
+            Err(failure) => {
+                self.undo(namespace, &secret_name, Some(&record.token_hash))
+                    .await;
+                Err(failure)
+            }
+        }
+    }
+
+    /// Best-effort undo of a half-done CREATE. What it cannot remove is logged by name (never the
+    /// token) and left for the sweep.
+    async fn undo(&self, namespace: &str, secret_name: &str, hash: Option<&TokenHash>) {
+        let deadline = Instant::now() + self.settings.undo_budget;
+        if let Some(hash) = hash {
+            match timeout_at(deadline, self.tokens.delete(hash)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(token = hash.short(), error = %e,
+                    "undo: could not delete the token record; the sweep will remove it"),
+                Err(_) => tracing::error!(
+                    token = hash.short(),
+                    "undo: the token record delete timed out; the sweep will remove it"
+                ),
+            }
+        }
+        match timeout_at(deadline, self.cluster.delete_secret(namespace, secret_name)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(namespace, secret = secret_name, error = %e,
+                "undo: could not delete the Secret; the sweep will remove it"),
+            Err(_) => tracing::error!(
+                namespace,
+                secret = secret_name,
+                "undo: the Secret delete timed out; the sweep will remove it"
+            ),
+        }
+    }
+
+    async fn delete(&self, request: &AdmissionRequest) -> Outcome {
+        let Some(pod) = request.old_object.as_ref() else {
+            return skipped(request, None, "DELETE without oldObject");
+        };
+        let annotations = pod["metadata"]["annotations"].as_object();
+        let annotated = |key: &str| {
+            annotations
+                .and_then(|a| a.get(key))
+                .and_then(serde_json::Value::as_str)
+        };
+        let (Some(secret_name), Some(hash)) = (
+            annotated(ANNOTATION_SECRET_NAME),
+            annotated(ANNOTATION_TOKEN_HASH),
+        ) else {
+            return skipped(request, None, "the pod carries no iam-broker token");
+        };
+        let namespace = namespace_of(request, pod);
+        // The two annotations must belong together, or a pod could name another token.
+        let Some(hash) =
+            TokenHash::parse(hash).filter(|h| admission::secret_name(h.as_str()) == secret_name)
+        else {
+            tracing::warn!(
+                namespace,
+                secret = secret_name,
+                "DELETE: the pod's iam-broker annotations do not match; nothing removed"
+            );
+            return skipped(
+                request,
+                None,
+                "the pod's iam-broker annotations do not match",
+            );
+        };
+        if request.is_dry_run() {
+            return skipped(request, None, "dry run: nothing removed");
+        }
+        let deadline = Instant::now() + self.settings.forward_budget;
+        let result: Result<bool, Failure> = async {
+            let record = timeout_at(deadline, self.tokens.record(&hash))
+                .await
+                .map_err(|_| Failure::Deadline("the Authorizations read"))??;
+            if let Some(record) = &record {
+                // A record of another namespace or Secret is not this pod's to remove.
+                if record.subject.namespace != namespace
+                    || record.secret_name.as_deref() != Some(secret_name)
+                {
+                    return Ok(false);
+                }
+                timeout_at(deadline, self.tokens.delete(&hash))
+                    .await
+                    .map_err(|_| Failure::Deadline("the Authorizations delete"))??;
+            }
+            timeout_at(
+                deadline,
+                self.cluster.delete_secret(&namespace, secret_name),
+            )
+            .await
+            .map_err(|_| Failure::Deadline("the Secret delete"))??;
+            Ok(true)
+        }
+        .await;
+        // DELETE is always allowed: blocking a pod's deletion over cleanup would be worse than a
+        // leftover, and the sweep removes leftovers.
+        match result {
+            Ok(true) => Outcome {
+                response: AdmissionResponse::allow(&request.uid),
+                decision: Decision::CleanedUp,
+                reason: format!("removed Secret {secret_name} and its token record"),
+                service_account: None,
+            },
+            Ok(false) => {
+                tracing::warn!(
+                    namespace,
+                    secret = secret_name,
+                    token = hash.short(),
+                    "DELETE: the token record belongs to another namespace or Secret; nothing removed"
+                );
+                skipped(request, None, "the token record belongs to another pod")
+            }
+            Err(failure) => Outcome {
+                response: AdmissionResponse::allow(&request.uid),
+                decision: Decision::FailedOpen,
+                reason: format!("cleanup failed, left for the sweep: {failure}"),
+                service_account: None,
+            },
+        }
+    }
+
+    fn fail(&self, request: &AdmissionRequest, sa: Option<String>, failure: Failure) -> Outcome {
+        let reason = failure.to_string();
+        match self.settings.failure_policy {
+            FailurePolicy::Open => Outcome {
+                response: AdmissionResponse::allow(&request.uid)
+                    .warn(format!("iam-broker: no AWS credentials injected: {reason}")),
+                decision: Decision::FailedOpen,
+                reason,
+                service_account: sa,
+            },
+            FailurePolicy::Closed => Outcome {
+                response: AdmissionResponse::deny(
+                    &request.uid,
+                    503,
+                    format!("iam-broker could not inject AWS credentials: {reason}"),
+                ),
+                decision: Decision::FailedClosed,
+                reason,
+                service_account: sa,
+            },
+        }
+    }
+}
+
+fn namespace_of(request: &AdmissionRequest, pod: &serde_json::Value) -> String {
+    if request.namespace.is_empty() {
+        pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    } else {
+        request.namespace.clone()
+    }
+}
+
+fn skipped(request: &AdmissionRequest, sa: Option<String>, why: &str) -> Outcome {
+    Outcome {
+        response: AdmissionResponse::allow(&request.uid),
+        decision: Decision::Skipped,
+        reason: why.to_owned(),
+        service_account: sa,
+    }
+}
+
+fn patched(
+    request: &AdmissionRequest,
+    sa: Option<String>,
+    patch: &json_patch::Patch,
+    why: &str,
+) -> Result<Outcome, Failure> {
+    let response = AdmissionResponse::patched(&request.uid, patch)
+        .map_err(|e| Failure::Internal(format!("the patch could not be serialised: {e}")))?;
+    Ok(Outcome {
+        response,
+        decision: Decision::Patched,
+        reason: why.to_owned(),
+        service_account: sa,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use async_trait::async_trait;
+    use serde_json::{Value, json};
+    use time::macros::datetime;
+
+    use super::*;
+    use crate::admission::{SIDECAR_NAME, SidecarMode};
+    use crate::clock::FixedClock;
+    use crate::memory::{MemoryAllowanceStore, MemoryCluster, MemoryTokenStore};
+    use crate::ports::ServiceAccount;
+    use crate::record::TokenRecord;
+    use crate::review;
+
+    const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
+    const ORIGIN: &str = "https://broker.example/Prod/";
+
+    /// A token store whose writes can fail or stall.
+    #[derive(Default)]
+    struct FlakyTokens {
+        inner: MemoryTokenStore,
+        fail_insert: AtomicBool,
+        stall_insert_ms: AtomicU64,
+    }
+
+    #[async_trait]
+    impl TokenStore for FlakyTokens {
+        async fn record(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+            self.inner.record(hash).await
+        }
+        async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
+            let stall = self.stall_insert_ms.load(Ordering::SeqCst);
+            if stall > 0 {
+                // The write lands, but only after the deadline.
+                tokio::time::sleep(Duration::from_millis(stall)).await;
+                return self.inner.insert(record).await;
+            }
+            if self.fail_insert.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable {
+                    store: "authorizations".to_owned(),
+                    source: "injected".into(),
+                });
+            }
+            self.inner.insert(record).await
+        }
+        async fn touch(&self, hash: &TokenHash, l: i64, e: i64) -> Result<(), StoreError> {
+            self.inner.touch(hash, l, e).await
+        }
+        async fn delete(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+            self.inner.delete(hash).await
+        }
+        async fn list(&self) -> Result<Vec<TokenRecord>, StoreError> {
+            self.inner.list().await
+        }
+    }
+
+    struct Fixture {
+        cluster: Arc<MemoryCluster>,
+        allowances: Arc<MemoryAllowanceStore>,
+        tokens: Arc<FlakyTokens>,
+        webhook: Webhook,
+    }
+
+    fn settings(policy: FailurePolicy) -> WebhookSettings {
+        WebhookSettings {
+            sidecar: Some(SidecarSettings {
+                image: "proxy:1".to_owned(),
+                port: 53080,
+                mode: SidecarMode::Container,
+                token_file: false,
+                region: None,
+            }),
+            role_annotation: "eks.amazonaws.com/role-arn".to_owned(),
+            broker_url: None,
+            token_ttl: Duration::from_secs(86_400),
+            failure_policy: policy,
+            forward_budget: Duration::from_millis(300),
+            undo_budget: Duration::from_millis(300),
+        }
+    }
+
+    async fn fixture_with(settings: WebhookSettings) -> Fixture {
+        let cluster = Arc::new(MemoryCluster::default());
+        let allowances = Arc::new(MemoryAllowanceStore::default());
+        let tokens = Arc::new(FlakyTokens::default());
+        cluster.put_service_account(ServiceAccount {
+            namespace: "team".to_owned(),
+            name: "reader".to_owned(),
+            annotations: BTreeMap::from([(
+                "eks.amazonaws.com/role-arn".to_owned(),
+                ROLE.to_owned(),
+            )]),
+        });
+        let subject = Subject::new("team", "reader", false).unwrap();
+        allowances.allow(&subject, ROLE).await.unwrap();
+        let webhook = Webhook::new(
+            cluster.clone(),
+            allowances.clone(),
+            tokens.clone(),
+            Arc::new(FixedClock(datetime!(2026-11-22 06:00:00 UTC))),
+            settings,
+        );
+        Fixture {
+            cluster,
+            allowances,
+            tokens,
+            webhook,
+        }
+    }
+
+    async fn fixture() -> Fixture {
+        fixture_with(settings(FailurePolicy::Open)).await
+    }
+
+    fn pod(sa: &str) -> Value {
+        json!({ "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "generateName": "app-", "namespace": "team" },
+            "spec": { "serviceAccountName": sa, "containers": [{ "name": "app", "image": "a" }] } })
+    }
+
+    fn request(operation: &str, object: Value, dry_run: bool) -> AdmissionRequest {
+        let (object, old_object) = if operation == "DELETE" {
+            (Value::Null, object)
+        } else {
+            (object, Value::Null)
+        };
+        let body = json!({ "apiVersion": review::V1, "kind": "AdmissionReview", "request": {
+            "uid": "uid-1", "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "namespace": "team", "operation": operation, "object": object,
+            "oldObject": old_object, "dryRun": dry_run } });
+        review::parse(&serde_json::to_vec(&body).unwrap())
+            .unwrap()
+            .1
+    }
+
+    fn apply(pod: &Value, response: &AdmissionResponse) -> Value {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(response.patch.as_ref().unwrap())
+            .unwrap();
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+        let mut patched = pod.clone();
+        json_patch::patch(&mut patched, &patch).unwrap();
+        patched
+    }
+
+    async fn records(f: &Fixture) -> Vec<TokenRecord> {
+        f.tokens.list().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn create_writes_secret_and_record_and_patches() {
+        let f = fixture().await;
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
+        // exactly one Secret and one record, and they belong together
+        let secrets = f.cluster.secrets();
+        let records = records(&f).await;
+        assert_eq!((secrets.len(), records.len()), (1, 1));
+        let (secret, record) = (&secrets[0], &records[0]);
+        assert_eq!(secret.token.hash(), record.token_hash);
+        assert_eq!(record.secret_name.as_deref(), Some(secret.name.as_str()));
+        assert_eq!(record.pod_name.as_deref(), Some("app-"));
+        assert_eq!(record.role_arn, ROLE);
+        assert_eq!(secret.labels[LABEL_MANAGED_BY], MANAGED_BY);
+        // the token never appears in the answer
+        let answer = serde_json::to_string(&out.response.clone().into_review(review::V1)).unwrap();
+        assert!(!answer.contains(secret.token.expose()));
+        // the patch applies to the pod as sent
+        let patched = apply(&pod("reader"), &out.response);
+        assert_eq!(patched["spec"]["containers"][1]["name"], SIDECAR_NAME);
+        assert_eq!(patched["spec"]["containers"][1]["env"][0]["value"], ORIGIN);
+        // and the patched pod, admitted again, is not patched again and writes nothing
+        let again = f
+            .webhook
+            .admit(&request("CREATE", patched, false), ORIGIN)
+            .await;
+        assert_eq!(again.decision, Decision::Skipped);
+        assert!(again.response.patch.is_none());
+        assert_eq!(f.cluster.secrets().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn dry_run_patches_without_writing() {
+        let f = fixture().await;
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("reader"), true), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::Patched);
+        assert!(out.response.patch.is_some());
+        assert!(f.cluster.secrets().is_empty());
+        assert!(records(&f).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn out_of_scope_pods_are_allowed_untouched() {
+        let f = fixture().await;
+        f.cluster.put_service_account(ServiceAccount {
+            namespace: "team".to_owned(),
+            name: "plain".to_owned(),
+            annotations: BTreeMap::new(),
+        });
+        f.cluster.put_service_account(ServiceAccount {
+            namespace: "team".to_owned(),
+            name: "greedy".to_owned(),
+            annotations: BTreeMap::from([(
+                "eks.amazonaws.com/role-arn".to_owned(),
+                "arn:aws:iam::123456789012:role/admin".to_owned(),
+            )]),
+        });
+        for (sa, warns) in [("plain", false), ("missing", false), ("greedy", true)] {
+            let out = f
+                .webhook
+                .admit(&request("CREATE", pod(sa), false), ORIGIN)
+                .await;
+            assert_eq!(out.decision, Decision::Skipped, "{sa}");
+            assert!(out.response.allowed && out.response.patch.is_none());
+            assert_eq!(
+                !out.response.warnings.is_empty(),
+                warns,
+                "{sa}: {:?}",
+                out.response.warnings
+            );
+        }
+        assert!(f.cluster.secrets().is_empty());
+        assert!(records(&f).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn wildcard_allowance_admits_every_service_account() {
+        let f = fixture().await;
+        let subject = Subject::new("team", "other", false).unwrap();
+        f.cluster.put_service_account(ServiceAccount {
+            namespace: "team".to_owned(),
+            name: "other".to_owned(),
+            annotations: BTreeMap::from([(
+                "eks.amazonaws.com/role-arn".to_owned(),
+                ROLE.to_owned(),
+            )]),
+        });
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("other"), false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::Skipped);
+        f.allowances.allow(&subject.wildcard(), ROLE).await.unwrap();
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("other"), false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::Patched);
+    }
+
+    #[tokio::test]
+    async fn host_network_pods_are_skipped_before_any_lookup() {
+        let f = fixture().await;
+        f.cluster.fail("service_account");
+        let mut host = pod("reader");
+        host["spec"]["hostNetwork"] = json!(true);
+        let out = f
+            .webhook
+            .admit(&request("CREATE", host, false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::Skipped);
+        assert!(out.reason.contains("hostNetwork"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_record_write_removes_the_secret() {
+        let f = fixture().await;
+        f.tokens.fail_insert.store(true, Ordering::SeqCst);
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::FailedOpen);
+        assert!(out.response.allowed && out.response.patch.is_none());
+        assert!(out.response.warnings[0].contains("DynamoDB"));
+        assert!(f.cluster.secrets().is_empty(), "no Secret without a record");
+        assert!(records(&f).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_record_write_past_the_deadline_is_undone() {
+        let f = fixture().await;
+        f.tokens.stall_insert_ms.store(400, Ordering::SeqCst);
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::FailedOpen);
+        assert!(out.reason.contains("deadline"), "{}", out.reason);
+        assert!(f.cluster.secrets().is_empty());
+        // the stalled write cannot land after the answer: the timed-out future was dropped
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(records(&f).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_secret_create_writes_no_record_and_closed_policy_denies() {
+        let f = fixture_with(settings(FailurePolicy::Closed)).await;
+        f.cluster.fail("create_secret");
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::FailedClosed);
+        assert!(!out.response.allowed);
+        let status = out.response.status.unwrap();
+        assert_eq!(status.code, 503);
+        assert!(status.message.contains("Kubernetes"));
+        assert!(records(&f).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn missing_proxy_image_follows_the_failure_policy() {
+        let mut s = settings(FailurePolicy::Open);
+        s.sidecar = None;
+        let f = fixture_with(s).await;
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::FailedOpen);
+        assert!(out.reason.contains("PROXY_IMAGE"));
+        assert!(f.cluster.secrets().is_empty());
+    }
+
+    #[tokio::test]
+    async fn delete_removes_secret_and_record() {
+        let f = fixture().await;
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
+            .await;
+        let patched = apply(&pod("reader"), &out.response);
+        // a dry-run DELETE removes nothing
+        let dry = f
+            .webhook
+            .admit(&request("DELETE", patched.clone(), true), ORIGIN)
+            .await;
+        assert_eq!(dry.decision, Decision::Skipped);
+        assert_eq!(f.cluster.secrets().len(), 1);
+        let out = f
+            .webhook
+            .admit(&request("DELETE", patched.clone(), false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::CleanedUp, "{}", out.reason);
+        assert!(out.response.allowed && out.response.patch.is_none());
+        assert!(f.cluster.secrets().is_empty());
+        assert!(records(&f).await.is_empty());
+        // already gone is fine
+        let again = f
+            .webhook
+            .admit(&request("DELETE", patched, false), ORIGIN)
+            .await;
+        assert_eq!(again.decision, Decision::CleanedUp);
+    }
+
+    #[tokio::test]
+    async fn delete_never_removes_another_pods_token() {
+        let f = fixture().await;
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
+            .await;
+        let patched = apply(&pod("reader"), &out.response);
+        let annotations = patched["metadata"]["annotations"].clone();
+        // GIVEN a pod in another namespace that copied the annotations
+        let mut forged = json!({ "metadata": { "namespace": "evil", "annotations": annotations },
+            "spec": { "containers": [{ "name": "x" }] } });
+        let mut req = request("DELETE", forged.clone(), false);
+        req.namespace = "evil".to_owned();
+        let out = f.webhook.admit(&req, ORIGIN).await;
+        assert_eq!(out.decision, Decision::Skipped);
+        assert_eq!(records(&f).await.len(), 1);
+        // AND a pod whose two annotations do not belong together
+        forged["metadata"]["annotations"][ANNOTATION_SECRET_NAME] = json!("some-other-secret");
+        let out = f
+            .webhook
+            .admit(&request("DELETE", forged, false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::Skipped);
+        assert_eq!(f.cluster.secrets().len(), 1);
+        assert_eq!(records(&f).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn delete_failures_still_allow() {
+        let f = fixture().await;
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
+            .await;
+        let patched = apply(&pod("reader"), &out.response);
+        f.cluster.fail("delete_secret");
+        let out = f
+            .webhook
+            .admit(&request("DELETE", patched, false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::FailedOpen);
+        assert!(out.response.allowed);
+        // the record is gone (the token is dead at the broker) even though the Secret is left
+        assert!(records(&f).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn other_kinds_and_operations_pass() {
+        let f = fixture().await;
+        let mut req = request("UPDATE", pod("reader"), false);
+        assert_eq!(
+            f.webhook.admit(&req, ORIGIN).await.decision,
+            Decision::Skipped
+        );
+        req.operation = "CREATE".to_owned();
+        req.kind.kind = "ConfigMap".to_owned();
+        assert_eq!(
+            f.webhook.admit(&req, ORIGIN).await.decision,
+            Decision::Skipped
+        );
+        assert!(f.cluster.secrets().is_empty());
+    }
+}
