@@ -36,6 +36,13 @@ pub const ENV_SIDECAR_MODE: &str = "SIDECAR_MODE";
 pub const ENV_INJECT_TOKEN_FILE: &str = "INJECT_TOKEN_FILE";
 /// `AWS_REGION` / `AWS_DEFAULT_REGION` to set in injected containers that lack them.
 pub const ENV_POD_AWS_REGION: &str = "POD_AWS_REGION";
+/// Secret path segment of the webhook (`POST /mutate/<secret>`); when set, `POST /` and
+/// `POST /mutate` no longer reach the webhook.
+pub const ENV_WEBHOOK_PATH_SECRET: &str = "WEBHOOK_PATH_SECRET";
+/// How old a token record or Secret must be before the sweep judges it an orphan.
+pub const ENV_SWEEP_GRACE_SECONDS: &str = "SWEEP_GRACE_SECONDS";
+/// Shortest accepted [`ENV_WEBHOOK_PATH_SECRET`].
+pub const WEBHOOK_PATH_SECRET_MIN_LEN: usize = 32;
 
 /// A variable that could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +87,10 @@ pub struct Config {
     pub inject_token_file: bool,
     /// Region to set in injected containers that lack one.
     pub pod_aws_region: Option<String>,
+    /// Secret path segment of the webhook route.
+    pub webhook_path_secret: Option<String>,
+    /// Grace period of the sweep.
+    pub sweep_grace: Duration,
 }
 
 /// The webhook's answer when a dependency (Kubernetes, DynamoDB) fails or times out.
@@ -111,6 +122,8 @@ impl Default for Config {
             sidecar_mode: SidecarMode::Container,
             inject_token_file: false,
             pod_aws_region: None,
+            webhook_path_secret: None,
+            sweep_grace: Duration::from_secs(600),
         }
     }
 }
@@ -236,6 +249,34 @@ impl Config {
                     }
                 })
                 .transpose()?,
+            webhook_path_secret: get(ENV_WEBHOOK_PATH_SECRET)
+                .map(|secret| {
+                    if secret.len() >= WEBHOOK_PATH_SECRET_MIN_LEN
+                        && secret
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    {
+                        Ok(secret)
+                    } else {
+                        // Never echo the value: it is a secret.
+                        Err(ConfigError {
+                            variable: ENV_WEBHOOK_PATH_SECRET,
+                            message: format!(
+                                "must be at least {WEBHOOK_PATH_SECRET_MIN_LEN} characters of A-Z, a-z, 0-9, - and _"
+                            ),
+                        })
+                    }
+                })
+                .transpose()?,
+            sweep_grace: Duration::from_secs(
+                integer_in(
+                    ENV_SWEEP_GRACE_SECONDS,
+                    get(ENV_SWEEP_GRACE_SECONDS),
+                    60..=86_400,
+                    "seconds",
+                )?
+                .unwrap_or(600),
+            ),
         };
         Ok(config)
     }
@@ -332,8 +373,16 @@ mod tests {
             ("SIDECAR_MODE", "native"),
             ("INJECT_TOKEN_FILE", "true"),
             ("POD_AWS_REGION", "eu-west-1"),
+            (
+                "WEBHOOK_PATH_SECRET",
+                "abcdefghijklmnopqrstuvwxyz-_0123456789",
+            ),
         ])
         .unwrap();
+        assert_eq!(
+            config.webhook_path_secret.as_deref(),
+            Some("abcdefghijklmnopqrstuvwxyz-_0123456789")
+        );
         assert_eq!(config.failure_policy, FailurePolicy::Closed);
         assert_eq!(config.sidecar_mode, SidecarMode::Native);
         assert!(config.inject_token_file);
@@ -366,9 +415,18 @@ mod tests {
             ("SIDECAR_MODE", "sidecar"),
             ("INJECT_TOKEN_FILE", "1"),
             ("POD_AWS_REGION", "EU West"),
+            ("WEBHOOK_PATH_SECRET", "short"),
+            ("SWEEP_GRACE_SECONDS", "5"),
+            (
+                "WEBHOOK_PATH_SECRET",
+                "has/slash/has/slash/has/slash/has/slash/",
+            ),
         ] {
             let err = parse(&[(name, value)]).unwrap_err();
             assert_eq!(err.variable, name);
+            if name == "WEBHOOK_PATH_SECRET" {
+                assert!(!err.to_string().contains(value), "a secret is never echoed");
+            }
             assert!(
                 err.to_string()
                     .starts_with(&format!("invalid configuration: {name}: "))

@@ -8,6 +8,7 @@
 pub mod admission;
 pub mod allowance;
 pub mod broker;
+pub mod cleanup;
 pub mod clock;
 pub mod config;
 pub mod credentials;

@@ -130,6 +130,7 @@ impl TokenStore for MemoryTokenStore {
 pub struct MemoryCluster {
     service_accounts: Mutex<BTreeMap<(String, String), ServiceAccount>>,
     secrets: Mutex<BTreeMap<(String, String), TokenSecret>>,
+    created: Mutex<BTreeMap<(String, String), i64>>,
     failing: Mutex<BTreeSet<&'static str>>,
 }
 
@@ -145,6 +146,12 @@ impl MemoryCluster {
         lock(&self.secrets)
             .get(&(namespace.to_owned(), name.to_owned()))
             .cloned()
+    }
+
+    /// Sets the `creationTimestamp` (epoch seconds) the listing reports for a Secret; unset,
+    /// it reports none.
+    pub fn set_created_at(&self, namespace: &str, name: &str, at: i64) {
+        lock(&self.created).insert((namespace.to_owned(), name.to_owned()), at);
     }
 
     /// Every stored Secret.
@@ -213,6 +220,7 @@ impl Cluster for MemoryCluster {
         let (key, value) = label_selector
             .split_once('=')
             .unwrap_or((label_selector, ""));
+        let created = lock(&self.created).clone();
         Ok(lock(&self.secrets)
             .values()
             .filter(|s| {
@@ -224,7 +232,7 @@ impl Cluster for MemoryCluster {
                 namespace: s.namespace.clone(),
                 name: s.name.clone(),
                 annotations: s.annotations.clone(),
-                created_at: None,
+                created_at: created.get(&(s.namespace.clone(), s.name.clone())).copied(),
             })
             .collect())
     }

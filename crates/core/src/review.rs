@@ -86,27 +86,46 @@ pub struct MalformedReview(pub String);
 
 /// Parses a request body.
 pub fn parse(body: &[u8]) -> Result<(AdmissionReview, AdmissionRequest), MalformedReview> {
-    let mut review: AdmissionReview = serde_json::from_slice(body)
-        .map_err(|e| MalformedReview(format!("the body is not an AdmissionReview: {e}")))?;
-    if review.kind != "AdmissionReview" {
+    let mut value: Value = serde_json::from_slice(body).map_err(|e| {
+        MalformedReview(format!(
+            "the body is not an AdmissionReview (not JSON: {e})"
+        ))
+    })?;
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (kind, api_version) = (field("kind"), field("apiVersion"));
+    if kind != "AdmissionReview" {
         return Err(MalformedReview(format!(
-            "kind is {:?}, expected \"AdmissionReview\"",
-            review.kind
+            "the body is not an AdmissionReview: kind is {kind:?}"
         )));
     }
-    if review.api_version != V1 && review.api_version != V1BETA1 {
+    if api_version != V1 && api_version != V1BETA1 {
         return Err(MalformedReview(format!(
-            "apiVersion {:?} is not {V1} or {V1BETA1}",
-            review.api_version
+            "apiVersion {api_version:?} is not {V1} or {V1BETA1}"
         )));
     }
-    let request = review
-        .request
-        .take()
-        .ok_or_else(|| MalformedReview("the AdmissionReview has no request".to_owned()))?;
+    let request = match value.get_mut("request").map(Value::take) {
+        None | Some(Value::Null) => {
+            return Err(MalformedReview(
+                "the AdmissionReview has no request".to_owned(),
+            ));
+        }
+        Some(request) => serde_json::from_value::<AdmissionRequest>(request)
+            .map_err(|e| MalformedReview(format!("request is malformed: {e}")))?,
+    };
     if request.uid.is_empty() {
         return Err(MalformedReview("request.uid is empty".to_owned()));
     }
+    let review = AdmissionReview {
+        api_version,
+        kind,
+        request: None,
+    };
     Ok((review, request))
 }
 
@@ -218,6 +237,10 @@ mod tests {
     fn malformed_reviews_are_refused_with_a_reason() {
         for (body, why) in [
             (json!([]), "not an AdmissionReview"),
+            (
+                json!({ "apiVersion": V1, "kind": "AdmissionReview", "request": { "uid": "u" } }),
+                "request is malformed",
+            ),
             (
                 json!({ "apiVersion": V1, "kind": "Pod", "request": {} }),
                 "kind",

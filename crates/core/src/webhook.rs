@@ -46,6 +46,8 @@ pub struct WebhookSettings {
     pub forward_budget: Duration,
     /// Budget of an undo.
     pub undo_budget: Duration,
+    /// When set, the webhook only answers at `POST /mutate/<secret>`.
+    pub path_secret: Option<String>,
 }
 
 impl From<&Config> for WebhookSettings {
@@ -64,6 +66,7 @@ impl From<&Config> for WebhookSettings {
             failure_policy: config.failure_policy,
             forward_budget: FORWARD_BUDGET,
             undo_budget: UNDO_BUDGET,
+            path_secret: config.webhook_path_secret.clone(),
         }
     }
 }
@@ -149,6 +152,20 @@ impl Webhook {
         }
     }
 
+    /// Whether the webhook is only reachable under a secret path segment.
+    pub fn requires_path_secret(&self) -> bool {
+        self.settings.path_secret.is_some()
+    }
+
+    /// Whether `given` is the configured path secret, compared in constant time (over SHA-256
+    /// digests, so neither content nor length leaks through timing). `false` when none is set.
+    pub fn path_secret_matches(&self, given: &str) -> bool {
+        self.settings
+            .path_secret
+            .as_deref()
+            .is_some_and(|expected| constant_time_eq(expected, given))
+    }
+
     /// Answers one admission request. `origin` is the URL the request came in on (scheme, host
     /// and API Gateway stage, ending in `/`), used as the broker URL unless `BROKER_URL` is set.
     pub async fn admit(&self, request: &AdmissionRequest, origin: &str) -> Outcome {
@@ -188,6 +205,16 @@ impl Webhook {
                 ),
             );
         };
+        if self.settings.broker_url.is_none() && origin.is_empty() {
+            return self.fail(
+                request,
+                sa,
+                Failure::Internal(
+                    "BROKER_URL is not set and the request's own URL is unknown (no Host header)"
+                        .to_owned(),
+                ),
+            );
+        }
         let deadline = Instant::now() + self.settings.forward_budget;
         match self
             .create_in(request, pod, &view, &namespace, &sidecar, origin, deadline)
@@ -505,6 +532,15 @@ impl Webhook {
     }
 }
 
+fn constant_time_eq(expected: &str, given: &str) -> bool {
+    use sha2::{Digest as _, Sha256};
+    let (a, b) = (Sha256::digest(expected), Sha256::digest(given));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
 fn namespace_of(request: &AdmissionRequest, pod: &serde_json::Value) -> String {
     if request.namespace.is_empty() {
         pod["metadata"]["namespace"]
@@ -621,7 +657,29 @@ mod tests {
             failure_policy: policy,
             forward_budget: Duration::from_millis(300),
             undo_budget: Duration::from_millis(300),
+            path_secret: None,
         }
+    }
+
+    #[tokio::test]
+    async fn path_secret_is_compared_exactly() {
+        let mut s = settings(FailurePolicy::Open);
+        assert!(
+            !fixture_with(s.clone())
+                .await
+                .webhook
+                .path_secret_matches("")
+        );
+        s.path_secret = Some("a".repeat(40));
+        let f = fixture_with(s).await;
+        assert!(f.webhook.requires_path_secret());
+        assert!(f.webhook.path_secret_matches(&"a".repeat(40)));
+        assert!(!f.webhook.path_secret_matches(&"a".repeat(39)));
+        assert!(
+            !f.webhook
+                .path_secret_matches(&format!("{}b", "a".repeat(39)))
+        );
+        assert!(!f.webhook.path_secret_matches(""));
     }
 
     async fn fixture_with(settings: WebhookSettings) -> Fixture {
