@@ -16,7 +16,7 @@ ensure_venv() {
   if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return
   fi
-  log "installing Python tools into .venv (moto, cargo-lambda)"
+  log "installing Python tools into .venv (moto, cargo-lambda, awscli)"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip
   "$VENV/bin/pip" install --quiet -r "$ROOT/requirements-dev.txt"

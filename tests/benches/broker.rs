@@ -4,7 +4,9 @@
 //! 1. overhead of the router + broker handler per request, with in-memory ports (no I/O);
 //! 2. the same request through the real DynamoDB and STS adapters, with the AWS round trips
 //!    served by a fast local endpoint that answers canned DynamoDB / STS responses;
-//! 3. time from spawning `iam-broker serve` to the first credentials it serves.
+//! 3. time from spawning `iam-broker serve` to the first credentials it serves;
+//! 4. overhead of the router + admission webhook per CREATE (decision, token minting, patch and
+//!    AdmissionReview encoding), with in-memory ports standing in for Kubernetes and DynamoDB.
 //!
 //! It prints a Markdown table for BENCHMARKS.md. Every loop is bounded; servers bind 127.0.0.1.
 
@@ -19,12 +21,14 @@ use async_trait::async_trait;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
+use iam_broker_core::admission::{SidecarMode, SidecarSettings};
 use iam_broker_core::allowance::Subject;
 use iam_broker_core::broker::{Broker, BrokerSettings};
-use iam_broker_core::memory::{MemoryAllowanceStore, MemoryTokenStore};
+use iam_broker_core::memory::{MemoryAllowanceStore, MemoryCluster, MemoryTokenStore};
 use iam_broker_core::ports::{
-    AllowanceStore, AssumeRoleRequest, CredentialIssuer, IssueError, TokenStore,
+    AllowanceStore, AssumeRoleRequest, CredentialIssuer, IssueError, ServiceAccount, TokenStore,
 };
+use iam_broker_core::webhook::{Webhook, WebhookSettings};
 use iam_broker_core::{Config, Credentials, SystemClock, Token, TokenRecord};
 use iam_broker_router::{AppState, router};
 use time::OffsetDateTime;
@@ -142,7 +146,90 @@ async fn in_memory_router() -> axum::Router {
     );
     router(AppState {
         broker: Arc::new(broker),
+        webhook: Arc::new(memory_webhook(allowances_for_webhook().await)),
+        metrics: Default::default(),
     })
+}
+
+async fn allowances_for_webhook() -> Arc<MemoryAllowanceStore> {
+    let allowances = Arc::new(MemoryAllowanceStore::default());
+    let subject = Subject::new("team-a", "app", false).expect("valid");
+    allowances.allow(&subject, ROLE).await.expect("memory");
+    allowances
+}
+
+/// A webhook over in-memory ports: team-a/app is annotated with ROLE and allowed.
+fn memory_webhook(allowances: Arc<MemoryAllowanceStore>) -> Webhook {
+    let cluster = Arc::new(MemoryCluster::default());
+    cluster.put_service_account(ServiceAccount {
+        namespace: "team-a".into(),
+        name: "app".into(),
+        annotations: [("eks.amazonaws.com/role-arn".to_owned(), ROLE.to_owned())].into(),
+    });
+    Webhook::new(
+        cluster,
+        allowances,
+        Arc::new(MemoryTokenStore::default()),
+        Arc::new(SystemClock),
+        WebhookSettings {
+            sidecar: Some(SidecarSettings {
+                image: "registry.example/iam-broker-proxy:0.1.0".into(),
+                port: 53080,
+                mode: SidecarMode::Container,
+                token_file: true,
+                region: Some("us-east-1".into()),
+            }),
+            ..WebhookSettings::from(&Config::default())
+        },
+    )
+}
+
+/// The body of `events/admission-create.json`.
+fn admission_body() -> String {
+    let path = iam_broker_tests::workspace_root().join("events/admission-create.json");
+    let event: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("the fixture")).expect("json");
+    event["body"].as_str().expect("a body").to_owned()
+}
+
+async fn measure_admission(warmup: usize, runs: usize) -> Stats {
+    let app = router(AppState {
+        broker: Arc::new(Broker::new(
+            Arc::new(MemoryAllowanceStore::default()),
+            Arc::new(MemoryTokenStore::default()),
+            Arc::new(FixedIssuer),
+            Arc::new(SystemClock),
+            settings(),
+        )),
+        webhook: Arc::new(memory_webhook(allowances_for_webhook().await)),
+        metrics: Default::default(),
+    });
+    let body = admission_body();
+    let post = || {
+        axum::http::Request::post("/")
+            .header("host", "broker.example")
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.clone()))
+            .expect("a static request is valid")
+    };
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..warmup + runs {
+        let started = Instant::now();
+        let response = app.clone().oneshot(post()).await.expect("infallible");
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let elapsed = started.elapsed();
+        let answer: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(
+            answer["response"]["patchType"], "JSONPatch",
+            "the benchmark set-up must patch: {answer}"
+        );
+        if i >= warmup {
+            samples.push(elapsed);
+        }
+    }
+    stats(samples)
 }
 
 /// Answers DynamoDB GetItem / UpdateItem and STS AssumeRole with canned bodies, as fast as
@@ -220,6 +307,8 @@ async fn adapter_router(endpoint: &str) -> axum::Router {
     let broker = iam_broker_aws::broker(&Config::default(), &sdk);
     router(AppState {
         broker: Arc::new(broker),
+        webhook: Arc::new(memory_webhook(allowances_for_webhook().await)),
+        metrics: Default::default(),
     })
 }
 
@@ -260,10 +349,10 @@ async fn start_to_first_credentials(endpoint: &str, runs: usize) -> Option<Stats
         let mut child = command.spawn().ok()?;
         let deadline = started + Duration::from_secs(10);
         let elapsed = loop {
-            if let Ok(response) = client.get(&url).header("authorization", TOKEN).send().await {
-                if response.status() == 200 {
-                    break started.elapsed();
-                }
+            if let Ok(response) = client.get(&url).header("authorization", TOKEN).send().await
+                && response.status() == 200
+            {
+                break started.elapsed();
             }
             if Instant::now() > deadline {
                 let _ = child.kill().await;
@@ -285,6 +374,12 @@ async fn main() {
     row(
         "router + broker handler, in-memory ports (own overhead)",
         &overhead,
+    );
+
+    let admission = measure_admission(1_000, 20_000).await;
+    row(
+        "router + admission webhook per CREATE, in-memory ports (own overhead)",
+        &admission,
     );
 
     let endpoint = start_canned_aws().await;

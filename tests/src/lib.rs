@@ -14,6 +14,9 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
 use tokio::process::{Child, Command};
 
+pub mod kube_api;
+pub mod proxy;
+
 /// Access key moto accepts while IAM enforcement is off.
 pub const MOTO_ACCESS_KEY: &str = "testing";
 /// Secret key moto accepts while IAM enforcement is off.
@@ -183,7 +186,8 @@ impl Env {
             .set("AUTHORIZATIONS_TABLE", &tables.authorizations)
     }
 
-    fn apply(&self, command: &mut Command) {
+    /// Makes `command` run with exactly this environment (plus `PATH` and `RUST_LOG=info`).
+    pub fn apply(&self, command: &mut Command) {
         command.env_clear();
         if let Some(path) = std::env::var_os("PATH") {
             command.env("PATH", path);

@@ -419,9 +419,11 @@ async fn other_routes_answer_json_errors() {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status().as_u16(), 501);
+        // A review without a request is not a well-formed AdmissionReview.
+        assert_eq!(response.status().as_u16(), 400);
         let body: serde_json::Value = response.json().await.unwrap();
-        assert_eq!(body["Code"], "WebhookNotAvailable");
+        assert_eq!(body["Code"], "BadRequest");
+        assert!(body["Message"].as_str().unwrap().contains("no request"));
     }
     let put = client.put(format!("{}/", server.url)).send().await.unwrap();
     assert_eq!(put.status().as_u16(), 405);

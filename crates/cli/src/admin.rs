@@ -37,7 +37,9 @@ async fn stores() -> anyhow::Result<Stores> {
 pub async fn run(command: Command) -> anyhow::Result<()> {
     let stores = stores().await?;
     match command {
-        Command::Serve { .. } => unreachable_serve(),
+        Command::Serve { .. } | Command::RenderWebhook(_) | Command::Credentials(_) => {
+            unreachable_serve()
+        }
         Command::Allow(args) => {
             let subject = Subject::new(&args.namespace, &args.service_account, true)?;
             let role = RoleArn::parse(&args.role)?;
@@ -113,7 +115,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 fn unreachable_serve() -> anyhow::Result<()> {
-    bail!("serve is handled before the admin commands")
+    bail!("serve, render-webhook and credentials are handled before the admin commands")
 }
 
 fn print_roles(row: &Allowance) {

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod ops;
 mod serve;
 
 use std::net::SocketAddr;
@@ -24,11 +25,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the broker router over plain HTTP (the same router as the Lambda function).
+    /// Serve the router (broker and webhook; the same router as the Lambda function) over HTTP,
+    /// or HTTPS with --tls-cert and --tls-key (in-cluster deployment, see deploy/in-cluster).
     Serve {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// PEM certificate chain (leaf first) for HTTPS.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// PEM private key for HTTPS.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
     },
     /// Allow a ServiceAccount (or `*`, every ServiceAccount of the namespace) to assume a role.
     Allow(AllowanceArgs),
@@ -50,6 +58,12 @@ enum Command {
     /// template.yaml).
     #[command(subcommand)]
     Tables(TablesCommand),
+    /// Print the MutatingWebhookConfiguration that registers the webhook with the cluster
+    /// (pipe it to `kubectl apply -f -`).
+    RenderWebhook(ops::RenderWebhookArgs),
+    /// Fetch credentials with a token, as a pod's SDK would (validates a deployed broker or a
+    /// sidecar). Prints a summary without secrets unless --output json.
+    Credentials(ops::CredentialsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -133,7 +147,18 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     iam_broker_router::telemetry::init_json_logging();
     let result = match cli.command {
-        Command::Serve { listen } => serve::run(listen).await,
+        Command::Serve {
+            listen,
+            tls_cert,
+            tls_key,
+        } => {
+            let tls = tls_cert
+                .zip(tls_key)
+                .map(|(cert, key)| serve::Tls { cert, key });
+            serve::run(listen, tls).await
+        }
+        Command::RenderWebhook(args) => ops::render(args),
+        Command::Credentials(args) => ops::credentials(args).await,
         command => admin::run(command).await,
     };
     match result {

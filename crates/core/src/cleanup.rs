@@ -162,10 +162,8 @@ impl Cleanup {
                             "sweep: could not delete a token record");
                     }
                 }
-                if expired && !secret_gone {
-                    if let Some(name) = secret {
-                        self.delete_secret(namespace, name, &mut report).await;
-                    }
+                if let Some(name) = secret.filter(|_| expired && !secret_gone) {
+                    self.delete_secret(namespace, name, &mut report).await;
                 }
                 continue;
             }

@@ -39,6 +39,8 @@ pub const ENV_POD_AWS_REGION: &str = "POD_AWS_REGION";
 /// Secret path segment of the webhook (`POST /mutate/<secret>`); when set, `POST /` and
 /// `POST /mutate` no longer reach the webhook.
 pub const ENV_WEBHOOK_PATH_SECRET: &str = "WEBHOOK_PATH_SECRET";
+/// Whether to write CloudWatch Embedded Metric Format lines on stdout.
+pub const ENV_EMF_METRICS: &str = "EMF_METRICS";
 /// How old a token record or Secret must be before the sweep judges it an orphan.
 pub const ENV_SWEEP_GRACE_SECONDS: &str = "SWEEP_GRACE_SECONDS";
 /// Shortest accepted [`ENV_WEBHOOK_PATH_SECRET`].
@@ -91,6 +93,8 @@ pub struct Config {
     pub webhook_path_secret: Option<String>,
     /// Grace period of the sweep.
     pub sweep_grace: Duration,
+    /// CloudWatch EMF metrics on stdout.
+    pub emf_metrics: bool,
 }
 
 /// The webhook's answer when a dependency (Kubernetes, DynamoDB) fails or times out.
@@ -124,6 +128,7 @@ impl Default for Config {
             pod_aws_region: None,
             webhook_path_secret: None,
             sweep_grace: Duration::from_secs(600),
+            emf_metrics: false,
         }
     }
 }
@@ -277,6 +282,7 @@ impl Config {
                 )?
                 .unwrap_or(600),
             ),
+            emf_metrics: boolean(ENV_EMF_METRICS, get(ENV_EMF_METRICS))?,
         };
         Ok(config)
     }
@@ -417,6 +423,7 @@ mod tests {
             ("POD_AWS_REGION", "EU West"),
             ("WEBHOOK_PATH_SECRET", "short"),
             ("SWEEP_GRACE_SECONDS", "5"),
+            ("EMF_METRICS", "on"),
             (
                 "WEBHOOK_PATH_SECRET",
                 "has/slash/has/slash/has/slash/has/slash/",

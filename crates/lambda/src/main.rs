@@ -1,13 +1,15 @@
-//! `bootstrap`: the iam-broker router under the AWS Lambda runtime.
+//! `bootstrap`: iam-broker under the AWS Lambda runtime. API Gateway requests go through the
+//! shared router; Authorizations stream batches and the scheduled sweep go to the cleanup.
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
-
 use iam_broker_core::Config;
-use iam_broker_router::{AppState, router, telemetry};
+use iam_broker_lambda::Dispatcher;
+use iam_broker_router::{router, telemetry};
+use lambda_http::lambda_runtime::{self, LambdaEvent, service_fn};
+use serde_json::Value;
 
 #[tokio::main]
-async fn main() -> Result<(), lambda_http::Error> {
+async fn main() -> Result<(), lambda_runtime::Error> {
     telemetry::init_json_logging();
     let config = match Config::from_env() {
         Ok(config) => config,
@@ -16,9 +18,16 @@ async fn main() -> Result<(), lambda_http::Error> {
             return Err(error.into());
         }
     };
-    let sdk = iam_broker_aws::load_sdk_config(config.aws_call_timeout).await;
-    let state = AppState {
-        broker: Arc::new(iam_broker_aws::broker(&config, &sdk)),
-    };
-    lambda_http::run(iam_broker_lambda::service(router(state))).await
+    let app = iam_broker_app::build(&config).await;
+    let dispatcher = Dispatcher::new(router(app.state), Some(app.cleanup));
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+        let dispatcher = dispatcher.clone();
+        async move {
+            dispatcher
+                .handle(event.payload)
+                .await
+                .map_err(lambda_runtime::Error::from)
+        }
+    }))
+    .await
 }

@@ -1,16 +1,20 @@
 //! Handlers: parse, call the domain, wrap the answer. No decisions are made here.
 
+use axum::Extension;
 use axum::Json;
-use axum::extract::State;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use iam_broker_core::BrokerError;
+use iam_broker_core::review;
 use serde_json::json;
 
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, BasePath};
 
 /// `GET /`, `GET /credentials`: the broker.
 pub(crate) async fn credentials(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let started = std::time::Instant::now();
     // A header that is not UTF-8 cannot hold a token; pass it on as malformed, not as missing.
     let authorization = headers
         .get(header::AUTHORIZATION)
@@ -26,6 +30,12 @@ pub(crate) async fn credentials(State(state): State<AppState>, headers: HeaderMa
                 expiration = %answer.body.expiration,
                 "credentials served"
             );
+            state.metrics.record(
+                "CredentialsServed",
+                ("Outcome", "served"),
+                "BrokerLatency",
+                started.elapsed(),
+            );
             let mut response = Json(answer.body).into_response();
             if let Ok(value) = HeaderValue::from_str(&format!("max-age={}", answer.max_age)) {
                 response.headers_mut().insert(header::CACHE_CONTROL, value);
@@ -34,6 +44,12 @@ pub(crate) async fn credentials(State(state): State<AppState>, headers: HeaderMa
         }
         Err(error) => {
             log_refusal(&error);
+            state.metrics.record(
+                "CredentialsDenied",
+                ("Code", error.code()),
+                "BrokerLatency",
+                started.elapsed(),
+            );
             ApiError::from(&error).into_response()
         }
     }
@@ -65,14 +81,119 @@ fn log_refusal(error: &BrokerError) {
     }
 }
 
-/// `POST /`, `POST /mutate`: the admission webhook is not part of this build yet; say so
-/// plainly rather than admit pods without doing the work.
-pub(crate) async fn admission() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "WebhookNotAvailable",
-        "the admission webhook is not available in this build of iam-broker",
-    )
+/// `POST /`, `POST /mutate`: the admission webhook. A well-formed AdmissionReview always gets
+/// `200` with a response in the request's `apiVersion`; anything else is a `400 BadRequest`.
+///
+/// With `WEBHOOK_PATH_SECRET` set these routes answer `404` like any unknown path: the webhook
+/// is then only at `POST /mutate/<secret>` ([`admission_with_secret`]).
+pub(crate) async fn admission(
+    State(state): State<AppState>,
+    base_path: Option<Extension<BasePath>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if state.webhook.requires_path_secret() {
+        return not_found().await.into_response();
+    }
+    review(state, base_path, headers, body).await
+}
+
+/// `POST /mutate/{secret}`: the webhook behind its secret path segment (compared in constant
+/// time); a wrong or unconfigured secret is a plain `404`.
+pub(crate) async fn admission_with_secret(
+    State(state): State<AppState>,
+    Path(secret): Path<String>,
+    base_path: Option<Extension<BasePath>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !state.webhook.path_secret_matches(&secret) {
+        return not_found().await.into_response();
+    }
+    review(state, base_path, headers, body).await
+}
+
+async fn review(
+    state: AppState,
+    base_path: Option<Extension<BasePath>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = std::time::Instant::now();
+    let (review, request) = match review::parse(&body) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            tracing::info!(decision = "bad_request", error = %e, "admission refused");
+            return ApiError::new(StatusCode::BAD_REQUEST, "BadRequest", e.0).into_response();
+        }
+    };
+    let origin = origin(&headers, base_path.as_ref().map(|b| b.0.0.as_str()));
+    let outcome = state
+        .webhook
+        .admit(&request, origin.as_deref().unwrap_or(""))
+        .await;
+    let pod = request
+        .object
+        .as_ref()
+        .or(request.old_object.as_ref())
+        .and_then(|o| {
+            o["metadata"]["name"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+                .or_else(|| o["metadata"]["generateName"].as_str())
+        })
+        .unwrap_or(&request.name);
+    tracing::info!(
+        decision = outcome.decision.as_str(),
+        operation = %request.operation,
+        namespace = %request.namespace,
+        service_account = outcome.service_account.as_deref().unwrap_or(""),
+        pod = pod,
+        dry_run = request.is_dry_run(),
+        uid = %request.uid,
+        reason = %outcome.reason,
+        "admission"
+    );
+    state.metrics.record(
+        "Admissions",
+        ("Decision", outcome.decision.as_str()),
+        "AdmissionLatency",
+        started.elapsed(),
+    );
+    Json(outcome.response.into_review(&review.api_version)).into_response()
+}
+
+/// The URL this request came in on (`https://host/Stage/`), which the sidecar calls unless
+/// `BROKER_URL` is set. `None` when the Host header is missing or not a plain host name.
+fn origin(headers: &HeaderMap, base_path: Option<&str>) -> Option<String> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+    };
+    if !plain(host) {
+        return None;
+    }
+    let scheme = match headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
+    {
+        Some("https") => "https",
+        Some("http") | None => "http",
+        Some(_) => return None,
+    };
+    let base = base_path.map(|p| p.trim_matches('/')).filter(|p| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/'))
+    });
+    Some(match base {
+        Some(base) => format!("{scheme}://{host}/{base}/"),
+        None => format!("{scheme}://{host}/"),
+    })
 }
 
 /// `GET /healthz`.

@@ -4,6 +4,7 @@
 
 mod error;
 mod handlers;
+pub mod metrics;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,6 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
 use iam_broker_core::Broker;
+use iam_broker_core::webhook::Webhook;
 
 pub use error::ApiError;
 
@@ -22,7 +24,16 @@ pub use error::ApiError;
 pub struct AppState {
     /// The credential broker.
     pub broker: Arc<Broker>,
+    /// The admission webhook.
+    pub webhook: Arc<Webhook>,
+    /// Where CloudWatch EMF metrics go.
+    pub metrics: metrics::Metrics,
 }
+
+/// A path prefix in front of the routes (API Gateway's stage, e.g. `/Prod`), set as a request
+/// extension by whoever strips it. The webhook uses it to tell the sidecar the broker's URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BasePath(pub String);
 
 /// The router of DESIGN.md: `GET /` and `GET /credentials` (broker), `POST /` and
 /// `POST /mutate` (admission webhook), `GET /healthz`; JSON errors for anything else.
@@ -31,6 +42,10 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(handlers::credentials).post(handlers::admission))
         .route("/credentials", get(handlers::credentials))
         .route("/mutate", axum::routing::post(handlers::admission))
+        .route(
+            "/mutate/{secret}",
+            axum::routing::post(handlers::admission_with_secret),
+        )
         .route("/healthz", get(handlers::healthz))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
@@ -38,12 +53,16 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// One JSON log line per request: method, path, status, latency. Headers (which carry tokens)
-/// are never logged.
+/// One JSON log line per request: method, path (the webhook's secret segment redacted), status,
+/// latency. Headers (which carry tokens) are never logged.
 async fn access_log(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+    // The webhook's path carries its secret segment: never log it.
+    let path = match request.uri().path() {
+        p if p.starts_with("/mutate/") => "/mutate/<redacted>".to_owned(),
+        p => p.to_owned(),
+    };
     let response = next.run(request).await;
     tracing::info!(
         method = %method,

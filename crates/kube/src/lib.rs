@@ -1,0 +1,367 @@
+//! Kubernetes adapter of iam-broker: the [`Cluster`] port over the `kube` client.
+//!
+//! The client comes from a kubeconfig held in an SSM SecureString (decrypted, built once per warm
+//! container, rebuilt when the API server answers 401 so a rotated kubeconfig is picked up), from
+//! kubeconfig text, or from the standard inference (`KUBECONFIG`, `~/.kube/config`, in-cluster
+//! ServiceAccount). It is built on first use, so a process that never calls Kubernetes never
+//! needs access to it. Every call runs under a deadline.
+//!
+//! RBAC the webhook's identity needs (and nothing more; see `deploy/20-rbac.yaml`):
+//!
+//! | verb | resource | why |
+//! |---|---|---|
+//! | `get` | `serviceaccounts` | read the role annotation |
+//! | `create` | `secrets` | the pod's token Secret |
+//! | `delete` | `secrets` | pod DELETE, undo of a failed CREATE, cleanup |
+//! | `list` (cluster-wide) | `secrets` | the sweep (metadata only is read) |
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use iam_broker_core::ports::{
+    BoxError, Cluster, ClusterError, ManagedSecret, ServiceAccount, TokenSecret,
+};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount as K8sServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client};
+use tokio::sync::Mutex;
+
+/// Where the client's kubeconfig comes from.
+#[derive(Clone)]
+pub enum ClientSource {
+    /// An SSM SecureString parameter holding kubeconfig YAML (read with decryption).
+    SsmParameter {
+        /// AWS configuration for the SSM client.
+        sdk: Box<aws_config::SdkConfig>,
+        /// Parameter name.
+        name: String,
+    },
+    /// Kubeconfig YAML text.
+    Kubeconfig(String),
+    /// `KUBECONFIG`, `~/.kube/config`, or the in-cluster ServiceAccount.
+    Infer,
+}
+
+impl std::fmt::Debug for ClientSource {
+    // The kubeconfig holds a credential: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::SsmParameter { name, .. } => write!(f, "SsmParameter({name})"),
+            Self::Kubeconfig(_) => f.write_str("Kubeconfig(<redacted>)"),
+            Self::Infer => f.write_str("Infer"),
+        }
+    }
+}
+
+/// Why no client could be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The SSM parameter could not be read.
+    #[error("cannot read the kubeconfig parameter {name} from SSM")]
+    Ssm {
+        /// Parameter name.
+        name: String,
+        /// What SSM said.
+        #[source]
+        source: BoxError,
+    },
+    /// The parameter exists but holds no value.
+    #[error("the kubeconfig parameter {0} is empty")]
+    Empty(String),
+    /// The kubeconfig is not valid YAML or lacks a usable context.
+    #[error("the kubeconfig is not usable: {0}")]
+    Kubeconfig(String),
+    /// No kubeconfig and not in a cluster.
+    #[error("no Kubernetes configuration found: {0}")]
+    Infer(String),
+    /// The client could not be built (e.g. a bad CA).
+    #[error("cannot build the Kubernetes client: {0}")]
+    Client(String),
+}
+
+/// Reads a kubeconfig from an SSM SecureString parameter (decrypted).
+pub async fn kubeconfig_from_ssm(
+    sdk: &aws_config::SdkConfig,
+    name: &str,
+) -> Result<String, SourceError> {
+    let output = aws_sdk_ssm::Client::new(sdk)
+        .get_parameter()
+        .name(name)
+        .with_decryption(true)
+        .send()
+        .await
+        .map_err(|e| SourceError::Ssm {
+            name: name.to_owned(),
+            source: aws_sdk_ssm::error::DisplayErrorContext(e)
+                .to_string()
+                .into(),
+        })?;
+    output
+        .parameter
+        .and_then(|p| p.value)
+        .filter(|v| !v.trim().is_empty())
+        .ok_or_else(|| SourceError::Empty(name.to_owned()))
+}
+
+/// Stores a kubeconfig in an SSM SecureString parameter (overwriting), encrypted with `kms_key_id`
+/// or the account's `alias/aws/ssm`.
+pub async fn store_kubeconfig_in_ssm(
+    sdk: &aws_config::SdkConfig,
+    name: &str,
+    kubeconfig: &str,
+    kms_key_id: Option<&str>,
+) -> Result<(), SourceError> {
+    aws_sdk_ssm::Client::new(sdk)
+        .put_parameter()
+        .name(name)
+        .description("kubeconfig of the iam-broker webhook's ServiceAccount")
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .value(kubeconfig)
+        .set_key_id(kms_key_id.map(str::to_owned))
+        .overwrite(true)
+        .send()
+        .await
+        .map_err(|e| SourceError::Ssm {
+            name: name.to_owned(),
+            source: aws_sdk_ssm::error::DisplayErrorContext(e)
+                .to_string()
+                .into(),
+        })?;
+    Ok(())
+}
+
+/// Builds a client from kubeconfig YAML (its current context), with `timeout` as the connect,
+/// read and write timeout.
+pub async fn client_from_kubeconfig(text: &str, timeout: Duration) -> Result<Client, SourceError> {
+    let kubeconfig =
+        Kubeconfig::from_yaml(text).map_err(|e| SourceError::Kubeconfig(e.to_string()))?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| SourceError::Kubeconfig(e.to_string()))?;
+    with_timeouts(&mut config, timeout);
+    Client::try_from(config).map_err(|e| SourceError::Client(e.to_string()))
+}
+
+fn with_timeouts(config: &mut kube::Config, timeout: Duration) {
+    config.connect_timeout = Some(timeout);
+    config.read_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+}
+
+impl ClientSource {
+    async fn build(&self, timeout: Duration) -> Result<Client, SourceError> {
+        match self {
+            Self::SsmParameter { sdk, name } => {
+                let text = kubeconfig_from_ssm(sdk, name).await?;
+                client_from_kubeconfig(&text, timeout).await
+            }
+            Self::Kubeconfig(text) => client_from_kubeconfig(text, timeout).await,
+            Self::Infer => {
+                let mut config = kube::Config::infer()
+                    .await
+                    .map_err(|e| SourceError::Infer(e.to_string()))?;
+                with_timeouts(&mut config, timeout);
+                Client::try_from(config).map_err(|e| SourceError::Client(e.to_string()))
+            }
+        }
+    }
+}
+
+/// The [`Cluster`] port over a lazily built, cached `kube` client.
+pub struct KubeCluster {
+    source: ClientSource,
+    timeout: Duration,
+    client: Mutex<Option<Client>>,
+}
+
+impl KubeCluster {
+    /// A cluster whose client is built from `source` on first use; every call is bounded by
+    /// `timeout` (a slow API server gives [`ClusterError::Unavailable`], not a hang).
+    pub fn new(source: ClientSource, timeout: Duration) -> Self {
+        Self {
+            source,
+            timeout,
+            client: Mutex::new(None),
+        }
+    }
+
+    async fn client(&self) -> Result<Client, ClusterError> {
+        let mut slot = self.client.lock().await;
+        if let Some(client) = slot.as_ref() {
+            return Ok(client.clone());
+        }
+        let client = tokio::time::timeout(self.timeout, self.source.build(self.timeout))
+            .await
+            .map_err(|_| {
+                ClusterError::Unavailable("building the Kubernetes client timed out".into())
+            })?
+            .map_err(|e| ClusterError::Unavailable(Box::new(e)))?;
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    async fn forget(&self) {
+        *self.client.lock().await = None;
+    }
+
+    /// Runs `call` with the cached client; on 401 rebuilds the client from its source (a rotated
+    /// kubeconfig) and tries once more.
+    async fn run<T, F, Fut>(&self, call: F) -> Result<T, ClusterError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        let first = self.attempt(&call).await;
+        match first {
+            Err(ClusterError::Unauthorized(_)) => {
+                tracing::warn!("the Kubernetes API answered 401; rebuilding the client");
+                self.forget().await;
+                self.attempt(&call).await
+            }
+            other => other,
+        }
+    }
+
+    async fn attempt<T, F, Fut>(&self, call: &F) -> Result<T, ClusterError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        let client = self.client().await?;
+        match tokio::time::timeout(self.timeout, call(client)).await {
+            Ok(result) => result.map_err(map_error),
+            Err(_) => Err(ClusterError::Unavailable(
+                format!(
+                    "the Kubernetes API did not answer within {:?}",
+                    self.timeout
+                )
+                .into(),
+            )),
+        }
+    }
+}
+
+/// Maps a `kube` error to the port's error.
+pub fn map_error(error: kube::Error) -> ClusterError {
+    match error {
+        kube::Error::Api(status) => match status.code {
+            401 => ClusterError::Unauthorized(status),
+            403 => ClusterError::Forbidden(status.message.clone()),
+            409 if status.is_already_exists() => ClusterError::AlreadyExists,
+            429 | 500..=599 => ClusterError::Unavailable(status),
+            code => ClusterError::Rejected {
+                status: code,
+                message: status.message.clone(),
+            },
+        },
+        other => ClusterError::Unavailable(Box::new(other)),
+    }
+}
+
+fn is_not_found(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 404)
+}
+
+#[async_trait]
+impl Cluster for KubeCluster {
+    async fn service_account(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<ServiceAccount>, ClusterError> {
+        let found = self
+            .run(|client| async move {
+                Api::<K8sServiceAccount>::namespaced(client, namespace)
+                    .get_opt(name)
+                    .await
+            })
+            .await?;
+        Ok(found.map(|sa| ServiceAccount {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            annotations: sa.metadata.annotations.unwrap_or_default(),
+        }))
+    }
+
+    async fn create_secret(&self, secret: &TokenSecret) -> Result<(), ClusterError> {
+        let object = Secret {
+            metadata: ObjectMeta {
+                name: Some(secret.name.clone()),
+                namespace: Some(secret.namespace.clone()),
+                labels: Some(secret.labels.clone()),
+                annotations: Some(secret.annotations.clone()),
+                ..ObjectMeta::default()
+            },
+            type_: Some("Opaque".to_owned()),
+            data: Some(BTreeMap::from([(
+                iam_broker_core::admission::SECRET_TOKEN_KEY.to_owned(),
+                ByteString(secret.token.expose().as_bytes().to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        let object = &object;
+        self.run(|client| async move {
+            Api::<Secret>::namespaced(client, &secret.namespace)
+                .create(&PostParams::default(), object)
+                .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_secret(&self, namespace: &str, name: &str) -> Result<bool, ClusterError> {
+        self.run(|client| async move {
+            match Api::<Secret>::namespaced(client, namespace)
+                .delete(name, &DeleteParams::default())
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(e) if is_not_found(&e) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    async fn managed_secrets(
+        &self,
+        label_selector: &str,
+    ) -> Result<Vec<ManagedSecret>, ClusterError> {
+        // Metadata only: the sweep never needs (or pulls) the tokens themselves.
+        let mut secrets = Vec::new();
+        let mut continue_token: Option<String> = None;
+        loop {
+            let mut params = ListParams::default().labels(label_selector).limit(500);
+            if let Some(token) = &continue_token {
+                params = params.continue_token(token);
+            }
+            let params = &params;
+            let page = self
+                .run(|client| async move { Api::<Secret>::all(client).list_metadata(params).await })
+                .await?;
+            for item in page.items {
+                let meta = item.metadata;
+                let (Some(namespace), Some(name)) = (meta.namespace, meta.name) else {
+                    continue;
+                };
+                secrets.push(ManagedSecret {
+                    namespace,
+                    name,
+                    annotations: meta.annotations.unwrap_or_default(),
+                    created_at: meta.creation_timestamp.map(|t| t.0.as_second()),
+                });
+            }
+            continue_token = page.metadata.continue_.filter(|t| !t.is_empty());
+            if continue_token.is_none() {
+                return Ok(secrets);
+            }
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! `sdk-whoami`: an application as the AWS SDK for Rust sees it. It loads credentials through the
+//! SDK's default chain (in an injected container that is the container provider, reading
+//! `AWS_CONTAINER_CREDENTIALS_FULL_URI` and `AWS_CONTAINER_AUTHORIZATION_TOKEN[_FILE]`), calls
+//! `sts:GetCallerIdentity`, and prints `{"Arn", "Account", "AccessKeyId"}` as JSON. The end-to-end
+//! suites run it against the sidecar proxy. It prints no secret.
+#![forbid(unsafe_code)]
+
+use aws_config::BehaviorVersion;
+use aws_credential_types::provider::ProvideCredentials as _;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    let provider = config
+        .credentials_provider()
+        .ok_or_else(|| anyhow::anyhow!("the SDK found no credentials provider"))?;
+    let credentials = provider.provide_credentials().await?;
+    let identity = aws_sdk_sts::Client::new(&config)
+        .get_caller_identity()
+        .send()
+        .await?;
+    let answer = serde_json::json!({
+        "Arn": identity.arn(),
+        "Account": identity.account(),
+        "AccessKeyId": credentials.access_key_id(),
+        "Expiry": credentials.expiry().map(|t| {
+            t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+        }),
+    });
+    println!("{answer}");
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! The sidecar proxy as a child process, and the real SDK consumers that read credentials from
+//! it: the AWS CLI (botocore's container provider) and the AWS SDK for Rust (`sdk-whoami`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::process::{Child, Command};
+
+use crate::{CliOutput, Env, binary, free_port, wait_http, workspace_root};
+
+/// A running `iam-broker-proxy`, its log captured to a file.
+pub struct Proxy {
+    child: Child,
+    /// `http://127.0.0.1:<port>/`: what `AWS_CONTAINER_CREDENTIALS_FULL_URI` points at.
+    pub url: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// Starts the proxy in front of `broker_url` and waits for its `/healthz`.
+    pub async fn start(broker_url: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("proxy.log");
+        let address = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let mut command = Command::new(binary("iam-broker-proxy")?);
+        Env::new()
+            .set("BROKER_URL", broker_url)
+            .set("LISTEN_ADDR", address.to_string())
+            .apply(&mut command);
+        let file = std::fs::File::create(&log)?;
+        command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .kill_on_drop(true);
+        let child = command.spawn()?;
+        let mut proxy = Self {
+            child,
+            url: format!("http://{address}/"),
+            log,
+            _dir: dir,
+        };
+        if let Err(e) = wait_http(&format!("{}healthz", proxy.url), Duration::from_secs(20)).await {
+            let log = proxy.log();
+            let _ = proxy.child.kill().await;
+            bail!("iam-broker-proxy did not come up: {e}\n{log}");
+        }
+        Ok(proxy)
+    }
+
+    /// Everything the proxy logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the proxy and returns its log.
+    pub async fn stop(mut self) -> String {
+        let _ = self.child.kill().await;
+        self.log()
+    }
+}
+
+/// The AWS CLI of the project's venv (`requirements-dev.txt`), else the one on `PATH`.
+pub fn aws_cli() -> PathBuf {
+    let venv = workspace_root().join(".venv/bin/aws");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("aws")
+    }
+}
+
+/// Runs a program to completion with exactly `env` (nothing else inherited but `PATH`).
+pub async fn run(program: &Path, env: &Env, args: &[&str]) -> anyhow::Result<CliOutput> {
+    let mut command = Command::new(program);
+    command.args(args);
+    env.apply(&mut command);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .with_context(|| format!("{} did not finish within 60 s", program.display()))??;
+    Ok(CliOutput {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+/// The environment of a container the webhook injected: the container-credentials variables
+/// and the AWS endpoint (moto), and no other credential source at all (no keys, no profile
+/// files, no instance metadata).
+pub fn container_env(moto_endpoint: &str, proxy_url: &str) -> Env {
+    Env::new()
+        .set("AWS_CONTAINER_CREDENTIALS_FULL_URI", proxy_url)
+        .set("AWS_ENDPOINT_URL", moto_endpoint)
+        .set("AWS_REGION", crate::REGION)
+        .set("AWS_DEFAULT_REGION", crate::REGION)
+        .set("AWS_CONFIG_FILE", "/nonexistent/aws/config")
+        .set(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws/credentials",
+        )
+        .set("AWS_EC2_METADATA_DISABLED", "true")
+        .set("HOME", "/nonexistent")
+}

@@ -1,0 +1,184 @@
+//! End to end with real SDK consumers: moto + `iam-broker serve` + `iam-broker-proxy`, and an
+//! application that knows nothing but the container-credentials variables — the AWS CLI
+//! (botocore's container provider) and the AWS SDK for Rust (`sdk-whoami`) — each reporting the
+//! assumed role through `sts:GetCallerIdentity`.
+
+// Test code: a failed set-up step should panic with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use iam_broker_tests::proxy::{Proxy, aws_cli, container_env, run};
+use iam_broker_tests::{CliOutput, Env, Moto, Server, Tables, binary, cli};
+
+const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
+/// What moto's GetCallerIdentity reports for a session of ROLE.
+const ASSUMED: &str = "arn:aws:sts::123456789012:assumed-role/s3_reader/";
+
+struct World {
+    moto: Moto,
+    server: Server,
+    proxy: Proxy,
+    token: String,
+    dir: tempfile::TempDir,
+}
+
+async fn world() -> World {
+    let moto = Moto::start().await.unwrap();
+    let tables = Tables::create(&moto.sdk_config().await, "sdk")
+        .await
+        .unwrap();
+    let env = moto.env().tables(&tables);
+    let allow = cli(
+        &env,
+        &[
+            "allow",
+            "--namespace",
+            "team-a",
+            "--service-account",
+            "app",
+            "--role",
+            ROLE,
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(allow.success, "{}", allow.stderr);
+    let minted = cli(
+        &env,
+        &[
+            "token",
+            "create",
+            "--namespace",
+            "team-a",
+            "--service-account",
+            "app",
+            "--role",
+            ROLE,
+            "--pod",
+            "web-1",
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(minted.success, "{}", minted.stderr);
+    let server = Server::start(&env).await.unwrap();
+    let proxy = Proxy::start(&server.url).await.unwrap();
+    World {
+        moto,
+        server,
+        proxy,
+        token: minted.stdout.trim().to_owned(),
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl World {
+    /// The environment of an injected container, the token given either way.
+    fn app_env(&self, token_as_file: bool) -> Env {
+        let env = container_env(&self.moto.endpoint, &self.proxy.url);
+        if token_as_file {
+            // As the Secret volume mounts it: the value, no trailing newline.
+            let path = self.dir.path().join("token");
+            std::fs::write(&path, &self.token).unwrap();
+            env.set(
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                path.to_string_lossy(),
+            )
+        } else {
+            env.set("AWS_CONTAINER_AUTHORIZATION_TOKEN", &self.token)
+        }
+    }
+
+    /// Nothing any process logged holds the token or a secret key.
+    async fn assert_logs_clean(self, outputs: &[&CliOutput]) {
+        let proxy_log = self.proxy.stop().await;
+        let server_log = self.server.stop().await;
+        for (name, text) in [("proxy", &proxy_log), ("server", &server_log)] {
+            assert!(!text.contains(&self.token), "{name} log holds the token");
+            assert!(
+                !text.contains("SecretAccessKey"),
+                "{name} log holds a secret"
+            );
+        }
+        for out in outputs {
+            assert!(!out.stderr.contains(&self.token));
+        }
+    }
+}
+
+fn arn_of(out: &CliOutput) -> String {
+    assert!(
+        out.success,
+        "stdout: {}\nstderr: {}",
+        out.stdout, out.stderr
+    );
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    json["Arn"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn aws_cli_gets_the_assumed_role_through_the_proxy() {
+    // GIVEN an allowed token, the broker and the sidecar proxy
+    let w = world().await;
+    let args = ["sts", "get-caller-identity", "--output", "json"];
+
+    // WHEN the AWS CLI runs with the token in AWS_CONTAINER_AUTHORIZATION_TOKEN
+    let with_env = run(&aws_cli(), &w.app_env(false), &args).await.unwrap();
+    // THEN it is the assumed role, with a session naming the pod
+    let arn = arn_of(&with_env);
+    assert!(arn.starts_with(ASSUMED), "{arn}");
+    assert!(arn.ends_with("team-a.app.web-1"), "{arn}");
+
+    // WHEN it runs with the token in a file (AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE)
+    let with_file = run(&aws_cli(), &w.app_env(true), &args).await.unwrap();
+    assert!(arn_of(&with_file).starts_with(ASSUMED));
+
+    // AND without any token it gets nothing (the proxy's cache is per token)
+    let anonymous = run(
+        &aws_cli(),
+        &container_env(&w.moto.endpoint, &w.proxy.url),
+        &args,
+    )
+    .await
+    .unwrap();
+    assert!(!anonymous.success, "{}", anonymous.stdout);
+    w.assert_logs_clean(&[&with_env, &with_file, &anonymous])
+        .await;
+}
+
+#[tokio::test]
+async fn aws_sdk_for_rust_gets_the_assumed_role_through_the_proxy() {
+    let w = world().await;
+    let whoami = binary("sdk-whoami").unwrap();
+    for token_as_file in [false, true] {
+        // WHEN an application on the Rust SDK's default chain starts in the container
+        let out = run(&whoami, &w.app_env(token_as_file), &[]).await.unwrap();
+        // THEN the container provider fetched credentials of the assumed role via the proxy
+        let arn = arn_of(&out);
+        assert!(arn.starts_with(ASSUMED), "{arn}");
+        let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert!(json["AccessKeyId"].as_str().unwrap().starts_with("ASIA"));
+        // with an expiry the SDK parsed from the RFC 3339 `Z` timestamp, about an hour away
+        let expiry = json["Expiry"].as_u64().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            expiry > now + 3000 && expiry <= now + 3600,
+            "{expiry} vs {now}"
+        );
+    }
+    // AND a wrong token is refused (no cached credentials leak to it)
+    let wrong = run(
+        &whoami,
+        &container_env(&w.moto.endpoint, &w.proxy.url).set(
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+            "iamb_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(!wrong.success, "{}", wrong.stdout);
+    w.assert_logs_clean(&[&wrong]).await;
+}
