@@ -331,6 +331,16 @@ impl Server {
         Answer::read(request.send().await?).await
     }
 
+    /// `POST <path>` with a JSON body.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<Answer> {
+        let response = reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await?;
+        Answer::read(response).await
+    }
+
     /// Stops the server (SIGKILL) and returns its log.
     pub async fn stop(mut self) -> String {
         let _ = self.child.kill().await;

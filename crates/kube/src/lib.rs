@@ -139,6 +139,7 @@ pub async fn store_kubeconfig_in_ssm(
 /// Builds a client from kubeconfig YAML (its current context), with `timeout` as the connect,
 /// read and write timeout.
 pub async fn client_from_kubeconfig(text: &str, timeout: Duration) -> Result<Client, SourceError> {
+    install_crypto_provider();
     let kubeconfig =
         Kubeconfig::from_yaml(text).map_err(|e| SourceError::Kubeconfig(e.to_string()))?;
     let mut config =
@@ -155,8 +156,16 @@ fn with_timeouts(config: &mut kube::Config, timeout: Duration) {
     config.write_timeout = Some(timeout);
 }
 
+/// The kube client asks rustls for the process-wide crypto provider, and this process links
+/// two (ring, and aws-lc-rs through the AWS SDK), so rustls cannot pick one by itself: choose
+/// ring, as the rest of the workspace does. Installing twice is harmless.
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl ClientSource {
     async fn build(&self, timeout: Duration) -> Result<Client, SourceError> {
+        install_crypto_provider();
         match self {
             Self::SsmParameter { sdk, name } => {
                 let text = kubeconfig_from_ssm(sdk, name).await?;
