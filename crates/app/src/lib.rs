@@ -27,7 +27,12 @@ pub struct App {
 /// a broker-only function starts fast and never needs Kubernetes access.
 pub async fn build(config: &Config) -> App {
     let sdk = iam_broker_aws::load_sdk_config(config.aws_call_timeout).await;
-    let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
+    build_with(config, &sdk)
+}
+
+/// [`build`] with a given AWS configuration (tests point it at moto).
+pub fn build_with(config: &Config, sdk: &aws_config::SdkConfig) -> App {
+    let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
     let allowances = Arc::new(DynamoAllowanceStore::new(
         dynamodb.clone(),
         &config.allowances_table,
@@ -55,7 +60,7 @@ pub async fn build(config: &Config) -> App {
     let cleanup = Cleanup::new(cluster, tokens, clock, config.sweep_grace);
     App {
         state: AppState {
-            broker: Arc::new(iam_broker_aws::broker(config, &sdk)),
+            broker: Arc::new(iam_broker_aws::broker(config, sdk)),
             webhook: Arc::new(webhook),
             metrics: if config.emf_metrics {
                 Metrics::stdout()
