@@ -228,10 +228,22 @@ async fn help_describes_every_command() {
         "allowances",
         "token",
         "tables",
+        "render-webhook",
+        "credentials",
+        "sweep",
+        "kubeconfig",
+        "doctor",
     ] {
         assert!(
             out.stdout.contains(command),
             "{command} missing from --help"
         );
+        if command != "token" && command != "tables" {
+            let sub = cli(&Env::new(), &[command, "--help"]).await.unwrap();
+            assert!(
+                sub.success && sub.stdout.contains("Usage"),
+                "{command} --help"
+            );
+        }
     }
 }

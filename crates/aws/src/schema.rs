@@ -117,3 +117,59 @@ async fn create(
         .map(|_| ())
         .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
 }
+
+/// Checks that a table exists with exactly the key schema of DESIGN.md (`DescribeTable`), for
+/// `iam-broker doctor`. `Err` says what is wrong in words.
+pub async fn check_table(
+    client: &Client,
+    table: &str,
+    expect: &[(&str, KeyType)],
+) -> Result<(), String> {
+    let described = client
+        .describe_table()
+        .table_name(table)
+        .send()
+        .await
+        .map_err(|e| match &e {
+            SdkError::ServiceError(service)
+                if service.err().code() == Some("ResourceNotFoundException") =>
+            {
+                format!("table {table} does not exist")
+            }
+            _ => format!(
+                "cannot describe table {table}: {}",
+                aws_sdk_dynamodb::error::DisplayErrorContext(&e)
+            ),
+        })?;
+    let keys: Vec<(String, KeyType)> = described
+        .table
+        .and_then(|t| t.key_schema)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|k| (k.attribute_name, k.key_type))
+        .collect();
+    let want: Vec<(String, KeyType)> = expect
+        .iter()
+        .map(|(name, kind)| ((*name).to_owned(), kind.clone()))
+        .collect();
+    if keys == want {
+        Ok(())
+    } else {
+        Err(format!(
+            "table {table} has keys {keys:?}, expected {want:?}"
+        ))
+    }
+}
+
+/// The key schema of the Allowances table.
+pub fn allowances_keys() -> [(&'static str, KeyType); 2] {
+    [
+        (aa::NAMESPACE, KeyType::Hash),
+        (aa::SERVICE_ACCOUNT, KeyType::Range),
+    ]
+}
+
+/// The key schema of the Authorizations table.
+pub fn authorizations_keys() -> [(&'static str, KeyType); 1] {
+    [(ta::TOKEN_HASH, KeyType::Hash)]
+}

@@ -119,3 +119,13 @@ mod tests {
         assert_eq!(xml_text("<x/>", "Code"), None);
     }
 }
+
+/// `sts:GetCallerIdentity`: the ARN the process runs as (for `iam-broker doctor`).
+pub async fn caller_arn(sdk: &aws_config::SdkConfig) -> Result<String, String> {
+    aws_sdk_sts::Client::new(sdk)
+        .get_caller_identity()
+        .send()
+        .await
+        .map_err(|e| aws_sdk_sts::error::DisplayErrorContext(&e).to_string())
+        .map(|identity| identity.arn.unwrap_or_default())
+}

@@ -37,9 +37,12 @@ async fn stores() -> anyhow::Result<Stores> {
 pub async fn run(command: Command) -> anyhow::Result<()> {
     let stores = stores().await?;
     match command {
-        Command::Serve { .. } | Command::RenderWebhook(_) | Command::Credentials(_) => {
-            unreachable_serve()
-        }
+        Command::Serve { .. }
+        | Command::RenderWebhook(_)
+        | Command::Credentials(_)
+        | Command::Sweep(_)
+        | Command::Kubeconfig(_)
+        | Command::Doctor => unreachable_serve(),
         Command::Allow(args) => {
             let subject = Subject::new(&args.namespace, &args.service_account, true)?;
             let role = RoleArn::parse(&args.role)?;
@@ -115,7 +118,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 fn unreachable_serve() -> anyhow::Result<()> {
-    bail!("serve, render-webhook and credentials are handled before the admin commands")
+    bail!("this command is handled before the admin commands")
 }
 
 fn print_roles(row: &Allowance) {

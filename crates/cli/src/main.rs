@@ -64,6 +64,16 @@ enum Command {
     /// Fetch credentials with a token, as a pod's SDK would (validates a deployed broker or a
     /// sidecar). Prints a summary without secrets unless --output json.
     Credentials(ops::CredentialsArgs),
+    /// Remove token records whose Secret is gone and managed Secrets whose record is gone (the
+    /// scheduled sweep, run by hand).
+    Sweep(ops::SweepArgs),
+    /// Build the webhook's kubeconfig from a ServiceAccount token, and print it or store it in
+    /// SSM (replaces `oc sa create-kubeconfig` + the Parameter Store console).
+    Kubeconfig(ops::KubeconfigArgs),
+    /// Check the configuration end to end: tables and their keys, STS, the kubeconfig
+    /// parameter, Kubernetes reachability and RBAC (SelfSubjectAccessReview), the sidecar image.
+    /// Exits 1 when a check fails.
+    Doctor,
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +169,13 @@ async fn main() -> ExitCode {
         }
         Command::RenderWebhook(args) => ops::render(args),
         Command::Credentials(args) => ops::credentials(args).await,
+        Command::Sweep(args) => ops::sweep(args).await,
+        Command::Kubeconfig(args) => ops::kubeconfig(args).await,
+        Command::Doctor => match ops::doctor().await {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(error) => Err(error),
+        },
         command => admin::run(command).await,
     };
     match result {

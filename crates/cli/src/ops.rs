@@ -162,3 +162,204 @@ pub async fn credentials(args: CredentialsArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `sweep` arguments.
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// Leave records and Secrets younger than this alone (default: SWEEP_GRACE_SECONDS, 600).
+    #[arg(long)]
+    grace_seconds: Option<u64>,
+}
+
+/// Runs the sweep once, as the schedule does.
+pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
+    let mut config = iam_broker_core::Config::from_env()?;
+    if let Some(seconds) = args.grace_seconds {
+        config.sweep_grace = Duration::from_secs(seconds);
+    }
+    let app = iam_broker_app::build(&config).await;
+    let report = app.cleanup.sweep().await?;
+    println!(
+        "secrets deleted: {}, token records deleted: {}, left for a later run: {}, failures: {}",
+        report.secrets_deleted, report.records_deleted, report.skipped, report.failures
+    );
+    if report.failures > 0 {
+        bail!(
+            "{} deletes failed (see the log); run again",
+            report.failures
+        );
+    }
+    Ok(())
+}
+
+/// `kubeconfig` arguments.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("token_source").required(true).args(["from_secret", "token_stdin"])))]
+pub struct KubeconfigArgs {
+    /// Read server, token and CA from this `kubernetes.io/service-account-token` Secret
+    /// (NAMESPACE/NAME, e.g. iam-broker/iam-broker-webhook-token), using your current
+    /// kubeconfig.
+    #[arg(long)]
+    from_secret: Option<String>,
+    /// Read the ServiceAccount token from stdin instead (then --server is required).
+    #[arg(long, requires = "server")]
+    token_stdin: bool,
+    /// API server URL (https://…), when not read from the Secret.
+    #[arg(long)]
+    server: Option<String>,
+    /// PEM file of the API server's CA, when not read from the Secret.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Name of the cluster, user and context inside the kubeconfig.
+    #[arg(long, default_value = "iam-broker-webhook")]
+    name: String,
+    /// Store it in this SSM SecureString parameter (the stack's KubeconfigParameterName)
+    /// instead of printing it.
+    #[arg(long)]
+    store: Option<String>,
+    /// KMS key for the parameter (default: the account's alias/aws/ssm).
+    #[arg(long, requires = "store")]
+    kms_key_id: Option<String>,
+}
+
+/// Builds the webhook's kubeconfig from a ServiceAccount token; prints it or stores it in SSM.
+pub async fn kubeconfig(args: KubeconfigArgs) -> anyhow::Result<()> {
+    let config = iam_broker_core::Config::from_env()?;
+    let (server, token, ca_pem) = match &args.from_secret {
+        Some(reference) => {
+            let (namespace, name) = reference
+                .split_once('/')
+                .context("--from-secret must be NAMESPACE/NAME")?;
+            let cluster = iam_broker_kube::KubeCluster::new(
+                iam_broker_kube::ClientSource::Infer,
+                config.aws_call_timeout,
+            );
+            let (server, token, ca) = cluster
+                .service_account_token(namespace, name)
+                .await
+                .with_context(|| format!("cannot read the token Secret {reference}"))?;
+            (args.server.clone().unwrap_or(server), token, ca)
+        }
+        None => {
+            let mut token = String::new();
+            std::io::stdin()
+                .read_to_string(&mut token)
+                .context("cannot read the token from stdin")?;
+            (
+                args.server.clone().unwrap_or_default(),
+                token.trim().to_owned(),
+                None,
+            )
+        }
+    };
+    let ca_pem = match &args.ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --ca-file {}", path.display()))?,
+        ),
+        None => ca_pem,
+    };
+    let text =
+        iam_broker_core::manifest::kubeconfig(&server, ca_pem.as_deref(), &token, &args.name)?;
+    match &args.store {
+        None => print!("{text}"),
+        Some(parameter) => {
+            let sdk = iam_broker_aws::load_sdk_config(config.aws_call_timeout).await;
+            iam_broker_kube::store_kubeconfig_in_ssm(
+                &sdk,
+                parameter,
+                &text,
+                args.kms_key_id.as_deref(),
+            )
+            .await?;
+            println!(
+                "stored the kubeconfig for {server} in SSM parameter {parameter} (SecureString)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks the deployment's configuration end to end; `Ok(false)` when a check failed.
+pub async fn doctor() -> anyhow::Result<bool> {
+    use iam_broker_aws::schema::{allowances_keys, authorizations_keys, check_table};
+    let mut healthy = true;
+    let mut report = |name: &str, result: Result<String, String>| match result {
+        Ok(detail) => println!("ok    {name}: {detail}"),
+        Err(detail) => {
+            healthy = false;
+            println!("FAIL  {name}: {detail}");
+        }
+    };
+    let config = match iam_broker_core::Config::from_env() {
+        Ok(config) => {
+            report("configuration", Ok("every variable parses".to_owned()));
+            config
+        }
+        Err(error) => {
+            report("configuration", Err(error.to_string()));
+            return Ok(false);
+        }
+    };
+    let sdk = iam_broker_aws::load_sdk_config(config.aws_call_timeout).await;
+    let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
+    report(
+        "Allowances table",
+        check_table(&dynamodb, &config.allowances_table, &allowances_keys())
+            .await
+            .map(|()| format!("{} has the right keys", config.allowances_table)),
+    );
+    report(
+        "Authorizations table",
+        check_table(
+            &dynamodb,
+            &config.authorizations_table,
+            &authorizations_keys(),
+        )
+        .await
+        .map(|()| format!("{} has the right keys", config.authorizations_table)),
+    );
+    report(
+        "STS",
+        iam_broker_aws::sts::caller_arn(&sdk)
+            .await
+            .map(|arn| format!("running as {arn}")),
+    );
+    let source = match &config.kubeconfig_parameter {
+        Some(parameter) => {
+            let read = iam_broker_kube::kubeconfig_from_ssm(&sdk, parameter).await;
+            report(
+                "kubeconfig parameter",
+                read.as_ref()
+                    .map(|_| format!("{parameter} decrypts"))
+                    .map_err(|e| e.to_string()),
+            );
+            iam_broker_kube::ClientSource::SsmParameter {
+                sdk: Box::new(sdk.clone()),
+                name: parameter.clone(),
+            }
+        }
+        None => iam_broker_kube::ClientSource::Infer,
+    };
+    let cluster = iam_broker_kube::KubeCluster::new(source, config.aws_call_timeout);
+    for permission in iam_broker_kube::REQUIRED_PERMISSIONS {
+        let name = format!(
+            "Kubernetes RBAC {} {}",
+            permission.verb, permission.resource
+        );
+        let result = match cluster.can(*permission).await {
+            Ok(true) => Ok("allowed".to_owned()),
+            Ok(false) => Err("denied: apply deploy/20-rbac.yaml".to_owned()),
+            Err(error) => Err(format!("cannot ask the API server: {error}")),
+        };
+        report(&name, result);
+    }
+    report(
+        "sidecar image",
+        config
+            .proxy_image
+            .clone()
+            .ok_or_else(|| "PROXY_IMAGE is not set: the webhook will inject nothing".to_owned()),
+    );
+    Ok(healthy)
+}

@@ -139,15 +139,9 @@ pub async fn store_kubeconfig_in_ssm(
 /// Builds a client from kubeconfig YAML (its current context), with `timeout` as the connect,
 /// read and write timeout.
 pub async fn client_from_kubeconfig(text: &str, timeout: Duration) -> Result<Client, SourceError> {
-    install_crypto_provider();
-    let kubeconfig =
-        Kubeconfig::from_yaml(text).map_err(|e| SourceError::Kubeconfig(e.to_string()))?;
-    let mut config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .map_err(|e| SourceError::Kubeconfig(e.to_string()))?;
-    with_timeouts(&mut config, timeout);
-    Client::try_from(config).map_err(|e| SourceError::Client(e.to_string()))
+    ClientSource::Kubeconfig(text.to_owned())
+        .build(timeout)
+        .await
 }
 
 fn with_timeouts(config: &mut kube::Config, timeout: Duration) {
@@ -164,22 +158,31 @@ fn install_crypto_provider() {
 }
 
 impl ClientSource {
-    async fn build(&self, timeout: Duration) -> Result<Client, SourceError> {
+    /// The client configuration this source describes (reads SSM for a parameter).
+    async fn config(&self) -> Result<kube::Config, SourceError> {
         install_crypto_provider();
+        let from_text = |text: String| async move {
+            let kubeconfig =
+                Kubeconfig::from_yaml(&text).map_err(|e| SourceError::Kubeconfig(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| SourceError::Kubeconfig(e.to_string()))
+        };
         match self {
             Self::SsmParameter { sdk, name } => {
-                let text = kubeconfig_from_ssm(sdk, name).await?;
-                client_from_kubeconfig(&text, timeout).await
+                from_text(kubeconfig_from_ssm(sdk, name).await?).await
             }
-            Self::Kubeconfig(text) => client_from_kubeconfig(text, timeout).await,
-            Self::Infer => {
-                let mut config = kube::Config::infer()
-                    .await
-                    .map_err(|e| SourceError::Infer(e.to_string()))?;
-                with_timeouts(&mut config, timeout);
-                Client::try_from(config).map_err(|e| SourceError::Client(e.to_string()))
-            }
+            Self::Kubeconfig(text) => from_text(text.clone()).await,
+            Self::Infer => kube::Config::infer()
+                .await
+                .map_err(|e| SourceError::Infer(e.to_string())),
         }
+    }
+
+    async fn build(&self, timeout: Duration) -> Result<Client, SourceError> {
+        let mut config = self.config().await?;
+        with_timeouts(&mut config, timeout);
+        Client::try_from(config).map_err(|e| SourceError::Client(e.to_string()))
     }
 }
 
@@ -372,5 +375,107 @@ impl Cluster for KubeCluster {
                 return Ok(secrets);
             }
         }
+    }
+}
+
+/// One permission the webhook needs, as a `SelfSubjectAccessReview` asks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Permission {
+    /// Verb, e.g. `create`.
+    pub verb: &'static str,
+    /// Resource (core group), e.g. `secrets`.
+    pub resource: &'static str,
+}
+
+/// Exactly the permissions of the RBAC table in this crate's documentation.
+pub const REQUIRED_PERMISSIONS: &[Permission] = &[
+    Permission {
+        verb: "get",
+        resource: "serviceaccounts",
+    },
+    Permission {
+        verb: "create",
+        resource: "secrets",
+    },
+    Permission {
+        verb: "delete",
+        resource: "secrets",
+    },
+    Permission {
+        verb: "list",
+        resource: "secrets",
+    },
+];
+
+impl KubeCluster {
+    /// Whether the client's identity may do `permission` in every namespace
+    /// (`SelfSubjectAccessReview`), for `iam-broker doctor`.
+    pub async fn can(&self, permission: Permission) -> Result<bool, ClusterError> {
+        use k8s_openapi::api::authorization::v1::{
+            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+        };
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some(permission.verb.to_owned()),
+                    resource: Some(permission.resource.to_owned()),
+                    group: Some(String::new()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        let review = &review;
+        let answer = self
+            .run(|client| async move {
+                Api::<SelfSubjectAccessReview>::all(client)
+                    .create(&PostParams::default(), review)
+                    .await
+            })
+            .await?;
+        Ok(answer.status.is_some_and(|s| s.allowed))
+    }
+
+    /// The API server URL, the token and the CA (PEM) held by a
+    /// `kubernetes.io/service-account-token` Secret, for `iam-broker kubeconfig --from-secret`.
+    /// The server is the one this client talks to.
+    pub async fn service_account_token(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(String, String, Option<String>), ClusterError> {
+        let secret =
+            self.run(|client| async move {
+                Api::<Secret>::namespaced(client, namespace).get(name).await
+            })
+            .await?;
+        let data = secret.data.unwrap_or_default();
+        let text = |key: &str| {
+            data.get(key)
+                .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let token = text("token").ok_or_else(|| ClusterError::Rejected {
+            status: 404,
+            message: format!(
+                "Secret {namespace}/{name} has no token yet (is it a kubernetes.io/service-account-token Secret?)"
+            ),
+        })?;
+        let url = self.server_url().await?;
+        Ok((url, token, text("ca.crt")))
+    }
+
+    async fn server_url(&self) -> Result<String, ClusterError> {
+        let config = self
+            .source
+            .config()
+            .await
+            .map_err(|e| ClusterError::Unavailable(Box::new(e)))?;
+        Ok(config
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_owned())
     }
 }
