@@ -107,6 +107,16 @@ fn xml_text(body: &str, tag: &str) -> Option<String> {
     Some(body[start..start + end].to_owned())
 }
 
+/// `sts:GetCallerIdentity`: the ARN the process runs as (for `iam-broker doctor`).
+pub async fn caller_arn(sdk: &aws_config::SdkConfig) -> Result<String, String> {
+    aws_sdk_sts::Client::new(sdk)
+        .get_caller_identity()
+        .send()
+        .await
+        .map_err(|e| aws_sdk_sts::error::DisplayErrorContext(&e).to_string())
+        .map(|identity| identity.arn.unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::xml_text;
@@ -118,14 +128,4 @@ mod tests {
         assert_eq!(xml_text(nested, "Message").as_deref(), Some("no"));
         assert_eq!(xml_text("<x/>", "Code"), None);
     }
-}
-
-/// `sts:GetCallerIdentity`: the ARN the process runs as (for `iam-broker doctor`).
-pub async fn caller_arn(sdk: &aws_config::SdkConfig) -> Result<String, String> {
-    aws_sdk_sts::Client::new(sdk)
-        .get_caller_identity()
-        .send()
-        .await
-        .map_err(|e| aws_sdk_sts::error::DisplayErrorContext(&e).to_string())
-        .map(|identity| identity.arn.unwrap_or_default())
 }
