@@ -23,6 +23,31 @@ ensure_venv() {
   echo "$want" > "$stamp"
 }
 
+# Creates .venv-sam with the AWS SAM CLI (requirements-sam.txt) when missing or changed.
+ensure_sam_venv() {
+  local venv="$ROOT/.venv-sam" stamp want
+  stamp="$venv/.requirements.sha256"
+  want="$(sha256sum "$ROOT/requirements-sam.txt" | cut -d' ' -f1)"
+  if [ -x "$venv/bin/sam" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return
+  fi
+  log "installing the AWS SAM CLI into .venv-sam"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --upgrade pip
+  "$venv/bin/pip" install --quiet -r "$ROOT/requirements-sam.txt"
+  echo "$want" > "$stamp"
+}
+
+# Installs Debian packages when a command is missing (root or sudo).
+ensure_apt() { # command package
+  command -v "$1" >/dev/null && return
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  log "installing $2 from Debian"
+  $sudo apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$2" >/dev/null
+}
+
 ensure_rust() {
   command -v curl >/dev/null || die "curl is required"
   command -v cargo >/dev/null || die "cargo is required: https://rustup.rs"

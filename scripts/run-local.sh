@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Runs iam-broker locally against moto (a local AWS): creates the tables, allows a role, mints a
-# token, serves the broker, and fetches credentials with curl the way a pod's sidecar would.
-#   scripts/run-local.sh          keep serving until Ctrl-C when run from a terminal
-#   scripts/run-local.sh --once   stop after printing the credentials
+# Runs the whole system locally, the way a cluster would use it:
+#   moto (a local AWS: DynamoDB, STS) + a local Kubernetes API stand-in (HTTPS)
+#   -> `iam-broker serve` receives a Pod CREATE admission, mints a token, creates the Secret,
+#      records the token and answers the patch
+#   -> the token is read back from the Secret the webhook created
+#   -> `iam-broker-proxy` (the sidecar) serves container credentials on loopback
+#   -> the AWS CLI, configured only with the variables the patch injects, runs
+#      `aws sts get-caller-identity` and prints the assumed role.
+#   scripts/run-local.sh          keep everything running until Ctrl-C when run from a terminal
+#   scripts/run-local.sh --once   stop after printing the identity
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -13,12 +19,10 @@ once=0
 
 ensure_rust
 ensure_venv
-log "building iam-broker"
+log "building iam-broker, iam-broker-proxy and the Kubernetes API stand-in"
 cargo build --quiet --bins
-BIN="$ROOT/target/debug/iam-broker"
+BIN="$ROOT/target/debug"
 
-moto_port=$(free_port)
-serve_port=$(free_port)
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -28,37 +32,88 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-log "starting moto on 127.0.0.1:$moto_port"
+moto_port=$(free_port)
+log "starting moto (DynamoDB, STS) on 127.0.0.1:$moto_port"
 "$VENV/bin/moto_server" -H 127.0.0.1 -p "$moto_port" > "$work/moto.log" 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:$moto_port/moto-api/"
-
 export AWS_ENDPOINT_URL="http://127.0.0.1:$moto_port" AWS_REGION=us-east-1
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
 ROLE=arn:aws:iam::123456789012:role/s3_reader
 
-log "iam-broker tables create"
-"$BIN" tables create
-log "iam-broker allow --namespace team-a --service-account app --role $ROLE"
-"$BIN" allow --namespace team-a --service-account app --role "$ROLE"
-log "iam-broker token create --namespace team-a --service-account app --role $ROLE --pod web-1"
-TOKEN=$("$BIN" token create --namespace team-a --service-account app --role "$ROLE" --pod web-1 2>/dev/null)
+log "iam-broker tables create; iam-broker allow --namespace team-a --service-account app --role $ROLE"
+"$BIN/iam-broker" tables create
+"$BIN/iam-broker" allow --namespace team-a --service-account app --role "$ROLE"
 
-log "iam-broker serve --listen 127.0.0.1:$serve_port"
-"$BIN" serve --listen "127.0.0.1:$serve_port" 2> "$work/serve.log" &
+log "starting the Kubernetes API stand-in; ServiceAccount team-a/app annotated eks.amazonaws.com/role-arn=$ROLE"
+"$BIN/kube-api-standin" "$work/kubeconfig" "team-a/app=$ROLE" 2> "$work/kube.log" &
+pids+=($!)
+for _ in $(seq 100); do [ -s "$work/kubeconfig" ] && break; sleep 0.1; done
+[ -s "$work/kubeconfig" ] || die "the Kubernetes API stand-in did not start: $(cat "$work/kube.log")"
+
+serve_port=$(free_port)
+log "iam-broker serve --listen 127.0.0.1:$serve_port (broker and webhook)"
+KUBECONFIG="$work/kubeconfig" PROXY_IMAGE=iam-broker-proxy:local \
+  "$BIN/iam-broker" serve --listen "127.0.0.1:$serve_port" 2> "$work/serve.log" &
 pids+=($!)
 wait_http "http://127.0.0.1:$serve_port/healthz"
 
-log "curl -H 'Authorization: <token>' http://127.0.0.1:$serve_port/credentials"
-curl -sS -D "$work/headers" -H "Authorization: $TOKEN" "http://127.0.0.1:$serve_port/credentials" > "$work/body"
-grep -i '^cache-control' "$work/headers" >&2 || true
-python3 -m json.tool < "$work/body"
-log "broker log:"
-cat "$work/serve.log" >&2
+log "POST / with a Pod CREATE AdmissionReview (events/admission-create.json)"
+python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["body"])' events/admission-create.json > "$work/review.json"
+curl -sS -H 'Content-Type: application/json' --data-binary @"$work/review.json" \
+  "http://127.0.0.1:$serve_port/" > "$work/answer.json"
+# Decode the patch, and read the token from the Secret the webhook created (as the kubelet would).
+python3 - "$work" <<'PY'
+import base64, json, ssl, sys, urllib.request
+work = sys.argv[1]
+answer = json.load(open(f"{work}/answer.json"))["response"]
+assert answer.get("patch"), f"no patch: {answer}"
+patch = json.loads(base64.b64decode(answer["patch"]))
+print(f"allowed={answer['allowed']} patchType={answer['patchType']}, {len(patch)} operations:", file=sys.stderr)
+for op in patch:
+    value = op["value"]
+    if isinstance(value, list):
+        value = value[0] if len(value) == 1 else {"name": f"{len(value)} items"}
+    shown = value.get("name", "") if isinstance(value, dict) else value
+    print(f"  {op['op']} {op['path']} {shown}", file=sys.stderr)
+def annotated_secret(op):
+    if op["path"] == "/metadata/annotations":
+        return op["value"].get("iam-broker.io/secret-name")
+    if op["path"].endswith("iam-broker.io~1secret-name"):
+        return op["value"]
+    return None
+secret = next(filter(None, map(annotated_secret, patch)))
+sidecar = next(op["value"] for op in patch if isinstance(op["value"], dict) and op["value"].get("name") == "iam-broker-proxy")
+broker_url = next(e["value"] for e in sidecar["env"] if e["name"] == "BROKER_URL")
+# the kubeconfig's server, CA and token
+cfg = open(f"{work}/kubeconfig").read()
+field = lambda key: cfg.split(key + ":", 1)[1].split("\n", 1)[0].strip().strip('"')
+ctx = ssl.create_default_context(cadata=base64.b64decode(field("certificate-authority-data")).decode())
+req = urllib.request.Request(f"{field('server')}/api/v1/namespaces/team-a/secrets/{secret}",
+                             headers={"Authorization": "Bearer " + field("token")})
+obj = json.load(urllib.request.urlopen(req, context=ctx))
+open(f"{work}/token", "w").write(base64.b64decode(obj["data"]["token"]).decode())
+open(f"{work}/broker_url", "w").write(broker_url)
+print(f"Secret team-a/{secret} holds the pod's token; the sidecar will call {broker_url}", file=sys.stderr)
+PY
+
+proxy_port=$(free_port)
+log "iam-broker-proxy (the sidecar) on 127.0.0.1:$proxy_port -> $(cat "$work/broker_url")"
+BROKER_URL="$(cat "$work/broker_url")" LISTEN_ADDR="127.0.0.1:$proxy_port" \
+  "$BIN/iam-broker-proxy" 2> "$work/proxy.log" &
+pids+=($!)
+wait_http "http://127.0.0.1:$proxy_port/healthz"
+
+log "aws sts get-caller-identity, with only the variables the webhook injected"
+env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
+  AWS_CONTAINER_CREDENTIALS_FULL_URI="http://127.0.0.1:$proxy_port/" \
+  AWS_CONTAINER_AUTHORIZATION_TOKEN="$(cat "$work/token")" \
+  AWS_DEFAULT_REGION=us-east-1 AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null \
+  "$VENV/bin/aws" sts get-caller-identity --output json
 
 if [ "$once" = 0 ]; then
-  log "serving on http://127.0.0.1:$serve_port (moto on :$moto_port); try:"
-  echo "  curl -H 'Authorization: $TOKEN' http://127.0.0.1:$serve_port/credentials" >&2
+  log "running: broker+webhook http://127.0.0.1:$serve_port, sidecar http://127.0.0.1:$proxy_port, moto :$moto_port"
+  echo "  curl -H \"Authorization: \$(cat $work/token)\" http://127.0.0.1:$proxy_port/" >&2
   log "Ctrl-C to stop"
-  wait "${pids[1]}"
+  wait "${pids[0]}"
 fi

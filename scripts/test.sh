@@ -3,6 +3,7 @@
 #   scripts/test.sh            format, lint, unit, router, adapter and end-to-end tests,
 #                              the local run, and the Lambda build
 #   SKIP_LAMBDA_BUILD=1 ...    leave out `cargo lambda build --release`
+#   SKIP_MUSL_BUILD=1 ...      leave out the static (musl) build of the sidecar
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -21,7 +22,22 @@ log "cargo test"
 cargo test --workspace --locked
 log "the README's run command (scripts/run-local.sh --once)"
 scripts/run-local.sh --once > target/run-local.out
-grep -q '"AccessKeyId"' target/run-local.out || { cat target/run-local.out; die "run-local did not print credentials"; }
+grep -q '"Arn": "arn:aws:sts::123456789012:assumed-role/s3_reader/' target/run-local.out \
+  || { cat target/run-local.out; die "run-local did not print the assumed role"; }
+log "cfn-lint template.yaml"
+"$VENV/bin/cfn-lint" template.yaml
+ensure_sam_venv
+log "sam validate --lint"
+SAM_CLI_TELEMETRY=0 "$ROOT/.venv-sam/bin/sam" validate --lint --region us-east-1
+if [ "${SKIP_MUSL_BUILD:-0}" != 1 ]; then
+  log "static (musl) build of iam-broker-proxy"
+  ensure_apt musl-gcc musl-tools
+  rustup target add x86_64-unknown-linux-musl >/dev/null
+  cargo build --release --locked -p iam-broker-proxy --target x86_64-unknown-linux-musl
+  file target/x86_64-unknown-linux-musl/release/iam-broker-proxy 2>/dev/null | grep -Eq "statically linked|static-pie linked" \
+    || ldd target/x86_64-unknown-linux-musl/release/iam-broker-proxy 2>&1 | grep -Eq "statically linked|not a dynamic executable" \
+    || die "iam-broker-proxy (musl) is not statically linked"
+fi
 if [ "${SKIP_LAMBDA_BUILD:-0}" != 1 ]; then
   log "cargo lambda build --release"
   cargo lambda build --release --locked --bin bootstrap
