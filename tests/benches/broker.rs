@@ -178,6 +178,7 @@ fn memory_webhook(allowances: Arc<MemoryAllowanceStore>) -> Webhook {
                 mode: SidecarMode::Container,
                 token_file: true,
                 region: Some("us-east-1".into()),
+                broker_ca_pem: None,
             }),
             ..WebhookSettings::from(&Config::default())
         },

@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Resources the stand-in keeps (the core group's plural names).
 const RESOURCES: &[(&str, &str)] = &[
@@ -284,8 +284,9 @@ impl KubeApi {
     }
 }
 
-/// A CA and a server certificate for 127.0.0.1 / localhost signed by it.
-fn tls() -> anyhow::Result<(String, TlsAcceptor)> {
+/// A test CA and a server certificate for 127.0.0.1 / localhost signed by it, as PEM:
+/// `(ca, certificate, private key)`.
+pub fn test_certificates() -> anyhow::Result<(String, String, String)> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
@@ -298,17 +299,23 @@ fn tls() -> anyhow::Result<(String, TlsAcceptor)> {
         .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca)?;
-    let chain = vec![CertificateDer::from(cert.der().to_vec())];
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let config = ServerConfig::builder_with_provider(Arc::new(
+    Ok((ca.pem(), cert.pem(), key.serialize_pem()))
+}
+
+/// A TLS acceptor for the certificate of [`test_certificates`], and its CA.
+fn tls() -> anyhow::Result<(String, TlsAcceptor)> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    let (ca_pem, cert_pem, key_pem) = test_certificates()?;
+    let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes())?];
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+    let mut config = ServerConfig::builder_with_provider(Arc::new(
         tokio_rustls::rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
     .with_no_client_auth()
     .with_single_cert(chain, key)?;
-    let mut config = config;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok((ca.pem(), TlsAcceptor::from(Arc::new(config))))
+    Ok((ca_pem, TlsAcceptor::from(Arc::new(config))))
 }
 
 /// A `metav1.Status` failure, as the API server sends it.

@@ -147,9 +147,24 @@ impl Moto {
 
 /// Polls a URL until it answers with any HTTP status.
 pub async fn wait_http(url: &str, within: Duration) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
+    wait_http_with(&client_trusting(None)?, url, within).await
+}
+
+/// A reqwest client (2 s timeout) that also trusts `ca_pem`.
+pub fn client_trusting(ca_pem: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    if let Some(pem) = ca_pem {
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes())?);
+    }
+    Ok(builder.build()?)
+}
+
+/// [`wait_http`] with a given client.
+pub async fn wait_http_with(
+    client: &reqwest::Client,
+    url: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         if client.get(url).send().await.is_ok() {
@@ -278,6 +293,7 @@ pub async fn cli_with_stdin(
 /// A running `iam-broker serve`, its log captured to a file.
 pub struct Server {
     child: Child,
+    client: reqwest::Client,
     /// `http://127.0.0.1:<port>`.
     pub url: String,
     log: PathBuf,
@@ -287,12 +303,34 @@ pub struct Server {
 impl Server {
     /// Starts `iam-broker serve` with `env` and waits for `/healthz`.
     pub async fn start(env: &Env) -> anyhow::Result<Self> {
+        Self::start_with(env, None).await
+    }
+
+    /// Starts `iam-broker serve` over HTTPS with this certificate and key (PEM files), trusting
+    /// `ca_pem` to wait for it.
+    pub async fn start_tls(
+        env: &Env,
+        cert: &Path,
+        key: &Path,
+        ca_pem: &str,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(env, Some((cert, key, ca_pem))).await
+    }
+
+    async fn start_with(env: &Env, tls: Option<(&Path, &Path, &str)>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("serve.log");
         let port = free_port()?;
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         let mut command = Command::new(binary("iam-broker")?);
         command.args(["serve", "--listen", &address.to_string()]);
+        if let Some((cert, key, _)) = tls {
+            command
+                .arg("--tls-cert")
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key);
+        }
         env.apply(&mut command);
         let file = std::fs::File::create(&log)?;
         command
@@ -301,14 +339,24 @@ impl Server {
             .stderr(file)
             .kill_on_drop(true);
         let child = command.spawn()?;
-        let url = format!("http://{address}");
+        let url = match tls {
+            Some(_) => format!("https://{address}"),
+            None => format!("http://{address}"),
+        };
+        let client = client_trusting(tls.map(|(_, _, ca)| ca))?;
         let mut server = Self {
             child,
+            client,
             url,
             log,
             _dir: dir,
         };
-        if let Err(e) = wait_http(&format!("{}/healthz", server.url), Duration::from_secs(20)).await
+        if let Err(e) = wait_http_with(
+            &server.client,
+            &format!("{}/healthz", server.url),
+            Duration::from_secs(20),
+        )
+        .await
         {
             let log = server.log();
             let _ = server.child.kill().await;
@@ -324,7 +372,7 @@ impl Server {
 
     /// `GET <path>` with an optional `Authorization` header.
     pub async fn get(&self, path: &str, authorization: Option<&str>) -> anyhow::Result<Answer> {
-        let mut request = reqwest::Client::new().get(format!("{}{path}", self.url));
+        let mut request = self.client.get(format!("{}{path}", self.url));
         if let Some(value) = authorization {
             request = request.header("Authorization", value);
         }
@@ -333,7 +381,8 @@ impl Server {
 
     /// `POST <path>` with a JSON body.
     pub async fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<Answer> {
-        let response = reqwest::Client::new()
+        let response = self
+            .client
             .post(format!("{}{path}", self.url))
             .json(body)
             .send()

@@ -23,11 +23,16 @@ pub struct Proxy {
 impl Proxy {
     /// Starts the proxy in front of `broker_url` and waits for its `/healthz`.
     pub async fn start(broker_url: &str) -> anyhow::Result<Self> {
+        Self::start_with(broker_url, Env::new()).await
+    }
+
+    /// [`Self::start`] with extra environment (e.g. `BROKER_CA_PEM`).
+    pub async fn start_with(broker_url: &str, extra: Env) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("proxy.log");
         let address = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let mut command = Command::new(binary("iam-broker-proxy")?);
-        Env::new()
+        extra
             .set("BROKER_URL", broker_url)
             .set("LISTEN_ADDR", address.to_string())
             .apply(&mut command);

@@ -182,3 +182,83 @@ async fn aws_sdk_for_rust_gets_the_assumed_role_through_the_proxy() {
     assert!(!wrong.success, "{}", wrong.stdout);
     w.assert_logs_clean(&[&wrong]).await;
 }
+
+#[tokio::test]
+async fn in_cluster_broker_over_https_with_a_private_ca() {
+    // GIVEN `iam-broker serve --tls-cert --tls-key` with a certificate from a private CA
+    let moto = Moto::start().await.unwrap();
+    let tables = Tables::create(&moto.sdk_config().await, "tls")
+        .await
+        .unwrap();
+    let env = moto.env().tables(&tables);
+    let allow = cli(
+        &env,
+        &[
+            "allow",
+            "--namespace",
+            "team-a",
+            "--service-account",
+            "app",
+            "--role",
+            ROLE,
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(allow.success, "{}", allow.stderr);
+    let minted = cli(
+        &env,
+        &[
+            "token",
+            "create",
+            "--namespace",
+            "team-a",
+            "--service-account",
+            "app",
+            "--role",
+            ROLE,
+        ],
+    )
+    .await
+    .unwrap();
+    let token = minted.stdout.trim().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = iam_broker_tests::kube_api::test_certificates().unwrap();
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let server = Server::start_tls(&env, &cert_path, &key_path, &ca)
+        .await
+        .unwrap();
+    assert!(server.url.starts_with("https://"));
+
+    // WHEN the sidecar trusts the private CA (BROKER_CA_PEM, as the webhook injects it)
+    let proxy = Proxy::start_with(&server.url, Env::new().set("BROKER_CA_PEM", &ca))
+        .await
+        .unwrap();
+    let app =
+        container_env(&moto.endpoint, &proxy.url).set("AWS_CONTAINER_AUTHORIZATION_TOKEN", &token);
+    let out = run(
+        &aws_cli(),
+        &app,
+        &["sts", "get-caller-identity", "--output", "json"],
+    )
+    .await
+    .unwrap();
+    // THEN the AWS CLI gets the assumed role over HTTPS end to end
+    assert!(arn_of(&out).starts_with(ASSUMED));
+
+    // AND a sidecar that does not trust the CA refuses the broker (502, nothing served)
+    let untrusting = Proxy::start(&server.url).await.unwrap();
+    let refused = run(
+        &aws_cli(),
+        &container_env(&moto.endpoint, &untrusting.url)
+            .set("AWS_CONTAINER_AUTHORIZATION_TOKEN", &token),
+        &["sts", "get-caller-identity"],
+    )
+    .await
+    .unwrap();
+    assert!(!refused.success);
+    let log = untrusting.stop().await;
+    assert!(log.contains("broker call failed"), "{log}");
+}

@@ -154,7 +154,18 @@ async fn create_injects_and_the_token_from_the_secret_gets_credentials() {
     assert!(!answer.json.to_string().contains(&token));
     let log = server.stop().await;
     assert!(!log.contains(&token), "the log holds the token");
-    assert!(log.contains("\"decision\":\"patched\""), "{log}");
+    // the decision line names the namespace and ServiceAccount and carries the request id
+    let decision = log
+        .lines()
+        .find(|l| l.contains("\"decision\":\"patched\""))
+        .unwrap_or_else(|| panic!("no decision line in {log}"));
+    for field in [
+        "\"request_id\"",
+        "\"namespace\":\"team-a\"",
+        "\"service_account\":\"app\"",
+    ] {
+        assert!(decision.contains(field), "{field} missing from {decision}");
+    }
 }
 
 #[tokio::test]

@@ -74,6 +74,9 @@ pub struct SidecarSettings {
     pub token_file: bool,
     /// `AWS_REGION` / `AWS_DEFAULT_REGION` to set in containers that lack them.
     pub region: Option<String>,
+    /// PEM of a private CA the sidecar must trust for the broker (in-cluster broker), passed as
+    /// the sidecar's `BROKER_CA_PEM`.
+    pub broker_ca_pem: Option<String>,
 }
 
 /// The parts of a pod the decision needs, read from its JSON.
@@ -375,14 +378,18 @@ pub fn patch(
 /// The sidecar container. Restricted-v2 compatible: non-root without a fixed UID, no privilege
 /// escalation, no capabilities, read-only root filesystem, RuntimeDefault seccomp.
 pub fn sidecar(settings: &SidecarSettings, broker_url: &str) -> Value {
+    let mut env = vec![
+        json!({ "name": "BROKER_URL", "value": broker_url }),
+        json!({ "name": "LISTEN_ADDR", "value": format!("127.0.0.1:{}", settings.port) }),
+    ];
+    if let Some(pem) = &settings.broker_ca_pem {
+        env.push(json!({ "name": "BROKER_CA_PEM", "value": pem }));
+    }
     json!({
         "name": SIDECAR_NAME,
         "image": settings.image,
         "imagePullPolicy": "IfNotPresent",
-        "env": [
-            { "name": "BROKER_URL", "value": broker_url },
-            { "name": "LISTEN_ADDR", "value": format!("127.0.0.1:{}", settings.port) },
-        ],
+        "env": env,
         "resources": {
             "requests": { "cpu": "10m", "memory": "16Mi" },
             "limits": { "cpu": "200m", "memory": "32Mi" },
@@ -441,6 +448,7 @@ mod tests {
             mode,
             token_file,
             region: region.map(str::to_owned),
+            broker_ca_pem: None,
         }
     }
 
@@ -677,6 +685,25 @@ mod tests {
         assert!(view(&json!({ "spec": {} })).is_err());
         assert!(view(&json!({ "spec": { "containers": {} } })).is_err());
         assert!(view(&json!({ "spec": { "containers": [{ "image": "x" }] } })).is_err());
+    }
+
+    #[test]
+    fn a_private_broker_ca_is_handed_to_the_sidecar() {
+        let pod = json!({ "spec": { "containers": [{ "name": "a" }] } });
+        let mut s = settings(SidecarMode::Container, false, None);
+        s.broker_ca_pem =
+            Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into());
+        let patched = apply(&pod, &s);
+        let env = &patched["spec"]["containers"][1]["env"];
+        assert_eq!(env[2]["name"], "BROKER_CA_PEM");
+        assert!(
+            env[2]["value"]
+                .as_str()
+                .unwrap()
+                .starts_with("-----BEGIN CERTIFICATE-----")
+        );
+        // the app container never sees it
+        assert!(!env_of(&patched["spec"]["containers"][0]).contains(&"BROKER_CA_PEM".to_owned()));
     }
 
     #[test]

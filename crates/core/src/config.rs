@@ -39,6 +39,8 @@ pub const ENV_POD_AWS_REGION: &str = "POD_AWS_REGION";
 /// Secret path segment of the webhook (`POST /mutate/<secret>`); when set, `POST /` and
 /// `POST /mutate` no longer reach the webhook.
 pub const ENV_WEBHOOK_PATH_SECRET: &str = "WEBHOOK_PATH_SECRET";
+/// PEM of a private CA the sidecar must trust for the broker (in-cluster broker).
+pub const ENV_PROXY_BROKER_CA_PEM: &str = "PROXY_BROKER_CA_PEM";
 /// Whether to write CloudWatch Embedded Metric Format lines on stdout.
 pub const ENV_EMF_METRICS: &str = "EMF_METRICS";
 /// How old a token record or Secret must be before the sweep judges it an orphan.
@@ -95,6 +97,8 @@ pub struct Config {
     pub sweep_grace: Duration,
     /// CloudWatch EMF metrics on stdout.
     pub emf_metrics: bool,
+    /// Private CA (PEM) the sidecar trusts for the broker.
+    pub proxy_broker_ca_pem: Option<String>,
 }
 
 /// The webhook's answer when a dependency (Kubernetes, DynamoDB) fails or times out.
@@ -129,6 +133,7 @@ impl Default for Config {
             webhook_path_secret: None,
             sweep_grace: Duration::from_secs(600),
             emf_metrics: false,
+            proxy_broker_ca_pem: None,
         }
     }
 }
@@ -283,6 +288,18 @@ impl Config {
                 .unwrap_or(600),
             ),
             emf_metrics: boolean(ENV_EMF_METRICS, get(ENV_EMF_METRICS))?,
+            proxy_broker_ca_pem: get(ENV_PROXY_BROKER_CA_PEM)
+                .map(|pem| {
+                    if pem.contains("-----BEGIN CERTIFICATE-----") {
+                        Ok(pem)
+                    } else {
+                        Err(ConfigError {
+                            variable: ENV_PROXY_BROKER_CA_PEM,
+                            message: "holds no PEM certificate".to_owned(),
+                        })
+                    }
+                })
+                .transpose()?,
         };
         Ok(config)
     }
@@ -424,6 +441,7 @@ mod tests {
             ("WEBHOOK_PATH_SECRET", "short"),
             ("SWEEP_GRACE_SECONDS", "5"),
             ("EMF_METRICS", "on"),
+            ("PROXY_BROKER_CA_PEM", "not pem"),
             (
                 "WEBHOOK_PATH_SECRET",
                 "has/slash/has/slash/has/slash/has/slash/",

@@ -26,13 +26,23 @@ pub fn service(router: Router) -> MapRequest<Router, fn(Request) -> Request> {
 }
 
 /// Removes a leading `/<stage>` from the path when the event names a stage, and records the stage
-/// as the request's [`iam_broker_router::BasePath`].
+/// as the request's [`iam_broker_router::BasePath`] and API Gateway's request id as its
+/// [`iam_broker_router::RequestId`].
 pub fn strip_stage(mut request: Request) -> Request {
-    let stage = match request.request_context_ref() {
-        Some(RequestContext::ApiGatewayV1(context)) => context.stage.clone(),
-        Some(RequestContext::ApiGatewayV2(context)) => context.stage.clone(),
-        _ => None,
+    let (stage, request_id) = match request.request_context_ref() {
+        Some(RequestContext::ApiGatewayV1(context)) => {
+            (context.stage.clone(), context.request_id.clone())
+        }
+        Some(RequestContext::ApiGatewayV2(context)) => {
+            (context.stage.clone(), context.request_id.clone())
+        }
+        _ => (None, None),
     };
+    if let Some(id) = request_id {
+        request
+            .extensions_mut()
+            .insert(iam_broker_router::RequestId(id));
+    }
     let Some(stage) = stage.filter(|s| !s.is_empty() && s != "$default") else {
         return request;
     };

@@ -125,6 +125,7 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
                     mode,
                     token_file: false,
                     region: None,
+                    broker_ca_pem: None,
                 }),
                 role_annotation: "eks.amazonaws.com/role-arn".into(),
                 broker_url: None,

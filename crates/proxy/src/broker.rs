@@ -85,12 +85,20 @@ pub(crate) struct BrokerClient {
 }
 
 impl BrokerClient {
-    /// A client for `url` whose calls end after `timeout`.
-    pub(crate) fn new(url: Uri, timeout: Duration) -> Result<Self, rustls::Error> {
+    /// A client for `url` whose calls end after `timeout`, trusting the webpki roots plus
+    /// `extra_roots`.
+    pub(crate) fn new(
+        url: Uri,
+        timeout: Duration,
+        extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<Self, rustls::Error> {
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let roots = rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
+        for cert in extra_roots {
+            roots.add(cert.clone())?;
+        }
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)

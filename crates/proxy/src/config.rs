@@ -19,6 +19,9 @@ pub const ENV_BROKER_TIMEOUT_MS: &str = "BROKER_TIMEOUT_MS";
 /// `CACHE_MAX_ENTRIES`: how many tokens' credentials the cache holds at most.
 pub const ENV_CACHE_MAX_ENTRIES: &str = "CACHE_MAX_ENTRIES";
 
+/// Extra CA certificates (PEM text) the broker's certificate may chain to, besides the public
+/// webpki roots: for an in-cluster broker with a private CA.
+pub const ENV_BROKER_CA_PEM: &str = "BROKER_CA_PEM";
 /// Default of [`ENV_LISTEN_ADDR`] (DESIGN.md: `PROXY_PORT` 53080 on 127.0.0.1).
 pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:53080";
 /// Default of [`ENV_MIN_VALIDITY_SECONDS`]: botocore refreshes 15 minutes ahead of expiry.
@@ -55,6 +58,8 @@ pub struct Config {
     pub broker_timeout: Duration,
     /// Most tokens cached at once.
     pub cache_max_entries: usize,
+    /// Extra trusted CA certificates (DER) from [`ENV_BROKER_CA_PEM`].
+    pub broker_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl Config {
@@ -102,8 +107,32 @@ impl Config {
                 DEFAULT_CACHE_MAX_ENTRIES,
             )?)
             .unwrap_or(usize::MAX),
+            broker_ca: broker_ca(get(ENV_BROKER_CA_PEM))?,
         })
     }
+}
+
+/// `BROKER_CA_PEM`: one or more PEM certificates.
+fn broker_ca(
+    value: Option<String>,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+    use rustls::pki_types::pem::PemObject as _;
+    let Some(text) = value else {
+        return Ok(Vec::new());
+    };
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConfigError {
+            variable: ENV_BROKER_CA_PEM,
+            message: format!("not PEM certificates: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(ConfigError {
+            variable: ENV_BROKER_CA_PEM,
+            message: "holds no PEM certificate".to_owned(),
+        });
+    }
+    Ok(certs)
 }
 
 /// `BROKER_URL` must be an absolute `http://` or `https://` URL with a host.
@@ -254,6 +283,11 @@ mod tests {
             (ENV_BROKER_TIMEOUT_MS, "60001"),
             (ENV_CACHE_MAX_ENTRIES, "0"),
             (ENV_CACHE_MAX_ENTRIES, "many"),
+            (ENV_BROKER_CA_PEM, "not a certificate"),
+            (
+                ENV_BROKER_CA_PEM,
+                "-----BEGIN CERTIFICATE-----\n%%%\n-----END CERTIFICATE-----",
+            ),
         ];
         for (variable, value) in cases {
             let mut pairs = vec![URL];

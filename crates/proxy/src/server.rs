@@ -88,8 +88,12 @@ pub fn serve(
     clock: Arc<dyn Clock>,
 ) -> Result<ProxyHandle, ServeError> {
     let local_addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
-    let broker = BrokerClient::new(config.broker_url.clone(), config.broker_timeout)
-        .map_err(ServeError::Tls)?;
+    let broker = BrokerClient::new(
+        config.broker_url.clone(),
+        config.broker_timeout,
+        &config.broker_ca,
+    )
+    .map_err(ServeError::Tls)?;
     let policy = Policy {
         min_validity: config.min_validity,
         refresh_ahead: config.refresh_ahead,

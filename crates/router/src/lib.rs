@@ -53,9 +53,50 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// One JSON log line per request: method, path (the webhook's secret segment redacted), status,
-/// latency. Headers (which carry tokens) are never logged.
+/// The id of one request, carried on every log line it causes (the `request` span's
+/// `request_id`): API Gateway's request id when the Lambda runner sets this extension, else an
+/// `X-Request-Id` header of reasonable shape, else a fresh random id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+fn request_id(request: &Request) -> String {
+    if let Some(RequestId(id)) = request.extensions().get::<RequestId>() {
+        return id.clone();
+    }
+    let header = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    match header {
+        Some(id) => id.to_owned(),
+        None => {
+            let mut bytes = [0u8; 8];
+            // A failing OS RNG only costs log correlation, never a request.
+            let _ = getrandom::fill(&mut bytes);
+            hex::encode(bytes)
+        }
+    }
+}
+
+/// One JSON log line per request: request id, method, path (the webhook's secret segment
+/// redacted), status, latency; every line logged while handling it carries the same
+/// `request_id`. Headers (which carry tokens) are never logged.
 async fn access_log(request: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
+    let id = request_id(&request);
+    let span = tracing::info_span!("request", request_id = %id);
+    async move { logged(request, next).await }
+        .instrument(span)
+        .await
+}
+
+async fn logged(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     // The webhook's path carries its secret segment: never log it.
@@ -87,7 +128,7 @@ pub mod telemetry {
         let _ = tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            .with_current_span(true)
             .with_span_list(false)
             .with_target(false)
             .with_env_filter(filter)
