@@ -187,7 +187,7 @@ async fn a_hung_api_server_is_unavailable_within_the_deadline() {
         "{result:?}"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(20),
         "{:?}",
         started.elapsed()
     );
