@@ -262,8 +262,18 @@ pub async fn cli_with_stdin(
     args: &[&str],
     stdin: Option<&str>,
 ) -> anyhow::Result<CliOutput> {
+    run_program(&binary("iam-broker")?, env, args, stdin).await
+}
+
+/// Runs any program to completion (60 s at most) with exactly `env`, feeding it `stdin`.
+pub async fn run_program(
+    program: &Path,
+    env: &Env,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<CliOutput> {
     use tokio::io::AsyncWriteExt as _;
-    let mut command = Command::new(binary("iam-broker")?);
+    let mut command = Command::new(program);
     command.args(args);
     env.apply(&mut command);
     command
@@ -282,12 +292,67 @@ pub async fn cli_with_stdin(
     }
     let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
         .await
-        .context("iam-broker did not finish within 60 s")??;
+        .with_context(|| format!("{} did not finish within 60 s", program.display()))??;
     Ok(CliOutput {
         success: output.status.success(),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     })
+}
+
+/// `iam-broker allow`; fails with the CLI's message unless it succeeds.
+pub async fn allow(
+    env: &Env,
+    namespace: &str,
+    service_account: &str,
+    role: &str,
+) -> anyhow::Result<()> {
+    let out = cli(
+        env,
+        &[
+            "allow",
+            "--namespace",
+            namespace,
+            "--service-account",
+            service_account,
+            "--role",
+            role,
+        ],
+    )
+    .await?;
+    if !out.success {
+        bail!("iam-broker allow failed: {}", out.stderr);
+    }
+    Ok(())
+}
+
+/// `iam-broker token create` (pod `web-1`); the token it printed.
+pub async fn mint_token(
+    env: &Env,
+    namespace: &str,
+    service_account: &str,
+    role: &str,
+) -> anyhow::Result<String> {
+    let out = cli(
+        env,
+        &[
+            "token",
+            "create",
+            "--namespace",
+            namespace,
+            "--service-account",
+            service_account,
+            "--role",
+            role,
+            "--pod",
+            "web-1",
+        ],
+    )
+    .await?;
+    if !out.success {
+        bail!("iam-broker token create failed: {}", out.stderr);
+    }
+    Ok(out.stdout.trim().to_owned())
 }
 
 /// A running `iam-broker serve`, its log captured to a file.

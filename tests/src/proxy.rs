@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use tokio::process::{Child, Command};
 
 use crate::{CliOutput, Env, binary, free_port, wait_http, workspace_root};
@@ -81,22 +81,7 @@ pub fn aws_cli() -> PathBuf {
 
 /// Runs a program to completion with exactly `env` (nothing else inherited but `PATH`).
 pub async fn run(program: &Path, env: &Env, args: &[&str]) -> anyhow::Result<CliOutput> {
-    let mut command = Command::new(program);
-    command.args(args);
-    env.apply(&mut command);
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
-        .await
-        .with_context(|| format!("{} did not finish within 60 s", program.display()))??;
-    Ok(CliOutput {
-        success: output.status.success(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    })
+    crate::run_program(program, env, args, None).await
 }
 
 /// The environment of a container the webhook injected: the container-credentials variables

@@ -6,7 +6,9 @@
 
 use base64::Engine as _;
 use iam_broker_tests::kube_api::{DEFAULT_TOKEN, KubeApi};
-use iam_broker_tests::{CliOutput, Env, Moto, Server, Tables, cli, cli_with_stdin, workspace_root};
+use iam_broker_tests::{
+    CliOutput, Env, Moto, Server, Tables, allow, cli, cli_with_stdin, mint_token, workspace_root,
+};
 use serde_json::json;
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
@@ -78,37 +80,8 @@ async fn broker_world() -> (Moto, Env, String) {
         .await
         .unwrap();
     let env = moto.env().tables(&tables);
-    ok(&cli(
-        &env,
-        &[
-            "allow",
-            "--namespace",
-            "a",
-            "--service-account",
-            "b",
-            "--role",
-            ROLE,
-        ],
-    )
-    .await
-    .unwrap());
-    let minted = cli(
-        &env,
-        &[
-            "token",
-            "create",
-            "--namespace",
-            "a",
-            "--service-account",
-            "b",
-            "--role",
-            ROLE,
-        ],
-    )
-    .await
-    .unwrap();
-    ok(&minted);
-    let token = minted.stdout.trim().to_owned();
+    allow(&env, "a", "b", ROLE).await.unwrap();
+    let token = mint_token(&env, "a", "b", ROLE).await.unwrap();
     (moto, env, token)
 }
 

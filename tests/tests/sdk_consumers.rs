@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use iam_broker_tests::proxy::{Proxy, aws_cli, container_env, run};
-use iam_broker_tests::{CliOutput, Env, Moto, Server, Tables, binary, cli};
+use iam_broker_tests::{CliOutput, Env, Moto, Server, Tables, allow, binary, mint_token};
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
 /// What moto's GetCallerIdentity reports for a session of ROLE.
@@ -27,46 +27,15 @@ async fn world() -> World {
         .await
         .unwrap();
     let env = moto.env().tables(&tables);
-    let allow = cli(
-        &env,
-        &[
-            "allow",
-            "--namespace",
-            "team-a",
-            "--service-account",
-            "app",
-            "--role",
-            ROLE,
-        ],
-    )
-    .await
-    .unwrap();
-    assert!(allow.success, "{}", allow.stderr);
-    let minted = cli(
-        &env,
-        &[
-            "token",
-            "create",
-            "--namespace",
-            "team-a",
-            "--service-account",
-            "app",
-            "--role",
-            ROLE,
-            "--pod",
-            "web-1",
-        ],
-    )
-    .await
-    .unwrap();
-    assert!(minted.success, "{}", minted.stderr);
+    allow(&env, "team-a", "app", ROLE).await.unwrap();
+    let token = mint_token(&env, "team-a", "app", ROLE).await.unwrap();
     let server = Server::start(&env).await.unwrap();
     let proxy = Proxy::start(&server.url).await.unwrap();
     World {
         moto,
         server,
         proxy,
-        token: minted.stdout.trim().to_owned(),
+        token,
         dir: tempfile::tempdir().unwrap(),
     }
 }
@@ -191,37 +160,8 @@ async fn in_cluster_broker_over_https_with_a_private_ca() {
         .await
         .unwrap();
     let env = moto.env().tables(&tables);
-    let allow = cli(
-        &env,
-        &[
-            "allow",
-            "--namespace",
-            "team-a",
-            "--service-account",
-            "app",
-            "--role",
-            ROLE,
-        ],
-    )
-    .await
-    .unwrap();
-    assert!(allow.success, "{}", allow.stderr);
-    let minted = cli(
-        &env,
-        &[
-            "token",
-            "create",
-            "--namespace",
-            "team-a",
-            "--service-account",
-            "app",
-            "--role",
-            ROLE,
-        ],
-    )
-    .await
-    .unwrap();
-    let token = minted.stdout.trim().to_owned();
+    allow(&env, "team-a", "app", ROLE).await.unwrap();
+    let token = mint_token(&env, "team-a", "app", ROLE).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = iam_broker_tests::kube_api::test_certificates().unwrap();
     let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));

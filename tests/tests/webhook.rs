@@ -13,7 +13,7 @@ use iam_broker_aws::DynamoTokenStore;
 use iam_broker_core::Token;
 use iam_broker_core::ports::TokenStore;
 use iam_broker_tests::kube_api::{DEFAULT_TOKEN, Fault, KubeApi};
-use iam_broker_tests::{Env, Moto, Server, Tables, cli};
+use iam_broker_tests::{Env, Moto, Server, Tables, allow};
 use serde_json::{Value, json};
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
@@ -40,21 +40,7 @@ async fn world() -> World {
         .tables(&tables)
         .set("KUBECONFIG", kubeconfig.to_string_lossy())
         .set("PROXY_IMAGE", "registry.example/iam-broker-proxy:0.1.0");
-    let allowed = cli(
-        &env,
-        &[
-            "allow",
-            "--namespace",
-            "team-a",
-            "--service-account",
-            "app",
-            "--role",
-            ROLE,
-        ],
-    )
-    .await
-    .unwrap();
-    assert!(allowed.success, "{}", allowed.stderr);
+    allow(&env, "team-a", "app", ROLE).await.unwrap();
     World {
         tokens: DynamoTokenStore::new(aws_sdk_dynamodb::Client::new(&sdk), &tables.authorizations),
         moto,

@@ -301,18 +301,21 @@ impl Webhook {
         let (token, mut record) = mint(grant(None), now, self.settings.token_ttl)
             .map_err(|e| Failure::Internal(e.to_string()))?;
         let mut secret_name = admission::secret_name(record.token_hash.as_str());
-
-        if request.is_dry_run() {
-            let patch = admission::patch(
+        let patch_for = |secret_name: &str, record: &crate::record::TokenRecord| {
+            admission::patch(
                 pod,
                 view,
                 sidecar,
                 &Injection {
-                    secret_name: &secret_name,
+                    secret_name,
                     token_hash: record.token_hash.as_str(),
                     broker_url,
                 },
-            );
+            )
+        };
+
+        if request.is_dry_run() {
+            let patch = patch_for(&secret_name, &record);
             return patched(request, sa, &patch, "dry run: patch only, nothing written");
         }
 
@@ -375,16 +378,7 @@ impl Webhook {
             return Err(failure);
         }
 
-        let patch = admission::patch(
-            pod,
-            view,
-            sidecar,
-            &Injection {
-                secret_name: &secret_name,
-                token_hash: record.token_hash.as_str(),
-                broker_url,
-            },
-        );
+        let patch = patch_for(&secret_name, &record);
         match patched(request, sa, &patch, &format!("role {}", role.as_str())) {
             Ok(outcome) => Ok(outcome),
             Err(failure) => {
