@@ -286,3 +286,26 @@ async fn doctor_reports_each_check_and_fails_on_missing_rbac() {
             .contains("ok    Kubernetes RBAC get serviceaccounts")
     );
 }
+
+#[tokio::test]
+async fn tables_create_is_idempotent_and_makes_the_designed_keys() {
+    use iam_broker_aws::schema::{allowances_keys, authorizations_keys, check_table};
+    let moto = Moto::start().await.unwrap();
+    let env = moto
+        .env()
+        .set("ALLOWANCES_TABLE", "t-allowances")
+        .set("AUTHORIZATIONS_TABLE", "t-authorizations");
+    for _ in 0..2 {
+        ok(&cli(&env, &["tables", "create"]).await.unwrap());
+    }
+    let dynamodb = aws_sdk_dynamodb::Client::new(&moto.sdk_config().await);
+    check_table(&dynamodb, "t-allowances", &allowances_keys())
+        .await
+        .unwrap();
+    check_table(&dynamodb, "t-authorizations", &authorizations_keys())
+        .await
+        .unwrap();
+    // and the check itself notices a wrong schema
+    let wrong = check_table(&dynamodb, "t-allowances", &authorizations_keys()).await;
+    assert!(wrong.unwrap_err().contains("expected"));
+}
