@@ -1,15 +1,20 @@
 //! [`AllowanceStore`] and [`TokenStore`] on DynamoDB. Items are converted next to the adapter;
-//! SDK errors are kept as the `source` of [`StoreError`].
+//! SDK errors are explained ([`crate::sdk::AwsError`], [`MissingTable`]) and kept as the `source`
+//! of [`StoreError`].
 
 use std::collections::{BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use iam_broker_core::allowance::{Allowance, Subject};
-use iam_broker_core::ports::{AllowanceStore, StoreError, TokenStore};
+use iam_broker_core::config::{ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE};
+use iam_broker_core::ports::{AllowanceStore, BoxError, StoreError, TokenStore};
 use iam_broker_core::{TokenHash, TokenRecord};
+
+use crate::sdk::{SdkFailure, Service, error_code, explain};
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -48,14 +53,89 @@ pub mod token_attributes {
 use allowance_attributes as aa;
 use token_attributes as ta;
 
-fn unavailable<E, R>(table: &str, error: SdkError<E, R>) -> StoreError
+/// A table that is not where the process looks for it: a wrong name, or the wrong region.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "table {table} does not exist in {region}: set {variable} to the name of the {role} table, \
+     or pass --stack <name> / set IAM_BROKER_STACK to read it from the stack's outputs"
+)]
+pub struct MissingTable {
+    /// The table name.
+    pub table: String,
+    /// The region the client looked in.
+    pub region: String,
+    /// `ALLOWANCES_TABLE` or `AUTHORIZATIONS_TABLE`.
+    pub variable: &'static str,
+    /// `Allowances` or `Authorizations`.
+    pub role: &'static str,
+    /// The SDK's error (`ResourceNotFoundException`).
+    #[source]
+    pub source: BoxError,
+}
+
+/// Which of the two tables of DESIGN.md a name stands for, and the variable that sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableRole {
+    /// The Allowances table (`ALLOWANCES_TABLE`).
+    Allowances,
+    /// The Authorizations table (`AUTHORIZATIONS_TABLE`).
+    Authorizations,
+}
+
+impl TableRole {
+    /// `Allowances` or `Authorizations`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Allowances => "Allowances",
+            Self::Authorizations => "Authorizations",
+        }
+    }
+
+    /// The variable that names the table.
+    pub fn variable(self) -> &'static str {
+        match self {
+            Self::Allowances => ENV_ALLOWANCES_TABLE,
+            Self::Authorizations => ENV_AUTHORIZATIONS_TABLE,
+        }
+    }
+}
+
+/// Explains a failed call on `table`: [`MissingTable`] for `ResourceNotFoundException`, else
+/// [`crate::sdk::AwsError`].
+pub(crate) fn table_error<E>(
+    client: &Client,
+    table: &str,
+    role: TableRole,
+    error: SdkError<E, HttpResponse>,
+) -> BoxError
 where
-    E: std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
+    E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+{
+    let region = client.config().region();
+    if error_code(&error).as_deref() == Some("ResourceNotFoundException") {
+        return Box::new(MissingTable {
+            table: table.to_owned(),
+            region: region.map_or_else(|| "the configured region".to_owned(), ToString::to_string),
+            variable: role.variable(),
+            role: role.name(),
+            source: Box::new(SdkFailure::new(error)),
+        });
+    }
+    Box::new(explain(Service::DynamoDb, region, error))
+}
+
+fn unavailable<E>(
+    client: &Client,
+    table: &str,
+    role: TableRole,
+    error: SdkError<E, HttpResponse>,
+) -> StoreError
+where
+    E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
 {
     StoreError::Unavailable {
         store: format!("DynamoDB table {table}"),
-        source: Box::new(error),
+        source: table_error(client, table, role, error),
     }
 }
 
@@ -94,6 +174,13 @@ impl DynamoAllowanceStore {
             client,
             table: table.into(),
         }
+    }
+
+    fn unavailable<E>(&self, error: SdkError<E, HttpResponse>) -> StoreError
+    where
+        E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+    {
+        unavailable(&self.client, &self.table, TableRole::Allowances, error)
     }
 
     fn key(subject: &Subject) -> Item {
@@ -150,7 +237,7 @@ impl AllowanceStore for DynamoAllowanceStore {
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| unavailable(&self.table, e))?;
+            .map_err(|e| self.unavailable(e))?;
         output
             .item
             .as_ref()
@@ -170,7 +257,7 @@ impl AllowanceStore for DynamoAllowanceStore {
             .return_values(ReturnValue::AllNew)
             .send()
             .await
-            .map_err(|e| unavailable(&self.table, e))?;
+            .map_err(|e| self.unavailable(e))?;
         let item = output
             .attributes
             .ok_or_else(|| corrupt(&self.table, "UpdateItem returned no attributes"))?;
@@ -199,7 +286,7 @@ impl AllowanceStore for DynamoAllowanceStore {
             let output = match output {
                 Ok(output) => output,
                 Err(e) if is_conditional_failure(&e) => return Ok(None),
-                Err(e) => return Err(unavailable(&self.table, e)),
+                Err(e) => return Err(self.unavailable(e)),
             };
             let remaining = output
                 .attributes
@@ -228,7 +315,7 @@ impl AllowanceStore for DynamoAllowanceStore {
         match delete.send().await {
             Ok(_) => Ok(None),
             Err(e) if is_conditional_failure(&e) => self.allowance(subject).await,
-            Err(e) => Err(unavailable(&self.table, e)),
+            Err(e) => Err(self.unavailable(e)),
         }
     }
 
@@ -246,7 +333,7 @@ impl AllowanceStore for DynamoAllowanceStore {
                 .send()
                 .try_collect()
                 .await
-                .map_err(|e| unavailable(&self.table, e))?,
+                .map_err(|e| self.unavailable(e))?,
             None => self
                 .client
                 .scan()
@@ -256,7 +343,7 @@ impl AllowanceStore for DynamoAllowanceStore {
                 .send()
                 .try_collect()
                 .await
-                .map_err(|e| unavailable(&self.table, e))?,
+                .map_err(|e| self.unavailable(e))?,
         };
         let mut rows = pages
             .iter()
@@ -281,6 +368,13 @@ impl DynamoTokenStore {
             client,
             table: table.into(),
         }
+    }
+
+    fn unavailable<E>(&self, error: SdkError<E, HttpResponse>) -> StoreError
+    where
+        E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+    {
+        unavailable(&self.client, &self.table, TableRole::Authorizations, error)
     }
 
     fn key(hash: &TokenHash) -> Item {
@@ -349,7 +443,7 @@ impl TokenStore for DynamoTokenStore {
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| unavailable(&self.table, e))?;
+            .map_err(|e| self.unavailable(e))?;
         output
             .item
             .as_ref()
@@ -370,7 +464,7 @@ impl TokenStore for DynamoTokenStore {
         {
             Ok(_) => Ok(()),
             Err(e) if is_conditional_failure(&e) => Err(StoreError::AlreadyExists),
-            Err(e) => Err(unavailable(&self.table, e)),
+            Err(e) => Err(self.unavailable(e)),
         }
     }
 
@@ -397,7 +491,7 @@ impl TokenStore for DynamoTokenStore {
         {
             Ok(_) => Ok(()),
             Err(e) if is_conditional_failure(&e) => Err(StoreError::NotFound),
-            Err(e) => Err(unavailable(&self.table, e)),
+            Err(e) => Err(self.unavailable(e)),
         }
     }
 
@@ -410,7 +504,7 @@ impl TokenStore for DynamoTokenStore {
             .return_values(ReturnValue::AllOld)
             .send()
             .await
-            .map_err(|e| unavailable(&self.table, e))?;
+            .map_err(|e| self.unavailable(e))?;
         output
             .attributes
             .as_ref()
@@ -428,7 +522,7 @@ impl TokenStore for DynamoTokenStore {
             .send()
             .try_collect()
             .await
-            .map_err(|e| unavailable(&self.table, e))?;
+            .map_err(|e| self.unavailable(e))?;
         let mut records = items
             .iter()
             .map(|item| self.read_item(item))

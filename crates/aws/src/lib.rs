@@ -1,6 +1,6 @@
 //! AWS adapters of iam-broker: the Allowances and Authorizations tables on DynamoDB
 //! ([`dynamodb`]), temporary credentials from STS ([`sts`]), and the shared SDK set-up with
-//! deadlines on every call ([`sdk`]).
+//! deadlines on every call and errors that name their fix ([`sdk`]).
 #![forbid(unsafe_code)]
 
 pub mod dynamodb;
@@ -8,8 +8,8 @@ pub mod schema;
 pub mod sdk;
 pub mod sts;
 
-pub use dynamodb::{DynamoAllowanceStore, DynamoTokenStore};
-pub use sdk::load_sdk_config;
+pub use dynamodb::{DynamoAllowanceStore, DynamoTokenStore, MissingTable, TableRole};
+pub use sdk::{AwsError, Endpoint, SdkFailure, Service, error_code, explain, load_sdk_config};
 pub use sts::StsCredentialIssuer;
 
 use std::sync::Arc;

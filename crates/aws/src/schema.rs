@@ -9,7 +9,10 @@ use aws_sdk_dynamodb::types::{
     TimeToLiveSpecification,
 };
 
-use crate::dynamodb::{allowance_attributes as aa, token_attributes as ta};
+use iam_broker_core::ports::BoxError;
+
+use crate::dynamodb::{TableRole, allowance_attributes as aa, table_error, token_attributes as ta};
+use crate::sdk::{AwsError, Endpoint, Service, explain};
 
 /// What went wrong creating a table.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +86,10 @@ pub async fn create_tables(
                 if e.message().is_some_and(|m| m.contains("already enabled")) {
                     Ok(())
                 } else {
-                    Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                    Err(
+                        Box::new(explain(Service::DynamoDb, client.config().region(), e))
+                            as BoxError,
+                    )
                 }
             })
     };
@@ -107,7 +113,13 @@ async fn create(
     match created {
         Ok(_) => {}
         Err(SdkError::ServiceError(e)) if e.err().code() == Some("ResourceInUseException") => {}
-        Err(e) => return Err(Box::new(e)),
+        Err(e) => {
+            return Err(Box::new(explain(
+                Service::DynamoDb,
+                client.config().region(),
+                e,
+            )));
+        }
     }
     client
         .wait_until_table_exists()
@@ -118,46 +130,93 @@ async fn create(
         .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
 }
 
-/// Checks that a table exists with exactly the key schema of DESIGN.md (`DescribeTable`), for
-/// `iam-broker doctor`. `Err` says what is wrong in words.
+/// Why a table does not match DESIGN.md, for `iam-broker doctor`.
+#[derive(Debug, thiserror::Error)]
+pub enum TableCheckError {
+    /// `DescribeTable` failed (e.g. [`MissingTable`](crate::dynamodb::MissingTable), or an
+    /// [`AwsError`](crate::sdk::AwsError) naming the region, credentials or endpoint at fault).
+    #[error(transparent)]
+    Call(BoxError),
+    /// The endpoint answered `DescribeTable` without a table: it is not DynamoDB.
+    #[error(
+        "{endpoint} answered DescribeTable without a table description, which DynamoDB never \
+         does: is it DynamoDB?"
+    )]
+    NoDescription {
+        /// Where the call went.
+        endpoint: Endpoint,
+    },
+    /// The table exists with other keys.
+    #[error("its keys are {found}, expected {expected}")]
+    WrongKeys {
+        /// The table's key schema, e.g. `token_hash (HASH)`.
+        found: String,
+        /// DESIGN.md's key schema.
+        expected: String,
+    },
+}
+
+impl TableCheckError {
+    /// The explained SDK failure, when the check failed on a call.
+    pub fn aws_error(&self) -> Option<&AwsError> {
+        match self {
+            Self::Call(source) => source.downcast_ref::<AwsError>(),
+            _ => None,
+        }
+    }
+}
+
+fn describe_keys(keys: &[(String, KeyType)]) -> String {
+    if keys.is_empty() {
+        return "none".to_owned();
+    }
+    keys.iter()
+        .map(|(name, kind)| format!("{name} ({})", kind.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Checks that the `role` table `table` exists with exactly the key schema of DESIGN.md
+/// (`DescribeTable`), for `iam-broker doctor`.
 pub async fn check_table(
     client: &Client,
     table: &str,
-    expect: &[(&str, KeyType)],
-) -> Result<(), String> {
+    role: TableRole,
+) -> Result<(), TableCheckError> {
     let described = client
         .describe_table()
         .table_name(table)
         .send()
         .await
-        .map_err(|e| match &e {
-            SdkError::ServiceError(service)
-                if service.err().code() == Some("ResourceNotFoundException") =>
-            {
-                format!("table {table} does not exist")
-            }
-            _ => format!(
-                "cannot describe table {table}: {}",
-                aws_sdk_dynamodb::error::DisplayErrorContext(&e)
+        .map_err(|e| TableCheckError::Call(table_error(client, table, role, e)))?;
+    let Some(description) = described.table else {
+        return Err(TableCheckError::NoDescription {
+            endpoint: Endpoint::of(
+                Service::DynamoDb,
+                client.config().region().map(|r| r.as_ref()),
             ),
-        })?;
-    let keys: Vec<(String, KeyType)> = described
-        .table
-        .and_then(|t| t.key_schema)
+        });
+    };
+    let keys: Vec<(String, KeyType)> = description
+        .key_schema
         .unwrap_or_default()
         .into_iter()
         .map(|k| (k.attribute_name, k.key_type))
         .collect();
-    let want: Vec<(String, KeyType)> = expect
-        .iter()
-        .map(|(name, kind)| ((*name).to_owned(), kind.clone()))
-        .collect();
+    let want: Vec<(String, KeyType)> = match role {
+        TableRole::Allowances => allowances_keys().to_vec(),
+        TableRole::Authorizations => authorizations_keys().to_vec(),
+    }
+    .into_iter()
+    .map(|(name, kind)| (name.to_owned(), kind))
+    .collect();
     if keys == want {
         Ok(())
     } else {
-        Err(format!(
-            "table {table} has keys {keys:?}, expected {want:?}"
-        ))
+        Err(TableCheckError::WrongKeys {
+            found: describe_keys(&keys),
+            expected: describe_keys(&want),
+        })
     }
 }
 

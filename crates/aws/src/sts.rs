@@ -1,6 +1,7 @@
 //! [`CredentialIssuer`] on `sts:AssumeRole`.
 
 use async_trait::async_trait;
+use aws_config::Region;
 use aws_sdk_sts::Client;
 use aws_sdk_sts::config::http::HttpResponse;
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
@@ -9,6 +10,8 @@ use aws_sdk_sts::types::Tag;
 use iam_broker_core::Credentials;
 use iam_broker_core::ports::{AssumeRoleRequest, CredentialIssuer, IssueError};
 use time::OffsetDateTime;
+
+use crate::sdk::{AwsError, Service, explain, xml_text};
 
 /// STS error codes that mean "try again later" rather than "no".
 const RETRYABLE_CODES: &[&str] = &[
@@ -51,7 +54,7 @@ impl CredentialIssuer for StsCredentialIssuer {
             .set_tags((!tags.is_empty()).then_some(tags))
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| classify(self.client.config().region(), e))?;
         let credentials = output.credentials.ok_or_else(|| IssueError::Refused {
             code: "MissingCredentials".to_owned(),
             message: "STS answered without credentials".to_owned(),
@@ -67,7 +70,7 @@ impl CredentialIssuer for StsCredentialIssuer {
     }
 }
 
-fn classify(error: SdkError<AssumeRoleError, HttpResponse>) -> IssueError {
+fn classify(region: Option<&Region>, error: SdkError<AssumeRoleError, HttpResponse>) -> IssueError {
     match &error {
         SdkError::ServiceError(service) => {
             // Some STS-compatible endpoints (moto among them) wrap the error in an extra
@@ -85,7 +88,7 @@ fn classify(error: SdkError<AssumeRoleError, HttpResponse>) -> IssueError {
                 .or_else(|| raw.and_then(|body| xml_text(body, "Code")))
                 .unwrap_or_else(|| format!("HTTP{}", service.raw().status().as_u16()));
             if RETRYABLE_CODES.contains(&code.as_str()) {
-                return IssueError::Unavailable(Box::new(error));
+                return IssueError::Unavailable(Box::new(explain(Service::Sts, region, error)));
             }
             let message = service
                 .err()
@@ -95,37 +98,16 @@ fn classify(error: SdkError<AssumeRoleError, HttpResponse>) -> IssueError {
                 .unwrap_or_default();
             IssueError::Refused { code, message }
         }
-        _ => IssueError::Unavailable(Box::new(error)),
+        _ => IssueError::Unavailable(Box::new(explain(Service::Sts, region, error))),
     }
 }
 
-/// The text of the first `<tag>...</tag>` in an XML error body.
-fn xml_text(body: &str, tag: &str) -> Option<String> {
-    let open = format!("<{tag}>");
-    let start = body.find(&open)? + open.len();
-    let end = body[start..].find(&format!("</{tag}>"))?;
-    Some(body[start..start + end].to_owned())
-}
-
 /// `sts:GetCallerIdentity`: the ARN the process runs as (for `iam-broker doctor`).
-pub async fn caller_arn(sdk: &aws_config::SdkConfig) -> Result<String, String> {
+pub async fn caller_arn(sdk: &aws_config::SdkConfig) -> Result<String, AwsError> {
     aws_sdk_sts::Client::new(sdk)
         .get_caller_identity()
         .send()
         .await
-        .map_err(|e| aws_sdk_sts::error::DisplayErrorContext(&e).to_string())
+        .map_err(|e| explain(Service::Sts, sdk.region(), e))
         .map(|identity| identity.arn.unwrap_or_default())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::xml_text;
-
-    #[test]
-    fn reads_codes_from_either_error_shape() {
-        let nested = "<ErrorResponse><Errors><Error><Code>AccessDenied</Code><Message>no</Message></Error></Errors></ErrorResponse>";
-        assert_eq!(xml_text(nested, "Code").as_deref(), Some("AccessDenied"));
-        assert_eq!(xml_text(nested, "Message").as_deref(), Some("no"));
-        assert_eq!(xml_text("<x/>", "Code"), None);
-    }
 }

@@ -12,6 +12,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::stack::Environment;
 use crate::{Command, Output, TablesCommand, TokenCommand};
 
 struct Stores {
@@ -21,8 +22,8 @@ struct Stores {
     tokens: DynamoTokenStore,
 }
 
-async fn stores() -> anyhow::Result<Stores> {
-    let config = Config::from_env()?;
+async fn stores(environment: &Environment) -> anyhow::Result<Stores> {
+    let config = environment.config()?;
     let sdk = iam_broker_aws::load_sdk_config(config.aws_call_timeout).await;
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
     Ok(Stores {
@@ -34,8 +35,8 @@ async fn stores() -> anyhow::Result<Stores> {
 }
 
 /// Runs every command but `serve`.
-pub async fn run(command: Command) -> anyhow::Result<()> {
-    let stores = stores().await?;
+pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<()> {
+    let stores = stores(environment).await?;
     match command {
         Command::Serve { .. }
         | Command::RenderWebhook(_)
@@ -54,6 +55,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Disallow(args) => {
             let subject = Subject::new(&args.namespace, &args.service_account, true)?;
             let role = args.role.as_deref().map(RoleArn::parse).transpose()?;
+            refuse_what_is_not_allowed(&stores.allowances, &subject, role.as_ref()).await?;
             let row = stores
                 .allowances
                 .disallow(&subject, role.as_ref().map(RoleArn::as_str))
@@ -119,6 +121,50 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
 
 fn unreachable_serve() -> anyhow::Result<()> {
     bail!("this command is handled before the admin commands")
+}
+
+/// `disallow` of something that is not allowed is an error, not a silent success: the operator
+/// most likely mistyped the namespace, the ServiceAccount or the role.
+async fn refuse_what_is_not_allowed(
+    allowances: &DynamoAllowanceStore,
+    subject: &Subject,
+    role: Option<&RoleArn>,
+) -> anyhow::Result<()> {
+    let row = allowances.allowance(subject).await?;
+    let allowed = row.as_ref().is_some_and(|row| match role {
+        Some(role) => row.allowed_roles.contains(role.as_str()),
+        None => true,
+    });
+    if allowed {
+        return Ok(());
+    }
+    let what = role.map_or_else(|| "any role".to_owned(), ToString::to_string);
+    let mut message = match &row {
+        Some(row) if !row.allowed_roles.is_empty() => format!(
+            "{subject} is not allowed to assume {what}; it may assume: {}",
+            row.allowed_roles
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ if role.is_some() => {
+            format!("{subject} has no allowance: it is not allowed to assume {what}")
+        }
+        _ => format!("{subject} has no allowance: there is nothing to disallow"),
+    };
+    let wildcard = subject.wildcard();
+    if wildcard != *subject
+        && let Some(row) = allowances.allowance(&wildcard).await?
+        && role.is_none_or(|role| row.allowed_roles.contains(role.as_str()))
+    {
+        message.push_str(&format!(
+            " (the namespace-wide allowance {wildcard} grants it: disallow it with \
+             --service-account '*')"
+        ));
+    }
+    message.push_str("; `iam-broker allowances` lists what is allowed");
+    bail!(message)
 }
 
 fn print_roles(row: &Allowance) {
@@ -210,10 +256,7 @@ async fn token(stores: &Stores, command: TokenCommand) -> anyhow::Result<()> {
                     .context("stdin does not hold an iam-broker token")?
                     .hash()
             } else {
-                let value = hash.unwrap_or_default();
-                TokenHash::parse(&value).with_context(|| {
-                    format!("{value:?} is not a token hash (64 lowercase hex characters)")
-                })?
+                token_hash(&stores.tokens, &hash.unwrap_or_default()).await?
             };
             match stores.tokens.delete(&hash).await? {
                 Some(record) => {
@@ -229,6 +272,48 @@ async fn token(stores: &Stores, command: TokenCommand) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The hash `--hash` names: a full hash as is, or the one record whose hash starts with the
+/// given prefix (at least as long as the prefix `token create` prints).
+async fn token_hash(tokens: &DynamoTokenStore, value: &str) -> anyhow::Result<TokenHash> {
+    let prefix = value.trim().to_ascii_lowercase();
+    if let Some(hash) = TokenHash::parse(&prefix) {
+        return Ok(hash);
+    }
+    let shortest = short_hash_len();
+    let hex = prefix.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex || prefix.len() < shortest || prefix.len() > 64 {
+        bail!(
+            "{value:?} is not a token hash: give the 64 hex characters `token list` shows, or at \
+             least the first {shortest} that `token create` prints"
+        );
+    }
+    let mut matches: Vec<TokenHash> = tokens
+        .list()
+        .await?
+        .into_iter()
+        .map(|record| record.token_hash)
+        .filter(|hash| hash.as_str().starts_with(&prefix))
+        .collect();
+    match matches.len() {
+        0 => bail!("no token with hash prefix {prefix}"),
+        1 => Ok(matches.remove(0)),
+        n => bail!(
+            "hash prefix {prefix} matches {n} tokens; give more characters, or one of:\n  {}",
+            matches
+                .iter()
+                .map(TokenHash::as_str)
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        ),
+    }
+}
+
+/// How many characters of a hash `token create` prints ([`TokenHash::short`]): the shortest
+/// prefix `token revoke --hash` accepts.
+fn short_hash_len() -> usize {
+    TokenHash::parse(&"0".repeat(64)).map_or(12, |hash| hash.short().len())
 }
 
 fn epoch(seconds: i64) -> String {
