@@ -35,7 +35,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tower::ServiceExt as _;
 
-const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
+const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
 /// A fixed token for the canned endpoint (exists only in this benchmark).
 const TOKEN: &str = "iamb_AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA";
 
@@ -162,6 +162,7 @@ async fn allowances_for_webhook() -> Arc<MemoryAllowanceStore> {
 fn memory_webhook(allowances: Arc<MemoryAllowanceStore>) -> Webhook {
     let cluster = Arc::new(MemoryCluster::default());
     cluster.put_service_account(ServiceAccount {
+        uid: None,
         namespace: "team-a".into(),
         name: "app".into(),
         annotations: [("eks.amazonaws.com/role-arn".to_owned(), ROLE.to_owned())].into(),

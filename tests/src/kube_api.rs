@@ -40,6 +40,7 @@ const RESOURCES: &[(&str, &str)] = &[
     ("serviceaccounts", "ServiceAccount"),
     ("secrets", "Secret"),
     ("pods", "Pod"),
+    ("events", "Event"),
 ];
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -272,6 +273,15 @@ impl KubeApi {
         lock(&self.inner.objects)
             .iter()
             .filter(|((r, ns, _), _)| r == "secrets" && ns == namespace)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Every stored Event of a namespace.
+    pub fn events(&self, namespace: &str) -> Vec<Value> {
+        lock(&self.inner.objects)
+            .iter()
+            .filter(|((r, ns, _), _)| r == "events" && ns == namespace)
             .map(|(_, v)| v.clone())
             .collect()
     }

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use axum::http::Method;
-use iam_broker_core::ports::{Cluster, ClusterError, TokenSecret};
+use iam_broker_core::ports::{Cluster, ClusterError, ClusterEvent, ObjectRef, TokenSecret};
 use iam_broker_core::{Token, TokenHash};
 use iam_broker_kube::{ClientSource, KubeCluster, store_kubeconfig_in_ssm};
 use iam_broker_tests::Moto;
@@ -51,6 +51,10 @@ async fn reads_service_accounts() {
     let sa = c.service_account("team-a", "app").await.unwrap().unwrap();
     assert_eq!(sa.annotations["eks.amazonaws.com/role-arn"], "arn:x");
     assert_eq!((sa.namespace.as_str(), sa.name.as_str()), ("team-a", "app"));
+    assert!(
+        sa.uid.is_some_and(|uid| !uid.is_empty()),
+        "the uid Events refer to"
+    );
     assert!(
         c.service_account("team-a", "nobody")
             .await
@@ -261,4 +265,47 @@ async fn a_missing_ssm_parameter_is_unavailable_not_a_panic() {
         panic!("{result:?}");
     };
     assert!(error.to_string().contains("/does/not/exist"), "{error}");
+}
+
+#[tokio::test]
+async fn records_warning_events_that_kubectl_describe_finds() {
+    // GIVEN the webhook's view of a pod's controller
+    let api = KubeApi::start().await.unwrap();
+    let c = cluster(&api).await;
+    let event = ClusterEvent {
+        involved: ObjectRef {
+            api_version: "apps/v1".into(),
+            kind: "ReplicaSet".into(),
+            namespace: "team-a".into(),
+            name: "web-7d9f8b6c4".into(),
+            uid: Some("rs-uid".into()),
+        },
+        reason: "RoleNotAllowed",
+        message: "iam-broker: no AWS credentials injected: role … is not allowed".into(),
+        at: 1_795_000_000,
+    };
+    // WHEN it is recorded twice (two instances, say)
+    c.record_event(&event).await.unwrap();
+    c.record_event(&event).await.unwrap();
+    // THEN the API server holds two core/v1 Warning Events about exactly that object
+    let events = api.events("team-a");
+    assert_eq!(events.len(), 2, "names must not clash: {events:?}");
+    let e = &events[0];
+    assert_eq!(e["type"], "Warning");
+    assert_eq!(e["reason"], "RoleNotAllowed");
+    assert_eq!(e["involvedObject"]["kind"], "ReplicaSet");
+    assert_eq!(e["involvedObject"]["name"], "web-7d9f8b6c4");
+    assert_eq!(e["involvedObject"]["uid"], "rs-uid");
+    assert_eq!(e["involvedObject"]["apiVersion"], "apps/v1");
+    assert_eq!(e["source"]["component"], "iam-broker");
+    assert_eq!(e["lastTimestamp"], "2026-11-18T11:06:40Z");
+    assert!(
+        e["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("web-7d9f8b6c4.")
+    );
+    // AND a refusal is an error the webhook can log
+    api.inject(Fault::status(Method::POST, "/events", 403));
+    assert!(c.record_event(&event).await.is_err());
 }

@@ -18,6 +18,10 @@ pub const ANNOTATION_SECRET_NAME: &str = "iam-broker.io/secret-name";
 pub const ANNOTATION_TOKEN_HASH: &str = "iam-broker.io/token-hash";
 /// Pod annotation listing containers (comma-separated) that must not get credentials.
 pub const ANNOTATION_SKIP_CONTAINERS: &str = "eks.amazonaws.com/skip-containers";
+/// Label on every injected pod; the registration sends DELETE only for pods that carry it.
+pub const LABEL_INJECTED: &str = "iam-broker.io/injected";
+/// Value of [`LABEL_INJECTED`].
+pub const LABEL_INJECTED_VALUE: &str = "true";
 /// Label put on every Secret the webhook creates.
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Value of [`LABEL_MANAGED_BY`].
@@ -279,29 +283,33 @@ pub fn patch(
 ) -> Patch {
     let mut ops = Vec::new();
 
-    // Annotations for DELETE.
+    // Annotations for DELETE, and the label that selects the pod for the DELETE webhook (the
+    // registration's objectSelector), so pods that never had credentials cost no call.
     let annotations = [
         (ANNOTATION_SECRET_NAME, injection.secret_name),
         (ANNOTATION_TOKEN_HASH, injection.token_hash),
     ];
+    let labels = [(LABEL_INJECTED, LABEL_INJECTED_VALUE)];
+    let map = |entries: &[(&str, &str)]| {
+        Value::Object(Map::from_iter(
+            entries.iter().map(|(k, v)| ((*k).to_owned(), json!(v))),
+        ))
+    };
     match pod.get("metadata") {
         None => add(
             &mut ops,
             &["metadata"],
-            json!({ "annotations": Map::from_iter(
-                annotations.iter().map(|(k, v)| ((*k).to_owned(), json!(v)))
-            ) }),
+            json!({ "annotations": map(&annotations), "labels": map(&labels) }),
         ),
-        Some(metadata) if metadata.get("annotations").is_none_or(Value::is_null) => add(
-            &mut ops,
-            &["metadata", "annotations"],
-            Value::Object(Map::from_iter(
-                annotations.iter().map(|(k, v)| ((*k).to_owned(), json!(v))),
-            )),
-        ),
-        Some(_) => {
-            for (key, value) in annotations {
-                add(&mut ops, &["metadata", "annotations", key], json!(value));
+        Some(metadata) => {
+            for (field, entries) in [("annotations", &annotations[..]), ("labels", &labels[..])] {
+                if metadata.get(field).is_none_or(Value::is_null) {
+                    add(&mut ops, &["metadata", field], map(entries));
+                } else {
+                    for (key, value) in entries {
+                        add(&mut ops, &["metadata", field, key], json!(value));
+                    }
+                }
             }
         }
     }
@@ -515,6 +523,8 @@ mod tests {
             patched["metadata"]["annotations"][ANNOTATION_TOKEN_HASH],
             HASH
         );
+        // and the label the DELETE webhook selects on
+        assert_eq!(patched["metadata"]["labels"][LABEL_INJECTED], "true");
         // and the patched pod is now "already injected"
         assert_eq!(view(&patched).unwrap().skip(), Some(Skip::AlreadyInjected));
     }
@@ -522,7 +532,8 @@ mod tests {
     #[test]
     fn existing_env_and_annotations_are_appended_to_and_unknown_fields_kept() {
         let pod = json!({
-            "metadata": { "generateName": "web-", "annotations": { "a/b": "c" } },
+            "metadata": { "generateName": "web-", "annotations": { "a/b": "c" },
+                          "labels": { "app": "web" } },
             "spec": {
                 "futureField": { "x": 1 },
                 "containers": [{ "name": "web", "env": [{ "name": "X", "value": "1" }],
@@ -532,6 +543,8 @@ mod tests {
             &settings(SidecarMode::Container, false, Some("eu-west-1")),
         );
         assert_eq!(patched["metadata"]["annotations"]["a/b"], "c");
+        assert_eq!(patched["metadata"]["labels"]["app"], "web");
+        assert_eq!(patched["metadata"]["labels"][LABEL_INJECTED], "true");
         assert_eq!(patched["spec"]["futureField"], json!({ "x": 1 }));
         assert_eq!(
             patched["spec"]["containers"][0]["futureContainerField"],
@@ -567,6 +580,7 @@ mod tests {
         );
         // a pod without metadata at all still gets its annotations
         assert!(patched["metadata"]["annotations"][ANNOTATION_TOKEN_HASH].is_string());
+        assert_eq!(patched["metadata"]["labels"][LABEL_INJECTED], "true");
     }
 
     #[test]

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 
 use crate::allowance::{Allowance, Subject};
 use crate::ports::{
-    AllowanceStore, Cluster, ClusterError, ManagedSecret, ServiceAccount, StoreError, TokenSecret,
-    TokenStore,
+    AllowanceStore, Cluster, ClusterError, ClusterEvent, ManagedSecret, ServiceAccount, StoreError,
+    TokenSecret, TokenStore,
 };
 use crate::record::TokenRecord;
 use crate::token::TokenHash;
@@ -131,6 +131,7 @@ pub struct MemoryCluster {
     service_accounts: Mutex<BTreeMap<(String, String), ServiceAccount>>,
     secrets: Mutex<BTreeMap<(String, String), TokenSecret>>,
     created: Mutex<BTreeMap<(String, String), i64>>,
+    events: Mutex<Vec<ClusterEvent>>,
     failing: Mutex<BTreeSet<&'static str>>,
 }
 
@@ -159,8 +160,13 @@ impl MemoryCluster {
         lock(&self.secrets).values().cloned().collect()
     }
 
+    /// Every Event recorded so far, oldest first.
+    pub fn events(&self) -> Vec<ClusterEvent> {
+        lock(&self.events).clone()
+    }
+
     /// Makes every call of `operation` (`service_account`, `create_secret`, `delete_secret`,
-    /// `managed_secrets`) fail with [`ClusterError::Unavailable`] until [`Self::heal`].
+    /// `managed_secrets`, `record_event`) fail with [`ClusterError::Unavailable`] until [`Self::heal`].
     pub fn fail(&self, operation: &'static str) {
         lock(&self.failing).insert(operation);
     }
@@ -235,5 +241,11 @@ impl Cluster for MemoryCluster {
                 created_at: created.get(&(s.namespace.clone(), s.name.clone())).copied(),
             })
             .collect())
+    }
+
+    async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
+        self.check("record_event")?;
+        lock(&self.events).push(event.clone());
+        Ok(())
     }
 }

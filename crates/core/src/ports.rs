@@ -122,6 +122,8 @@ pub struct ServiceAccount {
     pub name: String,
     /// `metadata.annotations` (the role annotation lives here).
     pub annotations: std::collections::BTreeMap<String, String>,
+    /// `metadata.uid`, when the API server reported it.
+    pub uid: Option<String>,
 }
 
 /// A Secret that holds one pod's token (type `Opaque`, key `token`, no trailing newline).
@@ -210,4 +212,36 @@ pub trait Cluster: Send + Sync {
         &self,
         label_selector: &str,
     ) -> Result<Vec<ManagedSecret>, ClusterError>;
+    /// `POST /api/v1/namespaces/{namespace}/events`: a Warning Event about `event.involved`, so
+    /// `kubectl describe` on that object shows why a pod got no credentials.
+    async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError>;
+}
+
+/// The object an Event is about (`involvedObject`): the pod's controller (ReplicaSet, Job,
+/// StatefulSet, …) or its ServiceAccount, since the pod itself has no uid yet at admission.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    /// `apiVersion`, e.g. `apps/v1`.
+    pub api_version: String,
+    /// `kind`, e.g. `ReplicaSet`.
+    pub kind: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `uid`, when known (`kubectl describe` matches on it).
+    pub uid: Option<String>,
+}
+
+/// A Warning Event the webhook records (core/v1 `Event`). Never holds a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterEvent {
+    /// What it is about.
+    pub involved: ObjectRef,
+    /// `reason`, CamelCase (e.g. `RoleNotAllowed`).
+    pub reason: &'static str,
+    /// `message`, for people.
+    pub message: String,
+    /// When it happened (epoch seconds).
+    pub at: i64,
 }

@@ -18,7 +18,13 @@ use crate::allowance::{RoleArn, Subject, is_allowed};
 use crate::broker::{Grant, mint};
 use crate::clock::Clock;
 use crate::config::{Config, FailurePolicy};
-use crate::ports::{AllowanceStore, Cluster, ClusterError, StoreError, TokenSecret, TokenStore};
+use crate::events::{
+    EVENT_BUDGET, EventLimiter, Notice, REASON_DENIED, REASON_FAILED_OPEN,
+    REASON_INVALID_ROLE_ANNOTATION, REASON_ROLE_NOT_ALLOWED, involved_object,
+};
+use crate::ports::{
+    AllowanceStore, Cluster, ClusterError, ClusterEvent, StoreError, TokenSecret, TokenStore,
+};
 use crate::review::{AdmissionRequest, AdmissionResponse};
 use crate::token::TokenHash;
 
@@ -111,6 +117,9 @@ pub struct Outcome {
     pub reason: String,
     /// The pod's ServiceAccount, when read.
     pub service_account: Option<String>,
+    /// Why a CREATE left the pod without credentials, for a Kubernetes Event
+    /// ([`crate::events`]); `None` when nobody needs telling.
+    pub notice: Option<Notice>,
 }
 
 /// Why an admission could not be completed.
@@ -133,6 +142,7 @@ pub struct Webhook {
     tokens: Arc<dyn TokenStore>,
     clock: Arc<dyn Clock>,
     settings: WebhookSettings,
+    events: EventLimiter,
 }
 
 impl Webhook {
@@ -150,6 +160,7 @@ impl Webhook {
             tokens,
             clock,
             settings,
+            events: EventLimiter::default(),
         }
     }
 
@@ -174,7 +185,11 @@ impl Webhook {
             return skipped(request, None, "not a Pod");
         }
         match request.operation.as_str() {
-            "CREATE" => self.create(request, origin).await,
+            "CREATE" => {
+                let outcome = self.create(request, origin).await;
+                self.notify(request, &outcome).await;
+                outcome
+            }
             "DELETE" => self.delete(request).await,
             other => skipped(request, None, &format!("{other} needs no action")),
         }
@@ -273,6 +288,11 @@ impl Webhook {
                 );
                 let mut outcome = skipped(request, sa, &why);
                 outcome.response = outcome.response.warn(format!("iam-broker: {why}"));
+                outcome.notice = Some(Notice {
+                    reason: REASON_INVALID_ROLE_ANNOTATION,
+                    message: format!("iam-broker: no AWS credentials injected: {why}"),
+                    service_account_uid: account.uid.clone(),
+                });
                 return Ok(outcome);
             }
         };
@@ -283,10 +303,14 @@ impl Webhook {
                 subject.namespace,
                 subject.service_account
             );
+            let message = format!("iam-broker: no AWS credentials injected: {why}");
             let mut outcome = skipped(request, sa, &why);
-            outcome.response = outcome
-                .response
-                .warn(format!("iam-broker: no AWS credentials injected: {why}"));
+            outcome.response = outcome.response.warn(message.clone());
+            outcome.notice = Some(Notice {
+                reason: REASON_ROLE_NOT_ALLOWED,
+                message,
+                service_account_uid: account.uid.clone(),
+            });
             return Ok(outcome);
         }
 
@@ -484,6 +508,7 @@ impl Webhook {
                 decision: Decision::CleanedUp,
                 reason: format!("removed Secret {secret_name} and its token record"),
                 service_account: None,
+                notice: None,
             },
             Ok(false) => {
                 tracing::warn!(
@@ -499,30 +524,79 @@ impl Webhook {
                 decision: Decision::FailedOpen,
                 reason: format!("cleanup failed, left for the sweep: {failure}"),
                 service_account: None,
+                notice: None,
             },
         }
     }
 
     fn fail(&self, request: &AdmissionRequest, sa: Option<String>, failure: Failure) -> Outcome {
         let reason = failure.to_string();
+        let notice = |reason_code, message: &str| {
+            Some(Notice {
+                reason: reason_code,
+                message: message.to_owned(),
+                service_account_uid: None,
+            })
+        };
         match self.settings.failure_policy {
-            FailurePolicy::Open => Outcome {
-                response: AdmissionResponse::allow(&request.uid)
-                    .warn(format!("iam-broker: no AWS credentials injected: {reason}")),
-                decision: Decision::FailedOpen,
-                reason,
-                service_account: sa,
-            },
-            FailurePolicy::Closed => Outcome {
-                response: AdmissionResponse::deny(
-                    &request.uid,
-                    503,
-                    format!("iam-broker could not inject AWS credentials: {reason}"),
-                ),
-                decision: Decision::FailedClosed,
-                reason,
-                service_account: sa,
-            },
+            FailurePolicy::Open => {
+                let message = format!("iam-broker: no AWS credentials injected: {reason}");
+                Outcome {
+                    response: AdmissionResponse::allow(&request.uid).warn(message.clone()),
+                    decision: Decision::FailedOpen,
+                    notice: notice(REASON_FAILED_OPEN, &message),
+                    reason,
+                    service_account: sa,
+                }
+            }
+            FailurePolicy::Closed => {
+                let message = format!("iam-broker could not inject AWS credentials: {reason}");
+                Outcome {
+                    response: AdmissionResponse::deny(&request.uid, 503, message.clone()),
+                    decision: Decision::FailedClosed,
+                    notice: notice(REASON_DENIED, &message),
+                    reason,
+                    service_account: sa,
+                }
+            }
+        }
+    }
+
+    /// Records the Event of a CREATE that left its pod without credentials: rate-limited, within
+    /// [`EVENT_BUDGET`], never failing the admission (a failure is logged).
+    async fn notify(&self, request: &AdmissionRequest, outcome: &Outcome) {
+        let (Some(notice), Some(pod)) = (&outcome.notice, request.object.as_ref()) else {
+            return;
+        };
+        if request.is_dry_run() {
+            return;
+        }
+        let namespace = namespace_of(request, pod);
+        let service_account = outcome.service_account.as_deref().unwrap_or("default");
+        let involved = involved_object(
+            pod,
+            &namespace,
+            service_account,
+            notice.service_account_uid.as_deref(),
+        );
+        let now = self.clock.now().unix_timestamp();
+        if !self.events.allow(&involved, notice.reason, now) {
+            return;
+        }
+        let event = ClusterEvent {
+            involved,
+            reason: notice.reason,
+            message: notice.message.clone(),
+            at: now,
+        };
+        match tokio::time::timeout(EVENT_BUDGET, self.cluster.record_event(&event)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(reason = notice.reason, %error,
+                "could not record the Kubernetes Event (RBAC: create events, deploy/20-rbac.yaml)"),
+            Err(_) => tracing::warn!(
+                reason = notice.reason,
+                "recording the Kubernetes Event timed out"
+            ),
         }
     }
 }
@@ -553,6 +627,7 @@ fn skipped(request: &AdmissionRequest, sa: Option<String>, why: &str) -> Outcome
         decision: Decision::Skipped,
         reason: why.to_owned(),
         service_account: sa,
+        notice: None,
     }
 }
 
@@ -569,6 +644,7 @@ fn patched(
         decision: Decision::Patched,
         reason: why.to_owned(),
         service_account: sa,
+        notice: None,
     })
 }
 
@@ -588,7 +664,7 @@ mod tests {
     use crate::record::TokenRecord;
     use crate::review;
 
-    const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
+    const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
     const ORIGIN: &str = "https://broker.example/Prod/";
 
     /// A token store whose writes can fail or stall.
@@ -683,6 +759,7 @@ mod tests {
         let allowances = Arc::new(MemoryAllowanceStore::default());
         let tokens = Arc::new(FlakyTokens::default());
         cluster.put_service_account(ServiceAccount {
+            uid: None,
             namespace: "team".to_owned(),
             name: "reader".to_owned(),
             annotations: BTreeMap::from([(
@@ -799,16 +876,18 @@ mod tests {
     async fn out_of_scope_pods_are_allowed_untouched() {
         let f = fixture().await;
         f.cluster.put_service_account(ServiceAccount {
+            uid: None,
             namespace: "team".to_owned(),
             name: "plain".to_owned(),
             annotations: BTreeMap::new(),
         });
         f.cluster.put_service_account(ServiceAccount {
+            uid: None,
             namespace: "team".to_owned(),
             name: "greedy".to_owned(),
             annotations: BTreeMap::from([(
                 "eks.amazonaws.com/role-arn".to_owned(),
-                "arn:aws:iam::123456789012:role/admin".to_owned(),
+                "arn:aws:iam::123456789012:role/iam-broker/admin".to_owned(),
             )]),
         });
         for (sa, warns) in [("plain", false), ("missing", false), ("greedy", true)] {
@@ -834,6 +913,7 @@ mod tests {
         let f = fixture().await;
         let subject = Subject::new("team", "other", false).unwrap();
         f.cluster.put_service_account(ServiceAccount {
+            uid: None,
             namespace: "team".to_owned(),
             name: "other".to_owned(),
             annotations: BTreeMap::from([(
@@ -1022,5 +1102,120 @@ mod tests {
             Decision::Skipped
         );
         assert!(f.cluster.secrets().is_empty());
+    }
+
+    fn replica_set_pod(sa: &str) -> Value {
+        let mut p = pod(sa);
+        p["metadata"]["ownerReferences"] = json!([{ "apiVersion": "apps/v1",
+            "kind": "ReplicaSet", "name": "web-7d9f8b6c4", "uid": "rs-uid", "controller": true }]);
+        p
+    }
+
+    #[tokio::test]
+    async fn a_role_that_is_not_allowed_is_told_to_the_pods_controller_once() {
+        // GIVEN a ServiceAccount annotated with a role that Allowances does not allow
+        let f = fixture().await;
+        f.cluster.put_service_account(ServiceAccount {
+            uid: Some("sa-uid".to_owned()),
+            namespace: "team".to_owned(),
+            name: "other".to_owned(),
+            annotations: BTreeMap::from([(
+                "eks.amazonaws.com/role-arn".to_owned(),
+                "arn:aws:iam::123456789012:role/iam-broker/admin".to_owned(),
+            )]),
+        });
+        // WHEN a ReplicaSet creates three pods, one of them a dry run first
+        let dry = f
+            .webhook
+            .admit(&request("CREATE", replica_set_pod("other"), true), ORIGIN)
+            .await;
+        assert_eq!(dry.decision, Decision::Skipped);
+        assert!(f.cluster.events().is_empty(), "a dry run records nothing");
+        for _ in 0..3 {
+            let out = f
+                .webhook
+                .admit(&request("CREATE", replica_set_pod("other"), false), ORIGIN)
+                .await;
+            assert_eq!(out.decision, Decision::Skipped);
+        }
+        // THEN one Warning Event on the ReplicaSet says why (rate-limited, not one per pod)
+        let events = f.cluster.events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        let event = &events[0];
+        assert_eq!(event.reason, REASON_ROLE_NOT_ALLOWED);
+        assert_eq!(
+            (event.involved.kind.as_str(), event.involved.name.as_str()),
+            ("ReplicaSet", "web-7d9f8b6c4")
+        );
+        assert_eq!(event.involved.namespace, "team");
+        assert!(
+            event
+                .message
+                .contains("role/iam-broker/admin is not allowed for team/other")
+        );
+        // AND a bare pod's Event goes on its ServiceAccount, with its uid
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("other"), false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::Skipped);
+        let events = f.cluster.events();
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            (
+                events[1].involved.kind.as_str(),
+                events[1].involved.uid.as_deref()
+            ),
+            ("ServiceAccount", Some("sa-uid"))
+        );
+    }
+
+    #[tokio::test]
+    async fn failing_open_and_denying_are_recorded_and_success_is_not() {
+        let f = fixture().await;
+        let out = f
+            .webhook
+            .admit(&request("CREATE", replica_set_pod("reader"), false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::Patched);
+        assert!(f.cluster.events().is_empty(), "nothing to tell");
+
+        f.cluster.fail("service_account");
+        let out = f
+            .webhook
+            .admit(&request("CREATE", replica_set_pod("reader"), false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::FailedOpen);
+        let events = f.cluster.events();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].reason, REASON_FAILED_OPEN);
+        assert!(
+            events[0].message.contains("Kubernetes API"),
+            "{}",
+            events[0].message
+        );
+
+        let closed = fixture_with(settings(FailurePolicy::Closed)).await;
+        closed.cluster.fail("service_account");
+        let out = closed
+            .webhook
+            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::FailedClosed);
+        assert_eq!(closed.cluster.events()[0].reason, REASON_DENIED);
+    }
+
+    #[tokio::test]
+    async fn an_event_that_cannot_be_recorded_changes_nothing() {
+        let f = fixture().await;
+        f.cluster.fail("service_account");
+        f.cluster.fail("record_event");
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
+            .await;
+        assert_eq!(out.decision, Decision::FailedOpen);
+        assert!(out.response.allowed);
+        assert!(f.cluster.events().is_empty());
     }
 }

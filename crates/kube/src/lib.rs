@@ -21,11 +21,16 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_sdk_ssm::config::http::HttpResponse;
+use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
+use iam_broker_aws::{SdkFailure, Service, error_code, explain};
 use iam_broker_core::ports::{
-    BoxError, Cluster, ClusterError, ManagedSecret, ServiceAccount, TokenSecret,
+    BoxError, Cluster, ClusterError, ClusterEvent, ManagedSecret, ServiceAccount, TokenSecret,
 };
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount as K8sServiceAccount};
+use k8s_openapi::api::core::v1::{
+    Event, EventSource, ObjectReference, Secret, ServiceAccount as K8sServiceAccount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -62,9 +67,57 @@ impl std::fmt::Debug for ClientSource {
 /// Why no client could be built.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    /// The SSM parameter could not be read.
+    /// The SSM parameter does not exist (`ParameterNotFound`).
+    #[error(
+        "the kubeconfig parameter {name} does not exist in {region}: store it with `iam-broker \
+         kubeconfig --from-secret NS/NAME --store {name}`, or set KUBECONFIG_PARAMETER to the \
+         stack's KubeconfigParameterName"
+    )]
+    ParameterMissing {
+        /// Parameter name.
+        name: String,
+        /// The region SSM was asked in.
+        region: String,
+        /// What SSM said.
+        #[source]
+        source: BoxError,
+    },
+    /// IAM (or the parameter's KMS key policy) refused this identity.
+    #[error(
+        "reading the kubeconfig parameter {name} was denied: this identity needs \
+         ssm:GetParameter on it, and kms:Decrypt on its KMS key"
+    )]
+    ParameterDenied {
+        /// Parameter name.
+        name: String,
+        /// What SSM said.
+        #[source]
+        source: BoxError,
+    },
+    /// The SSM parameter could not be read for another reason (region, credentials, endpoint).
     #[error("cannot read the kubeconfig parameter {name} from SSM")]
     Ssm {
+        /// Parameter name.
+        name: String,
+        /// What went wrong, explained ([`iam_broker_aws::AwsError`]).
+        #[source]
+        source: BoxError,
+    },
+    /// The SSM parameter could not be written.
+    #[error("cannot store the kubeconfig in SSM parameter {name}")]
+    Store {
+        /// Parameter name.
+        name: String,
+        /// What went wrong, explained ([`iam_broker_aws::AwsError`]).
+        #[source]
+        source: BoxError,
+    },
+    /// IAM (or the KMS key policy) refused the write.
+    #[error(
+        "storing the kubeconfig in SSM parameter {name} was denied: this identity needs \
+         ssm:PutParameter on it, and kms:Encrypt on its KMS key"
+    )]
+    StoreDenied {
         /// Parameter name.
         name: String,
         /// What SSM said.
@@ -85,6 +138,13 @@ pub enum SourceError {
     Client(String),
 }
 
+/// Error codes of SSM (and KMS behind it) that mean "not allowed".
+const DENIED_CODES: &[&str] = &["AccessDeniedException", "AccessDenied"];
+
+fn is_denied<E: ProvideErrorMetadata>(error: &SdkError<E, HttpResponse>) -> bool {
+    error_code(error).is_some_and(|code| DENIED_CODES.contains(&code.as_str()))
+}
+
 /// Reads a kubeconfig from an SSM SecureString parameter (decrypted).
 pub async fn kubeconfig_from_ssm(
     sdk: &aws_config::SdkConfig,
@@ -96,11 +156,27 @@ pub async fn kubeconfig_from_ssm(
         .with_decryption(true)
         .send()
         .await
-        .map_err(|e| SourceError::Ssm {
-            name: name.to_owned(),
-            source: aws_sdk_ssm::error::DisplayErrorContext(e)
-                .to_string()
-                .into(),
+        .map_err(|e| {
+            let name = name.to_owned();
+            if error_code(&e).as_deref() == Some("ParameterNotFound") {
+                SourceError::ParameterMissing {
+                    name,
+                    region: sdk
+                        .region()
+                        .map_or_else(|| "the configured region".to_owned(), ToString::to_string),
+                    source: Box::new(SdkFailure::new(e)),
+                }
+            } else if is_denied(&e) {
+                SourceError::ParameterDenied {
+                    name,
+                    source: Box::new(SdkFailure::new(e)),
+                }
+            } else {
+                SourceError::Ssm {
+                    name,
+                    source: Box::new(explain(Service::Ssm, sdk.region(), e)),
+                }
+            }
         })?;
     output
         .parameter
@@ -127,11 +203,19 @@ pub async fn store_kubeconfig_in_ssm(
         .overwrite(true)
         .send()
         .await
-        .map_err(|e| SourceError::Ssm {
-            name: name.to_owned(),
-            source: aws_sdk_ssm::error::DisplayErrorContext(e)
-                .to_string()
-                .into(),
+        .map_err(|e| {
+            let name = name.to_owned();
+            if is_denied(&e) {
+                SourceError::StoreDenied {
+                    name,
+                    source: Box::new(SdkFailure::new(e)),
+                }
+            } else {
+                SourceError::Store {
+                    name,
+                    source: Box::new(explain(Service::Ssm, sdk.region(), e)),
+                }
+            }
         })?;
     Ok(())
 }
@@ -299,7 +383,21 @@ impl Cluster for KubeCluster {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             annotations: sa.metadata.annotations.unwrap_or_default(),
+            uid: sa.metadata.uid,
         }))
+    }
+
+    async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
+        let object = core_event(event);
+        let object = &object;
+        let namespace = event.involved.namespace.as_str();
+        self.run(|client| async move {
+            Api::<Event>::namespaced(client, namespace)
+                .create(&PostParams::default(), object)
+                .await
+        })
+        .await?;
+        Ok(())
     }
 
     async fn create_secret(&self, secret: &TokenSecret) -> Result<(), ClusterError> {
@@ -387,6 +485,47 @@ pub struct Permission {
     pub resource: &'static str,
 }
 
+/// The core/v1 `Event` for a [`ClusterEvent`]: `type: Warning`, reported by `iam-broker`, named
+/// like client-go's recorder names them (`<object>.<nanoseconds in hex>`).
+fn core_event(event: &ClusterEvent) -> Event {
+    let time = k8s_openapi::jiff::Timestamp::from_second(event.at)
+        .ok()
+        .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let involved = &event.involved;
+    Event {
+        metadata: ObjectMeta {
+            name: Some(format!("{}.{nanos:x}", involved.name)),
+            namespace: Some(involved.namespace.clone()),
+            ..ObjectMeta::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some(involved.api_version.clone()),
+            kind: Some(involved.kind.clone()),
+            name: Some(involved.name.clone()),
+            namespace: Some(involved.namespace.clone()),
+            uid: involved.uid.clone(),
+            ..ObjectReference::default()
+        },
+        reason: Some(event.reason.to_owned()),
+        message: Some(event.message.clone()),
+        type_: Some("Warning".to_owned()),
+        count: Some(1),
+        first_timestamp: time.clone(),
+        last_timestamp: time,
+        source: Some(EventSource {
+            component: Some("iam-broker".to_owned()),
+            host: None,
+        }),
+        reporting_component: Some("iam-broker".to_owned()),
+        reporting_instance: Some("iam-broker-webhook".to_owned()),
+        ..Event::default()
+    }
+}
+
 /// Exactly the permissions of the RBAC table in this crate's documentation.
 pub const REQUIRED_PERMISSIONS: &[Permission] = &[
     Permission {
@@ -400,6 +539,10 @@ pub const REQUIRED_PERMISSIONS: &[Permission] = &[
     Permission {
         verb: "delete",
         resource: "secrets",
+    },
+    Permission {
+        verb: "create",
+        resource: "events",
     },
     Permission {
         verb: "list",

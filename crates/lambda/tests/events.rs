@@ -28,7 +28,7 @@ use tower::ServiceExt as _;
 
 /// The token the fixtures carry (not secret: it exists only in these tests).
 const FIXTURE_TOKEN: &str = "iamb_AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA";
-const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
+const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
 const NOW: OffsetDateTime = datetime!(2026-11-22 06:00:00 UTC);
 
 /// Issues fixed credentials valid for the requested duration: the port's contract, no network.
@@ -58,10 +58,10 @@ fn fixture_secret_name() -> String {
 }
 
 async fn fixture(mode: SidecarMode) -> Fixture {
-    fixture_with(mode, None).await
+    fixture_with(mode, Some(FIXTURE_PATH_SECRET)).await
 }
 
-/// The webhook path secret of `events/admission-create-secret-path.json` (fixtures only).
+/// The webhook path secret of the `events/admission-*.json` fixtures (fixtures only).
 const FIXTURE_PATH_SECRET: &str = "fixture-path-secret-0123456789abcdef";
 
 async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
@@ -71,6 +71,7 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
     let subject = Subject::new("team-a", "app", false).unwrap();
     allowances.allow(&subject, ROLE).await.unwrap();
     cluster.put_service_account(ServiceAccount {
+        uid: None,
         namespace: "team-a".into(),
         name: "app".into(),
         annotations: [("eks.amazonaws.com/role-arn".to_owned(), ROLE.to_owned())].into(),
@@ -407,7 +408,7 @@ async fn with_a_path_secret_only_the_secret_path_reaches_the_webhook() {
     let f = fixture_with(SidecarMode::Container, Some(FIXTURE_PATH_SECRET)).await;
     // WHEN a stranger posts to the plain routes or guesses a secret
     for event in [
-        "admission-create.json",
+        "admission-create-root-path.json",
         "admission-create-wrong-secret-path.json",
     ] {
         let (status, _, body) = invoke_on(&f, event).await;
@@ -433,7 +434,7 @@ async fn with_a_path_secret_only_the_secret_path_reaches_the_webhook() {
 
 #[tokio::test]
 async fn without_a_path_secret_the_secret_route_is_404() {
-    let f = fixture(SidecarMode::Container).await;
+    let f = fixture_with(SidecarMode::Container, None).await;
     let (status, _, _) = invoke_on(&f, "admission-create-secret-path.json").await;
     assert_eq!(status, 404);
 }
