@@ -34,6 +34,39 @@ impl WebhookFailurePolicy {
     }
 }
 
+/// Namespace prefixes of the control plane (Kubernetes `kube-*`, OpenShift `openshift-*`) that the
+/// registration leaves out with a `matchConditions` expression, since a selector cannot match
+/// prefixes.
+pub const SYSTEM_NAMESPACE_PREFIXES: &[&str] = &["kube-", "openshift-"];
+
+/// Shortest secret path segment accepted in a webhook URL (DESIGN.md: ≥ 32 URL-safe characters).
+pub const MIN_PATH_SECRET_LEN: usize = 32;
+
+/// Which namespaces the webhook sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceScope {
+    /// Namespaces never mutated, by name.
+    pub excluded: Vec<String>,
+    /// Opt-in mode: only namespaces carrying this label (`key`, `value`) are intercepted.
+    pub opt_in_label: Option<(String, String)>,
+    /// Leave out [`SYSTEM_NAMESPACE_PREFIXES`] with `matchConditions` (Kubernetes ≥ 1.28,
+    /// OpenShift ≥ 4.15); off for older API servers, which reject the field.
+    pub skip_system_prefixes: bool,
+}
+
+impl Default for NamespaceScope {
+    fn default() -> Self {
+        Self {
+            excluded: DEFAULT_EXCLUDED_NAMESPACES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            opt_in_label: None,
+            skip_system_prefixes: true,
+        }
+    }
+}
+
 /// Options of [`render_webhook`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookManifest {
@@ -48,8 +81,8 @@ pub struct WebhookManifest {
     pub failure_policy: WebhookFailurePolicy,
     /// `timeoutSeconds` (1..=30).
     pub timeout_seconds: u8,
-    /// Namespaces never mutated.
-    pub excluded_namespaces: Vec<String>,
+    /// Which namespaces are intercepted.
+    pub namespaces: NamespaceScope,
 }
 
 /// Why a manifest cannot be rendered.
@@ -71,18 +104,65 @@ fn plain(what: &str, value: &str) -> Result<(), ManifestError> {
     }
 }
 
-/// Renders the `admissionregistration.k8s.io/v1` `MutatingWebhookConfiguration`: Pod CREATE and
-/// DELETE, `sideEffects: NoneOnDryRun`, `admissionReviewVersions: [v1, v1beta1]`,
-/// `reinvocationPolicy: IfNeeded`, and a namespace selector that leaves out the excluded
-/// namespaces.
-pub fn render_webhook(m: &WebhookManifest) -> Result<String, ManifestError> {
-    if !m.url.starts_with("https://") {
+/// Checks a webhook URL the way the routes will treat it: `https://`, and when it goes through
+/// the secret path (`…/mutate/<secret>`, always the case behind API Gateway) the secret segment
+/// is there, at least [`MIN_PATH_SECRET_LEN`] URL-safe characters, and last. A URL that fails
+/// here would be registered and then answer 404 or 403 on every pod, hidden by
+/// `failurePolicy: Ignore`.
+pub fn check_webhook_url(url: &str) -> Result<(), ManifestError> {
+    let Some(rest) = url.strip_prefix("https://") else {
         return Err(ManifestError(format!(
-            "the webhook URL must be https:// (the API server requires TLS), got {:?}",
-            m.url
+            "the webhook URL must be https:// (the API server requires TLS), got {url:?}"
         )));
+    };
+    plain("URL", url)?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let secret = match path.split_once("mutate/") {
+        Some((before, secret)) if before.is_empty() || before.ends_with('/') => Some(secret),
+        _ => None,
+    };
+    match secret {
+        Some(secret) => {
+            let url_safe = secret
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if secret.is_empty() {
+                Err(ManifestError(format!(
+                    "the webhook URL {url:?} ends in /mutate/ without its secret path segment: \
+                     append the stack's WebhookPathSecret (or use --stack with WEBHOOK_PATH_SECRET set)"
+                )))
+            } else if !url_safe {
+                Err(ManifestError(
+                    "the webhook URL's secret path segment must be the last segment and only \
+                     A-Z, a-z, 0-9, - and _"
+                        .to_owned(),
+                ))
+            } else if secret.len() < MIN_PATH_SECRET_LEN {
+                Err(ManifestError(format!(
+                    "the webhook URL's secret path segment has {} characters; the webhook needs \
+                     at least {MIN_PATH_SECRET_LEN} (WebhookPathSecret)",
+                    secret.len()
+                )))
+            } else {
+                Ok(())
+            }
+        }
+        None if host.contains(".execute-api.") => Err(ManifestError(format!(
+            "API Gateway routes the webhook only at …/mutate/<WebhookPathSecret>, got {url:?}"
+        ))),
+        None => Ok(()),
     }
-    plain("URL", &m.url)?;
+}
+
+/// Renders the `admissionregistration.k8s.io/v1` `MutatingWebhookConfiguration` with two
+/// webhooks on one URL: Pod CREATE for every pod of the intercepted namespaces
+/// (`reinvocationPolicy: IfNeeded`), and Pod DELETE only for pods labelled
+/// [`crate::admission::LABEL_INJECTED`] (an `objectSelector`), so pods that never had
+/// credentials cost no invocation when they go. Both: `sideEffects: NoneOnDryRun`,
+/// `admissionReviewVersions: [v1, v1beta1]`.
+pub fn render_webhook(m: &WebhookManifest) -> Result<String, ManifestError> {
+    check_webhook_url(&m.url)?;
     let name_ok = !m.name.is_empty()
         && m.name.len() <= 200
         && m.name
@@ -100,8 +180,19 @@ pub fn render_webhook(m: &WebhookManifest) -> Result<String, ManifestError> {
             m.timeout_seconds
         )));
     }
-    for ns in &m.excluded_namespaces {
+    for ns in &m.namespaces.excluded {
         plain("excluded namespace", ns)?;
+    }
+    if let Some((key, value)) = &m.namespaces.opt_in_label {
+        plain("namespace label key", key)?;
+        plain("namespace label value", value)?;
+    }
+    if let Some(pem) = &m.ca_bundle_pem
+        && !pem.contains("-----BEGIN CERTIFICATE-----")
+    {
+        return Err(ManifestError(
+            "the CA bundle is not a PEM certificate".to_owned(),
+        ));
     }
     let mut y = String::new();
     let _ = writeln!(y, "apiVersion: admissionregistration.k8s.io/v1");
@@ -111,39 +202,63 @@ pub fn render_webhook(m: &WebhookManifest) -> Result<String, ManifestError> {
     let _ = writeln!(y, "  labels:");
     let _ = writeln!(y, "    app.kubernetes.io/name: iam-broker");
     let _ = writeln!(y, "webhooks:");
-    let _ = writeln!(y, "  - name: pods.{}.iam-broker.io", m.name);
+    webhook(&mut y, m, "pods", "CREATE", "IfNeeded");
+    webhook(&mut y, m, "cleanup", "DELETE", "Never");
+    let _ = writeln!(y, "    objectSelector:");
+    let _ = writeln!(y, "      matchLabels:");
+    let _ = writeln!(
+        y,
+        "        {}: \"{}\"",
+        crate::admission::LABEL_INJECTED,
+        crate::admission::LABEL_INJECTED_VALUE
+    );
+    Ok(y)
+}
+
+fn webhook(y: &mut String, m: &WebhookManifest, prefix: &str, operation: &str, reinvoke: &str) {
+    let _ = writeln!(y, "  - name: {prefix}.{}.iam-broker.io", m.name);
     let _ = writeln!(y, "    admissionReviewVersions: [v1, v1beta1]");
     let _ = writeln!(y, "    sideEffects: NoneOnDryRun");
     let _ = writeln!(y, "    failurePolicy: {}", m.failure_policy.as_str());
     let _ = writeln!(y, "    timeoutSeconds: {}", m.timeout_seconds);
-    let _ = writeln!(y, "    reinvocationPolicy: IfNeeded");
+    let _ = writeln!(y, "    reinvocationPolicy: {reinvoke}");
     let _ = writeln!(y, "    matchPolicy: Equivalent");
     let _ = writeln!(y, "    clientConfig:");
     let _ = writeln!(y, "      url: \"{}\"", m.url);
     if let Some(pem) = &m.ca_bundle_pem {
-        if !pem.contains("-----BEGIN CERTIFICATE-----") {
-            return Err(ManifestError(
-                "the CA bundle is not a PEM certificate".to_owned(),
-            ));
-        }
         let _ = writeln!(y, "      caBundle: {}", STANDARD.encode(pem.as_bytes()));
     }
     let _ = writeln!(y, "    rules:");
-    let _ = writeln!(y, "      - operations: [CREATE, DELETE]");
+    let _ = writeln!(y, "      - operations: [{operation}]");
     let _ = writeln!(y, "        apiGroups: [\"\"]");
     let _ = writeln!(y, "        apiVersions: [v1]");
     let _ = writeln!(y, "        resources: [pods]");
     let _ = writeln!(y, "        scope: Namespaced");
     let _ = writeln!(y, "    namespaceSelector:");
-    let _ = writeln!(y, "      matchExpressions:");
-    let _ = writeln!(y, "        - key: kubernetes.io/metadata.name");
-    let _ = writeln!(y, "          operator: NotIn");
-    let _ = writeln!(
-        y,
-        "          values: [{}]",
-        m.excluded_namespaces.join(", ")
-    );
-    Ok(y)
+    if let Some((key, value)) = &m.namespaces.opt_in_label {
+        let _ = writeln!(y, "      matchLabels:");
+        let _ = writeln!(y, "        {key}: \"{value}\"");
+    }
+    if !m.namespaces.excluded.is_empty() {
+        let _ = writeln!(y, "      matchExpressions:");
+        let _ = writeln!(y, "        - key: kubernetes.io/metadata.name");
+        let _ = writeln!(y, "          operator: NotIn");
+        let _ = writeln!(
+            y,
+            "          values: [{}]",
+            m.namespaces.excluded.join(", ")
+        );
+    }
+    if m.namespaces.skip_system_prefixes {
+        let expression = SYSTEM_NAMESPACE_PREFIXES
+            .iter()
+            .map(|p| format!("!request.namespace.startsWith('{p}')"))
+            .collect::<Vec<_>>()
+            .join(" && ");
+        let _ = writeln!(y, "    matchConditions:");
+        let _ = writeln!(y, "      - name: not-a-system-namespace");
+        let _ = writeln!(y, "        expression: \"{expression}\"");
+    }
 }
 
 /// A kubeconfig for one ServiceAccount token: one cluster, one user, one context.
@@ -199,37 +314,84 @@ pub fn kubeconfig(
 mod tests {
     use super::*;
 
+    const URL: &str = "https://abc.execute-api.us-east-1.amazonaws.com/Prod/mutate/0123456789abcdefghijABCDEFGHIJ-_xy";
+
     fn manifest() -> WebhookManifest {
         WebhookManifest {
             name: "iam-broker".into(),
-            url: "https://abc.execute-api.us-east-1.amazonaws.com/Prod/mutate/s3cr3t".into(),
+            url: URL.into(),
             ca_bundle_pem: None,
             failure_policy: WebhookFailurePolicy::Ignore,
             timeout_seconds: 10,
-            excluded_namespaces: DEFAULT_EXCLUDED_NAMESPACES
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect(),
+            namespaces: NamespaceScope::default(),
         }
+    }
+
+    fn parse(y: &str) -> serde_json::Value {
+        serde_saphyr::from_str(y).unwrap()
     }
 
     #[test]
     fn renders_the_registration() {
         let y = render_webhook(&manifest()).unwrap();
-        for line in [
-            "kind: MutatingWebhookConfiguration",
-            "sideEffects: NoneOnDryRun",
-            "admissionReviewVersions: [v1, v1beta1]",
-            "reinvocationPolicy: IfNeeded",
-            "failurePolicy: Ignore",
-            "timeoutSeconds: 10",
-            "operations: [CREATE, DELETE]",
-            "values: [iam-broker, kube-system, kube-public, kube-node-lease]",
-            "url: \"https://abc.execute-api.us-east-1.amazonaws.com/Prod/mutate/s3cr3t\"",
-        ] {
-            assert!(y.contains(line), "missing {line:?} in\n{y}");
+        let doc = parse(&y);
+        assert_eq!(doc["kind"], "MutatingWebhookConfiguration");
+        let hooks = doc["webhooks"].as_array().unwrap();
+        assert_eq!(hooks.len(), 2);
+        for hook in hooks {
+            assert_eq!(hook["sideEffects"], "NoneOnDryRun");
+            assert_eq!(
+                hook["admissionReviewVersions"],
+                serde_json::json!(["v1", "v1beta1"])
+            );
+            assert_eq!(hook["failurePolicy"], "Ignore");
+            assert_eq!(hook["timeoutSeconds"], 10);
+            assert_eq!(hook["clientConfig"]["url"], URL);
+            assert!(hook["clientConfig"].get("caBundle").is_none());
+            assert_eq!(
+                hook["namespaceSelector"]["matchExpressions"][0]["values"],
+                serde_json::json!([
+                    "iam-broker",
+                    "kube-system",
+                    "kube-public",
+                    "kube-node-lease"
+                ])
+            );
+            let condition = hook["matchConditions"][0]["expression"].as_str().unwrap();
+            assert!(condition.contains("!request.namespace.startsWith('openshift-')"));
+            assert!(condition.contains("!request.namespace.startsWith('kube-')"));
         }
-        assert!(!y.contains("caBundle"));
+        // CREATE for every pod, re-invoked when another webhook changes it
+        assert_eq!(
+            hooks[0]["rules"][0]["operations"],
+            serde_json::json!(["CREATE"])
+        );
+        assert_eq!(hooks[0]["reinvocationPolicy"], "IfNeeded");
+        assert!(hooks[0].get("objectSelector").is_none());
+        // DELETE only for pods the webhook injected
+        assert_eq!(
+            hooks[1]["rules"][0]["operations"],
+            serde_json::json!(["DELETE"])
+        );
+        assert_eq!(
+            hooks[1]["objectSelector"]["matchLabels"][crate::admission::LABEL_INJECTED],
+            "true"
+        );
+    }
+
+    #[test]
+    fn opt_in_mode_selects_labelled_namespaces_and_old_clusters_get_no_match_conditions() {
+        let mut m = manifest();
+        m.namespaces.opt_in_label = Some(("iam-broker.io/inject".into(), "enabled".into()));
+        m.namespaces.skip_system_prefixes = false;
+        let doc = parse(&render_webhook(&m).unwrap());
+        for hook in doc["webhooks"].as_array().unwrap() {
+            assert_eq!(
+                hook["namespaceSelector"]["matchLabels"]["iam-broker.io/inject"],
+                "enabled"
+            );
+            assert!(hook.get("matchConditions").is_none());
+        }
     }
 
     #[test]
@@ -249,6 +411,46 @@ mod tests {
         let mut m = manifest();
         m.ca_bundle_pem = Some("not a pem".into());
         assert!(render_webhook(&m).is_err());
+    }
+
+    #[test]
+    fn a_webhook_url_without_its_secret_is_refused() {
+        let base = "https://abc.execute-api.us-east-1.amazonaws.com/Prod/mutate/";
+        // the README's old trap: an unset $SECRET
+        assert!(
+            check_webhook_url(base)
+                .unwrap_err()
+                .0
+                .contains("without its secret")
+        );
+        let short = format!("{base}{}", "a".repeat(MIN_PATH_SECRET_LEN - 1));
+        assert!(
+            check_webhook_url(&short)
+                .unwrap_err()
+                .0
+                .contains("at least 32")
+        );
+        let long_enough = format!("{base}{}", "a".repeat(MIN_PATH_SECRET_LEN));
+        assert_eq!(check_webhook_url(&long_enough), Ok(()));
+        let not_last = format!("{base}{}/more", "a".repeat(MIN_PATH_SECRET_LEN));
+        assert!(check_webhook_url(&not_last).is_err());
+        // API Gateway has no route without the secret
+        assert!(
+            check_webhook_url("https://abc.execute-api.us-east-1.amazonaws.com/Prod/mutate")
+                .is_err()
+        );
+        assert!(
+            check_webhook_url("https://abc.execute-api.us-east-1.amazonaws.com/Prod/").is_err()
+        );
+        // in-cluster mode serves POST /mutate without a secret
+        assert_eq!(
+            check_webhook_url("https://iam-broker.iam-broker.svc/mutate"),
+            Ok(())
+        );
+        assert_eq!(
+            check_webhook_url("https://iam-broker.iam-broker.svc:8443/"),
+            Ok(())
+        );
     }
 
     #[test]
