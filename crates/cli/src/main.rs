@@ -4,6 +4,7 @@
 mod admin;
 mod ops;
 mod serve;
+mod stack;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -19,6 +20,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "iam-broker", version, propagate_version = true)]
 struct Cli {
+    /// The deployed CloudFormation stack (samconfig.toml's stack_name): its outputs supply the
+    /// table names, the kubeconfig parameter, the sidecar image and the URLs. Variables set in
+    /// the environment still win.
+    #[arg(long, global = true, env = stack::ENV_STACK, value_name = "NAME")]
+    stack: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -126,10 +132,17 @@ enum TokenCommand {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Revoke a token by its hash (as `token list` shows it) or by the token itself on stdin.
+    /// Revoke a token by its hash (as `token list` shows it, or the prefix `token create`
+    /// prints) or by the token itself on stdin.
     Revoke {
-        /// The token's hash (64 hex characters).
-        #[arg(long, conflicts_with = "stdin", required_unless_present = "stdin")]
+        /// The token's hash: all 64 hex characters, or a prefix of at least 12 (as `token
+        /// create` prints it) that matches one token only.
+        #[arg(
+            long,
+            value_name = "HASH_OR_PREFIX",
+            conflicts_with = "stdin",
+            required_unless_present = "stdin"
+        )]
         hash: Option<String>,
         /// Read the token itself from stdin.
         #[arg(long)]
@@ -156,6 +169,17 @@ enum Output {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     iam_broker_router::telemetry::init_json_logging();
+    let environment = match &cli.command {
+        Command::Serve { .. } => Ok(stack::Environment::default()),
+        _ => stack::Environment::load(cli.stack).await,
+    };
+    let environment = match environment {
+        Ok(environment) => environment,
+        Err(error) => {
+            eprintln!("iam-broker: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Serve {
             listen,
@@ -167,16 +191,16 @@ async fn main() -> ExitCode {
                 .map(|(cert, key)| serve::Tls { cert, key });
             serve::run(listen, tls).await
         }
-        Command::RenderWebhook(args) => ops::render(args),
-        Command::Credentials(args) => ops::credentials(args).await,
-        Command::Sweep(args) => ops::sweep(args).await,
-        Command::Kubeconfig(args) => ops::kubeconfig(args).await,
-        Command::Doctor => match ops::doctor().await {
+        Command::RenderWebhook(args) => ops::render(args, &environment),
+        Command::Credentials(args) => ops::credentials(args, &environment).await,
+        Command::Sweep(args) => ops::sweep(args, &environment).await,
+        Command::Kubeconfig(args) => ops::kubeconfig(args, &environment).await,
+        Command::Doctor => match ops::doctor(&environment).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
             Err(error) => Err(error),
         },
-        command => admin::run(command).await,
+        command => admin::run(command, &environment).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,19 +6,24 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
+use iam_broker_core::config::ENV_WEBHOOK_PATH_SECRET;
 use iam_broker_core::manifest::{
-    DEFAULT_EXCLUDED_NAMESPACES, WebhookFailurePolicy, WebhookManifest, render_webhook,
+    NamespaceScope, WebhookFailurePolicy, WebhookManifest, render_webhook,
 };
 
 use crate::Output;
+use crate::stack::{
+    Environment, OUTPUT_BROKER_ROLE, OUTPUT_BROKER_URL, OUTPUT_KUBECONFIG_PARAMETER,
+    OUTPUT_WEBHOOK_URL,
+};
 
 /// `render-webhook` arguments.
 #[derive(Debug, Args)]
 pub struct RenderWebhookArgs {
-    /// The webhook URL, secret path segment included: the stack's WebhookUrlWithoutSecret output
-    /// followed by the WebhookPathSecret parameter (https://…/Prod/mutate/<secret>).
+    /// The webhook URL, secret path segment included (https://…/Prod/mutate/<secret>). Without
+    /// it: the stack's WebhookUrlWithoutSecret followed by WEBHOOK_PATH_SECRET (--stack).
     #[arg(long)]
-    url: String,
+    url: Option<String>,
     /// Name of the MutatingWebhookConfiguration.
     #[arg(long, default_value = "iam-broker")]
     name: String,
@@ -33,10 +38,18 @@ pub struct RenderWebhookArgs {
     /// only; API Gateway's certificate is publicly trusted).
     #[arg(long)]
     ca_bundle: Option<PathBuf>,
-    /// A namespace never mutated (repeat for more); defaults to iam-broker, kube-system,
+    /// A namespace never intercepted (repeat for more); defaults to iam-broker, kube-system,
     /// kube-public and kube-node-lease.
     #[arg(long = "exclude-namespace")]
     exclude_namespaces: Vec<String>,
+    /// Opt-in mode: intercept only namespaces carrying this label, e.g.
+    /// iam-broker.io/inject=enabled.
+    #[arg(long, value_name = "KEY=VALUE")]
+    namespace_label: Option<String>,
+    /// Leave out the matchConditions that skip kube-* and openshift-* namespaces (for API
+    /// servers older than Kubernetes 1.28 / OpenShift 4.15, which reject the field).
+    #[arg(long)]
+    no_match_conditions: bool,
 }
 
 /// `--failure-policy`.
@@ -48,8 +61,25 @@ pub enum FailurePolicyArg {
     Fail,
 }
 
+/// The webhook URL: `--url` as given, or the stack's URL followed by the path secret.
+fn webhook_url(args: &RenderWebhookArgs, environment: &Environment) -> anyhow::Result<String> {
+    if let Some(url) = &args.url {
+        return Ok(url.clone());
+    }
+    let base = environment.require_output(OUTPUT_WEBHOOK_URL, "--url https://…/mutate/<secret>")?;
+    let secret = std::env::var(ENV_WEBHOOK_PATH_SECRET).unwrap_or_default();
+    if secret.trim().is_empty() {
+        bail!(
+            "set {ENV_WEBHOOK_PATH_SECRET} to the WebhookPathSecret you deployed the stack with \
+             (README, Deploy), or pass --url; without it the webhook would answer 404 to every pod"
+        );
+    }
+    Ok(format!("{base}{}", secret.trim()))
+}
+
 /// Prints the MutatingWebhookConfiguration.
-pub fn render(args: RenderWebhookArgs) -> anyhow::Result<()> {
+pub fn render(args: RenderWebhookArgs, environment: &Environment) -> anyhow::Result<()> {
+    let url = webhook_url(&args, environment)?;
     let ca_bundle_pem = args
         .ca_bundle
         .as_ref()
@@ -58,24 +88,28 @@ pub fn render(args: RenderWebhookArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read the CA bundle {}", path.display()))
         })
         .transpose()?;
-    let excluded_namespaces = if args.exclude_namespaces.is_empty() {
-        DEFAULT_EXCLUDED_NAMESPACES
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect()
-    } else {
-        args.exclude_namespaces
-    };
+    let mut namespaces = NamespaceScope::default();
+    if !args.exclude_namespaces.is_empty() {
+        namespaces.excluded = args.exclude_namespaces;
+    }
+    namespaces.skip_system_prefixes = !args.no_match_conditions;
+    if let Some(label) = &args.namespace_label {
+        let (key, value) = label
+            .split_once('=')
+            .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+            .with_context(|| format!("--namespace-label must be KEY=VALUE, got {label:?}"))?;
+        namespaces.opt_in_label = Some((key.to_owned(), value.to_owned()));
+    }
     let yaml = render_webhook(&WebhookManifest {
         name: args.name,
-        url: args.url,
+        url,
         ca_bundle_pem,
         failure_policy: match args.failure_policy {
             FailurePolicyArg::Ignore => WebhookFailurePolicy::Ignore,
             FailurePolicyArg::Fail => WebhookFailurePolicy::Fail,
         },
         timeout_seconds: args.timeout_seconds,
-        excluded_namespaces,
+        namespaces,
     })?;
     print!("{yaml}");
     Ok(())
@@ -84,9 +118,9 @@ pub fn render(args: RenderWebhookArgs) -> anyhow::Result<()> {
 /// `credentials` arguments.
 #[derive(Debug, Args)]
 pub struct CredentialsArgs {
-    /// The broker URL (stack output BrokerUrl, or http://127.0.0.1:<port>/ for a sidecar).
+    /// The broker URL (http://127.0.0.1:<port>/ for a sidecar); default: the stack's BrokerUrl.
     #[arg(long)]
-    url: String,
+    url: Option<String>,
     /// Read the token from stdin (keeps it out of the shell history and the process list).
     #[arg(long, conflicts_with = "token_env")]
     token_stdin: bool,
@@ -100,7 +134,13 @@ pub struct CredentialsArgs {
 }
 
 /// Fetches credentials with a token, as a pod's SDK would, and reports what came back.
-pub async fn credentials(args: CredentialsArgs) -> anyhow::Result<()> {
+pub async fn credentials(args: CredentialsArgs, environment: &Environment) -> anyhow::Result<()> {
+    let url = match &args.url {
+        Some(url) => url.clone(),
+        None => environment
+            .require_output(OUTPUT_BROKER_URL, "--url")?
+            .to_owned(),
+    };
     let token = if args.token_stdin {
         let mut text = String::new();
         std::io::stdin()
@@ -115,21 +155,18 @@ pub async fn credentials(args: CredentialsArgs) -> anyhow::Result<()> {
     if token.is_empty() {
         bail!("the token is empty");
     }
-    if !args.url.starts_with("https://") && !args.url.starts_with("http://") {
-        bail!(
-            "--url must be an http:// or https:// URL, got {:?}",
-            args.url
-        );
+    if !url.starts_with("https://") && !url.starts_with("http://") {
+        bail!("--url must be an http:// or https:// URL, got {:?}", url);
     }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
         .build()?;
     let response = client
-        .get(&args.url)
+        .get(&url)
         .header("Authorization", &token)
         .send()
         .await
-        .with_context(|| format!("cannot reach {}", args.url))?;
+        .with_context(|| format!("cannot reach {}", url))?;
     let status = response.status();
     let cache_control = response
         .headers()
@@ -142,7 +179,7 @@ pub async fn credentials(args: CredentialsArgs) -> anyhow::Result<()> {
     if !status.is_success() {
         bail!(
             "{} answered {}: {} {}",
-            args.url,
+            url,
             status.as_u16(),
             json["Code"].as_str().unwrap_or("(no Code)"),
             json["Message"].as_str().unwrap_or(body.trim())
@@ -172,8 +209,8 @@ pub struct SweepArgs {
 }
 
 /// Runs the sweep once, as the schedule does.
-pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
-    let mut config = iam_broker_core::Config::from_env()?;
+pub async fn sweep(args: SweepArgs, environment: &Environment) -> anyhow::Result<()> {
+    let mut config = environment.config()?;
     if let Some(seconds) = args.grace_seconds {
         config.sweep_grace = Duration::from_secs(seconds);
     }
@@ -213,9 +250,9 @@ pub struct KubeconfigArgs {
     /// Name of the cluster, user and context inside the kubeconfig.
     #[arg(long, default_value = "iam-broker-webhook")]
     name: String,
-    /// Store it in this SSM SecureString parameter (the stack's KubeconfigParameterName)
-    /// instead of printing it.
-    #[arg(long)]
+    /// Store it in this SSM SecureString parameter instead of printing it; without a value,
+    /// KUBECONFIG_PARAMETER or the stack's KubeconfigParameterName (--stack).
+    #[arg(long, value_name = "PARAM", num_args = 0..=1, default_missing_value = "")]
     store: Option<String>,
     /// KMS key for the parameter (default: the account's alias/aws/ssm).
     #[arg(long, requires = "store")]
@@ -223,8 +260,18 @@ pub struct KubeconfigArgs {
 }
 
 /// Builds the webhook's kubeconfig from a ServiceAccount token; prints it or stores it in SSM.
-pub async fn kubeconfig(args: KubeconfigArgs) -> anyhow::Result<()> {
-    let config = iam_broker_core::Config::from_env()?;
+pub async fn kubeconfig(args: KubeconfigArgs, environment: &Environment) -> anyhow::Result<()> {
+    let config = environment.config()?;
+    let store = match args.store.as_deref() {
+        None => None,
+        Some("") => Some(match &config.kubeconfig_parameter {
+            Some(parameter) => parameter.clone(),
+            None => environment
+                .require_output(OUTPUT_KUBECONFIG_PARAMETER, "--store PARAM")?
+                .to_owned(),
+        }),
+        Some(parameter) => Some(parameter.to_owned()),
+    };
     let (server, token, ca_pem) = match &args.from_secret {
         Some(reference) => {
             let (namespace, name) = reference
@@ -261,7 +308,7 @@ pub async fn kubeconfig(args: KubeconfigArgs) -> anyhow::Result<()> {
     };
     let text =
         iam_broker_core::manifest::kubeconfig(&server, ca_pem.as_deref(), &token, &args.name)?;
-    match &args.store {
+    match &store {
         None => print!("{text}"),
         Some(parameter) => {
             let sdk = iam_broker_aws::load_sdk_config(config.aws_call_timeout).await;
@@ -281,59 +328,88 @@ pub async fn kubeconfig(args: KubeconfigArgs) -> anyhow::Result<()> {
 }
 
 /// Checks the deployment's configuration end to end; `Ok(false)` when a check failed.
-pub async fn doctor() -> anyhow::Result<bool> {
-    use iam_broker_aws::schema::{allowances_keys, authorizations_keys, check_table};
-    let mut healthy = true;
-    let mut report = |name: &str, result: Result<String, String>| match result {
-        Ok(detail) => println!("ok    {name}: {detail}"),
-        Err(detail) => {
-            healthy = false;
-            println!("FAIL  {name}: {detail}");
-        }
-    };
-    let config = match iam_broker_core::Config::from_env() {
+///
+/// Each cause is printed once: a check that cannot pass because of a failure it shares with an
+/// earlier one (no region, no credentials, an endpoint that is down or not AWS, an unreadable
+/// kubeconfig, an API server that cannot be asked) is marked `skip` and points back to it.
+pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
+    use iam_broker_aws::schema::{TableCheckError, check_table};
+    use iam_broker_aws::{Endpoint, Service, TableRole};
+    let mut checks = Checks::new();
+    let config = match environment.config() {
         Ok(config) => {
-            report("configuration", Ok("every variable parses".to_owned()));
+            checks.ok("configuration", "every variable parses");
             config
         }
         Err(error) => {
-            report("configuration", Err(error.to_string()));
+            checks.fail("configuration", error.to_string());
             return Ok(false);
         }
     };
     let sdk = iam_broker_aws::load_sdk_config(config.aws_call_timeout).await;
+    let region = sdk.region().map(|r| r.as_ref().to_owned());
+    let endpoint = |service| Endpoint::of(service, region.as_deref());
+
+    // STS first: who the process is, and, when that fails, usually why every AWS check fails.
+    let sts = endpoint(Service::Sts);
+    if checks.runs("STS", &[Scope::Aws, Scope::endpoint(&sts)]) {
+        match iam_broker_aws::sts::caller_arn(&sdk).await {
+            Ok(arn) => checks.ok("STS", format!("running as {arn}")),
+            Err(error) => checks.aws_failure("STS", &error, &error),
+        }
+    }
+    if let Some(role) = environment.output(OUTPUT_BROKER_ROLE) {
+        checks.ok(
+            "brokered roles",
+            format!("each must trust {role} (sts:AssumeRole) and match AllowedRoleArnPattern"),
+        );
+    }
+    let dynamodb_endpoint = endpoint(Service::DynamoDb);
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
-    report(
-        "Allowances table",
-        check_table(&dynamodb, &config.allowances_table, &allowances_keys())
-            .await
-            .map(|()| format!("{} has the right keys", config.allowances_table)),
-    );
-    report(
-        "Authorizations table",
-        check_table(
-            &dynamodb,
-            &config.authorizations_table,
-            &authorizations_keys(),
-        )
-        .await
-        .map(|()| format!("{} has the right keys", config.authorizations_table)),
-    );
-    report(
-        "STS",
-        iam_broker_aws::sts::caller_arn(&sdk)
-            .await
-            .map(|arn| format!("running as {arn}")),
-    );
+    for (role, table) in [
+        (TableRole::Allowances, &config.allowances_table),
+        (TableRole::Authorizations, &config.authorizations_table),
+    ] {
+        let name = format!("{} table", role.name());
+        if !checks.runs(&name, &[Scope::Aws, Scope::endpoint(&dynamodb_endpoint)]) {
+            continue;
+        }
+        match check_table(&dynamodb, table, role).await {
+            Ok(()) => checks.ok(&name, format!("{table} has the right keys")),
+            Err(error) => match (&error, error.aws_error()) {
+                (_, Some(aws)) => checks.aws_failure(&name, aws, &error),
+                // A missing table names itself.
+                (TableCheckError::Call(_), None) => checks.fail(&name, chain(&error)),
+                _ => checks.fail(&name, format!("table {table}: {}", chain(&error))),
+            },
+        }
+    }
     let source = match &config.kubeconfig_parameter {
         Some(parameter) => {
-            let read = iam_broker_kube::kubeconfig_from_ssm(&sdk, parameter).await;
-            report(
-                "kubeconfig parameter",
-                read.as_ref()
-                    .map(|_| format!("{parameter} decrypts"))
-                    .map_err(|e| e.to_string()),
-            );
+            let name = "kubeconfig parameter";
+            let ssm = endpoint(Service::Ssm);
+            if checks.runs(name, &[Scope::Aws, Scope::endpoint(&ssm)]) {
+                match iam_broker_kube::kubeconfig_from_ssm(&sdk, parameter).await {
+                    Ok(_) => checks.ok(name, format!("{parameter} decrypts")),
+                    Err(error) => {
+                        match std::error::Error::source(&error)
+                            .and_then(|s| s.downcast_ref::<iam_broker_aws::AwsError>())
+                        {
+                            Some(aws) => checks.aws_failure(name, aws, &error),
+                            None => checks.fail(name, chain(&error)),
+                        }
+                        checks.shares(
+                            Scope::Kubernetes,
+                            format!("the kubeconfig parameter {parameter} cannot be read"),
+                        );
+                    }
+                }
+            } else {
+                checks.shares(
+                    Scope::Kubernetes,
+                    format!("the kubeconfig parameter {parameter} was not read"),
+                );
+            }
             iam_broker_kube::ClientSource::SsmParameter {
                 sdk: Box::new(sdk.clone()),
                 name: parameter.clone(),
@@ -347,19 +423,147 @@ pub async fn doctor() -> anyhow::Result<bool> {
             "Kubernetes RBAC {} {}",
             permission.verb, permission.resource
         );
-        let result = match cluster.can(*permission).await {
-            Ok(true) => Ok("allowed".to_owned()),
-            Ok(false) => Err("denied: apply deploy/20-rbac.yaml".to_owned()),
-            Err(error) => Err(format!("cannot ask the API server: {error}")),
-        };
-        report(&name, result);
+        if !checks.runs(&name, &[Scope::Kubernetes]) {
+            continue;
+        }
+        match cluster.can(*permission).await {
+            Ok(true) => checks.ok(&name, "allowed"),
+            Ok(false) => checks.fail(&name, "denied: apply deploy/20-rbac.yaml"),
+            Err(error) => {
+                checks.fail(
+                    &name,
+                    format!("cannot ask the API server: {}", chain(&error)),
+                );
+                checks.shares(
+                    Scope::Kubernetes,
+                    "the Kubernetes API server cannot be asked".to_owned(),
+                );
+            }
+        }
     }
-    report(
-        "sidecar image",
-        config
-            .proxy_image
-            .clone()
-            .ok_or_else(|| "PROXY_IMAGE is not set: the webhook will inject nothing".to_owned()),
-    );
-    Ok(healthy)
+    match &config.proxy_image {
+        Some(image) => checks.ok("sidecar image", image),
+        None => checks.fail(
+            "sidecar image",
+            "PROXY_IMAGE is not set: the webhook will inject nothing",
+        ),
+    }
+    Ok(checks.healthy)
+}
+
+/// What a failure can take down with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scope {
+    /// Every AWS call (region, credentials).
+    Aws,
+    /// Every call to one URL set by a variable.
+    Endpoint(String),
+    /// Every call to AWS's own endpoints (no variable): when one cannot be reached, the network
+    /// is the cause, not the service.
+    AwsOwn,
+    /// Every Kubernetes check.
+    Kubernetes,
+}
+
+impl Scope {
+    fn endpoint(endpoint: &iam_broker_aws::Endpoint) -> Self {
+        match endpoint.variable {
+            Some(_) => Self::Endpoint(endpoint.url.clone()),
+            None => Self::AwsOwn,
+        }
+    }
+}
+
+/// The doctor's report: one line per check, each cause printed once.
+struct Checks {
+    healthy: bool,
+    /// Causes already printed, with what they take down and a short summary.
+    shared: Vec<(Scope, String)>,
+}
+
+impl Checks {
+    fn new() -> Self {
+        Self {
+            healthy: true,
+            shared: Vec::new(),
+        }
+    }
+
+    fn ok(&self, name: &str, detail: impl std::fmt::Display) {
+        println!("ok    {name}: {detail}");
+    }
+
+    fn fail(&mut self, name: &str, detail: impl std::fmt::Display) {
+        self.healthy = false;
+        println!("FAIL  {name}: {detail}");
+    }
+
+    /// `false` (and a `skip` line) when a cause already printed takes this check down.
+    fn runs(&mut self, name: &str, scopes: &[Scope]) -> bool {
+        let Some((_, summary)) = self.shared.iter().find(|(scope, _)| scopes.contains(scope))
+        else {
+            return true;
+        };
+        self.healthy = false;
+        println!("skip  {name}: because {summary} (see above)");
+        false
+    }
+
+    /// Records that later checks in `scope` cannot pass either.
+    fn shares(&mut self, scope: Scope, summary: String) {
+        self.shared.push((scope, summary));
+    }
+
+    /// Prints a failed AWS check (`error` whole, `aws` being its explained SDK failure) and
+    /// records what else it takes down.
+    fn aws_failure(
+        &mut self,
+        name: &str,
+        aws: &iam_broker_aws::AwsError,
+        error: &(dyn std::error::Error + 'static),
+    ) {
+        use iam_broker_aws::AwsError;
+        self.fail(name, chain(error));
+        let shared = match aws {
+            AwsError::NoRegion(_) => Some((Scope::Aws, "no AWS region is set".to_owned())),
+            AwsError::NoCredentials(_) => {
+                Some((Scope::Aws, "no AWS credentials were found".to_owned()))
+            }
+            AwsError::CredentialsUnusable(_) => Some((
+                Scope::Aws,
+                "the AWS credentials could not be loaded".to_owned(),
+            )),
+            AwsError::CredentialsRejected { .. } => {
+                Some((Scope::Aws, "AWS does not accept the credentials".to_owned()))
+            }
+            AwsError::Unreachable { endpoint, .. } | AwsError::TimedOut { endpoint, .. } => Some((
+                Scope::endpoint(endpoint),
+                format!("AWS is unreachable at {}", endpoint.url),
+            )),
+            AwsError::NotAws { endpoint, .. } => Some((
+                Scope::endpoint(endpoint),
+                format!("{} is not AWS", endpoint.url),
+            )),
+            AwsError::BadEndpoint { endpoint, .. } => Some((
+                Scope::endpoint(endpoint),
+                format!("{:?} is not a URL", endpoint.url),
+            )),
+            _ => None,
+        };
+        if let Some((scope, summary)) = shared {
+            self.shares(scope, summary);
+        }
+    }
+}
+
+/// An error and its sources, joined as anyhow's `{:#}` does.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(source) = next {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        next = source.source();
+    }
+    text
 }
