@@ -155,13 +155,17 @@ FIXTURES = {
     "admission-bad-request.json": json.dumps({"apiVersion": "v1", "kind": "Pod"}),
 }
 
+# API Gateway delivers admissions at /mutate/{secret} (template.yaml routes nothing else to the
+# webhook), so the fixtures do too; two show what strangers get.
+SECRET_PATH = "/mutate/" + FIXTURE_PATH_SECRET
 PATHS = {
-    "admission-create-secret-path.json": "/mutate/" + FIXTURE_PATH_SECRET,
+    "admission-create-root-path.json": "/",
     "admission-create-wrong-secret-path.json": "/mutate/" + "x" * len(FIXTURE_PATH_SECRET),
 }
 FIXTURES["admission-create-secret-path.json"] = review(pod())
+FIXTURES["admission-create-root-path.json"] = review(pod())
 FIXTURES["admission-create-wrong-secret-path.json"] = review(pod())
 
 for name, body in FIXTURES.items():
-    (EVENTS / name).write_text(json.dumps(event(body, PATHS.get(name, "/")), indent=2) + "\n")
+    (EVENTS / name).write_text(json.dumps(event(body, PATHS.get(name, SECRET_PATH)), indent=2) + "\n")
     print("wrote", EVENTS / name)

@@ -68,3 +68,38 @@ wait_http() {
   done
   die "$url did not answer within ${seconds}s"
 }
+
+# A temporary folder ($work) and background processes ($pids) that end with the script.
+start_work() {
+  work=$(mktemp -d)
+  pids=()
+  trap stop_work EXIT INT TERM
+}
+stop_work() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+
+# Starts moto on a free port (log in $work/moto.log) and points the AWS SDKs and CLIs at it.
+start_moto() {
+  local port
+  port=$(free_port)
+  log "starting moto (DynamoDB, STS) on 127.0.0.1:$port"
+  "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" > "$work/moto.log" 2>&1 &
+  pids+=($!)
+  wait_http "http://127.0.0.1:$port/moto-api/"
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
+  export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
+}
+
+# Starts the Kubernetes API stand-in ($1: its binary) holding ServiceAccounts NAMESPACE/NAME=ROLE
+# ($2...); its kubeconfig is $work/kubeconfig.
+start_kube_standin() {
+  local bin=$1
+  shift
+  "$bin" "$work/kubeconfig" "$@" 2> "$work/kube.log" &
+  pids+=($!)
+  for _ in $(seq 100); do [ -s "$work/kubeconfig" ] && break; sleep 0.1; done
+  [ -s "$work/kubeconfig" ] || die "the Kubernetes API stand-in did not start: $(cat "$work/kube.log")"
+}

@@ -9,13 +9,20 @@
 #      `aws sts get-caller-identity` and prints the assumed role.
 #   scripts/run-local.sh          keep everything running until Ctrl-C when run from a terminal
 #   scripts/run-local.sh --once   stop after printing the identity
+#   scripts/run-local.sh --help   print this text
 set -euo pipefail
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+once=0
+for arg in "$@"; do
+  case "$arg" in
+    --once) once=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) { printf 'scripts/run-local.sh: unknown argument %s\n' "$arg"; usage; } >&2; exit 2 ;;
+  esac
+done
+[ -t 0 ] || once=1
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
-
-once=0
-[ "${1:-}" = "--once" ] && once=1
-[ -t 0 ] || once=1
 
 ensure_rust
 ensure_venv
@@ -23,33 +30,16 @@ log "building iam-broker, iam-broker-proxy and the Kubernetes API stand-in"
 cargo build --quiet --bins
 BIN="$ROOT/target/debug"
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-
-moto_port=$(free_port)
-log "starting moto (DynamoDB, STS) on 127.0.0.1:$moto_port"
-"$VENV/bin/moto_server" -H 127.0.0.1 -p "$moto_port" > "$work/moto.log" 2>&1 &
-pids+=($!)
-wait_http "http://127.0.0.1:$moto_port/moto-api/"
-export AWS_ENDPOINT_URL="http://127.0.0.1:$moto_port" AWS_REGION=us-east-1
-export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
-ROLE=arn:aws:iam::123456789012:role/s3_reader
+start_work
+start_moto
+ROLE=arn:aws:iam::123456789012:role/iam-broker/s3_reader
 
 log "iam-broker tables create; iam-broker allow --namespace team-a --service-account app --role $ROLE"
 "$BIN/iam-broker" tables create
 "$BIN/iam-broker" allow --namespace team-a --service-account app --role "$ROLE"
 
 log "starting the Kubernetes API stand-in; ServiceAccount team-a/app annotated eks.amazonaws.com/role-arn=$ROLE"
-"$BIN/kube-api-standin" "$work/kubeconfig" "team-a/app=$ROLE" 2> "$work/kube.log" &
-pids+=($!)
-for _ in $(seq 100); do [ -s "$work/kubeconfig" ] && break; sleep 0.1; done
-[ -s "$work/kubeconfig" ] || die "the Kubernetes API stand-in did not start: $(cat "$work/kube.log")"
+start_kube_standin "$BIN/kube-api-standin" "team-a/app=$ROLE"
 
 serve_port=$(free_port)
 log "iam-broker serve --listen 127.0.0.1:$serve_port (broker and webhook)"
@@ -112,7 +102,7 @@ env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
   "$VENV/bin/aws" sts get-caller-identity --output json
 
 if [ "$once" = 0 ]; then
-  log "running: broker+webhook http://127.0.0.1:$serve_port, sidecar http://127.0.0.1:$proxy_port, moto :$moto_port"
+  log "running: broker+webhook http://127.0.0.1:$serve_port, sidecar http://127.0.0.1:$proxy_port, moto $AWS_ENDPOINT_URL"
   echo "  curl -H \"Authorization: \$(cat $work/token)\" http://127.0.0.1:$proxy_port/" >&2
   log "Ctrl-C to stop"
   wait "${pids[0]}"

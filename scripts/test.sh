@@ -4,7 +4,15 @@
 #                              the local run, and the Lambda build
 #   SKIP_LAMBDA_BUILD=1 ...    leave out `cargo lambda build --release`
 #   SKIP_MUSL_BUILD=1 ...      leave out the static (musl) build of the sidecar
+#   scripts/test.sh --help     print this text
 set -euo pipefail
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) usage; exit 0 ;;
+    *) { printf 'scripts/test.sh: unknown argument %s\n' "$arg"; usage; } >&2; exit 2 ;;
+  esac
+done
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
@@ -24,6 +32,10 @@ log "the README's run command (scripts/run-local.sh --once)"
 scripts/run-local.sh --once > target/run-local.out
 grep -q '"Arn": "arn:aws:sts::123456789012:assumed-role/s3_reader/' target/run-local.out \
   || { cat target/run-local.out; die "run-local did not print the assumed role"; }
+log "every file of events/ through cargo lambda watch / invoke (scripts/lambda-watch.sh --check)"
+scripts/lambda-watch.sh --check
+log "deploy rehearsal: template.yaml -> moto with IAM enforced -> README's Deploy steps -> first pod"
+scripts/rehearse-deploy.sh
 log "cfn-lint template.yaml"
 "$VENV/bin/cfn-lint" template.yaml
 ensure_sam_venv

@@ -16,8 +16,8 @@ use iam_broker_core::ports::{
 use iam_broker_tests::{Moto, Tables};
 use time::OffsetDateTime;
 
-const A: &str = "arn:aws:iam::123456789012:role/a";
-const B: &str = "arn:aws:iam::123456789012:role/b";
+const A: &str = "arn:aws:iam::123456789012:role/iam-broker/a";
+const B: &str = "arn:aws:iam::123456789012:role/iam-broker/b";
 
 async fn stores() -> (
     Moto,

@@ -15,8 +15,8 @@ use iam_broker_tests::{ACCOUNT_ID, Env, Moto, Server, Tables, cli, cli_with_stdi
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
-const OTHER_ROLE: &str = "arn:aws:iam::123456789012:role/other";
+const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
+const OTHER_ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/other";
 
 struct World {
     moto: Moto,

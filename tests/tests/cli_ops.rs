@@ -11,9 +11,8 @@ use iam_broker_tests::{
 };
 use serde_json::json;
 
-const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
-const EXAMPLE_URL: &str =
-    "https://API_ID.execute-api.REGION.amazonaws.com/Prod/mutate/WEBHOOK_PATH_SECRET";
+const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
+const EXAMPLE_URL: &str = "https://API_ID.execute-api.REGION.amazonaws.com/Prod/mutate/YOUR_WEBHOOK_PATH_SECRET_OF_43_CHARACTERS";
 
 fn ok(out: &CliOutput) {
     assert!(
@@ -47,7 +46,7 @@ async fn render_webhook_matches_the_committed_example_and_refuses_plain_http() {
         &[
             "render-webhook",
             "--url",
-            "https://x/mutate/s",
+            "https://iam-broker.iam-broker.svc/mutate",
             "--failure-policy",
             "fail",
             "--timeout-seconds",
@@ -258,7 +257,7 @@ async fn doctor_reports_each_check_and_fails_on_missing_rbac() {
     ok(&healthy);
     assert_eq!(
         healthy.stdout.matches("ok    ").count(),
-        9,
+        5 + iam_broker_kube::REQUIRED_PERMISSIONS.len(),
         "{}",
         healthy.stdout
     );
@@ -289,7 +288,8 @@ async fn doctor_reports_each_check_and_fails_on_missing_rbac() {
 
 #[tokio::test]
 async fn tables_create_is_idempotent_and_makes_the_designed_keys() {
-    use iam_broker_aws::schema::{allowances_keys, authorizations_keys, check_table};
+    use iam_broker_aws::TableRole;
+    use iam_broker_aws::schema::check_table;
     let moto = Moto::start().await.unwrap();
     let env = moto
         .env()
@@ -299,13 +299,208 @@ async fn tables_create_is_idempotent_and_makes_the_designed_keys() {
         ok(&cli(&env, &["tables", "create"]).await.unwrap());
     }
     let dynamodb = aws_sdk_dynamodb::Client::new(&moto.sdk_config().await);
-    check_table(&dynamodb, "t-allowances", &allowances_keys())
+    check_table(&dynamodb, "t-allowances", TableRole::Allowances)
         .await
         .unwrap();
-    check_table(&dynamodb, "t-authorizations", &authorizations_keys())
+    check_table(&dynamodb, "t-authorizations", TableRole::Authorizations)
         .await
         .unwrap();
     // and the check itself notices a wrong schema
-    let wrong = check_table(&dynamodb, "t-allowances", &authorizations_keys()).await;
-    assert!(wrong.unwrap_err().contains("expected"));
+    let wrong = check_table(&dynamodb, "t-allowances", TableRole::Authorizations).await;
+    assert_eq!(
+        wrong.unwrap_err().to_string(),
+        "its keys are namespace (HASH), service_account (RANGE), expected token_hash (HASH)"
+    );
+}
+
+// ---- doctor: each cause once; the kubeconfig parameter missing vs denied (issue 13, item 7) ----
+
+#[tokio::test]
+async fn doctor_says_an_unreachable_aws_once_and_skips_what_depends_on_it() {
+    let closed = format!(
+        "http://127.0.0.1:{}",
+        iam_broker_tests::free_port().unwrap()
+    );
+    let env = Env::new()
+        .set("AWS_ENDPOINT_URL", &closed)
+        .set("AWS_REGION", iam_broker_tests::REGION)
+        .set("AWS_ACCESS_KEY_ID", iam_broker_tests::MOTO_ACCESS_KEY)
+        .set("AWS_SECRET_ACCESS_KEY", iam_broker_tests::MOTO_SECRET_KEY)
+        .set("KUBECONFIG_PARAMETER", "/iam-broker/kubeconfig")
+        .set("PROXY_IMAGE", "registry.example/iam-broker-proxy:1");
+    let out = cli(&env, &["doctor"]).await.unwrap();
+    assert!(!out.success);
+    assert!(
+        out.stdout.contains(&format!(
+            "FAIL  STS: cannot reach STS at {closed} (from AWS_ENDPOINT_URL): check AWS_ENDPOINT_URL"
+        )),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        out.stdout.matches("cannot reach").count(),
+        1,
+        "{}",
+        out.stdout
+    );
+    for check in [
+        "Allowances table",
+        "Authorizations table",
+        "kubeconfig parameter",
+    ] {
+        assert!(
+            out.stdout.contains(&format!(
+                "skip  {check}: because AWS is unreachable at {closed} (see above)"
+            )),
+            "{check}: {}",
+            out.stdout
+        );
+    }
+    assert_eq!(
+        out.stdout.matches("(see above)").count(),
+        3 + iam_broker_kube::REQUIRED_PERMISSIONS.len(),
+        "three AWS checks and every RBAC check are skipped: {}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(
+            "skip  Kubernetes RBAC list secrets: because the kubeconfig parameter \
+             /iam-broker/kubeconfig was not read (see above)"
+        ),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("ok    sidecar image"), "{}", out.stdout);
+}
+
+/// moto's IAM, called without an SDK: a user allowed only `actions`, and its access key.
+async fn iam_user(moto: &Moto, name: &str, actions: &[&str]) -> (String, String) {
+    let client = reqwest::Client::new();
+    let call = |params: Vec<(&'static str, String)>| {
+        let client = client.clone();
+        let url = format!("{}/", moto.endpoint);
+        async move {
+            let mut form = vec![("Version", "2010-05-08".to_owned())];
+            form.extend(params);
+            let response = client
+                .post(url)
+                .header(
+                    "Authorization",
+                    "AWS4-HMAC-SHA256 Credential=testing/20261122/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=x",
+                )
+                .form(&form)
+                .send()
+                .await
+                .unwrap();
+            assert!(response.status().is_success(), "IAM call failed");
+            response.text().await.unwrap()
+        }
+    };
+    call(vec![
+        ("Action", "CreateUser".into()),
+        ("UserName", name.into()),
+    ])
+    .await;
+    let policy = json!({"Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]});
+    call(vec![
+        ("Action", "PutUserPolicy".into()),
+        ("UserName", name.into()),
+        ("PolicyName", "doctor".into()),
+        ("PolicyDocument", policy.to_string()),
+    ])
+    .await;
+    let created = call(vec![
+        ("Action", "CreateAccessKey".into()),
+        ("UserName", name.into()),
+    ])
+    .await;
+    let between = |open: &str, close: &str| {
+        let start = created.find(open).unwrap() + open.len();
+        let end = created[start..].find(close).unwrap();
+        created[start..start + end].to_owned()
+    };
+    (
+        between("<AccessKeyId>", "</AccessKeyId>"),
+        between("<SecretAccessKey>", "</SecretAccessKey>"),
+    )
+}
+
+#[tokio::test]
+async fn doctor_tells_a_missing_kubeconfig_parameter_from_a_denied_one() {
+    let moto = Moto::start().await.unwrap();
+    let sdk = moto.sdk_config().await;
+    let tables = Tables::create(&sdk, "kcp").await.unwrap();
+    let env = moto
+        .env()
+        .tables(&tables)
+        .set("PROXY_IMAGE", "registry.example/iam-broker-proxy:1");
+
+    // GIVEN no parameter at all
+    let missing = cli(
+        &env.clone()
+            .set("KUBECONFIG_PARAMETER", "/iam-broker/missing"),
+        &["doctor"],
+    )
+    .await
+    .unwrap();
+    assert!(!missing.success);
+    assert!(
+        missing.stdout.contains(
+            "FAIL  kubeconfig parameter: the kubeconfig parameter /iam-broker/missing does not \
+             exist in us-east-1: store it with `iam-broker kubeconfig --from-secret NS/NAME \
+             --store /iam-broker/missing`"
+        ),
+        "{}",
+        missing.stdout
+    );
+    assert!(
+        missing.stdout.contains(
+            "skip  Kubernetes RBAC get serviceaccounts: because the kubeconfig parameter \
+             /iam-broker/missing cannot be read (see above)"
+        ),
+        "{}",
+        missing.stdout
+    );
+    assert!(!missing.stdout.contains("denied"), "{}", missing.stdout);
+
+    // GIVEN the parameter, and an identity that may use DynamoDB but not SSM
+    aws_sdk_ssm::Client::new(&sdk)
+        .put_parameter()
+        .name("/iam-broker/kubeconfig")
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .value("apiVersion: v1")
+        .send()
+        .await
+        .unwrap();
+    let (key, secret) = iam_user(&moto, "doctor", &["dynamodb:*", "sts:GetCallerIdentity"]).await;
+    moto.enforce_iam().await.unwrap();
+    let denied = cli(
+        &env.clone()
+            .set("KUBECONFIG_PARAMETER", "/iam-broker/kubeconfig")
+            .set("AWS_ACCESS_KEY_ID", &key)
+            .set("AWS_SECRET_ACCESS_KEY", &secret),
+        &["doctor"],
+    )
+    .await
+    .unwrap();
+    assert!(!denied.success);
+    assert!(
+        denied.stdout.contains(
+            "FAIL  kubeconfig parameter: reading the kubeconfig parameter /iam-broker/kubeconfig \
+             was denied: this identity needs ssm:GetParameter on it, and kms:Decrypt on its KMS key"
+        ),
+        "{}",
+        denied.stdout
+    );
+    assert!(
+        denied.stdout.contains("ok    Allowances table"),
+        "{}",
+        denied.stdout
+    );
+    assert!(
+        !denied.stdout.contains("does not exist"),
+        "{}",
+        denied.stdout
+    );
 }

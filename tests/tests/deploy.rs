@@ -115,3 +115,31 @@ fn the_namespace_enforces_the_restricted_pod_security_level() {
         "restricted"
     );
 }
+
+#[test]
+fn the_in_cluster_sweep_runs_hourly_as_the_webhook_with_the_brokers_tables() {
+    let docs = documents("deploy/in-cluster/broker.yaml");
+    let cron = kind(&docs, "CronJob");
+    assert_eq!(cron["spec"]["concurrencyPolicy"], "Forbid");
+    let schedule = cron["spec"]["schedule"].as_str().unwrap();
+    assert_eq!(schedule.split(' ').nth(1), Some("*"), "hourly: {schedule}");
+    let pod = &cron["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "iam-broker-webhook");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let container = &pod["containers"][0];
+    assert_eq!(container["args"], serde_json::json!(["sweep"]));
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    // the sweep must look at the same tables as the broker it cleans up after
+    let env = |doc: &Value| -> BTreeSet<String> {
+        doc["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"].as_str().unwrap().ends_with("_TABLE"))
+            .map(|e| format!("{}={}", e["name"], e["value"]))
+            .collect()
+    };
+    let broker = &kind(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(env(container), env(broker));
+    assert_eq!(env(container).len(), 2);
+}

@@ -17,7 +17,7 @@ use iam_broker_tests::kube_api::{DEFAULT_TOKEN, KubeApi};
 use iam_broker_tests::{Moto, Tables, workspace_root};
 use serde_json::{Value, json};
 
-const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
+const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
 const PARAMETER: &str = "/iam-broker/webhook-kubeconfig";
 
 struct World {
@@ -41,6 +41,8 @@ async fn world() -> World {
         authorizations_table: tables.authorizations.clone(),
         kubeconfig_parameter: Some(PARAMETER.into()),
         proxy_image: Some("registry.example/iam-broker-proxy:0.1.0".into()),
+        // the secret path the events/ admissions arrive at
+        webhook_path_secret: Some("fixture-path-secret-0123456789abcdef".into()),
         ..Config::default()
     };
     let app = iam_broker_app::build_with(&config, &sdk);

@@ -9,7 +9,7 @@
 use iam_broker_tests::proxy::{Proxy, aws_cli, container_env, run};
 use iam_broker_tests::{CliOutput, Env, Moto, Server, Tables, allow, binary, mint_token};
 
-const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
+const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
 /// What moto's GetCallerIdentity reports for a session of ROLE.
 const ASSUMED: &str = "arn:aws:sts::123456789012:assumed-role/s3_reader/";
 

@@ -16,7 +16,7 @@ use iam_broker_tests::kube_api::{DEFAULT_TOKEN, Fault, KubeApi};
 use iam_broker_tests::{Env, Moto, Server, Tables, allow};
 use serde_json::{Value, json};
 
-const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
+const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
 
 struct World {
     moto: Moto,

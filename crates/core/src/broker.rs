@@ -288,7 +288,7 @@ mod tests {
     use crate::credentials::Credentials;
     use crate::memory::{MemoryAllowanceStore, MemoryTokenStore};
 
-    const ROLE: &str = "arn:aws:iam::123456789012:role/s3_reader";
+    const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
     const NOW: OffsetDateTime = datetime!(2026-11-22 06:00:00 UTC);
 
     #[derive(Default)]

@@ -298,7 +298,7 @@ mod tests {
                 .insert(&TokenRecord {
                     token_hash: hash,
                     subject: Subject::new(namespace, "app", false).unwrap(),
-                    role_arn: "arn:aws:iam::123456789012:role/r".into(),
+                    role_arn: "arn:aws:iam::123456789012:role/iam-broker/r".into(),
                     secret_name: Some(name.clone()),
                     pod_name: None,
                     created_at: NOW - age,

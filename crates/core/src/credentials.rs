@@ -114,7 +114,7 @@ mod tests {
         };
         let json = serde_json::to_value(EcsCredentials::new(
             &creds,
-            "arn:aws:iam::123456789012:role/r",
+            "arn:aws:iam::123456789012:role/iam-broker/r",
             "123456789012",
         ))
         .unwrap();
@@ -126,7 +126,7 @@ mod tests {
                 "Token": "session-value",
                 "Expiration": "2026-11-22T07:00:00Z",
                 "AccountId": "123456789012",
-                "RoleArn": "arn:aws:iam::123456789012:role/r"
+                "RoleArn": "arn:aws:iam::123456789012:role/iam-broker/r"
             })
         );
         let debug = format!("{creds:?}");

@@ -256,7 +256,7 @@ mod tests {
             .collect()
     }
 
-    const BODY: &str = r#"{"AccessKeyId":"ASIAEXAMPLE","SecretAccessKey":"s","Token":"t","Expiration":"2026-11-22T07:00:00Z","AccountId":"123456789012","RoleArn":"arn:aws:iam::123456789012:role/r"}"#;
+    const BODY: &str = r#"{"AccessKeyId":"ASIAEXAMPLE","SecretAccessKey":"s","Token":"t","Expiration":"2026-11-22T07:00:00Z","AccountId":"123456789012","RoleArn":"arn:aws:iam::123456789012:role/iam-broker/r"}"#;
 
     #[test]
     fn a_credentials_answer_is_read_with_its_expiry_and_cache_control() {

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# `cargo lambda watch` with everything the files in events/ need: moto (tables, an allowance, the
+# fixtures' token record), the Kubernetes API stand-in (ServiceAccount team-a/app annotated with
+# the role), PROXY_IMAGE and the fixtures' WEBHOOK_PATH_SECRET.
+#   scripts/lambda-watch.sh          run until Ctrl-C; invoke with
+#                                    cargo lambda invoke bootstrap -A 127.0.0.1 -P 9000 --data-file events/<event>.json
+#   scripts/lambda-watch.sh --check  invoke every event once and compare with events/README.md
+#   scripts/lambda-watch.sh --help   print this text
+set -euo pipefail
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+check=0
+for arg in "$@"; do
+  case "$arg" in
+    --check) check=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) { printf 'scripts/lambda-watch.sh: unknown argument %s\n' "$arg"; usage; } >&2; exit 2 ;;
+  esac
+done
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+
+ensure_rust
+ensure_venv
+export PATH="$VENV/bin:$PATH"
+log "building iam-broker, bootstrap and the Kubernetes API stand-in"
+cargo build --quiet --locked --bins
+BIN="$ROOT/target/debug"
+
+start_work
+
+# What the fixtures in events/ carry (scripts/gen-admission-events.py); none of it is secret.
+ROLE=arn:aws:iam::123456789012:role/iam-broker/s3_reader
+FIXTURE_TOKEN=iamb_AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA
+FIXTURE_PATH_SECRET=fixture-path-secret-0123456789abcdef
+
+start_moto
+"$BIN/iam-broker" tables create >&2
+"$BIN/iam-broker" allow --namespace team-a --service-account app --role "$ROLE" >&2
+start_kube_standin "$BIN/kube-api-standin" "team-a/app=$ROLE"
+
+# The fixtures' token record (their token is public; a real one is only ever minted).
+cat > "$work/seed.py" <<PY
+import hashlib, time, boto3
+token = "$FIXTURE_TOKEN"
+now = int(time.time())
+boto3.client("dynamodb").put_item(TableName="iam-broker-authorizations", Item={
+    "token_hash": {"S": hashlib.sha256(token.encode()).hexdigest()},
+    "namespace": {"S": "team-a"}, "service_account": {"S": "app"},
+    "role_arn": {"S": "$ROLE"}, "pod_name": {"S": "web-1"},
+    "secret_name": {"S": "iam-broker-token-" + hashlib.sha256(token.encode()).hexdigest()[:16]},
+    "created_at": {"N": str(now)}, "expires": {"N": str(now + 14 * 86400)}})
+PY
+seed() { "$VENV/bin/python" "$work/seed.py"; }
+seed
+
+export KUBECONFIG="$work/kubeconfig" PROXY_IMAGE=registry.example/iam-broker-proxy:0.1.0
+export WEBHOOK_PATH_SECRET="$FIXTURE_PATH_SECRET" RUST_LOG=${RUST_LOG:-info}
+port=9000
+[ "$check" = 1 ] && port=$(free_port)
+log "cargo lambda watch on 127.0.0.1:$port (moto $AWS_ENDPOINT_URL, Kubernetes API stand-in, fixtures seeded)"
+if [ "$check" = 0 ]; then
+  echo "  cargo lambda invoke bootstrap -A 127.0.0.1 -P $port --data-file events/broker-get.json" >&2
+  cargo lambda watch --bin bootstrap -A 127.0.0.1 -P "$port"
+  exit 0
+fi
+cargo lambda watch --quiet --bin bootstrap -A 127.0.0.1 -P "$port" > "$work/watch.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 600); do
+  curl -s -o /dev/null "http://127.0.0.1:$port/" && break
+  sleep 0.2
+done
+log "every event of events/ through cargo lambda invoke"
+"$VENV/bin/python" scripts/lambda_events_check.py events "$port" "$VENV/bin/python" "$work/seed.py" \
+  || { tail -n 40 "$work/watch.log" >&2; exit 1; }
+log "every event gave its documented answer"

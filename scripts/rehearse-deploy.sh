@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The deploy rehearsal: README's Deploy -> wire -> first pod -> validate path, proven without an
+# AWS account (see scripts/rehearse_deploy/__main__.py for every step).
+#   scripts/rehearse-deploy.sh          build the binaries, run the rehearsal
+#   scripts/rehearse-deploy.sh --keep   keep the work folder (function, moto and sidecar logs)
+#   scripts/rehearse-deploy.sh --help   print this text
+set -euo pipefail
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+for arg in "$@"; do
+  case "$arg" in
+    --keep) ;;
+    -h|--help) usage; exit 0 ;;
+    *) { printf 'scripts/rehearse-deploy.sh: unknown argument %s\n' "$arg"; usage; } >&2; exit 2 ;;
+  esac
+done
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+
+ensure_rust
+ensure_venv
+log "building bootstrap, iam-broker, iam-broker-proxy and the Kubernetes API stand-in"
+cargo build --quiet --locked --bins
+log "deploy rehearsal: template.yaml -> SAM translator -> moto (IAM enforced) -> README's steps"
+PYTHONPATH="$ROOT/scripts" "$VENV/bin/python" -m rehearse_deploy \
+  --root "$ROOT" --bin "$ROOT/target/debug" \
+  --moto-server "$ROOT/scripts/moto-iam-server.py" --aws "$VENV/bin/aws" "$@"

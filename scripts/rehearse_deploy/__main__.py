@@ -1,0 +1,766 @@
+"""Deploy rehearsal: README's Deploy → wire → first pod → validate path, without an AWS account.
+
+    python -m rehearse_deploy --root . --bin target/debug --moto-server scripts/moto-iam-server.py
+
+1. template.yaml (with samconfig.toml's parameter overrides, plus ProxyImage and a fresh
+   WebhookPathSecret as README's `sam deploy` passes them) is expanded by the SAM translator.
+2. In moto with IAM enforcement on (INITIAL_NO_AUTH_ACTION_COUNT), the rehearsal creates what the
+   code depends on, from the expanded template: both tables as their properties say, each
+   function's execution role with its policies, the stack's outputs (DescribeStacks).
+3. Each AWS::Lambda::Function runs the real `bootstrap` under a Lambda Runtime API emulator, with
+   its resolved Environment.Variables and its role's session credentials, behind an API Gateway
+   emulator routed by the expanded swagger.
+4. README's steps run with the real `iam-broker` CLI and `IAM_BROKER_STACK` (no table name typed):
+   kubeconfig --store, render-webhook, doctor, allow. The Kubernetes API stand-in plays the
+   cluster; this script plays the API server (it calls the registered webhook and applies the
+   patch) and the kubelet (it starts the sidecar and the app container with the env the patch
+   gave them). The app container is `aws sts get-caller-identity`.
+5. Least privilege, proven: every call the functions make is allowed; the broker's role cannot
+   read SSM or write Allowances; the webhook's role cannot call STS; a role outside
+   AllowedRoleArnPattern gets 502 AssumeRoleFailed.
+
+Two translations stand in for the network only: the stack's https://<api>.execute-api... URLs
+reach the API Gateway emulator on 127.0.0.1, and the pod's 127.0.0.1:<ProxyPort> is a free
+port on this machine.
+"""
+
+import argparse
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import boto3
+import botocore.exceptions
+import jsonpatch
+import yaml
+
+from . import cfn
+from .lambda_emulator import Function, InvocationError, RestApi, http_request
+
+REGION = "us-east-1"
+STACK = "iam-broker"
+NAMESPACE = "app1"
+ALLOWED_ROLE_NAME = "s3_reader"
+OUTSIDE_ROLE_NAME = "legacy_reader"  # created at / (no path): outside AllowedRoleArnPattern
+
+
+class RehearsalFailed(Exception):
+    pass
+
+
+def step(text):
+    print(f"\033[1m==> {text}\033[0m", file=sys.stderr, flush=True)
+
+
+def check(condition, message):
+    if not condition:
+        raise RehearsalFailed(message)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, what, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:  # noqa: BLE001 - anything short of success means "not yet"
+            pass
+        time.sleep(0.1)
+    raise RehearsalFailed(f"{what} did not come up within {seconds}s")
+
+
+def denied(call, codes=("AccessDenied", "AccessDeniedException")):
+    """True when the call fails with an IAM AccessDenied (or one of `codes`)."""
+    try:
+        call()
+    except botocore.exceptions.ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 403 and "<Code>AccessDenied</Code>" in str(error):
+            # moto answers JSON-protocol services (DynamoDB, SSM) with its XML error body
+            code = "AccessDenied"
+        if code not in codes:
+            print(f"    (expected one of {codes}, got {code}: {error})", file=sys.stderr)
+        return code in codes
+    print("    (the call succeeded)", file=sys.stderr)
+    return False
+
+
+class Rehearsal:
+    def __init__(self, args, work):
+        self.args = args
+        self.work = work
+        self.root = os.path.abspath(args.root)
+        self.bin = os.path.abspath(args.bin)
+        self.processes = []
+        self.functions = {}
+        self.api = None
+
+    # ------------------------------------------------------------------ infrastructure
+    def spawn(self, argv, log, env=None):
+        handle = open(os.path.join(self.work, log), "ab")
+        process = subprocess.Popen(argv, env=env, stdout=handle, stderr=handle)
+        self.processes.append(process)
+        return process
+
+    def stop(self):
+        for function in self.functions.values():
+            function.stop()
+        if self.api:
+            self.api.stop()
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def start_moto(self):
+        port = free_port()
+        env = dict(os.environ)
+        # CreateUser, PutUserPolicy and CreateAccessKey of the rehearsal's administrator are the
+        # only unauthenticated calls; from then on every request is signed and authorized.
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
+        env["MOTO_IAM_LOAD_MANAGED_POLICIES"] = "true"
+        self.spawn([sys.executable, self.args.moto_server, "-H", "127.0.0.1", "-p", str(port)],
+                   "moto.log", env)
+        self.endpoint = f"http://127.0.0.1:{port}"
+        wait_for(lambda: urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1),
+                 "moto")
+
+    def client(self, service, credentials):
+        return boto3.client(service, region_name=REGION, endpoint_url=self.endpoint,
+                            aws_access_key_id=credentials["AccessKeyId"],
+                            aws_secret_access_key=credentials["SecretAccessKey"],
+                            aws_session_token=credentials.get("SessionToken"))
+
+    def bootstrap_identities(self):
+        anonymous = {"AccessKeyId": "AKIABOOTSTRAP0000000", "SecretAccessKey": "bootstrap"}
+        iam = self.client("iam", anonymous)
+        iam.create_user(UserName="rehearsal-admin")
+        iam.put_user_policy(UserName="rehearsal-admin", PolicyName="admin", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17",
+             "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="rehearsal-admin")["AccessKey"]
+        self.admin = {"AccessKeyId": key["AccessKeyId"], "SecretAccessKey": key["SecretAccessKey"]}
+        iam = self.client("iam", self.admin)
+        check(denied(lambda: self.client("iam", anonymous).list_users(),
+                     ("InvalidClientTokenId", "AccessDenied")),
+              "moto is not enforcing IAM (an unsigned caller could list users)")
+        # Where AWS Lambda assumes a function's execution role, the rehearsal signs as this
+        # user; scripts/moto-iam-server.py lets it match the `lambda.amazonaws.com` principal.
+        iam.create_user(UserName="lambda.amazonaws.com", Path="/service-principal/")
+        iam.put_user_policy(UserName="lambda.amazonaws.com", PolicyName="assume",
+                            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+                                {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="lambda.amazonaws.com")["AccessKey"]
+        self.lambda_service = {"AccessKeyId": key["AccessKeyId"],
+                               "SecretAccessKey": key["SecretAccessKey"]}
+
+    def start_cluster(self):
+        self.admin_kubeconfig = os.path.join(self.work, "admin-kubeconfig")
+        self.spawn([os.path.join(self.bin, "kube-api-standin"), self.admin_kubeconfig], "kube.log")
+        wait_for(lambda: os.path.getsize(self.admin_kubeconfig) > 0, "the Kubernetes API stand-in")
+        config = yaml.safe_load(open(self.admin_kubeconfig))
+        self.kube_server = config["clusters"][0]["cluster"]["server"]
+        self.kube_ca = base64.b64decode(
+            config["clusters"][0]["cluster"]["certificate-authority-data"]).decode()
+        self.kube_token = config["users"][0]["user"]["token"]
+        self.kube_tls = ssl.create_default_context(cadata=self.kube_ca)
+
+    def kube(self, method, path, body=None):
+        request = urllib.request.Request(
+            self.kube_server + path, method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {self.kube_token}",
+                     "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, context=self.kube_tls, timeout=10) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, json.load(error)
+
+    def kubectl_apply(self, path):
+        """`kubectl apply -f` for the kinds the stand-in serves (the rest is RBAC and the
+        namespace, which the stand-in does not model)."""
+        applied = []
+        for document in yaml.safe_load_all(open(path)):
+            if not document:
+                continue
+            kind = document["kind"]
+            resource = {"ServiceAccount": "serviceaccounts", "Secret": "secrets"}.get(kind)
+            if resource is None:
+                continue
+            namespace = document["metadata"]["namespace"]
+            if document.get("type") == "kubernetes.io/service-account-token":
+                # the token controller fills in what the API server would
+                document["data"] = {
+                    "token": base64.b64encode(self.kube_token.encode()).decode(),
+                    "ca.crt": base64.b64encode(self.kube_ca.encode()).decode(),
+                    "namespace": base64.b64encode(namespace.encode()).decode(),
+                }
+            status, answer = self.kube("POST", f"/api/v1/namespaces/{namespace}/{resource}", document)
+            check(status == 201, f"kubectl apply {kind} {namespace}: {status} {answer}")
+            applied.append(f"{kind} {namespace}/{document['metadata']['name']}")
+        return applied
+
+    # ------------------------------------------------------------------ the stack
+    def deploy_stack(self):
+        template = cfn.load_template(os.path.join(self.root, "template.yaml"))
+        parameters = cfn.samconfig_overrides(os.path.join(self.root, "samconfig.toml"))
+        self.path_secret = secrets.token_urlsafe(32)  # README: openssl rand -base64 32 | tr ...
+        parameters.update({"ProxyImage": "registry.example/iam-broker-proxy:0.1.0",
+                           "WebhookPathSecret": self.path_secret})
+        self.expanded = cfn.expand(template, parameters, REGION,
+                                   "s3://iam-broker-artifacts/bootstrap.zip")
+        with open(os.path.join(self.work, "expanded.json"), "w") as f:
+            json.dump(self.expanded, f, indent=1, default=str)
+        self.resolver = cfn.Resolver(self.expanded, parameters, STACK, REGION)
+        resources = self.expanded["Resources"]
+        by_type = {}
+        for logical, resource in resources.items():
+            if self.resolver.active(logical):
+                by_type.setdefault(resource["Type"], []).append(logical)
+        expected = {"AWS::DynamoDB::Table": 2, "AWS::Lambda::Function": 2,
+                    "AWS::ApiGateway::RestApi": 1}
+        for kind, count in expected.items():
+            check(len(by_type.get(kind, [])) == count,
+                  f"the expanded template has {len(by_type.get(kind, []))} {kind}, expected {count}")
+        admin = self.client
+        dynamodb = admin("dynamodb", self.admin)
+        iam = admin("iam", self.admin)
+        for logical in by_type["AWS::DynamoDB::Table"]:
+            self.create_table(dynamodb, logical, resources[logical]["Properties"])
+        # function names are chosen up front: the scheduler's role names the webhook function
+        for logical in by_type["AWS::Lambda::Function"]:
+            name = f"{STACK}-{logical}-{secrets.token_hex(6).upper()}"
+            self.resolver.physical[logical] = name
+            self.resolver.attributes[(logical, "Arn")] = \
+                f"arn:aws:lambda:{REGION}:{cfn.ACCOUNT}:function:{name}"
+        for logical in by_type.get("AWS::IAM::Role", []):
+            self.create_role(iam, logical, resources[logical]["Properties"])
+        api_logical = by_type["AWS::ApiGateway::RestApi"][0]
+        self.api_id = secrets.token_hex(5)
+        self.resolver.physical[api_logical] = self.api_id
+        self.outputs = {k: str(self.resolver.resolve(v["Value"]))
+                        for k, v in self.expanded.get("Outputs", {}).items()}
+        cloudformation = admin("cloudformation", self.admin)
+        # moto's CloudFormation cannot create this template's API Gateway stage, Lambda
+        # functions or schedules; the stack that DescribeStacks shows carries the outputs the
+        # template computes (resolved above from the resources created through the service APIs).
+        cloudformation.create_stack(StackName=STACK, TemplateBody=json.dumps({
+            "Resources": {"Placeholder": {"Type": "AWS::CloudFormation::WaitConditionHandle"}},
+            "Outputs": {k: {"Value": v} for k, v in self.outputs.items()},
+        }))
+        described = cloudformation.describe_stacks(StackName=STACK)["Stacks"][0].get("Outputs", [])
+        check({o["OutputKey"]: o["OutputValue"] for o in described} == self.outputs,
+              "DescribeStacks does not return the template's outputs")
+        return by_type
+
+    def create_table(self, dynamodb, logical, properties):
+        p = self.resolver.resolve(properties)
+        name = f"{STACK}-{logical}-{secrets.token_hex(6).upper()}"
+        request = {"TableName": name, "AttributeDefinitions": p["AttributeDefinitions"],
+                   "KeySchema": p["KeySchema"], "BillingMode": p.get("BillingMode", "PROVISIONED")}
+        if "StreamSpecification" in p:
+            request["StreamSpecification"] = {"StreamEnabled": True, **p["StreamSpecification"]}
+        if p.get("SSESpecification", {}).get("SSEEnabled"):
+            request["SSESpecification"] = {"Enabled": True}
+        table = dynamodb.create_table(**request)["TableDescription"]
+        if "TimeToLiveSpecification" in p:
+            dynamodb.update_time_to_live(TableName=name,
+                                         TimeToLiveSpecification=p["TimeToLiveSpecification"])
+        if p.get("PointInTimeRecoverySpecification", {}).get("PointInTimeRecoveryEnabled"):
+            dynamodb.update_continuous_backups(
+                TableName=name,
+                PointInTimeRecoverySpecification={"PointInTimeRecoveryEnabled": True})
+        self.resolver.physical[logical] = name
+        self.resolver.attributes[(logical, "Arn")] = table["TableArn"]
+        if table.get("LatestStreamArn"):
+            self.resolver.attributes[(logical, "StreamArn")] = table["LatestStreamArn"]
+        # what was created is what the template says
+        described = dynamodb.describe_table(TableName=name)["Table"]
+        check(described["KeySchema"] == p["KeySchema"], f"{logical}: key schema differs")
+        if "TimeToLiveSpecification" in p:
+            ttl = dynamodb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
+            check(ttl.get("TimeToLiveStatus") == "ENABLED"
+                  and ttl.get("AttributeName") == p["TimeToLiveSpecification"]["AttributeName"],
+                  f"{logical}: TTL is not on {p['TimeToLiveSpecification']['AttributeName']}")
+        if "StreamSpecification" in p:
+            check(described.get("StreamSpecification", {}).get("StreamViewType")
+                  == p["StreamSpecification"]["StreamViewType"], f"{logical}: stream view differs")
+        print(f"    table {logical} -> {name}", file=sys.stderr)
+
+    def create_role(self, iam, logical, properties):
+        p = self.resolver.resolve(properties)
+        name = f"{STACK}-{logical}-{secrets.token_hex(6).upper()}"[:64]
+        role = iam.create_role(RoleName=name, Path=p.get("Path", "/"),
+                               AssumeRolePolicyDocument=json.dumps(p["AssumeRolePolicyDocument"]))
+        for arn in p.get("ManagedPolicyArns", []):
+            iam.attach_role_policy(RoleName=name, PolicyArn=arn)
+        for policy in p.get("Policies", []):
+            # SAM writes some policies without a Version; IAM reads that as 2008-10-17 (no policy
+            # variables, which none of them uses) while moto refuses it.
+            document = {"Version": "2012-10-17", **policy["PolicyDocument"]}
+            iam.put_role_policy(RoleName=name, PolicyName=policy["PolicyName"],
+                                PolicyDocument=json.dumps(document))
+        self.resolver.physical[logical] = name
+        self.resolver.attributes[(logical, "Arn")] = role["Role"]["Arn"]
+        print(f"    role {logical} -> {role['Role']['Arn']}", file=sys.stderr)
+
+    def start_functions(self, by_type):
+        sts = self.client("sts", self.lambda_service)
+        routes = []
+        resources = self.expanded["Resources"]
+        for logical in by_type["AWS::Lambda::Function"]:
+            p = self.resolver.resolve(resources[logical]["Properties"])
+            session = sts.assume_role(RoleArn=p["Role"], RoleSessionName=self.resolver.physical[logical],
+                                      DurationSeconds=3600)["Credentials"]
+            name = self.resolver.physical[logical]
+            env = {
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "LANG": "en_US.UTF-8",
+                "TZ": ":UTC",
+                "_HANDLER": p["Handler"],
+                "AWS_EXECUTION_ENV": f"AWS_Lambda_{p['Runtime']}",
+                "AWS_LAMBDA_FUNCTION_NAME": name,
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(p.get("MemorySize", 128)),
+                "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+                "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{name}",
+                "AWS_LAMBDA_LOG_STREAM_NAME": "rehearsal",
+                "AWS_LAMBDA_LOG_FORMAT": p.get("LoggingConfig", {}).get("LogFormat", "Text"),
+                "AWS_REGION": REGION,
+                "AWS_DEFAULT_REGION": REGION,
+                "AWS_ACCESS_KEY_ID": session["AccessKeyId"],
+                "AWS_SECRET_ACCESS_KEY": session["SecretAccessKey"],
+                "AWS_SESSION_TOKEN": session["SessionToken"],
+                # the only addition: AWS's endpoints are moto here
+                "AWS_ENDPOINT_URL": self.endpoint,
+            }
+            env.update({k: str(v) for k, v in p.get("Environment", {}).get("Variables", {}).items()})
+            function = Function(name, os.path.join(self.bin, "bootstrap"), env,
+                                int(p.get("Timeout", 3)), os.path.join(self.work, f"{logical}.log"))
+            function.start()
+            function.logical = logical
+            function.credentials = session
+            function.variables = p.get("Environment", {}).get("Variables", {})
+            self.functions[logical] = function
+        api_logical = by_type["AWS::ApiGateway::RestApi"][0]
+        body = resources[api_logical]["Properties"]["Body"]
+        for path, methods in body["paths"].items():
+            for method, operation in methods.items():
+                uri = self.resolver.resolve(operation["x-amazon-apigateway-integration"]["uri"])
+                target = next(f for f in self.functions.values() if f"function:{f.name}/" in uri)
+                routes.append((method, path, target))
+        stages = [r["Properties"]["StageName"] for r in resources.values()
+                  if r["Type"] == "AWS::ApiGateway::Stage"]
+        check(len(stages) == 1, f"expected one API stage, found {stages}")
+        self.api = RestApi(self.api_id, stages[0], REGION, routes)
+        for method, path, target in routes:
+            print(f"    {method.upper():5} /{stages[0]}{path} -> {target.logical}", file=sys.stderr)
+
+    # ------------------------------------------------------------------ the operator's steps
+    def cli(self, *argv, stdin=None, extra_env=None, expect_ok=True):
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": self.work,
+            "AWS_REGION": REGION,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.admin["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": self.admin["SecretAccessKey"],
+            "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+            "KUBECONFIG": self.admin_kubeconfig,
+            "IAM_BROKER_STACK": STACK,
+            "RUST_LOG": "warn",
+        }
+        env.update(extra_env or {})
+        result = subprocess.run([os.path.join(self.bin, "iam-broker"), *argv], env=env,
+                                input=stdin, capture_output=True, text=True, timeout=60)
+        if expect_ok:
+            check(result.returncode == 0,
+                  f"iam-broker {' '.join(argv)} exited {result.returncode}:\n{result.stdout}{result.stderr}")
+        return result
+
+    def admission(self, operation, pod, old=None):
+        """What the API server does for one Pod CREATE / DELETE: pick the matching webhooks of
+        the registered configuration, call each, apply the patches."""
+        review_uid = secrets.token_hex(8)
+        namespace = (pod or old)["metadata"]["namespace"]
+        for hook in self.registration["webhooks"]:
+            if not self.hook_matches(hook, operation, namespace, pod if operation == "CREATE" else old):
+                continue
+            url = self.api.local_url(hook["clientConfig"]["url"])
+            review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+                "uid": review_uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+                "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+                "name": (pod or old)["metadata"].get("name", ""), "namespace": namespace,
+                "operation": operation,
+                "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+                "object": pod if operation == "CREATE" else None,
+                "oldObject": old if operation == "DELETE" else None,
+                "dryRun": False, "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}}}
+            status, _, body = http_request("POST", url, json.dumps(review).encode(),
+                                           {"Content-Type": "application/json"})
+            check(status == 200, f"webhook {hook['name']} answered {status}: {body[:300]!r}")
+            response = json.loads(body)["response"]
+            check(response["uid"] == review_uid and response["allowed"],
+                  f"webhook {hook['name']}: {response}")
+            if response.get("patch"):
+                check(operation == "CREATE", "a DELETE answer carries a patch")
+                patch = json.loads(base64.b64decode(response["patch"]))
+                pod = jsonpatch.apply_patch(pod, patch)
+            yield hook["name"]
+        self.admitted = pod
+
+    def hook_matches(self, hook, operation, namespace, obj):
+        if not any(operation in rule["operations"] and "pods" in rule["resources"]
+                   for rule in hook["rules"]):
+            return False
+        labels = {"kubernetes.io/metadata.name": namespace, **self.namespace_labels.get(namespace, {})}
+        if not selector_matches(hook.get("namespaceSelector", {}), labels):
+            return False
+        return selector_matches(hook.get("objectSelector", {}),
+                                (obj or {}).get("metadata", {}).get("labels", {}) or {})
+
+    def create_pod(self, name, service_account, owner=None):
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": name},
+                            **({"ownerReferences": [owner]} if owner else {})},
+               "spec": {"serviceAccountName": service_account, "containers": [
+                   {"name": "app", "image": "public.ecr.aws/aws-cli/aws-cli:latest",
+                    "args": ["sts", "get-caller-identity"]}]}}
+        called = list(self.admission("CREATE", pod))
+        status, stored = self.kube("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", self.admitted)
+        check(status == 201, f"pod {name}: {status} {stored}")
+        return stored, called
+
+    def delete_pod(self, pod):
+        called = list(self.admission("DELETE", None, old=pod))
+        status, _ = self.kube("DELETE", f"/api/v1/namespaces/{NAMESPACE}/pods/{pod['metadata']['name']}")
+        check(status == 200, f"deleting pod {pod['metadata']['name']}: {status}")
+        return called
+
+    def container_env(self, container):
+        env = {}
+        for item in container.get("env", []):
+            if "value" in item:
+                env[item["name"]] = item["value"]
+            elif "secretKeyRef" in item.get("valueFrom", {}):
+                ref = item["valueFrom"]["secretKeyRef"]
+                status, secret = self.kube(
+                    "GET", f"/api/v1/namespaces/{NAMESPACE}/secrets/{ref['name']}")
+                check(status == 200, f"the kubelet cannot read Secret {ref['name']}: {status}")
+                env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+        return env
+
+    def run_pod(self, pod):
+        """The kubelet's part: the sidecar and the app container, with the env the patch gave
+        them. Returns (app exit code, stdout, stderr)."""
+        containers = pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+        sidecar = next(c for c in containers if c["name"] == "iam-broker-proxy")
+        app = next(c for c in pod["spec"]["containers"] if c["name"] == "app")
+        sidecar_env = self.container_env(sidecar)
+        app_env = self.container_env(app)
+        check(sidecar_env.get("BROKER_URL") == self.outputs["BrokerUrl"],
+              f"the sidecar calls {sidecar_env.get('BROKER_URL')}, the stack's BrokerUrl is "
+              f"{self.outputs['BrokerUrl']}")
+        pod_port = free_port()
+        listen = sidecar_env.get("LISTEN_ADDR", "127.0.0.1:53080")
+        sidecar_env["BROKER_URL"] = self.api.local_url(sidecar_env["BROKER_URL"])
+        sidecar_env["LISTEN_ADDR"] = f"127.0.0.1:{pod_port}"
+        proxy = self.spawn([os.path.join(self.bin, "iam-broker-proxy")],
+                           f"sidecar-{pod['metadata']['name']}.log", sidecar_env)
+        try:
+            wait_for(lambda: http_request("GET", f"http://127.0.0.1:{pod_port}/healthz")[0] == 200,
+                     "the sidecar")
+            uri = app_env["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
+            check(uri.startswith(f"http://{listen.split(':')[0]}:{listen.split(':')[1]}"),
+                  f"the app is pointed at {uri}, the sidecar listens on {listen}")
+            app_env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = uri.replace(
+                f":{listen.split(':')[1]}", f":{pod_port}", 1)
+            app_env.update({
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+                "AWS_ENDPOINT_URL": self.endpoint,
+                "AWS_DEFAULT_REGION": app_env.get("AWS_DEFAULT_REGION", REGION),
+            })
+            result = subprocess.run([self.args.aws, *app["args"], "--output", "json"],
+                                    env=app_env, capture_output=True, text=True, timeout=60)
+            return result
+        finally:
+            proxy.terminate()
+
+    # ------------------------------------------------------------------ the rehearsal
+    def run(self):
+        step("SAM expansion of template.yaml, moto with IAM enforcement")
+        self.start_moto()
+        self.bootstrap_identities()
+        step("create the stack's tables and roles from the expanded template")
+        by_type = self.deploy_stack()
+        for key, value in sorted(self.outputs.items()):
+            print(f"    output {key} = {value}", file=sys.stderr)
+        for name in ("BrokerUrl", "WebhookUrlWithoutSecret", "AllowancesTableName",
+                     "AuthorizationsTableName", "BrokerFunctionRoleArn", "KubeconfigParameterName"):
+            check(name in self.outputs, f"the stack has no output {name}")
+        step("start both functions under the Lambda runtime emulator, API Gateway in front")
+        self.start_functions(by_type)
+        self.start_cluster()
+
+        step("README Deploy 2: kubectl apply deploy/; iam-broker kubeconfig --store; render-webhook")
+        for path in ("00-namespace.yaml", "10-serviceaccount.yaml", "20-rbac.yaml"):
+            for applied in self.kubectl_apply(os.path.join(self.root, "deploy", path)):
+                print(f"    applied {applied}", file=sys.stderr)
+        self.cli("kubeconfig", "--from-secret", "iam-broker/iam-broker-webhook-token", "--store")
+        ssm = self.client("ssm", self.admin)
+        parameter = ssm.get_parameter(Name=self.outputs["KubeconfigParameterName"],
+                                      WithDecryption=True)["Parameter"]
+        check(parameter["Type"] == "SecureString", "the kubeconfig parameter is not a SecureString")
+        missing = self.cli("render-webhook", expect_ok=False)
+        check(missing.returncode != 0 and "WEBHOOK_PATH_SECRET" in missing.stderr,
+              f"render-webhook without the path secret did not refuse: {missing.stderr}")
+        short = self.cli("render-webhook", "--url", self.outputs["WebhookUrlWithoutSecret"],
+                         expect_ok=False)
+        check(short.returncode != 0, "render-webhook accepted a /mutate/ URL without a secret")
+        rendered = self.cli("render-webhook", extra_env={"WEBHOOK_PATH_SECRET": self.path_secret})
+        self.registration = yaml.safe_load(rendered.stdout)
+        urls = {h["clientConfig"]["url"] for h in self.registration["webhooks"]}
+        check(urls == {self.outputs["WebhookUrlWithoutSecret"] + self.path_secret},
+              f"the registration points at {urls}")
+        self.namespace_labels = {}
+
+        step("README Deploy 2: iam-broker doctor, from the operator's machine")
+        doctor = self.cli("doctor", expect_ok=False)
+        print("    " + doctor.stdout.strip().replace("\n", "\n    "), file=sys.stderr)
+        check(doctor.returncode == 0, f"doctor failed:\n{doctor.stdout}{doctor.stderr}")
+
+        step("README Use: a role under AllowedRoleArnPattern, allowed and annotated")
+        iam = self.client("iam", self.admin)
+        trust = {"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": {"AWS": self.outputs["BrokerFunctionRoleArn"]},
+            "Action": ["sts:AssumeRole", "sts:TagSession"]}]}
+        allowed_role = iam.create_role(RoleName=ALLOWED_ROLE_NAME, Path="/iam-broker/",
+                                       AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+        outside_role = iam.create_role(RoleName=OUTSIDE_ROLE_NAME, Path="/",
+                                       AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+        annotation = self.functions["WebhookFunction"].variables.get(
+            "ROLE_ARN_ANNOTATION", "eks.amazonaws.com/role-arn")
+        for account, role in (("app-sa", allowed_role), ("legacy-sa", outside_role)):
+            self.cli("allow", "--namespace", NAMESPACE, "--service-account", account, "--role", role)
+            status, answer = self.kube("POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts", {
+                "metadata": {"name": account, "namespace": NAMESPACE,
+                             "annotations": {annotation: role}}})
+            check(status == 201, f"annotating {account}: {status} {answer}")
+        listed = json.loads(self.cli("allowances", "--output", "json").stdout)
+        check(len(listed) == 2, f"allowances lists {listed}")
+
+        step("the first pod: admission through API Gateway, then the sidecar and `aws sts get-caller-identity`")
+        pod, hooks = self.create_pod("s3-listing", "app-sa")
+        check(hooks, "no webhook of the registration matched a Pod CREATE in app1")
+        check(any(c["name"] == "iam-broker-proxy"
+                  for c in pod["spec"]["containers"] + pod["spec"].get("initContainers", [])),
+              f"the pod was not injected: {json.dumps(pod)[:400]}")
+        result = self.run_pod(pod)
+        check(result.returncode == 0, f"aws sts get-caller-identity failed:\n{result.stderr}")
+        identity = json.loads(result.stdout)
+        check(f":assumed-role/{ALLOWED_ROLE_NAME}/" in identity["Arn"], f"wrong identity {identity}")
+        print(f"    the pod is {identity['Arn']}", file=sys.stderr)
+
+        step("a Deployment whose role is not allowed: no credentials, and an Event says why")
+        status, _ = self.kube("POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts", {
+            "metadata": {"name": "unlisted-sa", "namespace": NAMESPACE,
+                         "annotations": {annotation: allowed_role}}})
+        check(status == 201, f"creating unlisted-sa: {status}")
+        owner = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "reports-5d8f7",
+                 "uid": "0f0e0d0c-0000-4000-8000-000000000001", "controller": True}
+        for replica in ("reports-5d8f7-a", "reports-5d8f7-b"):
+            unlisted, _ = self.create_pod(replica, "unlisted-sa", owner)
+            check(not any(c["name"] == "iam-broker-proxy" for c in unlisted["spec"]["containers"]),
+                  "a pod whose role is not allowed was injected")
+        status, events = self.kube("GET", f"/api/v1/namespaces/{NAMESPACE}/events")
+        check(status == 200, f"listing events: {status}")
+        told = [e for e in events["items"] if e.get("reason") == "RoleNotAllowed"]
+        check(len(told) == 1, f"expected one RoleNotAllowed Event for two pods, got {told}")
+        involved = told[0]["involvedObject"]
+        check((involved["kind"], involved["name"], involved.get("uid")) ==
+              ("ReplicaSet", owner["name"], owner["uid"]) and told[0]["type"] == "Warning",
+              f"the Event is about {involved}")
+        print(f"    kubectl describe rs {owner['name']}: Warning RoleNotAllowed "
+              f"{told[0]['message']}", file=sys.stderr)
+
+        step("README Validate: token create, curl-equivalent, credentials, revoke by prefix")
+        created = self.cli("token", "create", "--namespace", NAMESPACE, "--service-account",
+                           "app-sa", "--role", allowed_role, "--pod", "validate")
+        token = created.stdout.strip()
+        broker = self.api.local_url(self.outputs["BrokerUrl"])
+        status, headers, body = http_request("GET", broker, headers={"Authorization": token})
+        check(status == 200 and "max-age=" in headers.get("cache-control", ""),
+              f"the broker answered {status} {body[:200]!r}")
+        summary = self.cli("credentials", "--url", broker, extra_env={"IAM_BROKER_TOKEN": token})
+        check(allowed_role in summary.stdout, f"credentials printed {summary.stdout}")
+        check(token not in summary.stdout + summary.stderr, "a command printed the token")
+        prefix = created.stderr.split("recorded token ", 1)[1].split()[0]
+        self.cli("token", "revoke", "--hash", prefix)
+        status, _, body = http_request("GET", broker, headers={"Authorization": token})
+        check(status == 403 and b"InvalidToken" in body, f"a revoked token answered {status} {body!r}")
+
+        step("a role outside AllowedRoleArnPattern: 502 AssumeRoleFailed")
+        legacy, _ = self.create_pod("legacy", "legacy-sa")
+        legacy_token = self.container_env(next(
+            c for c in legacy["spec"]["containers"] if c["name"] == "app"))[
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN"]
+        status, _, body = http_request("GET", broker, headers={"Authorization": legacy_token})
+        check(status == 502 and json.loads(body)["Code"] == "AssumeRoleFailed",
+              f"a role outside the pattern answered {status} {body!r}")
+
+        step("least privilege: what each function's role must not do")
+        broker_fn = self.functions["BrokerFunction"].credentials
+        webhook_fn = self.functions["WebhookFunction"].credentials
+        allowances = self.outputs["AllowancesTableName"]
+        checks = {
+            "broker cannot read the kubeconfig parameter": lambda: self.client("ssm", broker_fn)
+            .get_parameter(Name=self.outputs["KubeconfigParameterName"], WithDecryption=True),
+            "broker cannot write Allowances": lambda: self.client("dynamodb", broker_fn).put_item(
+                TableName=allowances, Item={"namespace": {"S": "x"}, "service_account": {"S": "y"},
+                                            "allowed_roles": {"SS": [allowed_role]}}),
+            "broker cannot delete token records": lambda: self.client("dynamodb", broker_fn)
+            .delete_item(TableName=self.outputs["AuthorizationsTableName"],
+                         Key={"token_hash": {"S": "0" * 64}}),
+            "webhook cannot call sts:AssumeRole": lambda: self.client("sts", webhook_fn)
+            .assume_role(RoleArn=allowed_role, RoleSessionName="escalate"),
+            "webhook cannot write Allowances": lambda: self.client("dynamodb", webhook_fn).put_item(
+                TableName=allowances, Item={"namespace": {"S": "x"}, "service_account": {"S": "y"},
+                                            "allowed_roles": {"SS": [allowed_role]}}),
+        }
+        for what, call in checks.items():
+            check(denied(call), f"expected AccessDenied: {what}")
+            print(f"    denied as it should be: {what}", file=sys.stderr)
+
+        step("pod DELETE, the Authorizations stream and the scheduled sweep, under the webhook's role")
+        secret_name = pod["metadata"]["annotations"]["iam-broker.io/secret-name"]
+        hooks = self.delete_pod(pod)
+        check(hooks, "no webhook of the registration matched the injected pod's DELETE")
+        status, _ = self.kube("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name}")
+        check(status == 404, f"the pod's Secret survived its DELETE ({status})")
+        plain = {"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": "plain", "namespace": NAMESPACE, "labels": {"app": "plain"}},
+                 "spec": {"containers": [{"name": "app", "image": "busybox"}]}}
+        check(not [h for h in self.registration["webhooks"]
+                   if self.hook_matches(h, "DELETE", NAMESPACE, plain)],
+              "a pod that never had credentials would still cost a DELETE call")
+        schedule = next(r for r in self.expanded["Resources"].values()
+                        if r["Type"] == "AWS::Scheduler::Schedule")
+        sweep = self.functions["WebhookFunction"].invoke(json.loads(schedule["Properties"]["Target"]["Input"]))
+        print(f"    sweep answered {json.dumps(sweep)}", file=sys.stderr)
+        with open(os.path.join(self.root, "events", "dynamodb-stream-remove.json")) as f:
+            stream_event = json.load(f)
+        for record in stream_event["Records"]:
+            record["eventSourceARN"] = self.resolver.attributes[("Authorizations", "StreamArn")]
+        self.functions["WebhookFunction"].invoke(stream_event)
+
+        step("every call the functions made was allowed")
+        for function in self.functions.values():
+            with open(os.path.join(self.work, f"{function.logical}.log"), errors="replace") as f:
+                lines = f.read().splitlines()
+            denials = [line for line in lines if "AccessDenied" in line]
+            # the one refusal the rehearsal asked for: the role outside AllowedRoleArnPattern
+            expected = [line for line in denials if '"code":"AssumeRoleFailed"' in line]
+            if function.logical == "BrokerFunction":
+                check(len(expected) == 1, f"expected one AssumeRoleFailed, got {expected}")
+                denials = [line for line in denials if line not in expected]
+            check(not denials, f"{function.logical} was denied:\n" + "\n".join(denials[:5]))
+            # a refused call may also surface as a warning (a best-effort write, a failed-open
+            # admission): none is expected on this path
+            troubles = [line for line in lines
+                        if '"level":"WARN"' in line or '"level":"ERROR"' in line]
+            check(not troubles, f"{function.logical} logged trouble:\n" + "\n".join(troubles[:5]))
+            check(not any("panicked" in line for line in lines), f"{function.logical} panicked")
+            print(f"    {function.logical}: {len(lines)} log lines, no AccessDenied, no warning",
+                  file=sys.stderr)
+        step("every setting a function reads is a template parameter or a documented edit")
+        self.check_settings_reachable()
+        step("the deploy rehearsal passed")
+
+    def check_settings_reachable(self):
+        with open(os.path.join(self.root, "crates/core/src/config.rs")) as f:
+            names = set(re.findall(r'pub const ENV_\w+: &str = "(\w+)";', f.read()))
+        check(len(names) > 10, "found no ENV_ constants in crates/core/src/config.rs")
+        with open(os.path.join(self.root, "README.md")) as f:
+            readme = f.read()
+        section = readme.split("### Settings without a template parameter", 1)
+        check(len(section) == 2, "README has no section 'Settings without a template parameter'")
+        documented = set(re.findall(r"^\| `(\w+)` \|", section[1].split("\n## ", 1)[0], re.M))
+        set_by_template = set()
+        for function in self.functions.values():
+            set_by_template |= set(function.variables)
+        missing = sorted(names - set_by_template - documented)
+        check(not missing, f"settings neither in template.yaml nor documented as edits: {missing}")
+        print(f"    {len(names & set_by_template)} set by template.yaml, "
+              f"{len(names & documented)} documented as template edits", file=sys.stderr)
+
+
+def selector_matches(selector, labels):
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator = expression["key"], expression["operator"]
+        values = expression.get("values", [])
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default=".")
+    parser.add_argument("--bin", default="target/debug")
+    parser.add_argument("--moto-server", required=True)
+    parser.add_argument("--aws", default=shutil.which("aws") or "aws")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="iam-broker-rehearsal-")
+    rehearsal = Rehearsal(args, work)
+    try:
+        rehearsal.run()
+        return 0
+    except (RehearsalFailed, cfn.Unresolvable, InvocationError,
+            botocore.exceptions.ClientError) as error:
+        print(f"deploy rehearsal FAILED: {error}\n(logs in {work})", file=sys.stderr)
+        args.keep = True
+        return 1
+    finally:
+        rehearsal.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
