@@ -121,7 +121,7 @@ async fn measure(app: axum::Router, warmup: usize, runs: usize) -> Stats {
 async fn in_memory_router() -> axum::Router {
     let allowances = Arc::new(MemoryAllowanceStore::default());
     let tokens = Arc::new(MemoryTokenStore::default());
-    let subject = Subject::new("team-a", "app", false).expect("valid");
+    let subject = Subject::service_account("team-a", "app").expect("valid");
     allowances.allow(&subject, ROLE).await.expect("memory");
     let now = OffsetDateTime::now_utc().unix_timestamp();
     tokens
@@ -153,7 +153,7 @@ async fn in_memory_router() -> axum::Router {
 
 async fn allowances_for_webhook() -> Arc<MemoryAllowanceStore> {
     let allowances = Arc::new(MemoryAllowanceStore::default());
-    let subject = Subject::new("team-a", "app", false).expect("valid");
+    let subject = Subject::service_account("team-a", "app").expect("valid");
     allowances.allow(&subject, ROLE).await.expect("memory");
     allowances
 }
@@ -306,9 +306,10 @@ async fn adapter_router(endpoint: &str) -> axum::Router {
         ))
         .load()
         .await;
-    let broker = iam_broker_aws::broker(&Config::default(), &sdk);
+    // the production broker, built by the composition root; the webhook stays in memory
+    let app = iam_broker_app::build_with(&Config::default(), &sdk);
     router(AppState {
-        broker: Arc::new(broker),
+        broker: app.state.broker,
         webhook: Arc::new(memory_webhook(allowances_for_webhook().await)),
         metrics: Default::default(),
     })

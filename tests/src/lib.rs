@@ -39,8 +39,56 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// The workspace binaries the suites run.
+pub const BINARIES: &[&str] = &[
+    "iam-broker",
+    "iam-broker-proxy",
+    "bootstrap",
+    "kube-api-standin",
+];
+
+/// Stops the whole test binary at once, with one line, when what the suites need is missing
+/// (a fresh clone: `cargo test --workspace` before the binaries are built or moto is installed),
+/// instead of failing every test with its own long message.
+pub fn require_prerequisites() {
+    static CHECKED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    CHECKED.get_or_init(|| {
+        let mut missing: Vec<String> = BINARIES
+            .iter()
+            .filter(|name| binary_path(name).is_none_or(|p| !p.exists()))
+            .map(|name| (*name).to_owned())
+            .collect();
+        let moto = moto_server_path();
+        let moto_found = moto.exists()
+            || std::env::var_os("PATH").is_some_and(|paths| {
+                std::env::split_paths(&paths).any(|dir| dir.join(&moto).is_file())
+            });
+        if !moto_found {
+            missing.push("moto_server".to_owned());
+        }
+        if !missing.is_empty() {
+            // Straight to stderr: the harness captures eprintln! and would swallow it on exit.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "iam-broker-tests: missing {}: run scripts/test.sh (it installs moto into .venv and \
+                 builds the binaries), or `cargo build --workspace --bins` with moto_server on PATH, first",
+                missing.join(", ")
+            );
+            std::process::exit(2);
+        }
+    });
+}
+
+fn binary_path(name: &str) -> Option<PathBuf> {
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.parent()?.join(name))
+}
+
 /// A binary of the workspace, built into the same target directory as the running test.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    require_prerequisites();
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let profile_dir = exe
@@ -79,6 +127,7 @@ pub struct Moto {
 impl Moto {
     /// Starts moto on a free port and waits until it answers.
     pub async fn start() -> anyhow::Result<Self> {
+        require_prerequisites();
         let mut last_error = None;
         for _ in 0..3 {
             let port = free_port()?;

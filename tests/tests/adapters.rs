@@ -38,9 +38,9 @@ async fn stores() -> (
 #[tokio::test]
 async fn allowances_add_remove_and_list() {
     let (_moto, client, tables, store, _) = stores().await;
-    let app = Subject::new("ns", "app", false).unwrap();
-    let all = Subject::new("ns", "*", true).unwrap();
-    let other = Subject::new("other", "app", false).unwrap();
+    let app = Subject::service_account("ns", "app").unwrap();
+    let all = Subject::allowance_row("ns", "*").unwrap();
+    let other = Subject::service_account("other", "app").unwrap();
 
     assert_eq!(store.allowance(&app).await.unwrap(), None);
     store.allow(&app, A).await.unwrap();
@@ -105,7 +105,7 @@ async fn hand_made_rows_with_a_plain_string_are_read() {
         .await
         .unwrap();
     let row = store
-        .allowance(&Subject::new("ns", "app", false).unwrap())
+        .allowance(&Subject::service_account("ns", "app").unwrap())
         .await
         .unwrap()
         .unwrap();
@@ -118,7 +118,7 @@ async fn token_records_insert_once_touch_never_creates_and_delete_returns_the_ol
     let now = OffsetDateTime::now_utc();
     let (token, record) = mint(
         Grant {
-            subject: Subject::new("ns", "app", false).unwrap(),
+            subject: Subject::service_account("ns", "app").unwrap(),
             role_arn: RoleArn::parse(A).unwrap(),
             pod_name: Some("web-1".into()),
             secret_name: Some("iam-broker-web-1".into()),

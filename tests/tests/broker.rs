@@ -214,7 +214,7 @@ async fn unknown_malformed_and_expired_tokens_are_403_and_write_nothing() {
     let store = w.token_store();
     let (expired, record) = mint(
         Grant {
-            subject: Subject::new("team-a", "app", false).unwrap(),
+            subject: Subject::service_account("team-a", "app").unwrap(),
             role_arn: RoleArn::parse(ROLE).unwrap(),
             pod_name: None,
             secret_name: None,

@@ -215,7 +215,7 @@ async fn kubeconfig_is_built_from_the_service_account_secret_and_stored_in_ssm()
 
     // THEN the stored kubeconfig reaches the API server as the webhook's ServiceAccount
     let stored = iam_broker_kube::kubeconfig_from_ssm(
-        &moto.sdk_config().await,
+        &aws_sdk_ssm::Client::new(&moto.sdk_config().await),
         "/iam-broker/webhook-kubeconfig",
     )
     .await

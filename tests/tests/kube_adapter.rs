@@ -223,13 +223,18 @@ async fn a_rotated_kubeconfig_in_ssm_is_picked_up_on_401() {
     let moto = Moto::start().await.unwrap();
     let sdk = moto.sdk_config().await;
     let api = KubeApi::start().await.unwrap();
-    store_kubeconfig_in_ssm(&sdk, PARAMETER, &api.kubeconfig("token-a"), None)
-        .await
-        .unwrap();
+    store_kubeconfig_in_ssm(
+        &aws_sdk_ssm::Client::new(&sdk),
+        PARAMETER,
+        &api.kubeconfig("token-a"),
+        None,
+    )
+    .await
+    .unwrap();
     api.set_tokens(&["token-a"]);
     let c = KubeCluster::new(
         ClientSource::SsmParameter {
-            sdk: Box::new(sdk.clone()),
+            ssm: aws_sdk_ssm::Client::new(&sdk),
             name: PARAMETER.into(),
         },
         TIMEOUT,
@@ -244,9 +249,14 @@ async fn a_rotated_kubeconfig_in_ssm_is_picked_up_on_401() {
         Err(ClusterError::Unauthorized(_))
     ));
     // THEN once SSM holds token-b, the next call rebuilds the client and succeeds
-    store_kubeconfig_in_ssm(&sdk, PARAMETER, &api.kubeconfig("token-b"), None)
-        .await
-        .unwrap();
+    store_kubeconfig_in_ssm(
+        &aws_sdk_ssm::Client::new(&sdk),
+        PARAMETER,
+        &api.kubeconfig("token-b"),
+        None,
+    )
+    .await
+    .unwrap();
     assert!(c.service_account("a", "b").await.unwrap().is_none());
 }
 
@@ -255,7 +265,7 @@ async fn a_missing_ssm_parameter_is_unavailable_not_a_panic() {
     let moto = Moto::start().await.unwrap();
     let c = KubeCluster::new(
         ClientSource::SsmParameter {
-            sdk: Box::new(moto.sdk_config().await),
+            ssm: aws_sdk_ssm::Client::new(&moto.sdk_config().await),
             name: "/does/not/exist".into(),
         },
         TIMEOUT,

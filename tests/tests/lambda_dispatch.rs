@@ -33,9 +33,14 @@ async fn world() -> World {
     let tables = Tables::create(&sdk, "fn").await.unwrap();
     let api = KubeApi::start().await.unwrap();
     api.put_service_account("team-a", "app", &[("eks.amazonaws.com/role-arn", ROLE)]);
-    iam_broker_kube::store_kubeconfig_in_ssm(&sdk, PARAMETER, &api.kubeconfig(DEFAULT_TOKEN), None)
-        .await
-        .unwrap();
+    iam_broker_kube::store_kubeconfig_in_ssm(
+        &aws_sdk_ssm::Client::new(&sdk),
+        PARAMETER,
+        &api.kubeconfig(DEFAULT_TOKEN),
+        None,
+    )
+    .await
+    .unwrap();
     let config = Config {
         allowances_table: tables.allowances.clone(),
         authorizations_table: tables.authorizations.clone(),
@@ -50,7 +55,7 @@ async fn world() -> World {
         aws_sdk_dynamodb::Client::new(&sdk),
         &tables.allowances,
     )
-    .allow(&Subject::new("team-a", "app", false).unwrap(), ROLE)
+    .allow(&Subject::service_account("team-a", "app").unwrap(), ROLE)
     .await
     .unwrap();
     World {
@@ -142,7 +147,7 @@ async fn the_sweep_removes_orphans_on_both_sides() {
     w.tokens
         .insert(&TokenRecord {
             token_hash: lost.hash(),
-            subject: Subject::new("team-c", "app", false).unwrap(),
+            subject: Subject::service_account("team-c", "app").unwrap(),
             role_arn: ROLE.into(),
             secret_name: Some(iam_broker_core::admission::secret_name(
                 lost.hash().as_str(),

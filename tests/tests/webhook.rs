@@ -287,7 +287,7 @@ async fn the_kubeconfig_can_come_from_ssm() {
     let w = world().await;
     let sdk = w.moto.sdk_config().await;
     iam_broker_kube::store_kubeconfig_in_ssm(
-        &sdk,
+        &aws_sdk_ssm::Client::new(&sdk),
         "/iam-broker/kubeconfig",
         &w.api.kubeconfig(DEFAULT_TOKEN),
         None,

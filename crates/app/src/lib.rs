@@ -1,10 +1,12 @@
 //! Composition root: the one place where configuration meets the real adapters. The Lambda
-//! binary and `iam-broker serve` both build their state here, so they cannot drift apart.
+//! binary, `iam-broker serve` and every CLI command build their clients and stores here, so
+//! they cannot drift apart.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
 
-use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore};
+use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore, StsCredentialIssuer};
+use iam_broker_core::broker::{Broker, BrokerSettings};
 use iam_broker_core::cleanup::Cleanup;
 use iam_broker_core::ports::Cluster;
 use iam_broker_core::webhook::{Webhook, WebhookSettings};
@@ -12,6 +14,60 @@ use iam_broker_core::{Config, SystemClock};
 use iam_broker_kube::{ClientSource, KubeCluster};
 use iam_broker_router::AppState;
 use iam_broker_router::metrics::Metrics;
+
+/// The AWS side, built once from one SDK configuration: the clients and the stores over them.
+#[derive(Clone)]
+pub struct AwsAdapters {
+    /// DynamoDB (both tables).
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    /// STS (AssumeRole for the broker, GetCallerIdentity for `doctor`).
+    pub sts: aws_sdk_sts::Client,
+    /// SSM (the webhook's kubeconfig parameter).
+    pub ssm: aws_sdk_ssm::Client,
+    /// The Allowances table.
+    pub allowances: Arc<DynamoAllowanceStore>,
+    /// The Authorizations table.
+    pub tokens: Arc<DynamoTokenStore>,
+}
+
+impl AwsAdapters {
+    /// Clients and stores for `config`'s tables. Calls nothing.
+    pub fn new(config: &Config, sdk: &aws_config::SdkConfig) -> Self {
+        let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
+        Self {
+            allowances: Arc::new(DynamoAllowanceStore::new(
+                dynamodb.clone(),
+                &config.allowances_table,
+            )),
+            tokens: Arc::new(DynamoTokenStore::new(
+                dynamodb.clone(),
+                &config.authorizations_table,
+            )),
+            dynamodb,
+            sts: aws_sdk_sts::Client::new(sdk),
+            ssm: aws_sdk_ssm::Client::new(sdk),
+        }
+    }
+
+    /// Loads the SDK configuration from the environment (deadlines from `config`) and builds
+    /// the adapters.
+    pub async fn load(config: &Config) -> Self {
+        let sdk = iam_broker_aws::load_sdk_config(config.aws_call_timeout).await;
+        Self::new(config, &sdk)
+    }
+
+    /// Where the webhook's Kubernetes client comes from: the SSM parameter
+    /// `KUBECONFIG_PARAMETER`, else the standard kubeconfig / in-cluster inference.
+    pub fn cluster_source(&self, config: &Config) -> ClientSource {
+        match &config.kubeconfig_parameter {
+            Some(parameter) => ClientSource::SsmParameter {
+                ssm: self.ssm.clone(),
+                name: parameter.clone(),
+            },
+            None => ClientSource::Infer,
+        }
+    }
+}
 
 /// Everything a runner needs.
 pub struct App {
@@ -26,41 +82,38 @@ pub struct App {
 /// parameter `KUBECONFIG_PARAMETER`, else the standard kubeconfig / in-cluster inference), so
 /// a broker-only function starts fast and never needs Kubernetes access.
 pub async fn build(config: &Config) -> App {
-    let sdk = iam_broker_aws::load_sdk_config(config.aws_call_timeout).await;
-    build_with(config, &sdk)
+    build_from(config, AwsAdapters::load(config).await)
 }
 
 /// [`build`] with a given AWS configuration (tests point it at moto).
 pub fn build_with(config: &Config, sdk: &aws_config::SdkConfig) -> App {
-    let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
-    let allowances = Arc::new(DynamoAllowanceStore::new(
-        dynamodb.clone(),
-        &config.allowances_table,
+    build_from(config, AwsAdapters::new(config, sdk))
+}
+
+fn build_from(config: &Config, aws: AwsAdapters) -> App {
+    let cluster: Arc<dyn Cluster> = Arc::new(KubeCluster::new(
+        aws.cluster_source(config),
+        config.aws_call_timeout,
     ));
-    let tokens = Arc::new(DynamoTokenStore::new(
-        dynamodb,
-        &config.authorizations_table,
-    ));
-    let source = match &config.kubeconfig_parameter {
-        Some(parameter) => ClientSource::SsmParameter {
-            sdk: Box::new(sdk.clone()),
-            name: parameter.clone(),
-        },
-        None => ClientSource::Infer,
-    };
-    let cluster: Arc<dyn Cluster> = Arc::new(KubeCluster::new(source, config.aws_call_timeout));
     let clock = Arc::new(SystemClock);
+    let broker = Broker::new(
+        aws.allowances.clone(),
+        aws.tokens.clone(),
+        Arc::new(StsCredentialIssuer::new(aws.sts.clone())),
+        clock.clone(),
+        BrokerSettings::from(config),
+    );
     let webhook = Webhook::new(
         cluster.clone(),
-        allowances,
-        tokens.clone(),
+        aws.allowances,
+        aws.tokens.clone(),
         clock.clone(),
         WebhookSettings::from(config),
     );
-    let cleanup = Cleanup::new(cluster, tokens, clock, config.sweep_grace);
+    let cleanup = Cleanup::new(cluster, aws.tokens, clock, config.sweep_grace);
     App {
         state: AppState {
-            broker: Arc::new(iam_broker_aws::broker(config, sdk)),
+            broker: Arc::new(broker),
             webhook: Arc::new(webhook),
             metrics: if config.emf_metrics {
                 Metrics::stdout()

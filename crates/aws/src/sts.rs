@@ -103,11 +103,10 @@ fn classify(region: Option<&Region>, error: SdkError<AssumeRoleError, HttpRespon
 }
 
 /// `sts:GetCallerIdentity`: the ARN the process runs as (for `iam-broker doctor`).
-pub async fn caller_arn(sdk: &aws_config::SdkConfig) -> Result<String, AwsError> {
-    aws_sdk_sts::Client::new(sdk)
-        .get_caller_identity()
+pub async fn caller_arn(sts: &aws_sdk_sts::Client) -> Result<String, AwsError> {
+    sts.get_caller_identity()
         .send()
         .await
-        .map_err(|e| explain(Service::Sts, sdk.region(), e))
+        .map_err(|e| explain(Service::Sts, sts.config().region(), e))
         .map(|identity| identity.arn.unwrap_or_default())
 }

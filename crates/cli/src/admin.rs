@@ -3,6 +3,7 @@
 use std::io::Read as _;
 
 use anyhow::{Context as _, bail};
+use iam_broker_app::AwsAdapters;
 use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore};
 use iam_broker_core::allowance::{Allowance, RoleArn, Subject, is_allowed};
 use iam_broker_core::broker::{Grant, mint};
@@ -15,23 +16,16 @@ use time::format_description::well_known::Rfc3339;
 use crate::stack::Environment;
 use crate::{Command, Output, TablesCommand, TokenCommand};
 
+/// The configuration and the adapters an admin command works with.
 struct Stores {
     config: Config,
-    dynamodb: aws_sdk_dynamodb::Client,
-    allowances: DynamoAllowanceStore,
-    tokens: DynamoTokenStore,
+    aws: AwsAdapters,
 }
 
 async fn stores(environment: &Environment) -> anyhow::Result<Stores> {
     let config = environment.config()?;
-    let sdk = iam_broker_aws::load_sdk_config(config.aws_call_timeout).await;
-    let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
-    Ok(Stores {
-        allowances: DynamoAllowanceStore::new(dynamodb.clone(), &config.allowances_table),
-        tokens: DynamoTokenStore::new(dynamodb.clone(), &config.authorizations_table),
-        dynamodb,
-        config,
-    })
+    let aws = AwsAdapters::load(&config).await;
+    Ok(Stores { config, aws })
 }
 
 /// Runs every command but `serve`.
@@ -45,18 +39,19 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
         | Command::Kubeconfig(_)
         | Command::Doctor => unreachable_serve(),
         Command::Allow(args) => {
-            let subject = Subject::new(&args.namespace, &args.service_account, true)?;
+            let subject = Subject::allowance_row(&args.namespace, &args.service_account)?;
             let role = RoleArn::parse(&args.role)?;
-            let row = stores.allowances.allow(&subject, role.as_str()).await?;
+            let row = stores.aws.allowances.allow(&subject, role.as_str()).await?;
             println!("allowed {} to assume {}", subject, role);
             print_roles(&row);
             Ok(())
         }
         Command::Disallow(args) => {
-            let subject = Subject::new(&args.namespace, &args.service_account, true)?;
+            let subject = Subject::allowance_row(&args.namespace, &args.service_account)?;
             let role = args.role.as_deref().map(RoleArn::parse).transpose()?;
-            refuse_what_is_not_allowed(&stores.allowances, &subject, role.as_ref()).await?;
+            refuse_what_is_not_allowed(&stores.aws.allowances, &subject, role.as_ref()).await?;
             let row = stores
+                .aws
                 .allowances
                 .disallow(&subject, role.as_ref().map(RoleArn::as_str))
                 .await?;
@@ -73,7 +68,7 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
             Ok(())
         }
         Command::Allowances { namespace, output } => {
-            let rows = stores.allowances.list(namespace.as_deref()).await?;
+            let rows = stores.aws.allowances.list(namespace.as_deref()).await?;
             match output {
                 Output::Json => println!(
                     "{}",
@@ -105,7 +100,7 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
         Command::Token(command) => token(&stores, command).await,
         Command::Tables(TablesCommand::Create) => {
             iam_broker_aws::schema::create_tables(
-                &stores.dynamodb,
+                &stores.aws.dynamodb,
                 &stores.config.allowances_table,
                 &stores.config.authorizations_table,
             )
@@ -181,7 +176,7 @@ async fn token(stores: &Stores, command: TokenCommand) -> anyhow::Result<()> {
             role,
             pod,
         } => {
-            let subject = Subject::new(&namespace, &service_account, false)?;
+            let subject = Subject::service_account(&namespace, &service_account)?;
             let role = RoleArn::parse(&role)?;
             let now = OffsetDateTime::now_utc();
             let (token, record) = mint(
@@ -196,10 +191,11 @@ async fn token(stores: &Stores, command: TokenCommand) -> anyhow::Result<()> {
             )?;
             let wildcard_subject = subject.wildcard();
             let (exact, wildcard) = tokio::try_join!(
-                stores.allowances.allowance(&subject),
-                stores.allowances.allowance(&wildcard_subject),
+                stores.aws.allowances.allowance(&subject),
+                stores.aws.allowances.allowance(&wildcard_subject),
             )?;
             stores
+                .aws
                 .tokens
                 .insert(&record)
                 .await
@@ -218,7 +214,7 @@ async fn token(stores: &Stores, command: TokenCommand) -> anyhow::Result<()> {
             Ok(())
         }
         TokenCommand::List { output } => {
-            let records = stores.tokens.list().await?;
+            let records = stores.aws.tokens.list().await?;
             match output {
                 Output::Json => println!(
                     "{}",
@@ -256,9 +252,9 @@ async fn token(stores: &Stores, command: TokenCommand) -> anyhow::Result<()> {
                     .context("stdin does not hold an iam-broker token")?
                     .hash()
             } else {
-                token_hash(&stores.tokens, &hash.unwrap_or_default()).await?
+                token_hash(&stores.aws.tokens, &hash.unwrap_or_default()).await?
             };
-            match stores.tokens.delete(&hash).await? {
+            match stores.aws.tokens.delete(&hash).await? {
                 Some(record) => {
                     println!(
                         "revoked token {} of {} ({})",

@@ -311,9 +311,9 @@ pub async fn kubeconfig(args: KubeconfigArgs, environment: &Environment) -> anyh
     match &store {
         None => print!("{text}"),
         Some(parameter) => {
-            let sdk = iam_broker_aws::load_sdk_config(config.aws_call_timeout).await;
+            let aws = iam_broker_app::AwsAdapters::load(&config).await;
             iam_broker_kube::store_kubeconfig_in_ssm(
-                &sdk,
+                &aws.ssm,
                 parameter,
                 &text,
                 args.kms_key_id.as_deref(),
@@ -347,13 +347,14 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
         }
     };
     let sdk = iam_broker_aws::load_sdk_config(config.aws_call_timeout).await;
+    let aws = iam_broker_app::AwsAdapters::new(&config, &sdk);
     let region = sdk.region().map(|r| r.as_ref().to_owned());
     let endpoint = |service| Endpoint::of(service, region.as_deref());
 
     // STS first: who the process is, and, when that fails, usually why every AWS check fails.
     let sts = endpoint(Service::Sts);
     if checks.runs("STS", &[Scope::Aws, Scope::endpoint(&sts)]) {
-        match iam_broker_aws::sts::caller_arn(&sdk).await {
+        match iam_broker_aws::sts::caller_arn(&aws.sts).await {
             Ok(arn) => checks.ok("STS", format!("running as {arn}")),
             Err(error) => checks.aws_failure("STS", &error, &error),
         }
@@ -365,7 +366,6 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
         );
     }
     let dynamodb_endpoint = endpoint(Service::DynamoDb);
-    let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
     for (role, table) in [
         (TableRole::Allowances, &config.allowances_table),
         (TableRole::Authorizations, &config.authorizations_table),
@@ -374,7 +374,7 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
         if !checks.runs(&name, &[Scope::Aws, Scope::endpoint(&dynamodb_endpoint)]) {
             continue;
         }
-        match check_table(&dynamodb, table, role).await {
+        match check_table(&aws.dynamodb, table, role).await {
             Ok(()) => checks.ok(&name, format!("{table} has the right keys")),
             Err(error) => match (&error, error.aws_error()) {
                 (_, Some(aws)) => checks.aws_failure(&name, aws, &error),
@@ -389,7 +389,7 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
             let name = "kubeconfig parameter";
             let ssm = endpoint(Service::Ssm);
             if checks.runs(name, &[Scope::Aws, Scope::endpoint(&ssm)]) {
-                match iam_broker_kube::kubeconfig_from_ssm(&sdk, parameter).await {
+                match iam_broker_kube::kubeconfig_from_ssm(&aws.ssm, parameter).await {
                     Ok(_) => checks.ok(name, format!("{parameter} decrypts")),
                     Err(error) => {
                         match std::error::Error::source(&error)
@@ -410,10 +410,7 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
                     format!("the kubeconfig parameter {parameter} was not read"),
                 );
             }
-            iam_broker_kube::ClientSource::SsmParameter {
-                sdk: Box::new(sdk.clone()),
-                name: parameter.clone(),
-            }
+            aws.cluster_source(&config)
         }
         None => iam_broker_kube::ClientSource::Infer,
     };

@@ -28,10 +28,19 @@ pub struct Subject {
 }
 
 impl Subject {
-    /// Validates both names as Kubernetes does (a namespace is a DNS-1123 label, a
-    /// ServiceAccount a DNS-1123 subdomain); `*` is accepted as a ServiceAccount when
-    /// `allow_wildcard` is set.
-    pub fn new(
+    /// A pod's identity: a namespace (DNS-1123 label) and a ServiceAccount (DNS-1123
+    /// subdomain), validated as Kubernetes does; `*` is not a ServiceAccount.
+    pub fn service_account(namespace: &str, service_account: &str) -> Result<Self, InvalidName> {
+        Self::checked(namespace, service_account, false)
+    }
+
+    /// A row of the Allowances table: like [`Self::service_account`], but the ServiceAccount may
+    /// be `*` (every ServiceAccount of the namespace).
+    pub fn allowance_row(namespace: &str, service_account: &str) -> Result<Self, InvalidName> {
+        Self::checked(namespace, service_account, true)
+    }
+
+    fn checked(
         namespace: &str,
         service_account: &str,
         allow_wildcard: bool,
@@ -196,13 +205,13 @@ mod tests {
 
     #[test]
     fn subjects_follow_kubernetes_naming() {
-        assert!(Subject::new("team-a", "app.sa", false).is_ok());
-        assert!(Subject::new("team-a", "*", true).is_ok());
-        assert!(Subject::new("team-a", "*", false).is_err());
-        assert!(Subject::new("Team", "app", false).is_err());
-        assert!(Subject::new("", "app", false).is_err());
-        assert!(Subject::new("a", "-app", false).is_err());
-        assert!(Subject::new(&"a".repeat(64), "app", false).is_err());
+        assert!(Subject::service_account("team-a", "app.sa").is_ok());
+        assert!(Subject::allowance_row("team-a", "*").is_ok());
+        assert!(Subject::service_account("team-a", "*").is_err());
+        assert!(Subject::service_account("Team", "app").is_err());
+        assert!(Subject::service_account("", "app").is_err());
+        assert!(Subject::service_account("a", "-app").is_err());
+        assert!(Subject::service_account(&"a".repeat(64), "app").is_err());
     }
 
     #[test]
@@ -226,11 +235,11 @@ mod tests {
     #[test]
     fn wildcard_or_exact_row_allows() {
         let exact = Allowance {
-            subject: Subject::new("ns", "sa", false).unwrap(),
+            subject: Subject::service_account("ns", "sa").unwrap(),
             allowed_roles: ["arn:aws:iam::123456789012:role/a".to_owned()].into(),
         };
         let wildcard = Allowance {
-            subject: Subject::new("ns", "*", true).unwrap(),
+            subject: Subject::allowance_row("ns", "*").unwrap(),
             allowed_roles: ["arn:aws:iam::123456789012:role/b".to_owned()].into(),
         };
         let rows = [Some(exact), Some(wildcard)];

@@ -369,7 +369,7 @@ mod tests {
     async fn serves_an_allowed_role_and_slides_the_record() {
         // GIVEN an allowed subject with a token minted an hour ago
         let f = fixture(RecordingIssuer::default(), false);
-        let subject = Subject::new("team-a", "app", false).unwrap();
+        let subject = Subject::service_account("team-a", "app").unwrap();
         f.allowances.allow(&subject, ROLE).await.unwrap();
         let token = grant(&f, &subject, NOW - time::Duration::hours(1)).await;
 
@@ -395,7 +395,7 @@ mod tests {
     #[tokio::test]
     async fn session_tags_when_enabled() {
         let f = fixture(RecordingIssuer::default(), true);
-        let subject = Subject::new("team-a", "app", false).unwrap();
+        let subject = Subject::service_account("team-a", "app").unwrap();
         f.allowances.allow(&subject, ROLE).await.unwrap();
         let token = grant(&f, &subject, NOW).await;
         f.broker.credentials(Some(token.expose())).await.unwrap();
@@ -406,7 +406,7 @@ mod tests {
     #[tokio::test]
     async fn wildcard_row_allows_every_service_account() {
         let f = fixture(RecordingIssuer::default(), false);
-        let subject = Subject::new("team-a", "any-sa", false).unwrap();
+        let subject = Subject::service_account("team-a", "any-sa").unwrap();
         f.allowances.allow(&subject.wildcard(), ROLE).await.unwrap();
         let token = grant(&f, &subject, NOW).await;
         assert!(f.broker.credentials(Some(token.expose())).await.is_ok());
@@ -415,7 +415,7 @@ mod tests {
     #[tokio::test]
     async fn refusals_map_to_their_codes_and_write_nothing() {
         let f = fixture(RecordingIssuer::default(), false);
-        let subject = Subject::new("team-a", "app", false).unwrap();
+        let subject = Subject::service_account("team-a", "app").unwrap();
         f.allowances.allow(&subject, ROLE).await.unwrap();
         let expired = grant(&f, &subject, NOW - time::Duration::days(2)).await;
         let unknown = Token::mint().unwrap();
@@ -457,7 +457,7 @@ mod tests {
     #[tokio::test]
     async fn revoking_the_allowance_takes_effect_at_the_next_fetch() {
         let f = fixture(RecordingIssuer::default(), false);
-        let subject = Subject::new("team-a", "app", false).unwrap();
+        let subject = Subject::service_account("team-a", "app").unwrap();
         f.allowances.allow(&subject, ROLE).await.unwrap();
         let token = grant(&f, &subject, NOW).await;
         assert!(f.broker.credentials(Some(token.expose())).await.is_ok());
@@ -480,7 +480,7 @@ mod tests {
             },
             false,
         );
-        let subject = Subject::new("team-a", "app", false).unwrap();
+        let subject = Subject::service_account("team-a", "app").unwrap();
         f.allowances.allow(&subject, ROLE).await.unwrap();
         let token = grant(&f, &subject, NOW).await;
         let err = f

@@ -213,7 +213,7 @@ mod tests {
     use super::*;
     use crate::allowance::Subject;
     use crate::clock::FixedClock;
-    use crate::memory::{MemoryCluster, MemoryTokenStore};
+    use crate::memory::{ClusterCall, MemoryCluster, MemoryTokenStore};
     use crate::ports::TokenSecret;
     use crate::record::TokenRecord;
     use crate::token::Token;
@@ -297,7 +297,7 @@ mod tests {
             w.tokens
                 .insert(&TokenRecord {
                     token_hash: hash,
-                    subject: Subject::new(namespace, "app", false).unwrap(),
+                    subject: Subject::service_account(namespace, "app").unwrap(),
                     role_arn: "arn:aws:iam::123456789012:role/iam-broker/r".into(),
                     secret_name: Some(name.clone()),
                     pod_name: None,
@@ -379,7 +379,7 @@ mod tests {
     async fn sweep_fails_cleanly_when_a_listing_fails() {
         let w = world();
         pair(&w, "a", 3600, true, false).await;
-        w.cluster.fail("managed_secrets");
+        w.cluster.fail(ClusterCall::ManagedSecrets);
         assert!(matches!(
             w.cleanup.sweep().await,
             Err(CleanupError::Cluster(_))

@@ -33,8 +33,10 @@ impl fmt::Debug for Credentials {
     }
 }
 
-/// The JSON body the AWS SDKs' container credential provider reads.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+/// The JSON body the AWS SDKs' container credential provider reads. Its `Debug` leaves out the
+/// secret key and the session token, so an answer (or a [`crate::broker::BrokerAnswer`] holding
+/// one) can never print them.
+#[derive(Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct EcsCredentials {
     /// Access key id.
@@ -49,6 +51,19 @@ pub struct EcsCredentials {
     pub account_id: String,
     /// The role the credentials belong to.
     pub role_arn: String,
+}
+
+impl fmt::Debug for EcsCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EcsCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("token", &"<redacted>")
+            .field("expiration", &self.expiration)
+            .field("account_id", &self.account_id)
+            .field("role_arn", &self.role_arn)
+            .finish()
+    }
 }
 
 impl EcsCredentials {
@@ -112,12 +127,12 @@ mod tests {
             session_token: "session-value".into(),
             expiration: datetime!(2026-11-22 07:00:00 UTC),
         };
-        let json = serde_json::to_value(EcsCredentials::new(
+        let answer = EcsCredentials::new(
             &creds,
             "arn:aws:iam::123456789012:role/iam-broker/r",
             "123456789012",
-        ))
-        .unwrap();
+        );
+        let json = serde_json::to_value(&answer).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
@@ -129,7 +144,12 @@ mod tests {
                 "RoleArn": "arn:aws:iam::123456789012:role/iam-broker/r"
             })
         );
-        let debug = format!("{creds:?}");
-        assert!(!debug.contains("secret-value") && !debug.contains("session-value"));
+        for debug in [format!("{creds:?}"), format!("{answer:?}")] {
+            assert!(
+                !debug.contains("secret-value") && !debug.contains("session-value"),
+                "{debug}"
+            );
+            assert!(debug.contains("ASIAEXAMPLE") && debug.contains("<redacted>"));
+        }
     }
 }

@@ -20,6 +20,21 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// One call of the [`Cluster`] port, to make [`MemoryCluster`] fail it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ClusterCall {
+    /// [`Cluster::service_account`].
+    ServiceAccount,
+    /// [`Cluster::create_secret`].
+    CreateSecret,
+    /// [`Cluster::delete_secret`].
+    DeleteSecret,
+    /// [`Cluster::managed_secrets`].
+    ManagedSecrets,
+    /// [`Cluster::record_event`].
+    RecordEvent,
+}
+
 /// Allowances in a map.
 #[derive(Debug, Default)]
 pub struct MemoryAllowanceStore {
@@ -132,7 +147,7 @@ pub struct MemoryCluster {
     secrets: Mutex<BTreeMap<(String, String), TokenSecret>>,
     created: Mutex<BTreeMap<(String, String), i64>>,
     events: Mutex<Vec<ClusterEvent>>,
-    failing: Mutex<BTreeSet<&'static str>>,
+    failing: Mutex<BTreeSet<ClusterCall>>,
 }
 
 impl MemoryCluster {
@@ -165,9 +180,8 @@ impl MemoryCluster {
         lock(&self.events).clone()
     }
 
-    /// Makes every call of `operation` (`service_account`, `create_secret`, `delete_secret`,
-    /// `managed_secrets`, `record_event`) fail with [`ClusterError::Unavailable`] until [`Self::heal`].
-    pub fn fail(&self, operation: &'static str) {
+    /// Makes every call of `operation` fail with [`ClusterError::Unavailable`] until [`Self::heal`].
+    pub fn fail(&self, operation: ClusterCall) {
         lock(&self.failing).insert(operation);
     }
 
@@ -176,10 +190,10 @@ impl MemoryCluster {
         lock(&self.failing).clear();
     }
 
-    fn check(&self, operation: &'static str) -> Result<(), ClusterError> {
-        if lock(&self.failing).contains(operation) {
+    fn check(&self, operation: ClusterCall) -> Result<(), ClusterError> {
+        if lock(&self.failing).contains(&operation) {
             Err(ClusterError::Unavailable(
-                format!("injected failure of {operation}").into(),
+                format!("injected failure of {operation:?}").into(),
             ))
         } else {
             Ok(())
@@ -194,14 +208,14 @@ impl Cluster for MemoryCluster {
         namespace: &str,
         name: &str,
     ) -> Result<Option<ServiceAccount>, ClusterError> {
-        self.check("service_account")?;
+        self.check(ClusterCall::ServiceAccount)?;
         Ok(lock(&self.service_accounts)
             .get(&(namespace.to_owned(), name.to_owned()))
             .cloned())
     }
 
     async fn create_secret(&self, secret: &TokenSecret) -> Result<(), ClusterError> {
-        self.check("create_secret")?;
+        self.check(ClusterCall::CreateSecret)?;
         let mut secrets = lock(&self.secrets);
         let key = (secret.namespace.clone(), secret.name.clone());
         if secrets.contains_key(&key) {
@@ -212,7 +226,7 @@ impl Cluster for MemoryCluster {
     }
 
     async fn delete_secret(&self, namespace: &str, name: &str) -> Result<bool, ClusterError> {
-        self.check("delete_secret")?;
+        self.check(ClusterCall::DeleteSecret)?;
         Ok(lock(&self.secrets)
             .remove(&(namespace.to_owned(), name.to_owned()))
             .is_some())
@@ -222,7 +236,7 @@ impl Cluster for MemoryCluster {
         &self,
         label_selector: &str,
     ) -> Result<Vec<ManagedSecret>, ClusterError> {
-        self.check("managed_secrets")?;
+        self.check(ClusterCall::ManagedSecrets)?;
         let (key, value) = label_selector
             .split_once('=')
             .unwrap_or((label_selector, ""));
@@ -244,7 +258,7 @@ impl Cluster for MemoryCluster {
     }
 
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
-        self.check("record_event")?;
+        self.check(ClusterCall::RecordEvent)?;
         lock(&self.events).push(event.clone());
         Ok(())
     }

@@ -11,16 +11,40 @@ pub const V1: &str = "admission.k8s.io/v1";
 /// `admission.k8s.io/v1beta1` (still sent by some older clusters).
 pub const V1BETA1: &str = "admission.k8s.io/v1beta1";
 
-/// An AdmissionReview as received.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// The `apiVersion` of an AdmissionReview; the answer uses the request's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiVersion {
+    /// `admission.k8s.io/v1`.
+    V1,
+    /// `admission.k8s.io/v1beta1`.
+    V1Beta1,
+}
+
+impl ApiVersion {
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V1 => V1,
+            Self::V1Beta1 => V1BETA1,
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            V1 => Some(Self::V1),
+            V1BETA1 => Some(Self::V1Beta1),
+            _ => None,
+        }
+    }
+}
+
+/// An AdmissionReview as received: its version (for the answer) and its request.
+#[derive(Debug, Clone)]
 pub struct AdmissionReview {
-    /// `admission.k8s.io/v1` or `v1beta1`; the answer uses the same.
-    pub api_version: String,
-    /// `AdmissionReview`.
-    pub kind: String,
-    /// The request (absent means a malformed review).
-    pub request: Option<AdmissionRequest>,
+    /// `admission.k8s.io/v1` or `v1beta1`.
+    pub api_version: ApiVersion,
+    /// The request.
+    pub request: AdmissionRequest,
 }
 
 /// Group, version and kind of the object under review.
@@ -37,7 +61,40 @@ pub struct GroupVersionKind {
     pub kind: String,
 }
 
-/// `request` of an AdmissionReview.
+/// `request.operation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Operation {
+    /// `CREATE`.
+    Create,
+    /// `UPDATE`.
+    Update,
+    /// `DELETE`.
+    Delete,
+    /// `CONNECT`.
+    Connect,
+}
+
+impl Operation {
+    /// The wire form, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "CREATE",
+            Self::Update => "UPDATE",
+            Self::Delete => "DELETE",
+            Self::Connect => "CONNECT",
+        }
+    }
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `request` of an AdmissionReview. Objects stay raw JSON so the patch is computed over the pod
+/// exactly as sent (a typed Pod would drop fields this version does not know).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AdmissionRequest {
@@ -51,31 +108,34 @@ pub struct AdmissionRequest {
     /// Object name (empty at CREATE with `generateName`).
     #[serde(default)]
     pub name: String,
-    /// Namespace of the object.
-    #[serde(default)]
-    pub namespace: String,
-    /// `CREATE`, `UPDATE`, `DELETE` or `CONNECT`.
-    pub operation: String,
+    /// Namespace of the object; `None` for cluster-scoped objects.
+    #[serde(default, deserialize_with = "non_empty")]
+    pub namespace: Option<String>,
+    /// What is being done.
+    pub operation: Operation,
     /// The object as it will be stored (CREATE, UPDATE).
     #[serde(default)]
     pub object: Option<Value>,
     /// The object as it was (UPDATE, DELETE).
     #[serde(default)]
     pub old_object: Option<Value>,
-    /// A dry run must have no side effects.
-    #[serde(default)]
-    pub dry_run: Option<bool>,
+    /// A dry run must have no side effects (absent or `null` means `false`).
+    #[serde(default, deserialize_with = "null_as_false")]
+    pub dry_run: bool,
+}
+
+fn non_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
+}
+
+fn null_as_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 impl AdmissionRequest {
     /// Whether the request is for a Pod itself (not a subresource).
     pub fn is_pod(&self) -> bool {
         self.kind.group.is_empty() && self.kind.kind == "Pod" && self.sub_resource.is_empty()
-    }
-
-    /// Whether side effects are forbidden.
-    pub fn is_dry_run(&self) -> bool {
-        self.dry_run == Some(true)
     }
 }
 
@@ -85,30 +145,25 @@ impl AdmissionRequest {
 pub struct MalformedReview(pub String);
 
 /// Parses a request body.
-pub fn parse(body: &[u8]) -> Result<(AdmissionReview, AdmissionRequest), MalformedReview> {
+pub fn parse(body: &[u8]) -> Result<AdmissionReview, MalformedReview> {
     let mut value: Value = serde_json::from_slice(body).map_err(|e| {
         MalformedReview(format!(
             "the body is not an AdmissionReview (not JSON: {e})"
         ))
     })?;
-    let field = |name: &str| {
-        value
-            .get(name)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let (kind, api_version) = (field("kind"), field("apiVersion"));
+    let field = |name: &str| value.get(name).and_then(Value::as_str).unwrap_or_default();
+    let kind = field("kind");
     if kind != "AdmissionReview" {
         return Err(MalformedReview(format!(
             "the body is not an AdmissionReview: kind is {kind:?}"
         )));
     }
-    if api_version != V1 && api_version != V1BETA1 {
+    let version = field("apiVersion");
+    let Some(api_version) = ApiVersion::parse(version) else {
         return Err(MalformedReview(format!(
-            "apiVersion {api_version:?} is not {V1} or {V1BETA1}"
+            "apiVersion {version:?} is not {V1} or {V1BETA1}"
         )));
-    }
+    };
     let request = match value.get_mut("request").map(Value::take) {
         None | Some(Value::Null) => {
             return Err(MalformedReview(
@@ -121,12 +176,10 @@ pub fn parse(body: &[u8]) -> Result<(AdmissionReview, AdmissionRequest), Malform
     if request.uid.is_empty() {
         return Err(MalformedReview("request.uid is empty".to_owned()));
     }
-    let review = AdmissionReview {
+    Ok(AdmissionReview {
         api_version,
-        kind,
-        request: None,
-    };
-    Ok((review, request))
+        request,
+    })
 }
 
 /// `response` of an AdmissionReview.
@@ -202,9 +255,9 @@ impl AdmissionResponse {
     }
 
     /// The whole review to send back, in the request's `apiVersion`.
-    pub fn into_review(self, api_version: &str) -> Value {
+    pub fn into_review(self, api_version: ApiVersion) -> Value {
         serde_json::json!({
-            "apiVersion": api_version,
+            "apiVersion": api_version.as_str(),
             "kind": "AdmissionReview",
             "response": self,
         })
@@ -224,10 +277,13 @@ mod tests {
                 "uid": "u-1", "kind": { "group": "", "version": "v1", "kind": "Pod" },
                 "namespace": "ns", "operation": "CREATE", "object": { "spec": {} },
                 "dryRun": true } });
-            let (review, request) = parse(&serde_json::to_vec(&body).unwrap()).unwrap();
+            let review = parse(&serde_json::to_vec(&body).unwrap()).unwrap();
+            let request = &review.request;
             assert!(request.is_pod());
-            assert!(request.is_dry_run());
-            let answer = AdmissionResponse::allow(&request.uid).into_review(&review.api_version);
+            assert!(request.dry_run);
+            assert_eq!(request.operation, Operation::Create);
+            assert_eq!(request.namespace.as_deref(), Some("ns"));
+            let answer = AdmissionResponse::allow(&request.uid).into_review(review.api_version);
             assert_eq!(answer["apiVersion"], version);
             assert_eq!(answer["response"], json!({ "uid": "u-1", "allowed": true }));
         }
@@ -285,7 +341,24 @@ mod tests {
         let body = json!({ "apiVersion": V1, "kind": "AdmissionReview", "request": {
             "uid": "u", "kind": { "group": "", "version": "v1", "kind": "Pod" },
             "subResource": "ephemeralcontainers", "operation": "UPDATE" } });
-        let (_, request) = parse(&serde_json::to_vec(&body).unwrap()).unwrap();
-        assert!(!request.is_pod());
+        let review = parse(&serde_json::to_vec(&body).unwrap()).unwrap();
+        assert!(!review.request.is_pod());
+        assert_eq!(review.request.operation, Operation::Update);
+    }
+
+    #[test]
+    fn dry_run_and_namespace_default_sensibly_and_unknown_operations_are_malformed() {
+        for (dry_run, namespace) in [(json!(null), json!(null)), (json!(false), json!(""))] {
+            let body = json!({ "apiVersion": V1, "kind": "AdmissionReview", "request": {
+                "uid": "u", "kind": { "kind": "Pod" }, "operation": "DELETE",
+                "dryRun": dry_run, "namespace": namespace } });
+            let review = parse(&serde_json::to_vec(&body).unwrap()).unwrap();
+            assert!(!review.request.dry_run);
+            assert_eq!(review.request.namespace, None);
+        }
+        let body = json!({ "apiVersion": V1, "kind": "AdmissionReview", "request": {
+            "uid": "u", "kind": { "kind": "Pod" }, "operation": "PATCH" } });
+        let error = parse(&serde_json::to_vec(&body).unwrap()).unwrap_err();
+        assert!(error.0.contains("request is malformed"), "{}", error.0);
     }
 }

@@ -64,7 +64,7 @@ mod tests {
 
     #[test]
     fn names_who_asked() {
-        let subject = Subject::new("team-a", "app", false).unwrap();
+        let subject = Subject::service_account("team-a", "app").unwrap();
         assert_eq!(
             role_session_name(&subject, Some("web-7d9f")),
             "team-a.app.web-7d9f"
@@ -92,7 +92,7 @@ mod tests {
 
     #[test]
     fn tags_use_eks_pod_identity_keys() {
-        let subject = Subject::new("ns", "sa", false).unwrap();
+        let subject = Subject::service_account("ns", "sa").unwrap();
         let tags = session_tags(&subject, Some("pod"));
         assert_eq!(
             tags,

@@ -25,8 +25,9 @@ use crate::events::{
 use crate::ports::{
     AllowanceStore, Cluster, ClusterError, ClusterEvent, StoreError, TokenSecret, TokenStore,
 };
-use crate::review::{AdmissionRequest, AdmissionResponse};
-use crate::token::TokenHash;
+use crate::record::TokenRecord;
+use crate::review::{AdmissionRequest, AdmissionResponse, Operation};
+use crate::token::{Token, TokenHash};
 
 /// Lookups and writes of one admission must finish within this; the API server's own timeout
 /// (`timeoutSeconds`, at most 30, 10 by default) is longer, so the webhook always answers.
@@ -135,6 +136,74 @@ enum Failure {
     Internal(String),
 }
 
+/// One CREATE that may need credentials: what every step of [`Webhook::inject`] reads.
+struct Creation<'a> {
+    request: &'a AdmissionRequest,
+    pod: &'a serde_json::Value,
+    view: &'a PodView,
+    subject: Subject,
+    sidecar: &'a SidecarSettings,
+    broker_url: &'a str,
+    deadline: Instant,
+}
+
+impl Creation<'_> {
+    fn sa(&self) -> Option<String> {
+        Some(self.view.service_account.clone())
+    }
+
+    /// The patch for this pod with its Secret and record.
+    fn patch(&self, secret_name: &str, record: &TokenRecord) -> json_patch::Patch {
+        admission::patch(
+            self.pod,
+            self.view,
+            self.sidecar,
+            &Injection {
+                secret_name,
+                token_hash: record.token_hash.as_str(),
+                broker_url: self.broker_url,
+            },
+        )
+    }
+
+    /// The Secret holding `token`, labelled for the sweep and annotated for people.
+    fn secret(
+        &self,
+        name: &str,
+        role: &RoleArn,
+        record: &TokenRecord,
+        token: Token,
+    ) -> TokenSecret {
+        TokenSecret {
+            namespace: self.subject.namespace.clone(),
+            name: name.to_owned(),
+            labels: BTreeMap::from([(LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned())]),
+            annotations: BTreeMap::from([
+                (
+                    ANNOTATION_TOKEN_HASH.to_owned(),
+                    record.token_hash.as_str().to_owned(),
+                ),
+                (
+                    "iam-broker.io/service-account".to_owned(),
+                    self.subject.service_account.clone(),
+                ),
+                (
+                    "iam-broker.io/role-arn".to_owned(),
+                    role.as_str().to_owned(),
+                ),
+            ]),
+            token,
+        }
+    }
+}
+
+/// What a CREATE may have written so far, for [`Webhook::undo`].
+#[derive(Debug, Default)]
+struct Written {
+    secret: Option<String>,
+    record: Option<TokenHash>,
+}
+
 /// The admission webhook over its ports.
 pub struct Webhook {
     cluster: Arc<dyn Cluster>,
@@ -179,23 +248,24 @@ impl Webhook {
     }
 
     /// Answers one admission request. `origin` is the URL the request came in on (scheme, host
-    /// and API Gateway stage, ending in `/`), used as the broker URL unless `BROKER_URL` is set.
-    pub async fn admit(&self, request: &AdmissionRequest, origin: &str) -> Outcome {
+    /// and API Gateway stage, ending in `/`), used as the broker URL unless `BROKER_URL` is set;
+    /// `None` when the request did not say (no usable Host header).
+    pub async fn admit(&self, request: &AdmissionRequest, origin: Option<&str>) -> Outcome {
         if !request.is_pod() {
             return skipped(request, None, "not a Pod");
         }
-        match request.operation.as_str() {
-            "CREATE" => {
+        match request.operation {
+            Operation::Create => {
                 let outcome = self.create(request, origin).await;
                 self.notify(request, &outcome).await;
                 outcome
             }
-            "DELETE" => self.delete(request).await,
+            Operation::Delete => self.delete(request).await,
             other => skipped(request, None, &format!("{other} needs no action")),
         }
     }
 
-    async fn create(&self, request: &AdmissionRequest, origin: &str) -> Outcome {
+    async fn create(&self, request: &AdmissionRequest, origin: Option<&str>) -> Outcome {
         let Some(pod) = request.object.as_ref() else {
             return skipped(request, None, "CREATE without an object");
         };
@@ -210,8 +280,7 @@ impl Webhook {
                 ..skipped(request, None, &skip.to_string())
             };
         }
-        let namespace = namespace_of(request, pod);
-        let Some(sidecar) = self.settings.sidecar.clone() else {
+        let Some(sidecar) = self.settings.sidecar.as_ref() else {
             return self.fail(
                 request,
                 sa,
@@ -221,7 +290,7 @@ impl Webhook {
                 ),
             );
         };
-        if self.settings.broker_url.is_none() && origin.is_empty() {
+        let Some(broker_url) = self.settings.broker_url.as_deref().or(origin) else {
             return self.fail(
                 request,
                 sa,
@@ -230,54 +299,81 @@ impl Webhook {
                         .to_owned(),
                 ),
             );
-        }
-        let deadline = Instant::now() + self.settings.forward_budget;
-        match self
-            .create_in(request, pod, &view, &namespace, &sidecar, origin, deadline)
-            .await
-        {
+        };
+        let namespace = namespace_of(request, pod);
+        let subject = match Subject::service_account(&namespace, &view.service_account) {
+            Ok(subject) => subject,
+            Err(e) => return skipped(request, sa, &e.to_string()),
+        };
+        let creation = Creation {
+            request,
+            pod,
+            view: &view,
+            subject,
+            sidecar,
+            broker_url,
+            deadline: Instant::now() + self.settings.forward_budget,
+        };
+        match self.inject(&creation).await {
             Ok(outcome) => outcome,
             Err(failure) => self.fail(request, sa, failure),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn create_in(
-        &self,
-        request: &AdmissionRequest,
-        pod: &serde_json::Value,
-        view: &PodView,
-        namespace: &str,
-        sidecar: &SidecarSettings,
-        origin: &str,
-        deadline: Instant,
-    ) -> Result<Outcome, Failure> {
-        let sa = Some(view.service_account.clone());
-        let subject = match Subject::new(namespace, &view.service_account, false) {
-            Ok(subject) => subject,
-            Err(e) => return Ok(skipped(request, sa, &e.to_string())),
+    /// The steps of a CREATE that may need credentials: decide, then (unless a dry run) write
+    /// the Secret and the record and answer the patch. Whatever was written before a failure is
+    /// undone in one place.
+    async fn inject(&self, c: &Creation<'_>) -> Result<Outcome, Failure> {
+        let role = match self.role_for(c).await? {
+            Ok(role) => role,
+            Err(skip) => return Ok(skip),
         };
-        // The ServiceAccount and both Allowances rows, concurrently.
+        let (token, record) = self.mint(c, &role)?;
+        if c.request.dry_run {
+            let patch = c.patch(&admission::secret_name(record.token_hash.as_str()), &record);
+            return patched(
+                c.request,
+                c.sa(),
+                &patch,
+                "dry run: patch only, nothing written",
+            );
+        }
+        let mut written = Written::default();
+        let result = self.write(c, &role, token, record, &mut written).await;
+        if result.is_err() {
+            self.undo(&c.subject.namespace, &written).await;
+        }
+        result
+    }
+
+    /// Reads the ServiceAccount and both Allowances rows (concurrently) and decides: the role to
+    /// inject, or the answer for a pod that gets none (`Err`, with the Event to record).
+    async fn role_for(&self, c: &Creation<'_>) -> Result<Result<RoleArn, Outcome>, Failure> {
+        let (request, subject) = (c.request, &c.subject);
         let wildcard = subject.wildcard();
-        let (account, exact, any) = timeout_at(deadline, async {
+        let (account, exact, any) = timeout_at(c.deadline, async {
             futures::join!(
                 self.cluster
-                    .service_account(namespace, &view.service_account),
-                self.allowances.allowance(&subject),
+                    .service_account(&subject.namespace, &subject.service_account),
+                self.allowances.allowance(subject),
                 self.allowances.allowance(&wildcard),
             )
         })
         .await
         .map_err(|_| Failure::Deadline("the ServiceAccount and Allowances lookups"))?;
         let Some(account) = account? else {
-            return Ok(skipped(request, sa, "the ServiceAccount does not exist"));
+            return Ok(Err(skipped(
+                request,
+                c.sa(),
+                "the ServiceAccount does not exist",
+            )));
         };
         let Some(role) = account.annotations.get(&self.settings.role_annotation) else {
-            return Ok(skipped(
+            return Ok(Err(skipped(
                 request,
-                sa,
+                c.sa(),
                 "the ServiceAccount has no role annotation",
-            ));
+            )));
         };
         let role = match RoleArn::parse(role) {
             Ok(role) => role,
@@ -286,14 +382,14 @@ impl Webhook {
                     "the ServiceAccount's {} annotation is not a role ARN: {e}",
                     self.settings.role_annotation
                 );
-                let mut outcome = skipped(request, sa, &why);
+                let mut outcome = skipped(request, c.sa(), &why);
                 outcome.response = outcome.response.warn(format!("iam-broker: {why}"));
                 outcome.notice = Some(Notice {
                     reason: REASON_INVALID_ROLE_ANNOTATION,
                     message: format!("iam-broker: no AWS credentials injected: {why}"),
                     service_account_uid: account.uid.clone(),
                 });
-                return Ok(outcome);
+                return Ok(Err(outcome));
             }
         };
         if !is_allowed([&exact?, &any?], role.as_str()) {
@@ -304,120 +400,98 @@ impl Webhook {
                 subject.service_account
             );
             let message = format!("iam-broker: no AWS credentials injected: {why}");
-            let mut outcome = skipped(request, sa, &why);
+            let mut outcome = skipped(request, c.sa(), &why);
             outcome.response = outcome.response.warn(message.clone());
             outcome.notice = Some(Notice {
                 reason: REASON_ROLE_NOT_ALLOWED,
                 message,
                 service_account_uid: account.uid.clone(),
             });
-            return Ok(outcome);
+            return Ok(Err(outcome));
         }
-
-        let broker_url = self.settings.broker_url.as_deref().unwrap_or(origin);
-        let now = self.clock.now();
-        let grant = |secret: Option<String>| Grant {
-            subject: subject.clone(),
-            role_arn: role.clone(),
-            pod_name: view.name.clone(),
-            secret_name: secret,
-        };
-        let (token, mut record) = mint(grant(None), now, self.settings.token_ttl)
-            .map_err(|e| Failure::Internal(e.to_string()))?;
-        let mut secret_name = admission::secret_name(record.token_hash.as_str());
-        let patch_for = |secret_name: &str, record: &crate::record::TokenRecord| {
-            admission::patch(
-                pod,
-                view,
-                sidecar,
-                &Injection {
-                    secret_name,
-                    token_hash: record.token_hash.as_str(),
-                    broker_url,
-                },
-            )
-        };
-
-        if request.is_dry_run() {
-            let patch = patch_for(&secret_name, &record);
-            return patched(request, sa, &patch, "dry run: patch only, nothing written");
-        }
-
-        // The Secret first, then the record; a name clash (another token's Secret, or a
-        // leftover) gets one fresh token.
-        let mut token = token;
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            record.secret_name = Some(secret_name.clone());
-            let secret = TokenSecret {
-                namespace: namespace.to_owned(),
-                name: secret_name.clone(),
-                labels: BTreeMap::from([(LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned())]),
-                annotations: BTreeMap::from([
-                    (
-                        ANNOTATION_TOKEN_HASH.to_owned(),
-                        record.token_hash.as_str().to_owned(),
-                    ),
-                    (
-                        "iam-broker.io/service-account".to_owned(),
-                        subject.service_account.clone(),
-                    ),
-                    (
-                        "iam-broker.io/role-arn".to_owned(),
-                        role.as_str().to_owned(),
-                    ),
-                ]),
-                token: token.clone(),
-            };
-            match timeout_at(deadline, self.cluster.create_secret(&secret)).await {
-                Err(_) => {
-                    // The create may have landed after all: remove it to be sure.
-                    self.undo(namespace, &secret_name, None).await;
-                    return Err(Failure::Deadline("the Secret create"));
-                }
-                Ok(Ok(())) => break,
-                Ok(Err(ClusterError::AlreadyExists)) if attempts < 2 => {
-                    let (fresh, fresh_record) = mint(grant(None), now, self.settings.token_ttl)
-                        .map_err(|e| Failure::Internal(e.to_string()))?;
-                    token = fresh;
-                    record = fresh_record;
-                    secret_name = admission::secret_name(record.token_hash.as_str());
-                }
-                Ok(Err(e)) => return Err(e.into()),
-            }
-        }
-        drop(token);
-
-        let written = match timeout_at(deadline, self.tokens.insert(&record)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Failure::Store(e)),
-            Err(_) => Err(Failure::Deadline("the Authorizations write")),
-        };
-        if let Err(failure) = written {
-            // Never a Secret without a record: undo the Secret (and the record, in case a
-            // timed-out write landed anyway).
-            self.undo(namespace, &secret_name, Some(&record.token_hash))
-                .await;
-            return Err(failure);
-        }
-
-        let patch = patch_for(&secret_name, &record);
-        match patched(request, sa, &patch, &format!("role {}", role.as_str())) {
-            Ok(outcome) => Ok(outcome),
-            Err(failure) => {
-                self.undo(namespace, &secret_name, Some(&record.token_hash))
-                    .await;
-                Err(failure)
-            }
-        }
+        Ok(Ok(role))
     }
 
-    /// Best-effort undo of a half-done CREATE. What it cannot remove is logged by name (never the
-    /// token) and left for the sweep.
-    async fn undo(&self, namespace: &str, secret_name: &str, hash: Option<&TokenHash>) {
+    /// A fresh token and its record for this pod.
+    fn mint(&self, c: &Creation<'_>, role: &RoleArn) -> Result<(Token, TokenRecord), Failure> {
+        let grant = Grant {
+            subject: c.subject.clone(),
+            role_arn: role.clone(),
+            pod_name: c.view.name.clone(),
+            secret_name: None,
+        };
+        mint(grant, self.clock.now(), self.settings.token_ttl)
+            .map_err(|e| Failure::Internal(e.to_string()))
+    }
+
+    /// The writes, Secret first and record second, then the patch. `written` says what may
+    /// exist (a write that timed out may have landed) for the undo.
+    async fn write(
+        &self,
+        c: &Creation<'_>,
+        role: &RoleArn,
+        token: Token,
+        record: TokenRecord,
+        written: &mut Written,
+    ) -> Result<Outcome, Failure> {
+        let (secret_name, record) = self
+            .create_secret_avoiding_clash(c, role, token, record, written)
+            .await?;
+        written.record = Some(record.token_hash.clone());
+        match timeout_at(c.deadline, self.tokens.insert(&record)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Failure::Store(e)),
+            Err(_) => return Err(Failure::Deadline("the Authorizations write")),
+        }
+        let patch = c.patch(&secret_name, &record);
+        patched(
+            c.request,
+            c.sa(),
+            &patch,
+            &format!("role {}", role.as_str()),
+        )
+    }
+
+    /// Creates the pod's token Secret. A name clash (another token's Secret, or a leftover) gets
+    /// one fresh token and name; the clashing Secret is not ours and is never undone.
+    async fn create_secret_avoiding_clash(
+        &self,
+        c: &Creation<'_>,
+        role: &RoleArn,
+        token: Token,
+        record: TokenRecord,
+        written: &mut Written,
+    ) -> Result<(String, TokenRecord), Failure> {
+        let (mut token, mut record) = (token, record);
+        for attempt in 1..=2 {
+            let secret_name = admission::secret_name(record.token_hash.as_str());
+            record.secret_name = Some(secret_name.clone());
+            let secret = c.secret(&secret_name, role, &record, token.clone());
+            written.secret = Some(secret_name.clone());
+            match timeout_at(c.deadline, self.cluster.create_secret(&secret)).await {
+                Ok(Ok(())) => return Ok((secret_name, record)),
+                Ok(Err(ClusterError::AlreadyExists)) if attempt < 2 => {
+                    written.secret = None;
+                    (token, record) = self.mint(c, role)?;
+                }
+                Ok(Err(ClusterError::AlreadyExists)) => {
+                    written.secret = None;
+                    return Err(ClusterError::AlreadyExists.into());
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(Failure::Deadline("the Secret create")),
+            }
+        }
+        Err(Failure::Internal(
+            "no free Secret name after two tokens".to_owned(),
+        ))
+    }
+
+    /// Best-effort undo of a half-done CREATE: the record, then the Secret, whichever may exist.
+    /// What it cannot remove is logged by name (never the token) and left for the sweep.
+    async fn undo(&self, namespace: &str, written: &Written) {
         let deadline = Instant::now() + self.settings.undo_budget;
-        if let Some(hash) = hash {
+        if let Some(hash) = &written.record {
             match timeout_at(deadline, self.tokens.delete(hash)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::error!(token = hash.short(), error = %e,
@@ -428,6 +502,9 @@ impl Webhook {
                 ),
             }
         }
+        let Some(secret_name) = written.secret.as_deref() else {
+            return;
+        };
         match timeout_at(deadline, self.cluster.delete_secret(namespace, secret_name)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!(namespace, secret = secret_name, error = %e,
@@ -472,7 +549,7 @@ impl Webhook {
                 "the pod's iam-broker annotations do not match",
             );
         };
-        if request.is_dry_run() {
+        if request.dry_run {
             return skipped(request, None, "dry run: nothing removed");
         }
         let deadline = Instant::now() + self.settings.forward_budget;
@@ -568,7 +645,7 @@ impl Webhook {
         let (Some(notice), Some(pod)) = (&outcome.notice, request.object.as_ref()) else {
             return;
         };
-        if request.is_dry_run() {
+        if request.dry_run {
             return;
         }
         let namespace = namespace_of(request, pod);
@@ -611,13 +688,12 @@ fn constant_time_eq(expected: &str, given: &str) -> bool {
 }
 
 fn namespace_of(request: &AdmissionRequest, pod: &serde_json::Value) -> String {
-    if request.namespace.is_empty() {
-        pod["metadata"]["namespace"]
+    match &request.namespace {
+        Some(namespace) => namespace.clone(),
+        None => pod["metadata"]["namespace"]
             .as_str()
             .unwrap_or_default()
-            .to_owned()
-    } else {
-        request.namespace.clone()
+            .to_owned(),
     }
 }
 
@@ -659,13 +735,13 @@ mod tests {
     use super::*;
     use crate::admission::{SIDECAR_NAME, SidecarMode};
     use crate::clock::FixedClock;
-    use crate::memory::{MemoryAllowanceStore, MemoryCluster, MemoryTokenStore};
+    use crate::memory::{ClusterCall, MemoryAllowanceStore, MemoryCluster, MemoryTokenStore};
     use crate::ports::ServiceAccount;
     use crate::record::TokenRecord;
     use crate::review;
 
     const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
-    const ORIGIN: &str = "https://broker.example/Prod/";
+    const ORIGIN: Option<&str> = Some("https://broker.example/Prod/");
 
     /// A token store whose writes can fail or stall.
     #[derive(Default)]
@@ -767,7 +843,7 @@ mod tests {
                 ROLE.to_owned(),
             )]),
         });
-        let subject = Subject::new("team", "reader", false).unwrap();
+        let subject = Subject::service_account("team", "reader").unwrap();
         allowances.allow(&subject, ROLE).await.unwrap();
         let webhook = Webhook::new(
             cluster.clone(),
@@ -806,7 +882,7 @@ mod tests {
             "oldObject": old_object, "dryRun": dry_run } });
         review::parse(&serde_json::to_vec(&body).unwrap())
             .unwrap()
-            .1
+            .request
     }
 
     fn apply(pod: &Value, response: &AdmissionResponse) -> Value {
@@ -843,12 +919,17 @@ mod tests {
         assert_eq!(record.role_arn, ROLE);
         assert_eq!(secret.labels[LABEL_MANAGED_BY], MANAGED_BY);
         // the token never appears in the answer
-        let answer = serde_json::to_string(&out.response.clone().into_review(review::V1)).unwrap();
+        let answer =
+            serde_json::to_string(&out.response.clone().into_review(review::ApiVersion::V1))
+                .unwrap();
         assert!(!answer.contains(secret.token.expose()));
         // the patch applies to the pod as sent
         let patched = apply(&pod("reader"), &out.response);
         assert_eq!(patched["spec"]["containers"][1]["name"], SIDECAR_NAME);
-        assert_eq!(patched["spec"]["containers"][1]["env"][0]["value"], ORIGIN);
+        assert_eq!(
+            patched["spec"]["containers"][1]["env"][0]["value"],
+            ORIGIN.unwrap()
+        );
         // and the patched pod, admitted again, is not patched again and writes nothing
         let again = f
             .webhook
@@ -911,7 +992,7 @@ mod tests {
     #[tokio::test]
     async fn wildcard_allowance_admits_every_service_account() {
         let f = fixture().await;
-        let subject = Subject::new("team", "other", false).unwrap();
+        let subject = Subject::service_account("team", "other").unwrap();
         f.cluster.put_service_account(ServiceAccount {
             uid: None,
             namespace: "team".to_owned(),
@@ -937,7 +1018,7 @@ mod tests {
     #[tokio::test]
     async fn host_network_pods_are_skipped_before_any_lookup() {
         let f = fixture().await;
-        f.cluster.fail("service_account");
+        f.cluster.fail(ClusterCall::ServiceAccount);
         let mut host = pod("reader");
         host["spec"]["hostNetwork"] = json!(true);
         let out = f
@@ -982,7 +1063,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_secret_create_writes_no_record_and_closed_policy_denies() {
         let f = fixture_with(settings(FailurePolicy::Closed)).await;
-        f.cluster.fail("create_secret");
+        f.cluster.fail(ClusterCall::CreateSecret);
         let out = f
             .webhook
             .admit(&request("CREATE", pod("reader"), false), ORIGIN)
@@ -1053,7 +1134,7 @@ mod tests {
         let mut forged = json!({ "metadata": { "namespace": "evil", "annotations": annotations },
             "spec": { "containers": [{ "name": "x" }] } });
         let mut req = request("DELETE", forged.clone(), false);
-        req.namespace = "evil".to_owned();
+        req.namespace = Some("evil".to_owned());
         let out = f.webhook.admit(&req, ORIGIN).await;
         assert_eq!(out.decision, Decision::Skipped);
         assert_eq!(records(&f).await.len(), 1);
@@ -1076,7 +1157,7 @@ mod tests {
             .admit(&request("CREATE", pod("reader"), false), ORIGIN)
             .await;
         let patched = apply(&pod("reader"), &out.response);
-        f.cluster.fail("delete_secret");
+        f.cluster.fail(ClusterCall::DeleteSecret);
         let out = f
             .webhook
             .admit(&request("DELETE", patched, false), ORIGIN)
@@ -1095,7 +1176,7 @@ mod tests {
             f.webhook.admit(&req, ORIGIN).await.decision,
             Decision::Skipped
         );
-        req.operation = "CREATE".to_owned();
+        req.operation = Operation::Create;
         req.kind.kind = "ConfigMap".to_owned();
         assert_eq!(
             f.webhook.admit(&req, ORIGIN).await.decision,
@@ -1180,7 +1261,7 @@ mod tests {
         assert_eq!(out.decision, Decision::Patched);
         assert!(f.cluster.events().is_empty(), "nothing to tell");
 
-        f.cluster.fail("service_account");
+        f.cluster.fail(ClusterCall::ServiceAccount);
         let out = f
             .webhook
             .admit(&request("CREATE", replica_set_pod("reader"), false), ORIGIN)
@@ -1196,7 +1277,7 @@ mod tests {
         );
 
         let closed = fixture_with(settings(FailurePolicy::Closed)).await;
-        closed.cluster.fail("service_account");
+        closed.cluster.fail(ClusterCall::ServiceAccount);
         let out = closed
             .webhook
             .admit(&request("CREATE", pod("reader"), false), ORIGIN)
@@ -1208,8 +1289,8 @@ mod tests {
     #[tokio::test]
     async fn an_event_that_cannot_be_recorded_changes_nothing() {
         let f = fixture().await;
-        f.cluster.fail("service_account");
-        f.cluster.fail("record_event");
+        f.cluster.fail(ClusterCall::ServiceAccount);
+        f.cluster.fail(ClusterCall::RecordEvent);
         let out = f
             .webhook
             .admit(&request("CREATE", pod("reader"), false), ORIGIN)
@@ -1217,5 +1298,18 @@ mod tests {
         assert_eq!(out.decision, Decision::FailedOpen);
         assert!(out.response.allowed);
         assert!(f.cluster.events().is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_broker_url_or_origin_the_failure_policy_decides_and_nothing_is_written() {
+        let f = fixture().await;
+        let out = f
+            .webhook
+            .admit(&request("CREATE", pod("reader"), false), None)
+            .await;
+        assert_eq!(out.decision, Decision::FailedOpen);
+        assert!(out.reason.contains("BROKER_URL"), "{}", out.reason);
+        assert!(f.cluster.secrets().is_empty());
+        assert!(records(&f).await.is_empty());
     }
 }

@@ -42,8 +42,8 @@ use tokio::sync::Mutex;
 pub enum ClientSource {
     /// An SSM SecureString parameter holding kubeconfig YAML (read with decryption).
     SsmParameter {
-        /// AWS configuration for the SSM client.
-        sdk: Box<aws_config::SdkConfig>,
+        /// The SSM client (built once, by the composition root).
+        ssm: aws_sdk_ssm::Client,
         /// Parameter name.
         name: String,
     },
@@ -147,10 +147,11 @@ fn is_denied<E: ProvideErrorMetadata>(error: &SdkError<E, HttpResponse>) -> bool
 
 /// Reads a kubeconfig from an SSM SecureString parameter (decrypted).
 pub async fn kubeconfig_from_ssm(
-    sdk: &aws_config::SdkConfig,
+    ssm: &aws_sdk_ssm::Client,
     name: &str,
 ) -> Result<String, SourceError> {
-    let output = aws_sdk_ssm::Client::new(sdk)
+    let region = ssm.config().region();
+    let output = ssm
         .get_parameter()
         .name(name)
         .with_decryption(true)
@@ -161,8 +162,7 @@ pub async fn kubeconfig_from_ssm(
             if error_code(&e).as_deref() == Some("ParameterNotFound") {
                 SourceError::ParameterMissing {
                     name,
-                    region: sdk
-                        .region()
+                    region: region
                         .map_or_else(|| "the configured region".to_owned(), ToString::to_string),
                     source: Box::new(SdkFailure::new(e)),
                 }
@@ -174,7 +174,7 @@ pub async fn kubeconfig_from_ssm(
             } else {
                 SourceError::Ssm {
                     name,
-                    source: Box::new(explain(Service::Ssm, sdk.region(), e)),
+                    source: Box::new(explain(Service::Ssm, region, e)),
                 }
             }
         })?;
@@ -188,13 +188,12 @@ pub async fn kubeconfig_from_ssm(
 /// Stores a kubeconfig in an SSM SecureString parameter (overwriting), encrypted with `kms_key_id`
 /// or the account's `alias/aws/ssm`.
 pub async fn store_kubeconfig_in_ssm(
-    sdk: &aws_config::SdkConfig,
+    ssm: &aws_sdk_ssm::Client,
     name: &str,
     kubeconfig: &str,
     kms_key_id: Option<&str>,
 ) -> Result<(), SourceError> {
-    aws_sdk_ssm::Client::new(sdk)
-        .put_parameter()
+    ssm.put_parameter()
         .name(name)
         .description("kubeconfig of the iam-broker webhook's ServiceAccount")
         .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
@@ -213,7 +212,7 @@ pub async fn store_kubeconfig_in_ssm(
             } else {
                 SourceError::Store {
                     name,
-                    source: Box::new(explain(Service::Ssm, sdk.region(), e)),
+                    source: Box::new(explain(Service::Ssm, ssm.config().region(), e)),
                 }
             }
         })?;
@@ -253,8 +252,8 @@ impl ClientSource {
                 .map_err(|e| SourceError::Kubeconfig(e.to_string()))
         };
         match self {
-            Self::SsmParameter { sdk, name } => {
-                from_text(kubeconfig_from_ssm(sdk, name).await?).await
+            Self::SsmParameter { ssm, name } => {
+                from_text(kubeconfig_from_ssm(ssm, name).await?).await
             }
             Self::Kubeconfig(text) => from_text(text.clone()).await,
             Self::Infer => kube::Config::infer()

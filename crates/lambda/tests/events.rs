@@ -68,7 +68,7 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
     let allowances = Arc::new(MemoryAllowanceStore::default());
     let tokens = Arc::new(MemoryTokenStore::default());
     let cluster = Arc::new(MemoryCluster::default());
-    let subject = Subject::new("team-a", "app", false).unwrap();
+    let subject = Subject::service_account("team-a", "app").unwrap();
     allowances.allow(&subject, ROLE).await.unwrap();
     cluster.put_service_account(ServiceAccount {
         uid: None,

@@ -120,18 +120,16 @@ async fn review(
     body: Bytes,
 ) -> Response {
     let started = std::time::Instant::now();
-    let (review, request) = match review::parse(&body) {
-        Ok(parsed) => parsed,
+    let review = match review::parse(&body) {
+        Ok(review) => review,
         Err(e) => {
             tracing::info!(decision = "bad_request", error = %e, "admission refused");
             return ApiError::new(StatusCode::BAD_REQUEST, "BadRequest", e.0).into_response();
         }
     };
     let origin = origin(&headers, base_path.as_ref().map(|b| b.0.0.as_str()));
-    let outcome = state
-        .webhook
-        .admit(&request, origin.as_deref().unwrap_or(""))
-        .await;
+    let request = &review.request;
+    let outcome = state.webhook.admit(request, origin.as_deref()).await;
     let pod = request
         .object
         .as_ref()
@@ -146,10 +144,10 @@ async fn review(
     tracing::info!(
         decision = outcome.decision.as_str(),
         operation = %request.operation,
-        namespace = %request.namespace,
+        namespace = request.namespace.as_deref().unwrap_or(""),
         service_account = outcome.service_account.as_deref().unwrap_or(""),
         pod = pod,
-        dry_run = request.is_dry_run(),
+        dry_run = request.dry_run,
         uid = %request.uid,
         reason = %outcome.reason,
         "admission"
@@ -160,7 +158,7 @@ async fn review(
         "AdmissionLatency",
         started.elapsed(),
     );
-    Json(outcome.response.into_review(&review.api_version)).into_response()
+    Json(outcome.response.into_review(review.api_version)).into_response()
 }
 
 /// The URL this request came in on (`https://host/Stage/`), which the sidecar calls unless
@@ -221,4 +219,71 @@ pub(crate) async fn method_not_allowed() -> ApiError {
         "MethodNotAllowed",
         "this route does not take that method",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn the_origin_is_scheme_host_and_stage() {
+        let h = headers(&[
+            ("host", "abc.execute-api.us-east-1.amazonaws.com"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        assert_eq!(
+            origin(&h, Some("/Prod")).as_deref(),
+            Some("https://abc.execute-api.us-east-1.amazonaws.com/Prod/")
+        );
+        assert_eq!(
+            origin(&h, None).as_deref(),
+            Some("https://abc.execute-api.us-east-1.amazonaws.com/")
+        );
+        // the first of several forwarded protocols; no header means plain http (serve)
+        let h = headers(&[
+            ("host", "127.0.0.1:8080"),
+            ("x-forwarded-proto", "http, https"),
+        ]);
+        assert_eq!(origin(&h, None).as_deref(), Some("http://127.0.0.1:8080/"));
+        let h = headers(&[("host", "[::1]:8080")]);
+        assert_eq!(origin(&h, None).as_deref(), Some("http://[::1]:8080/"));
+    }
+
+    #[test]
+    fn an_origin_a_client_could_bend_is_refused() {
+        // the sidecar would call whatever this says: nothing but a plain host gets through
+        for host in [
+            "",
+            "evil.example/path",
+            "a@b",
+            "host\u{7f}",
+            "x y",
+            "h?x=1",
+            "h#f",
+        ] {
+            if let Ok(value) = HeaderValue::from_str(host) {
+                let mut h = HeaderMap::new();
+                h.insert(header::HOST, value);
+                assert_eq!(origin(&h, None), None, "{host:?}");
+            }
+        }
+        assert_eq!(origin(&HeaderMap::new(), None), None, "no Host header");
+        let h = headers(&[("host", "ok.example"), ("x-forwarded-proto", "gopher")]);
+        assert_eq!(origin(&h, None), None);
+        // a base path with anything but name characters is left out, not copied
+        let h = headers(&[("host", "ok.example")]);
+        assert_eq!(
+            origin(&h, Some("/Prod/../x?y")).as_deref(),
+            Some("http://ok.example/")
+        );
+        assert_eq!(origin(&h, Some("/")).as_deref(), Some("http://ok.example/"));
+    }
 }
