@@ -2,7 +2,8 @@
 # `cargo lambda watch` with everything the files in events/ need: moto (tables, an allowance, the
 # fixtures' token record), the Kubernetes API stand-in (ServiceAccount team-a/app annotated with
 # the role), PROXY_IMAGE and the fixtures' WEBHOOK_PATH_SECRET.
-#   scripts/lambda-watch.sh          run until Ctrl-C; invoke with
+#   scripts/lambda-watch.sh          run until Ctrl-C: the http handler on port 9000, the cleanup
+#                                    handler on 9001; invoke with
 #                                    cargo lambda invoke bootstrap -A 127.0.0.1 -P 9000 --data-file events/<event>.json
 #   scripts/lambda-watch.sh --check  invoke every event once and compare with events/README.md
 #   scripts/lambda-watch.sh --help   print this text
@@ -55,21 +56,32 @@ seed
 
 export KUBECONFIG="$work/kubeconfig" PROXY_IMAGE=registry.example/iam-broker-proxy:0.1.0
 export WEBHOOK_PATH_SECRET="$FIXTURE_PATH_SECRET" RUST_LOG=${RUST_LOG:-info}
-port=9000
-[ "$check" = 1 ] && port=$(free_port)
-log "cargo lambda watch on 127.0.0.1:$port (moto $AWS_ENDPOINT_URL, Kubernetes API stand-in, fixtures seeded)"
+# One binary, two handlers (template.yaml's Handler settings): http for the API Gateway events,
+# cleanup for the stream batch and the sweep, each under its own `cargo lambda watch`.
+http_port=9000 cleanup_port=9001
+if [ "$check" = 1 ]; then http_port=$(free_port); cleanup_port=$(free_port); fi
+watch() { # port handler log
+  cargo lambda watch --quiet --bin bootstrap -A 127.0.0.1 -P "$1" --env-var "_HANDLER=$2" > "$3" 2>&1 &
+  pids+=($!)
+}
+watch "$http_port" http "$work/watch-http.log"
+watch "$cleanup_port" cleanup "$work/watch-cleanup.log"
+for port in "$http_port" "$cleanup_port"; do
+  for _ in $(seq 600); do
+    curl -s -o /dev/null "http://127.0.0.1:$port/" && break
+    sleep 0.2
+  done
+done
+log "cargo lambda watch: http on 127.0.0.1:$http_port, cleanup on 127.0.0.1:$cleanup_port (moto $AWS_ENDPOINT_URL, Kubernetes API stand-in, fixtures seeded)"
 if [ "$check" = 0 ]; then
-  echo "  cargo lambda invoke bootstrap -A 127.0.0.1 -P $port --data-file events/broker-get.json" >&2
-  cargo lambda watch --bin bootstrap -A 127.0.0.1 -P "$port"
+  echo "  cargo lambda invoke bootstrap -A 127.0.0.1 -P $http_port --data-file events/broker-get.json" >&2
+  echo "  cargo lambda invoke bootstrap -A 127.0.0.1 -P $cleanup_port --data-file events/sweep.json" >&2
+  log "Ctrl-C to stop (function logs: $work/watch-*.log)"
+  tail -f "$work/watch-http.log" "$work/watch-cleanup.log"
   exit 0
 fi
-cargo lambda watch --quiet --bin bootstrap -A 127.0.0.1 -P "$port" > "$work/watch.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 600); do
-  curl -s -o /dev/null "http://127.0.0.1:$port/" && break
-  sleep 0.2
-done
 log "every event of events/ through cargo lambda invoke"
-"$VENV/bin/python" scripts/lambda_events_check.py events "$port" "$VENV/bin/python" "$work/seed.py" \
-  || { tail -n 40 "$work/watch.log" >&2; exit 1; }
+"$VENV/bin/python" scripts/lambda_events_check.py events "$http_port" "$cleanup_port" \
+  "$VENV/bin/python" "$work/seed.py" \
+  || { tail -n 20 "$work/watch-http.log" "$work/watch-cleanup.log" >&2; exit 1; }
 log "every event gave its documented answer"

@@ -2,8 +2,9 @@
 """Invokes every file of events/ through `cargo lambda invoke` and compares each answer with the
 table in events/README.md (used by `scripts/lambda-watch.sh --check`).
 
-    lambda_events_check.py EVENTS_DIR INVOKE_PORT RESEED_COMMAND...
+    lambda_events_check.py EVENTS_DIR HTTP_PORT CLEANUP_PORT RESEED_COMMAND...
 
+Events documented as `cleanup` go to the cleanup handler's port, the rest to the http handler's.
 RESEED_COMMAND runs before each invocation (the DELETE event removes the fixtures' token).
 """
 
@@ -40,7 +41,8 @@ def observed(answer):
 
 
 def main():
-    events, port, reseed = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    events, http_port, cleanup_port = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    reseed = sys.argv[4:]
     expected = documented(events / "README.md")
     files = sorted(p.name for p in events.glob("*.json"))
     undocumented = sorted(set(files) - set(expected))
@@ -50,6 +52,7 @@ def main():
         if name not in expected:
             continue
         subprocess.run(reseed, check=True)
+        port = cleanup_port if expected[name] == "cleanup" else http_port
         result = subprocess.run(
             ["cargo", "lambda", "invoke", "bootstrap", "-A", "127.0.0.1", "-P", port,
              "--data-file", str(events / name), "--output-format", "json"],

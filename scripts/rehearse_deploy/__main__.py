@@ -199,6 +199,14 @@ class Rehearsal:
         except urllib.error.HTTPError as error:
             return error.code, json.load(error)
 
+    def function_with_arn(self, arn):
+        return next(f for f in self.functions.values()
+                    if self.resolver.attributes[(f.logical, "Arn")] == arn)
+
+    def function_named(self, name):
+        return next(f for f in self.functions.values() if f.name == name or
+                    self.resolver.attributes[(f.logical, "Arn")] == name)
+
     def kubectl_apply(self, path):
         """`kubectl apply -f` for the kinds the stand-in serves (the rest is RBAC and the
         namespace, which the stand-in does not model)."""
@@ -240,7 +248,7 @@ class Rehearsal:
         for logical, resource in resources.items():
             if self.resolver.active(logical):
                 by_type.setdefault(resource["Type"], []).append(logical)
-        expected = {"AWS::DynamoDB::Table": 2, "AWS::Lambda::Function": 2,
+        expected = {"AWS::DynamoDB::Table": 2, "AWS::Lambda::Function": 3,
                     "AWS::ApiGateway::RestApi": 1}
         for kind, count in expected.items():
             check(len(by_type.get(kind, [])) == count,
@@ -637,6 +645,7 @@ class Rehearsal:
         step("least privilege: what each function's role must not do")
         broker_fn = self.functions["BrokerFunction"].credentials
         webhook_fn = self.functions["WebhookFunction"].credentials
+        cleanup_fn = self.functions["CleanupFunction"].credentials
         allowances = self.outputs["AllowancesTableName"]
         checks = {
             "broker cannot read the kubeconfig parameter": lambda: self.client("ssm", broker_fn)
@@ -652,12 +661,18 @@ class Rehearsal:
             "webhook cannot write Allowances": lambda: self.client("dynamodb", webhook_fn).put_item(
                 TableName=allowances, Item={"namespace": {"S": "x"}, "service_account": {"S": "y"},
                                             "allowed_roles": {"SS": [allowed_role]}}),
+            "webhook cannot scan token records": lambda: self.client("dynamodb", webhook_fn)
+            .scan(TableName=self.outputs["AuthorizationsTableName"]),
+            "cleanup cannot call sts:AssumeRole": lambda: self.client("sts", cleanup_fn)
+            .assume_role(RoleArn=allowed_role, RoleSessionName="escalate"),
+            "cleanup cannot read Allowances": lambda: self.client("dynamodb", cleanup_fn).get_item(
+                TableName=allowances, Key={"namespace": {"S": "x"}, "service_account": {"S": "y"}}),
         }
         for what, call in checks.items():
             check(denied(call), f"expected AccessDenied: {what}")
             print(f"    denied as it should be: {what}", file=sys.stderr)
 
-        step("pod DELETE, the Authorizations stream and the scheduled sweep, under the webhook's role")
+        step("pod DELETE (webhook), the Authorizations stream and the scheduled sweep (cleanup)")
         secret_name = pod["metadata"]["annotations"]["iam-broker.io/secret-name"]
         hooks = self.delete_pod(pod)
         check(hooks, "no webhook of the registration matched the injected pod's DELETE")
@@ -669,15 +684,25 @@ class Rehearsal:
         check(not [h for h in self.registration["webhooks"]
                    if self.hook_matches(h, "DELETE", NAMESPACE, plain)],
               "a pod that never had credentials would still cost a DELETE call")
+        # each event goes to the function the template wires it to
         schedule = next(r for r in self.expanded["Resources"].values()
                         if r["Type"] == "AWS::Scheduler::Schedule")
-        sweep = self.functions["WebhookFunction"].invoke(json.loads(schedule["Properties"]["Target"]["Input"]))
-        print(f"    sweep answered {json.dumps(sweep)}", file=sys.stderr)
+        sweeper = self.function_with_arn(self.resolver.resolve(schedule["Properties"]["Target"]["Arn"]))
+        sweep = sweeper.invoke(json.loads(schedule["Properties"]["Target"]["Input"]))
+        print(f"    {sweeper.logical} swept: {json.dumps(sweep)}", file=sys.stderr)
         with open(os.path.join(self.root, "events", "dynamodb-stream-remove.json")) as f:
             stream_event = json.load(f)
+        mapping = next(r for r in self.expanded["Resources"].values()
+                       if r["Type"] == "AWS::Lambda::EventSourceMapping")
+        stream_arn = self.resolver.resolve(mapping["Properties"]["EventSourceArn"])
+        check(stream_arn == self.resolver.attributes[("Authorizations", "StreamArn")],
+              f"the stream mapping reads {stream_arn}, not the Authorizations stream")
+        consumer = self.function_named(self.resolver.resolve(mapping["Properties"]["FunctionName"]))
         for record in stream_event["Records"]:
-            record["eventSourceARN"] = self.resolver.attributes[("Authorizations", "StreamArn")]
-        self.functions["WebhookFunction"].invoke(stream_event)
+            record["eventSourceARN"] = stream_arn
+        cleaned = consumer.invoke(stream_event)
+        print(f"    {consumer.logical} cleaned the stream batch: {json.dumps(cleaned)}",
+              file=sys.stderr)
 
         step("every call the functions made was allowed")
         for function in self.functions.values():

@@ -1,8 +1,8 @@
-//! The Lambda function's three event shapes through [`Dispatcher`] with the real adapters
-//! (built by the composition root against moto, the kubeconfig read from SSM, the Kubernetes
-//! API stand-in over HTTPS): an API Gateway admission request, an Authorizations stream batch
-//! with `REMOVE` records (what TTL expiry produces; moto never expires items, so the batch is fed
-//! in), and the scheduled sweep.
+//! The `bootstrap` binary's two handlers with the real adapters (built by the composition root
+//! against moto, the kubeconfig read from SSM, the Kubernetes API stand-in over HTTPS): `http`
+//! with an API Gateway admission request, and `cleanup` with an Authorizations stream batch of
+//! `REMOVE` records (what TTL expiry produces; moto never expires items, so the batch is fed in)
+//! and the scheduled sweep, both as the typed events the runtime hands it.
 
 // Test code: a failed set-up step should panic with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -11,11 +11,16 @@ use iam_broker_aws::DynamoTokenStore;
 use iam_broker_core::allowance::Subject;
 use iam_broker_core::ports::{AllowanceStore as _, TokenStore};
 use iam_broker_core::{Config, Token, TokenRecord};
-use iam_broker_lambda::{Dispatcher, InvocationError};
+use std::sync::Arc;
+
+use http_body_util::BodyExt as _;
+use iam_broker_core::cleanup::Cleanup;
+use iam_broker_lambda::{CleanupEvent, CleanupFailure, Handler, UnknownHandler};
 use iam_broker_router::router;
 use iam_broker_tests::kube_api::{DEFAULT_TOKEN, KubeApi};
 use iam_broker_tests::{Moto, Tables, workspace_root};
 use serde_json::{Value, json};
+use tower::ServiceExt as _;
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
 const PARAMETER: &str = "/iam-broker/webhook-kubeconfig";
@@ -24,7 +29,30 @@ struct World {
     _moto: Moto,
     api: KubeApi,
     tokens: DynamoTokenStore,
-    dispatcher: Dispatcher,
+    router: axum::Router,
+    cleanup: Arc<Cleanup>,
+}
+
+impl World {
+    /// The `http` handler: an API Gateway event through `lambda_http` and the router.
+    async fn http(&self, event: Value) -> (u16, Value) {
+        let request = lambda_http::request::from_str(&event.to_string()).unwrap();
+        let response = iam_broker_lambda::service(self.router.clone())
+            .oneshot(request)
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    /// The `cleanup` handler: the payload as the runtime deserializes it, then the report.
+    async fn cleanup(&self, event: Value) -> Result<Value, CleanupFailure> {
+        let event: CleanupEvent = serde_json::from_value(event).unwrap();
+        iam_broker_lambda::cleanup(&self.cleanup, event)
+            .await
+            .map(|report| iam_broker_lambda::report_json(&report))
+    }
 }
 
 async fn world() -> World {
@@ -60,7 +88,8 @@ async fn world() -> World {
     .unwrap();
     World {
         tokens: DynamoTokenStore::new(aws_sdk_dynamodb::Client::new(&sdk), &tables.authorizations),
-        dispatcher: Dispatcher::new(router(app.state), Some(app.cleanup)),
+        router: router(app.state),
+        cleanup: app.cleanup,
         _moto: moto,
         api,
     }
@@ -94,30 +123,25 @@ fn remove(record: &TokenRecord) -> Value {
 async fn admission_then_stream_removal_deletes_the_secret() {
     // GIVEN a pod admitted through the function (an API Gateway event)
     let w = world().await;
-    let answer = w
-        .dispatcher
-        .handle(event("admission-create.json"))
-        .await
-        .unwrap();
-    assert_eq!(answer["statusCode"], 200, "{answer}");
-    assert_eq!(answer["headers"]["content-type"], "application/json");
-    let review: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
+    let (status, review) = w.http(event("admission-create.json")).await;
+    assert_eq!(status, 200, "{review}");
     assert_eq!(review["response"]["patchType"], "JSONPatch");
     let records = w.tokens.list().await.unwrap();
     assert_eq!(records.len(), 1);
     let secret_name = records[0].secret_name.clone().unwrap();
     assert!(w.api.secret("team-a", &secret_name).is_some());
 
-    // WHEN the record expires and the stream delivers its REMOVE (plus junk)
-    let batch = json!({ "Records": [remove(&records[0]),
-        { "eventName": "MODIFY", "eventSource": "aws:dynamodb", "dynamodb": {} }] });
-    let report = w.dispatcher.handle(batch.clone()).await.unwrap();
+    // WHEN the record expires and the stream delivers its REMOVE (plus a MODIFY)
+    let mut modify = remove(&records[0]);
+    modify["eventName"] = json!("MODIFY");
+    let batch = json!({ "Records": [remove(&records[0]), modify] });
+    let report = w.cleanup(batch.clone()).await.unwrap();
 
     // THEN the Secret is gone, and a redelivery is harmless
     assert_eq!(report["secretsDeleted"], 1, "{report}");
     assert_eq!(report["skipped"], 1);
     assert!(w.api.secret("team-a", &secret_name).is_none());
-    let again = w.dispatcher.handle(batch).await.unwrap();
+    let again = w.cleanup(batch).await.unwrap();
     assert_eq!(again["secretsAlreadyGone"], 1);
 }
 
@@ -125,10 +149,7 @@ async fn admission_then_stream_removal_deletes_the_secret() {
 async fn the_sweep_removes_orphans_on_both_sides() {
     let w = world().await;
     // a healthy pair made by the webhook
-    w.dispatcher
-        .handle(event("admission-create.json"))
-        .await
-        .unwrap();
+    assert_eq!(w.http(event("admission-create.json")).await.0, 200);
     let healthy = w.tokens.list().await.unwrap()[0].clone();
     // a Secret whose record is gone, created an hour ago
     let orphan_token = Token::mint().unwrap();
@@ -161,7 +182,7 @@ async fn the_sweep_removes_orphans_on_both_sides() {
         .unwrap();
 
     // WHEN the schedule fires
-    let report = w.dispatcher.handle(event("sweep.json")).await.unwrap();
+    let report = w.cleanup(event("sweep.json")).await.unwrap();
 
     // THEN both orphans are gone and the healthy pair stays
     assert_eq!(report["secretsDeleted"], 1, "{report}");
@@ -176,23 +197,33 @@ async fn the_sweep_removes_orphans_on_both_sides() {
     );
 }
 
-#[tokio::test]
-async fn unknown_events_are_refused() {
-    let w = world().await;
-    let result = w.dispatcher.handle(json!({ "hello": "world" })).await;
-    assert!(
-        matches!(result, Err(InvocationError::Unrecognised)),
-        "{result:?}"
+#[test]
+fn the_handler_comes_from_the_function_setting_and_events_are_typed() {
+    assert_eq!(Handler::from_setting(Some("http")), Ok(Handler::Http));
+    assert_eq!(Handler::from_setting(Some("cleanup")), Ok(Handler::Cleanup));
+    assert_eq!(Handler::from_setting(None), Ok(Handler::Http), "local runs");
+    assert_eq!(
+        Handler::from_setting(Some("bootstrap")),
+        Err(UnknownHandler("bootstrap".into()))
     );
-    // and the sample events of events/ are all recognised
-    for name in [
-        "dynamodb-stream-remove.json",
-        "sweep.json",
-        "broker-get.json",
+    // the cleanup function's sample events are what the runtime will hand it
+    assert!(matches!(
+        serde_json::from_value::<CleanupEvent>(event("dynamodb-stream-remove.json")),
+        Ok(CleanupEvent::Stream(_))
+    ));
+    assert!(matches!(
+        serde_json::from_value::<CleanupEvent>(event("sweep.json")),
+        Ok(CleanupEvent::Sweep(_))
+    ));
+    // anything else is refused by the runtime before the handler runs
+    for other in [
+        json!({ "hello": "world" }),
+        json!({ "iam-broker": "reboot" }),
+        event("broker-get.json"),
     ] {
         assert!(
-            iam_broker_lambda::classify(&event(name)).is_some(),
-            "{name}"
+            serde_json::from_value::<CleanupEvent>(other.clone()).is_err(),
+            "{other}"
         );
     }
 }

@@ -1,11 +1,12 @@
 //! AWS adapters of iam-broker: the Allowances and Authorizations tables on DynamoDB
-//! ([`dynamodb`]), temporary credentials from STS ([`sts`]), and the shared SDK set-up with
+//! ([`dynamodb`]) and its stream ([`stream`]), temporary credentials from STS ([`sts`]), and the shared SDK set-up with
 //! deadlines on every call and errors that name their fix ([`sdk`]).
 #![forbid(unsafe_code)]
 
 pub mod dynamodb;
 pub mod schema;
 pub mod sdk;
+pub mod stream;
 pub mod sts;
 
 pub use dynamodb::{DynamoAllowanceStore, DynamoTokenStore, MissingTable, TableRole};

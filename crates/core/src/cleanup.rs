@@ -2,15 +2,14 @@
 //! `REMOVE` records, which is how TTL expiry shows up) and, in a periodic sweep, records whose
 //! Secret is gone and managed Secrets whose record is gone.
 //!
-//! Everything here tolerates junk: a malformed stream record or a Secret without annotations is
-//! counted and skipped, never a reason to fail the batch (a failing batch would be retried
-//! forever by the stream).
+//! Everything here tolerates junk: a stream record whose names do not belong together or a Secret
+//! without annotations is counted and skipped, never a reason to fail the batch (a failing batch
+//! would be retried by the stream). The stream's wire format is the aws adapter's business
+//! (`iam_broker_aws::stream`); this module sees [`RemovedRecord`]s.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
-
-use serde_json::Value;
 
 use crate::admission::{self, ANNOTATION_TOKEN_HASH, LABEL_MANAGED_BY, MANAGED_BY};
 use crate::clock::Clock;
@@ -31,36 +30,36 @@ pub struct OrphanSecret {
     pub name: String,
 }
 
-/// The Secrets named by the `REMOVE` records of a DynamoDB stream event (`OLD_IMAGE` view), and
-/// how many records were skipped (not `REMOVE`, no image, no Secret, or names that do not belong
-/// together). Only a Secret whose name is the one derived from the record's hash is returned, so
-/// a forged record can never point the cleanup at someone else's Secret.
-pub fn removed_secrets(event: &Value) -> (Vec<OrphanSecret>, usize) {
-    let Some(records) = event.get("Records").and_then(Value::as_array) else {
-        return (Vec::new(), 0);
-    };
+/// A token record the Authorizations stream reports removed (TTL expiry or a revoke), as the
+/// aws adapter decodes it from the record's old image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovedRecord {
+    /// `token_hash`.
+    pub token_hash: String,
+    /// `namespace`.
+    pub namespace: String,
+    /// `secret_name`.
+    pub secret_name: String,
+}
+
+/// The Secrets the removed records pointed at, and how many records were skipped (names that do
+/// not belong together). Only a Secret whose name is the one derived from the record's hash is
+/// returned, so a forged record can never point the cleanup at someone else's Secret.
+pub fn removed_secrets(records: &[RemovedRecord]) -> (Vec<OrphanSecret>, usize) {
     let mut secrets = Vec::new();
     let mut skipped = 0;
     for record in records {
-        if record.get("eventName").and_then(Value::as_str) != Some("REMOVE") {
-            skipped += 1;
-            continue;
-        }
-        let image = &record["dynamodb"]["OldImage"];
-        let text = |name: &str| image[name]["S"].as_str().filter(|s| !s.is_empty());
-        let (Some(hash), Some(namespace), Some(name)) =
-            (text("token_hash"), text("namespace"), text("secret_name"))
-        else {
-            skipped += 1;
-            continue;
-        };
-        if TokenHash::parse(hash).is_none() || admission::secret_name(hash) != name {
+        let hash = record.token_hash.as_str();
+        if record.namespace.is_empty()
+            || TokenHash::parse(hash).is_none()
+            || admission::secret_name(hash) != record.secret_name
+        {
             skipped += 1;
             continue;
         }
         secrets.push(OrphanSecret {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
+            namespace: record.namespace.clone(),
+            name: record.secret_name.clone(),
         });
     }
     (secrets, skipped)
@@ -117,11 +116,12 @@ impl Cleanup {
         }
     }
 
-    /// Deletes the Secrets named by a stream event's `REMOVE` records.
-    pub async fn removed(&self, event: &Value) -> Report {
-        let (secrets, skipped) = removed_secrets(event);
+    /// Deletes the Secrets named by removed token records; `undecodable` stream records (not a
+    /// `REMOVE`, no old image) count as skipped.
+    pub async fn removed(&self, records: &[RemovedRecord], undecodable: usize) -> Report {
+        let (secrets, skipped) = removed_secrets(records);
         let mut report = Report {
-            skipped,
+            skipped: skipped + undecodable,
             ..Report::default()
         };
         for secret in secrets {
@@ -208,7 +208,6 @@ impl Cleanup {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
 
     use super::*;
     use crate::allowance::Subject;
@@ -220,29 +219,27 @@ mod tests {
 
     const NOW: i64 = 1_795_000_000;
 
-    fn remove_record(hash: &str, namespace: &str, secret: &str) -> Value {
-        json!({ "eventID": "1", "eventName": "REMOVE", "eventSource": "aws:dynamodb",
-            "userIdentity": { "type": "Service", "principalId": "dynamodb.amazonaws.com" },
-            "dynamodb": { "Keys": { "token_hash": { "S": hash } }, "OldImage": {
-                "token_hash": { "S": hash }, "namespace": { "S": namespace },
-                "service_account": { "S": "app" }, "secret_name": { "S": secret },
-                "expires": { "N": "1795000000" } }, "StreamViewType": "OLD_IMAGE" } })
+    fn removed(hash: &str, namespace: &str, secret: &str) -> RemovedRecord {
+        RemovedRecord {
+            token_hash: hash.to_owned(),
+            namespace: namespace.to_owned(),
+            secret_name: secret.to_owned(),
+        }
     }
 
     #[test]
-    fn stream_records_are_read_and_junk_is_skipped() {
+    fn only_a_secret_named_after_its_records_hash_is_cleaned_up() {
         let token = Token::mint().unwrap();
         let hash = token.hash();
         let name = admission::secret_name(hash.as_str());
-        let event = json!({ "Records": [
-            remove_record(hash.as_str(), "team-a", &name),
-            remove_record(hash.as_str(), "team-a", "someone-elses-secret"),
-            { "eventName": "INSERT", "dynamodb": {} },
-            { "eventName": "REMOVE", "dynamodb": { "Keys": {} } },
-            { "eventName": "REMOVE" },
-            "junk",
-        ] });
-        let (secrets, skipped) = removed_secrets(&event);
+        let records = [
+            removed(hash.as_str(), "team-a", &name),
+            // a forged or damaged record pointing at someone else's Secret
+            removed(hash.as_str(), "team-a", "someone-elses-secret"),
+            removed("not-a-hash", "team-a", &name),
+            removed(hash.as_str(), "", &name),
+        ];
+        let (secrets, skipped) = removed_secrets(&records);
         assert_eq!(
             secrets,
             vec![OrphanSecret {
@@ -250,8 +247,8 @@ mod tests {
                 name
             }]
         );
-        assert_eq!(skipped, 5);
-        assert_eq!(removed_secrets(&json!({ "nothing": 1 })), (vec![], 0));
+        assert_eq!(skipped, 3);
+        assert_eq!(removed_secrets(&[]), (vec![], 0));
     }
 
     struct World {
@@ -316,12 +313,16 @@ mod tests {
         let w = world();
         let name = pair(&w, "team-a", 0, false, false).await;
         let hash = w.cluster.secrets()[0].token.hash();
-        let event = json!({ "Records": [remove_record(hash.as_str(), "team-a", &name)] });
-        let report = w.cleanup.removed(&event).await;
+        let records = [removed(hash.as_str(), "team-a", &name)];
+        let report = w.cleanup.removed(&records, 1).await;
         assert_eq!(report.secrets_deleted, 1);
+        assert_eq!(
+            report.skipped, 1,
+            "the undecodable stream record is counted"
+        );
         assert!(w.cluster.secrets().is_empty());
         // a redelivered batch is harmless
-        let again = w.cleanup.removed(&event).await;
+        let again = w.cleanup.removed(&records, 0).await;
         assert_eq!((again.secrets_deleted, again.secrets_already_gone), (0, 1));
     }
 

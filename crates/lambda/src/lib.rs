@@ -1,21 +1,19 @@
-//! The Lambda side of iam-broker: the shared router behind API Gateway.
+//! The Lambda side of iam-broker: one `bootstrap` binary, two handlers, picked by the function's
+//! `Handler` setting (Lambda passes it as `_HANDLER`; see [`Handler`]):
 //!
-//! API Gateway REST events carry the stage (`/Prod`) in the path `lambda_http` builds; the
-//! routes of DESIGN.md do not include it, so [`service`] strips it before routing.
-//!
-//! One function may also receive the Authorizations stream and the scheduled sweep:
-//! [`Dispatcher`] tells the shapes apart ([`classify`]) and answers each.
+//! - `http`: the shared router under `lambda_http::run`, which turns API Gateway events into
+//!   requests and answers into API Gateway responses (REST: `multiValueHeaders` only; the body
+//!   encoded by content type). API Gateway REST events carry the stage (`/Prod`) in the path;
+//!   the routes of DESIGN.md do not include it, so [`service`] strips it before routing.
+//! - `cleanup`: the Authorizations stream and the scheduled sweep, as typed events
+//!   ([`CleanupEvent`]).
 #![forbid(unsafe_code)]
-
-use std::sync::Arc;
 
 use axum::Router;
 use iam_broker_core::cleanup::{Cleanup, Report};
 use lambda_http::request::RequestContext;
 use lambda_http::{Request, RequestExt};
-use serde_json::Value;
 use tower::ServiceBuilder;
-use tower::ServiceExt as _;
 use tower::util::MapRequest;
 
 /// The router, wrapped so that API Gateway's stage prefix is not part of the route.
@@ -71,174 +69,126 @@ pub fn strip_stage(mut request: Request) -> Request {
     request
 }
 
-/// What one Lambda invocation carries: the function is wired to API Gateway, to the
-/// Authorizations table's stream and to a schedule, and tells them apart by shape.
+/// Which handler a function runs: its `Handler` setting in `template.yaml`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Invocation {
-    /// An API Gateway (REST or HTTP API) request.
+pub enum Handler {
+    /// `http`: API Gateway requests through the router (the broker and the webhook).
     Http,
-    /// A DynamoDB stream batch (`Records[].eventSource == "aws:dynamodb"`).
-    Stream,
-    /// The scheduled sweep (`{"iam-broker": "sweep"}`, or an EventBridge scheduled event).
+    /// `cleanup`: the Authorizations stream and the scheduled sweep.
+    Cleanup,
+}
+
+/// A `Handler` setting this binary does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown handler {0:?}: set the function's Handler (_HANDLER) to http or cleanup")]
+pub struct UnknownHandler(pub String);
+
+impl Handler {
+    /// Reads the setting; unset or empty (a local `cargo lambda watch`) means `http`.
+    pub fn from_setting(value: Option<&str>) -> Result<Self, UnknownHandler> {
+        match value.map(str::trim).unwrap_or_default() {
+            "" | "http" => Ok(Self::Http),
+            "cleanup" => Ok(Self::Cleanup),
+            other => Err(UnknownHandler(other.to_owned())),
+        }
+    }
+}
+
+/// What the cleanup function receives.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum CleanupEvent {
+    /// A batch of the Authorizations table's stream (`REMOVE` records).
+    Stream(aws_lambda_events::event::dynamodb::Event),
+    /// The schedule's input, `{"iam-broker": "sweep"}`.
+    Sweep(SweepRequest),
+}
+
+/// The schedule's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub struct SweepRequest {
+    /// The one task there is.
+    #[serde(rename = "iam-broker")]
+    pub task: Task,
+}
+
+/// A scheduled task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Remove orphaned Secrets and records.
     Sweep,
 }
 
-/// Tells the event shapes apart; `None` for anything else.
-pub fn classify(event: &Value) -> Option<Invocation> {
-    if event.get("httpMethod").is_some() || event.get("requestContext").is_some() {
-        return Some(Invocation::Http);
-    }
-    if event
-        .get("Records")
-        .and_then(Value::as_array)
-        .and_then(|r| r.first())
-        .and_then(|r| r.get("eventSource"))
-        .and_then(Value::as_str)
-        == Some("aws:dynamodb")
-    {
-        return Some(Invocation::Stream);
-    }
-    if event.get("iam-broker").and_then(Value::as_str) == Some("sweep")
-        || event.get("detail-type").and_then(Value::as_str) == Some("Scheduled Event")
-    {
-        return Some(Invocation::Sweep);
-    }
-    None
-}
-
-/// The function's handlers: the shared router for HTTP, and the cleanup for stream batches and
-/// the sweep (absent in a function that has no Kubernetes access).
-#[derive(Clone)]
-pub struct Dispatcher {
-    router: Router,
-    cleanup: Option<Arc<Cleanup>>,
-}
-
-/// Why an invocation failed (the Lambda runtime reports it; a stream batch is then retried).
+/// Why a cleanup invocation failed; the stream then retries the batch, the schedule the run.
 #[derive(Debug, thiserror::Error)]
-pub enum InvocationError {
-    /// Not an event this function knows.
-    #[error("unrecognised event: not an API Gateway request, a DynamoDB stream batch or the sweep")]
-    Unrecognised,
-    /// An API Gateway event `lambda_http` could not read.
-    #[error("unreadable API Gateway event: {0}")]
-    BadHttpEvent(String),
-    /// The event needs the cleanup, which this function does not have.
-    #[error("this function has no Kubernetes access for cleanup (KUBECONFIG_PARAMETER unset)")]
-    NoCleanup,
-    /// Some deletes failed; the report says how many. Failing makes the stream retry the batch.
-    #[error("cleanup incomplete: {0:?}")]
+pub enum CleanupFailure {
+    /// Some deletes failed; the report says how many.
+    #[error(
+        "cleanup incomplete: {} of the deletes failed (secrets deleted {}, records deleted {})",
+        .0.failures, .0.secrets_deleted, .0.records_deleted
+    )]
     Incomplete(Report),
     /// The sweep could not list what it sweeps.
     #[error(transparent)]
     Sweep(#[from] iam_broker_core::cleanup::CleanupError),
 }
 
-impl Dispatcher {
-    /// A dispatcher over the router and, when the function has Kubernetes access, the cleanup.
-    pub fn new(router: Router, cleanup: Option<Arc<Cleanup>>) -> Self {
-        Self { router, cleanup }
-    }
-
-    /// Handles one invocation's payload.
-    pub async fn handle(&self, event: Value) -> Result<Value, InvocationError> {
-        match classify(&event).ok_or(InvocationError::Unrecognised)? {
-            Invocation::Http => self.http(&event).await,
-            Invocation::Stream => {
-                let cleanup = self.cleanup.as_ref().ok_or(InvocationError::NoCleanup)?;
-                let report = cleanup.removed(&event).await;
-                tracing::info!(
-                    decision = "stream_cleanup",
-                    secrets_deleted = report.secrets_deleted,
-                    already_gone = report.secrets_already_gone,
-                    skipped = report.skipped,
-                    failures = report.failures,
-                    "token records removed"
-                );
-                if report.failures > 0 {
-                    return Err(InvocationError::Incomplete(report));
-                }
-                Ok(report_json(&report))
-            }
-            Invocation::Sweep => {
-                let cleanup = self.cleanup.as_ref().ok_or(InvocationError::NoCleanup)?;
-                let report = cleanup.sweep().await?;
-                tracing::info!(
-                    decision = "sweep",
-                    secrets_deleted = report.secrets_deleted,
-                    records_deleted = report.records_deleted,
-                    skipped = report.skipped,
-                    failures = report.failures,
-                    "sweep done"
-                );
-                Ok(report_json(&report))
-            }
-        }
-    }
-
-    async fn http(&self, event: &Value) -> Result<Value, InvocationError> {
-        let request = lambda_http::request::from_str(&event.to_string())
-            .map_err(|e| InvocationError::BadHttpEvent(e.to_string()))?;
-        // The router's error type is Infallible.
-        let response = match service(self.router.clone()).oneshot(request).await {
-            Ok(response) => response,
-            Err(never) => match never {},
+impl From<CleanupFailure> for lambda_http::lambda_runtime::Diagnostic {
+    fn from(failure: CleanupFailure) -> Self {
+        let error_type = match &failure {
+            CleanupFailure::Incomplete(_) => "CleanupIncomplete",
+            CleanupFailure::Sweep(_) => "SweepFailed",
         };
-        Ok(gateway_response(response).await)
+        Self {
+            error_type: error_type.to_owned(),
+            error_message: failure.to_string(),
+        }
     }
 }
 
-fn report_json(report: &Report) -> Value {
+/// The cleanup handler: deletes the Secrets of removed token records, or sweeps.
+pub async fn cleanup(cleanup: &Cleanup, event: CleanupEvent) -> Result<Report, CleanupFailure> {
+    let report = match event {
+        CleanupEvent::Stream(batch) => {
+            let (removed, undecodable) = iam_broker_aws::stream::removed_records(&batch);
+            let report = cleanup.removed(&removed, undecodable).await;
+            tracing::info!(
+                decision = "stream_cleanup",
+                secrets_deleted = report.secrets_deleted,
+                already_gone = report.secrets_already_gone,
+                skipped = report.skipped,
+                failures = report.failures,
+                "token records removed"
+            );
+            report
+        }
+        CleanupEvent::Sweep(SweepRequest { task: Task::Sweep }) => {
+            let report = cleanup.sweep().await?;
+            tracing::info!(
+                decision = "sweep",
+                secrets_deleted = report.secrets_deleted,
+                records_deleted = report.records_deleted,
+                skipped = report.skipped,
+                failures = report.failures,
+                "sweep done"
+            );
+            report
+        }
+    };
+    if report.failures > 0 {
+        return Err(CleanupFailure::Incomplete(report));
+    }
+    Ok(report)
+}
+
+/// The report as the function's answer.
+pub fn report_json(report: &Report) -> serde_json::Value {
     serde_json::json!({
         "secretsDeleted": report.secrets_deleted,
         "secretsAlreadyGone": report.secrets_already_gone,
         "recordsDeleted": report.records_deleted,
         "skipped": report.skipped,
         "failures": report.failures,
-    })
-}
-
-/// An API Gateway proxy response (REST v1 and HTTP API both accept this shape).
-pub async fn gateway_response(response: axum::response::Response) -> Value {
-    use http_body_util::BodyExt as _;
-    let (parts, body) = response.into_parts();
-    let bytes = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) => {
-            tracing::error!(%error, "could not read the response body");
-            Default::default()
-        }
-    };
-    let mut headers = serde_json::Map::new();
-    let mut multi = serde_json::Map::new();
-    for name in parts.headers.keys() {
-        let values: Vec<Value> = parts
-            .headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(|v| Value::String(v.to_owned()))
-            .collect();
-        if let Some(last) = values.last() {
-            headers.insert(name.as_str().to_owned(), last.clone());
-        }
-        multi.insert(name.as_str().to_owned(), Value::Array(values));
-    }
-    let (body, base64) = match std::str::from_utf8(&bytes) {
-        Ok(text) => (text.to_owned(), false),
-        Err(_) => {
-            use base64::Engine as _;
-            (
-                base64::engine::general_purpose::STANDARD.encode(&bytes),
-                true,
-            )
-        }
-    };
-    serde_json::json!({
-        "statusCode": parts.status.as_u16(),
-        "headers": headers,
-        "multiValueHeaders": multi,
-        "body": body,
-        "isBase64Encoded": base64,
     })
 }

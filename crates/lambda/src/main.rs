@@ -1,16 +1,23 @@
-//! `bootstrap`: iam-broker under the AWS Lambda runtime. API Gateway requests go through the
-//! shared router; Authorizations stream batches and the scheduled sweep go to the cleanup.
+//! `bootstrap`: iam-broker under the AWS Lambda runtime. The function's `Handler` setting picks
+//! what it runs: `http` (the broker and the webhook behind API Gateway) or `cleanup` (the
+//! Authorizations stream and the scheduled sweep).
 #![forbid(unsafe_code)]
 
 use iam_broker_core::Config;
-use iam_broker_lambda::Dispatcher;
+use iam_broker_lambda::{CleanupEvent, Handler, report_json, service};
 use iam_broker_router::{router, telemetry};
 use lambda_http::lambda_runtime::{self, LambdaEvent, service_fn};
-use serde_json::Value;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     telemetry::init_json_logging();
+    let handler = match Handler::from_setting(std::env::var("_HANDLER").ok().as_deref()) {
+        Ok(handler) => handler,
+        Err(error) => {
+            tracing::error!(error = %error, "bad configuration");
+            return Err(error.into());
+        }
+    };
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(error) => {
@@ -19,15 +26,19 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         }
     };
     let app = iam_broker_app::build(&config).await;
-    let dispatcher = Dispatcher::new(router(app.state), Some(app.cleanup));
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
-        let dispatcher = dispatcher.clone();
-        async move {
-            dispatcher
-                .handle(event.payload)
-                .await
-                .map_err(lambda_runtime::Error::from)
+    match handler {
+        Handler::Http => lambda_http::run(service(router(app.state))).await,
+        Handler::Cleanup => {
+            let cleanup = app.cleanup;
+            lambda_runtime::run(service_fn(move |event: LambdaEvent<CleanupEvent>| {
+                let cleanup = cleanup.clone();
+                async move {
+                    iam_broker_lambda::cleanup(&cleanup, event.payload)
+                        .await
+                        .map(|report| report_json(&report))
+                }
+            }))
+            .await
         }
-    }))
-    .await
+    }
 }
