@@ -128,7 +128,7 @@ async fn in_memory_router() -> axum::Router {
         .insert(&TokenRecord {
             token_hash: Token::parse(TOKEN).expect("valid").hash(),
             subject,
-            role_arn: ROLE.into(),
+            role_arn: iam_broker_core::allowance::RoleArn::parse(ROLE).unwrap(),
             secret_name: None,
             pod_name: Some("web-1".into()),
             created_at: now,

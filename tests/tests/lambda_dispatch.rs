@@ -111,7 +111,7 @@ fn remove(record: &TokenRecord) -> Value {
                 "token_hash": { "S": record.token_hash.as_str() },
                 "namespace": { "S": record.subject.namespace },
                 "service_account": { "S": record.subject.service_account },
-                "role_arn": { "S": record.role_arn },
+                "role_arn": { "S": record.role_arn.as_str() },
                 "secret_name": { "S": record.secret_name.clone().unwrap_or_default() },
                 "created_at": { "N": record.created_at.to_string() },
                 "expires": { "N": record.expires.to_string() } },
@@ -169,7 +169,7 @@ async fn the_sweep_removes_orphans_on_both_sides() {
         .insert(&TokenRecord {
             token_hash: lost.hash(),
             subject: Subject::service_account("team-c", "app").unwrap(),
-            role_arn: ROLE.into(),
+            role_arn: iam_broker_core::allowance::RoleArn::parse(ROLE).unwrap(),
             secret_name: Some(iam_broker_core::admission::secret_name(
                 lost.hash().as_str(),
             )),

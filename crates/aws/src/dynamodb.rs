@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
-use iam_broker_core::allowance::{Allowance, Subject};
+use iam_broker_core::allowance::{Allowance, RoleArn, Subject};
 use iam_broker_core::config::{ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE};
 use iam_broker_core::ports::{AllowanceStore, BoxError, StoreError, TokenStore};
 use iam_broker_core::{TokenHash, TokenRecord};
@@ -393,7 +393,7 @@ impl DynamoTokenStore {
             ta::SERVICE_ACCOUNT.to_owned(),
             s(&record.subject.service_account),
         );
-        item.insert(ta::ROLE_ARN.to_owned(), s(&record.role_arn));
+        item.insert(ta::ROLE_ARN.to_owned(), s(record.role_arn.as_str()));
         if let Some(secret) = &record.secret_name {
             item.insert(ta::SECRET_NAME.to_owned(), s(secret));
         }
@@ -421,7 +421,8 @@ impl DynamoTokenStore {
                 namespace: required(ta::NAMESPACE)?,
                 service_account: required(ta::SERVICE_ACCOUNT)?,
             },
-            role_arn: required(ta::ROLE_ARN)?,
+            role_arn: RoleArn::parse(&required(ta::ROLE_ARN)?)
+                .map_err(|e| corrupt(&self.table, format!("role_arn: {e}")))?,
             secret_name: string(item, ta::SECRET_NAME),
             pod_name: string(item, ta::POD_NAME),
             created_at: number(item, ta::CREATED_AT).unwrap_or_default(),

@@ -324,7 +324,7 @@ fn record_json(r: &TokenRecord) -> serde_json::Value {
         "token_hash": r.token_hash.as_str(),
         "namespace": r.subject.namespace,
         "service_account": r.subject.service_account,
-        "role_arn": r.role_arn,
+        "role_arn": r.role_arn.as_str(),
         "pod_name": r.pod_name,
         "secret_name": r.secret_name,
         "created_at": epoch(r.created_at),

@@ -178,15 +178,15 @@ impl Broker {
             self.allowances.allowance(subject),
             self.allowances.allowance(&wildcard),
         )?;
-        if !is_allowed(&[exact, namespace_wide], &record.role_arn) {
+        if !is_allowed(&[exact, namespace_wide], record.role_arn.as_str()) {
             return Err(BrokerError::AllowanceRevoked {
                 subject: subject.clone(),
-                role_arn: record.role_arn.clone(),
+                role_arn: record.role_arn.to_string(),
             });
         }
 
         let request = AssumeRoleRequest {
-            role_arn: record.role_arn.clone(),
+            role_arn: record.role_arn.to_string(),
             session_name: role_session_name(subject, record.pod_name.as_deref()),
             duration: self.credential_duration,
             tags: if self.session_tags {
@@ -227,12 +227,13 @@ impl Broker {
             },
         })?;
 
-        let account_id = RoleArn::parse(&record.role_arn)
-            .map(|arn| arn.account_id().to_owned())
-            .unwrap_or_default();
         Ok(BrokerAnswer {
             max_age: cache_max_age(credentials.expiration, self.clock.now()),
-            body: EcsCredentials::new(&credentials, &record.role_arn, &account_id),
+            body: EcsCredentials::new(
+                &credentials,
+                record.role_arn.as_str(),
+                record.role_arn.account_id(),
+            ),
             subject: subject.clone(),
             pod_name: record.pod_name,
         })
@@ -266,7 +267,7 @@ pub fn mint(
     let record = TokenRecord {
         token_hash: token.hash(),
         subject: grant.subject,
-        role_arn: grant.role_arn.as_str().to_owned(),
+        role_arn: grant.role_arn,
         secret_name: grant.secret_name,
         pod_name: grant.pod_name,
         created_at: now.unix_timestamp(),

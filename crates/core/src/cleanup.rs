@@ -210,7 +210,7 @@ impl Cleanup {
 mod tests {
 
     use super::*;
-    use crate::allowance::Subject;
+    use crate::allowance::{RoleArn, Subject};
     use crate::clock::FixedClock;
     use crate::memory::{ClusterCall, MemoryCluster, MemoryTokenStore};
     use crate::ports::TokenSecret;
@@ -295,7 +295,8 @@ mod tests {
                 .insert(&TokenRecord {
                     token_hash: hash,
                     subject: Subject::service_account(namespace, "app").unwrap(),
-                    role_arn: "arn:aws:iam::123456789012:role/iam-broker/r".into(),
+                    role_arn: RoleArn::parse("arn:aws:iam::123456789012:role/iam-broker/r")
+                        .unwrap(),
                     secret_name: Some(name.clone()),
                     pod_name: None,
                     created_at: NOW - age,

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::env::{self, Vars};
+
 pub use crate::admission::SidecarMode;
 
 /// `ALLOWANCES_TABLE`: the Allowances table.
@@ -48,15 +50,25 @@ pub const ENV_SWEEP_GRACE_SECONDS: &str = "SWEEP_GRACE_SECONDS";
 /// Shortest accepted [`ENV_WEBHOOK_PATH_SECRET`].
 pub const WEBHOOK_PATH_SECRET_MIN_LEN: usize = 32;
 
-/// A variable that could not be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid configuration: {variable}: {message}")]
-pub struct ConfigError {
-    /// The environment variable at fault.
-    pub variable: &'static str,
-    /// What is wrong with it.
-    pub message: String,
-}
+pub use crate::env::ConfigError;
+
+/// Default of [`ENV_ALLOWANCES_TABLE`].
+pub const DEFAULT_ALLOWANCES_TABLE: &str = "iam-broker-allowances";
+/// Default of [`ENV_AUTHORIZATIONS_TABLE`].
+pub const DEFAULT_AUTHORIZATIONS_TABLE: &str = "iam-broker-authorizations";
+/// Default of [`ENV_ROLE_ARN_ANNOTATION`] (the EKS / IRSA annotation, so existing ServiceAccounts
+/// work unchanged).
+pub const DEFAULT_ROLE_ARN_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
+/// Default of [`ENV_PROXY_PORT`].
+pub const DEFAULT_PROXY_PORT: u16 = 53080;
+/// Default of [`ENV_CREDENTIAL_DURATION_SECONDS`]: role chaining's one-hour cap.
+pub const DEFAULT_CREDENTIAL_DURATION_SECONDS: u64 = 3600;
+/// Default of [`ENV_TOKEN_TTL_DAYS`].
+pub const DEFAULT_TOKEN_TTL_DAYS: u64 = 14;
+/// Default of [`ENV_AWS_CALL_TIMEOUT_MS`].
+pub const DEFAULT_AWS_CALL_TIMEOUT_MS: u64 = 3000;
+/// Default of [`ENV_SWEEP_GRACE_SECONDS`].
+pub const DEFAULT_SWEEP_GRACE_SECONDS: u64 = 600;
 
 /// Everything iam-broker reads from its environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,23 +127,23 @@ pub enum FailurePolicy {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            allowances_table: "iam-broker-allowances".to_owned(),
-            authorizations_table: "iam-broker-authorizations".to_owned(),
+            allowances_table: DEFAULT_ALLOWANCES_TABLE.to_owned(),
+            authorizations_table: DEFAULT_AUTHORIZATIONS_TABLE.to_owned(),
             kubeconfig_parameter: None,
-            role_arn_annotation: "eks.amazonaws.com/role-arn".to_owned(),
+            role_arn_annotation: DEFAULT_ROLE_ARN_ANNOTATION.to_owned(),
             proxy_image: None,
-            proxy_port: 53080,
+            proxy_port: DEFAULT_PROXY_PORT,
             broker_url: None,
-            credential_duration: Duration::from_secs(3600),
-            token_ttl: Duration::from_secs(14 * 86_400),
-            aws_call_timeout: Duration::from_millis(3000),
+            credential_duration: Duration::from_secs(DEFAULT_CREDENTIAL_DURATION_SECONDS),
+            token_ttl: days(DEFAULT_TOKEN_TTL_DAYS),
+            aws_call_timeout: Duration::from_millis(DEFAULT_AWS_CALL_TIMEOUT_MS),
             session_tags: false,
             failure_policy: FailurePolicy::Open,
             sidecar_mode: SidecarMode::Container,
             inject_token_file: false,
             pod_aws_region: None,
             webhook_path_secret: None,
-            sweep_grace: Duration::from_secs(600),
+            sweep_grace: Duration::from_secs(DEFAULT_SWEEP_GRACE_SECONDS),
             emf_metrics: false,
             proxy_broker_ca_pem: None,
         }
@@ -141,219 +153,144 @@ impl Default for Config {
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+        Self::from_vars(&env::process())
     }
 
     /// Reads a map (tests).
     pub fn from_map(map: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| map.get(name).cloned())
+        Self::from_vars(&env::map(map))
     }
 
     /// Reads any key/value source. Unset and empty variables take their defaults.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |name: &str| {
-            lookup(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
-        let defaults = Self::default();
-        let config = Self {
-            allowances_table: table_name(ENV_ALLOWANCES_TABLE, get(ENV_ALLOWANCES_TABLE))?
-                .unwrap_or(defaults.allowances_table),
-            authorizations_table: table_name(
+        Self::from_vars(&Vars::new(lookup))
+    }
+
+    fn from_vars(v: &Vars<impl Fn(&str) -> Option<String>>) -> Result<Self, ConfigError> {
+        use env::{boolean, http_url, integer_in, one_of};
+        let seconds = Duration::from_secs;
+        Ok(Self {
+            allowances_table: v.parse_or(
+                ENV_ALLOWANCES_TABLE,
+                DEFAULT_ALLOWANCES_TABLE.to_owned(),
+                table_name,
+            )?,
+            authorizations_table: v.parse_or(
                 ENV_AUTHORIZATIONS_TABLE,
-                get(ENV_AUTHORIZATIONS_TABLE),
-            )?
-            .unwrap_or(defaults.authorizations_table),
-            kubeconfig_parameter: get(ENV_KUBECONFIG_PARAMETER),
-            role_arn_annotation: get(ENV_ROLE_ARN_ANNOTATION)
-                .unwrap_or(defaults.role_arn_annotation),
-            proxy_image: get(ENV_PROXY_IMAGE),
-            proxy_port: match get(ENV_PROXY_PORT) {
-                None => defaults.proxy_port,
-                Some(v) => {
-                    v.parse::<u16>()
-                        .ok()
-                        .filter(|p| *p != 0)
-                        .ok_or_else(|| ConfigError {
-                            variable: ENV_PROXY_PORT,
-                            message: format!("{v:?} is not a port number (1..=65535)"),
-                        })?
-                }
-            },
-            broker_url: get(ENV_BROKER_URL)
-                .map(|v| {
-                    if v.starts_with("https://") || v.starts_with("http://") {
-                        Ok(v)
-                    } else {
-                        Err(ConfigError {
-                            variable: ENV_BROKER_URL,
-                            message: format!("{v:?} is not an http:// or https:// URL"),
-                        })
-                    }
-                })
-                .transpose()?,
-            credential_duration: Duration::from_secs(
-                integer_in(
-                    ENV_CREDENTIAL_DURATION_SECONDS,
-                    get(ENV_CREDENTIAL_DURATION_SECONDS),
-                    900..=3600,
-                    "seconds; AWS caps role chaining at one hour",
-                )?
-                .unwrap_or(3600),
-            ),
-            token_ttl: Duration::from_secs(
-                integer_in(
-                    ENV_TOKEN_TTL_DAYS,
-                    get(ENV_TOKEN_TTL_DAYS),
-                    1..=3650,
-                    "days",
-                )?
-                .unwrap_or(14)
-                    * 86_400,
-            ),
-            aws_call_timeout: Duration::from_millis(
-                integer_in(
-                    ENV_AWS_CALL_TIMEOUT_MS,
-                    get(ENV_AWS_CALL_TIMEOUT_MS),
-                    50..=60_000,
-                    "milliseconds",
-                )?
-                .unwrap_or(3000),
-            ),
-            session_tags: boolean(ENV_STS_SESSION_TAGS, get(ENV_STS_SESSION_TAGS))?,
-            failure_policy: match get(ENV_FAILURE_POLICY).as_deref() {
-                None | Some("open") => FailurePolicy::Open,
-                Some("closed") => FailurePolicy::Closed,
-                Some(other) => {
-                    return Err(ConfigError {
-                        variable: ENV_FAILURE_POLICY,
-                        message: format!("{other:?} is neither open nor closed"),
-                    });
-                }
-            },
-            sidecar_mode: match get(ENV_SIDECAR_MODE).as_deref() {
-                None | Some("container") => SidecarMode::Container,
-                Some("native") => SidecarMode::Native,
-                Some(other) => {
-                    return Err(ConfigError {
-                        variable: ENV_SIDECAR_MODE,
-                        message: format!("{other:?} is neither container nor native"),
-                    });
-                }
-            },
-            inject_token_file: boolean(ENV_INJECT_TOKEN_FILE, get(ENV_INJECT_TOKEN_FILE))?,
-            pod_aws_region: get(ENV_POD_AWS_REGION)
-                .map(|region| {
-                    if !region.is_empty()
-                        && region
-                            .chars()
-                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                    {
-                        Ok(region)
-                    } else {
-                        Err(ConfigError {
-                            variable: ENV_POD_AWS_REGION,
-                            message: format!("{region:?} is not an AWS region name"),
-                        })
-                    }
-                })
-                .transpose()?,
-            webhook_path_secret: get(ENV_WEBHOOK_PATH_SECRET)
-                .map(|secret| {
-                    if secret.len() >= WEBHOOK_PATH_SECRET_MIN_LEN
-                        && secret
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                    {
-                        Ok(secret)
-                    } else {
-                        // Never echo the value: it is a secret.
-                        Err(ConfigError {
-                            variable: ENV_WEBHOOK_PATH_SECRET,
-                            message: format!(
-                                "must be at least {WEBHOOK_PATH_SECRET_MIN_LEN} characters of A-Z, a-z, 0-9, - and _"
-                            ),
-                        })
-                    }
-                })
-                .transpose()?,
-            sweep_grace: Duration::from_secs(
-                integer_in(
-                    ENV_SWEEP_GRACE_SECONDS,
-                    get(ENV_SWEEP_GRACE_SECONDS),
-                    60..=86_400,
-                    "seconds",
-                )?
-                .unwrap_or(600),
-            ),
-            emf_metrics: boolean(ENV_EMF_METRICS, get(ENV_EMF_METRICS))?,
-            proxy_broker_ca_pem: get(ENV_PROXY_BROKER_CA_PEM)
-                .map(|pem| {
-                    if pem.contains("-----BEGIN CERTIFICATE-----") {
-                        Ok(pem)
-                    } else {
-                        Err(ConfigError {
-                            variable: ENV_PROXY_BROKER_CA_PEM,
-                            message: "holds no PEM certificate".to_owned(),
-                        })
-                    }
-                })
-                .transpose()?,
-        };
-        Ok(config)
+                DEFAULT_AUTHORIZATIONS_TABLE.to_owned(),
+                table_name,
+            )?,
+            kubeconfig_parameter: v.text(ENV_KUBECONFIG_PARAMETER),
+            role_arn_annotation: v
+                .text(ENV_ROLE_ARN_ANNOTATION)
+                .unwrap_or_else(|| DEFAULT_ROLE_ARN_ANNOTATION.to_owned()),
+            proxy_image: v.text(ENV_PROXY_IMAGE),
+            proxy_port: v.parse_or(ENV_PROXY_PORT, DEFAULT_PROXY_PORT, port)?,
+            broker_url: v.parse(ENV_BROKER_URL, http_url)?,
+            credential_duration: seconds(v.parse_or(
+                ENV_CREDENTIAL_DURATION_SECONDS,
+                DEFAULT_CREDENTIAL_DURATION_SECONDS,
+                integer_in(900..=3600, "seconds; AWS caps role chaining at one hour"),
+            )?),
+            token_ttl: days(v.parse_or(
+                ENV_TOKEN_TTL_DAYS,
+                DEFAULT_TOKEN_TTL_DAYS,
+                integer_in(1..=3650, "days"),
+            )?),
+            aws_call_timeout: Duration::from_millis(v.parse_or(
+                ENV_AWS_CALL_TIMEOUT_MS,
+                DEFAULT_AWS_CALL_TIMEOUT_MS,
+                integer_in(50..=60_000, "milliseconds"),
+            )?),
+            session_tags: v.parse_or(ENV_STS_SESSION_TAGS, false, boolean)?,
+            failure_policy: v.parse_or(
+                ENV_FAILURE_POLICY,
+                FailurePolicy::default(),
+                one_of(&[
+                    ("open", FailurePolicy::Open),
+                    ("closed", FailurePolicy::Closed),
+                ]),
+            )?,
+            sidecar_mode: v.parse_or(
+                ENV_SIDECAR_MODE,
+                SidecarMode::Container,
+                one_of(&[
+                    ("container", SidecarMode::Container),
+                    ("native", SidecarMode::Native),
+                ]),
+            )?,
+            inject_token_file: v.parse_or(ENV_INJECT_TOKEN_FILE, false, boolean)?,
+            pod_aws_region: v.parse(ENV_POD_AWS_REGION, region)?,
+            webhook_path_secret: v.parse(ENV_WEBHOOK_PATH_SECRET, path_secret)?,
+            sweep_grace: seconds(v.parse_or(
+                ENV_SWEEP_GRACE_SECONDS,
+                DEFAULT_SWEEP_GRACE_SECONDS,
+                integer_in(60..=86_400, "seconds"),
+            )?),
+            emf_metrics: v.parse_or(ENV_EMF_METRICS, false, boolean)?,
+            proxy_broker_ca_pem: v.parse(ENV_PROXY_BROKER_CA_PEM, pem)?,
+        })
     }
 }
 
-fn boolean(variable: &'static str, value: Option<String>) -> Result<bool, ConfigError> {
-    match value.as_deref() {
-        None | Some("false") => Ok(false),
-        Some("true") => Ok(true),
-        Some(other) => Err(ConfigError {
-            variable,
-            message: format!("{other:?} is neither true nor false"),
-        }),
-    }
+fn days(n: u64) -> Duration {
+    Duration::from_secs(n.saturating_mul(86_400))
 }
 
-fn integer_in(
-    variable: &'static str,
-    value: Option<String>,
-    range: std::ops::RangeInclusive<u64>,
-    unit: &str,
-) -> Result<Option<u64>, ConfigError> {
-    let Some(value) = value else { return Ok(None) };
-    match value.parse::<u64>() {
-        Ok(n) if range.contains(&n) => Ok(Some(n)),
-        _ => Err(ConfigError {
-            variable,
-            message: format!(
-                "{value:?} must be a whole number from {} to {} ({unit})",
-                range.start(),
-                range.end()
-            ),
-        }),
-    }
+fn port(value: &str) -> Result<u16, String> {
+    value
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{value:?} is not a port number (1..=65535)"))
 }
 
 /// DynamoDB table names: 3..=255 of `[a-zA-Z0-9_.-]`.
-fn table_name(
-    variable: &'static str,
-    value: Option<String>,
-) -> Result<Option<String>, ConfigError> {
-    match value {
-        Some(v)
-            if !(3..=255).contains(&v.len())
-                || !v
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) =>
-        {
-            Err(ConfigError {
-                variable,
-                message: format!("{v:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ . -)"),
-            })
-        }
-        other => Ok(other),
+fn table_name(value: &str) -> Result<String, String> {
+    let ok = (3..=255).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "{value:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ . -)"
+        ))
+    }
+}
+
+fn region(value: &str) -> Result<String, String> {
+    if value
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        Ok(value.to_owned())
+    } else {
+        Err(format!("{value:?} is not an AWS region name"))
+    }
+}
+
+fn path_secret(value: &str) -> Result<String, String> {
+    let ok = value.len() >= WEBHOOK_PATH_SECRET_MIN_LEN
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        // Never echo the value: it is a secret.
+        Err(format!(
+            "must be at least {WEBHOOK_PATH_SECRET_MIN_LEN} characters of A-Z, a-z, 0-9, - and _"
+        ))
+    }
+}
+
+fn pem(value: &str) -> Result<String, String> {
+    if value.contains("-----BEGIN CERTIFICATE-----") {
+        Ok(value.to_owned())
+    } else {
+        Err("holds no PEM certificate".to_owned())
     }
 }
 

@@ -12,6 +12,7 @@ pub mod cleanup;
 pub mod clock;
 pub mod config;
 pub mod credentials;
+pub mod env;
 pub mod events;
 pub mod manifest;
 pub mod memory;

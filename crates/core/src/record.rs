@@ -2,7 +2,7 @@
 
 use time::OffsetDateTime;
 
-use crate::allowance::Subject;
+use crate::allowance::{RoleArn, Subject};
 use crate::token::TokenHash;
 
 /// What a token stands for. Stored under the token's hash, never the token itself.
@@ -13,7 +13,7 @@ pub struct TokenRecord {
     /// The namespace and ServiceAccount the token was minted for.
     pub subject: Subject,
     /// The role the token's holder gets credentials for.
-    pub role_arn: String,
+    pub role_arn: RoleArn,
     /// The Secret that holds the token, when the webhook made one.
     pub secret_name: Option<String>,
     /// The pod (or its `generateName` prefix) the token was minted for.

@@ -916,7 +916,7 @@ mod tests {
         assert_eq!(secret.token.hash(), record.token_hash);
         assert_eq!(record.secret_name.as_deref(), Some(secret.name.as_str()));
         assert_eq!(record.pod_name.as_deref(), Some("app-"));
-        assert_eq!(record.role_arn, ROLE);
+        assert_eq!(record.role_arn.as_str(), ROLE);
         assert_eq!(secret.labels[LABEL_MANAGED_BY], MANAGED_BY);
         // the token never appears in the answer
         let answer =

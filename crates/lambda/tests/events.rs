@@ -92,7 +92,7 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
         .insert(&TokenRecord {
             token_hash: token.hash(),
             subject,
-            role_arn: ROLE.into(),
+            role_arn: iam_broker_core::allowance::RoleArn::parse(ROLE).unwrap(),
             secret_name: Some(fixture_secret_name()),
             pod_name: Some("web-1".into()),
             created_at: NOW.unix_timestamp(),

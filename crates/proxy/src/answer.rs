@@ -8,7 +8,7 @@ use http_body_util::Full;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::broker::BrokerError;
+use crate::broker::BrokerCallError;
 
 /// An answer to a credentials request, before it is stamped with the time it is sent.
 #[derive(Clone)]
@@ -185,20 +185,20 @@ impl ProxyError {
     }
 }
 
-impl From<&BrokerError> for ProxyError {
-    fn from(error: &BrokerError) -> Self {
+impl From<&BrokerCallError> for ProxyError {
+    fn from(error: &BrokerCallError) -> Self {
         match error {
-            BrokerError::Unreachable(_) => Self::new(
+            BrokerCallError::Unreachable(_) => Self::new(
                 StatusCode::BAD_GATEWAY,
                 "BrokerUnreachable",
                 error.to_string(),
             ),
-            BrokerError::Timeout(_) => Self::new(
+            BrokerCallError::Timeout(_) => Self::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "BrokerTimeout",
                 error.to_string(),
             ),
-            BrokerError::Invalid(_) => Self::new(
+            BrokerCallError::Invalid(_) => Self::new(
                 StatusCode::BAD_GATEWAY,
                 "BrokerInvalidResponse",
                 error.to_string(),

@@ -50,7 +50,7 @@ pub(crate) enum BrokerReply {
 
 /// Why there is no broker answer to pass on.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum BrokerError {
+pub(crate) enum BrokerCallError {
     /// Connecting, sending or reading failed.
     #[error("the broker could not be reached: {0}")]
     Unreachable(String),
@@ -127,37 +127,37 @@ impl BrokerClient {
     pub(crate) async fn fetch(
         &self,
         authorization: HeaderValue,
-    ) -> Result<BrokerReply, BrokerError> {
+    ) -> Result<BrokerReply, BrokerCallError> {
         match tokio::time::timeout(self.timeout, self.call(authorization)).await {
             Ok(result) => result,
-            Err(_) => Err(BrokerError::Timeout(self.timeout)),
+            Err(_) => Err(BrokerCallError::Timeout(self.timeout)),
         }
     }
 
-    async fn call(&self, mut authorization: HeaderValue) -> Result<BrokerReply, BrokerError> {
+    async fn call(&self, mut authorization: HeaderValue) -> Result<BrokerReply, BrokerCallError> {
         authorization.set_sensitive(true);
         let request = Request::get(self.url.clone())
             .header(AUTHORIZATION, authorization)
             .header(ACCEPT, "application/json")
             .header(USER_AGENT, USER_AGENT_VALUE)
             .body(Empty::new())
-            .map_err(|e| BrokerError::Invalid(format!("building the request: {e}")))?;
+            .map_err(|e| BrokerCallError::Invalid(format!("building the request: {e}")))?;
         let response = self
             .client
             .request(request)
             .await
-            .map_err(|e| BrokerError::Unreachable(chain(&e)))?;
+            .map_err(|e| BrokerCallError::Unreachable(chain(&e)))?;
         let (parts, body) = response.into_parts();
         let body = Limited::new(body, MAX_ANSWER_BYTES)
             .collect()
             .await
             .map_err(|e| {
                 if e.is::<LengthLimitError>() {
-                    BrokerError::Invalid(format!(
+                    BrokerCallError::Invalid(format!(
                         "the body is larger than {MAX_ANSWER_BYTES} bytes"
                     ))
                 } else {
-                    BrokerError::Unreachable(format!("reading the answer: {}", chain(&*e)))
+                    BrokerCallError::Unreachable(format!("reading the answer: {}", chain(&*e)))
                 }
             })?
             .to_bytes();
@@ -170,14 +170,14 @@ fn read_reply(
     status: StatusCode,
     headers: &HeaderMap,
     body: Bytes,
-) -> Result<BrokerReply, BrokerError> {
+) -> Result<BrokerReply, BrokerCallError> {
     if status == StatusCode::OK {
         let parsed: CredentialsBody = serde_json::from_slice(&body).map_err(|e| {
             // serde_json's message names the field and position, never the value.
-            BrokerError::Invalid(format!("a 200 without a credentials body ({e})"))
+            BrokerCallError::Invalid(format!("a 200 without a credentials body ({e})"))
         })?;
         let expiration = OffsetDateTime::parse(&parsed.expiration, &Rfc3339).map_err(|_| {
-            BrokerError::Invalid(format!(
+            BrokerCallError::Invalid(format!(
                 "Expiration {:?} is not an RFC 3339 instant",
                 parsed.expiration
             ))
@@ -197,7 +197,9 @@ fn read_reply(
             retry_after: headers.get(RETRY_AFTER).cloned(),
         })
     } else {
-        Err(BrokerError::Invalid(format!("unexpected status {status}")))
+        Err(BrokerCallError::Invalid(format!(
+            "unexpected status {status}"
+        )))
     }
 }
 
@@ -290,7 +292,10 @@ mod tests {
             r#"{"AccessKeyId":"A","SecretAccessKey":"s","Token":"t","Expiration":"tomorrow"}"#,
         ] {
             let result = read_reply(StatusCode::OK, &HeaderMap::new(), Bytes::from(body));
-            assert!(matches!(result, Err(BrokerError::Invalid(_))), "{body:?}");
+            assert!(
+                matches!(result, Err(BrokerCallError::Invalid(_))),
+                "{body:?}"
+            );
         }
     }
 
@@ -324,7 +329,7 @@ mod tests {
         assert!(matches!(html, BrokerReply::Refused { body: None, .. }));
         assert!(matches!(
             read_reply(StatusCode::FOUND, &HeaderMap::new(), Bytes::new()),
-            Err(BrokerError::Invalid(_))
+            Err(BrokerCallError::Invalid(_))
         ));
     }
 

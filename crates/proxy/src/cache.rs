@@ -19,9 +19,9 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::answer::{Answer, ProxyError};
-use crate::broker::{BrokerClient, BrokerError, BrokerReply};
+use crate::broker::{BrokerCallError, BrokerClient, BrokerReply};
 use crate::clock::Clock;
-use crate::policy::{Admission, Decision, EntryTimes, Policy};
+use crate::policy::{EntryTimes, OnAnswer, OnHit, Policy};
 
 /// SHA-256 of an `Authorization` header value: the cache key. Two requests share an entry only
 /// if they sent byte-identical headers.
@@ -161,11 +161,11 @@ impl Cache {
             *tick += 1;
             if let Some(entry) = entries.get_mut(&key) {
                 match self.policy.decide(&entry.times(), now) {
-                    Decision::Serve => {
+                    OnHit::Serve => {
                         entry.last_used = *tick;
                         return (entry.answer(), Source::Cache);
                     }
-                    Decision::ServeAndRefresh => {
+                    OnHit::ServeAndRefresh => {
                         entry.last_used = *tick;
                         let answer = entry.answer();
                         if live_flight(flights, &key).is_none() {
@@ -174,7 +174,7 @@ impl Cache {
                         }
                         return (answer, Source::Cache);
                     }
-                    Decision::Fetch => {
+                    OnHit::Fetch => {
                         debug!(token_hash = %key.short(), "cached credentials are below min validity");
                         entries.remove(&key);
                     }
@@ -218,7 +218,7 @@ impl Cache {
     fn complete(
         &self,
         key: TokenKey,
-        reply: Result<BrokerReply, BrokerError>,
+        reply: Result<BrokerReply, BrokerCallError>,
         started: Instant,
     ) -> Answer {
         let now = self.clock.now();
@@ -236,7 +236,7 @@ impl Cache {
             }) => {
                 let expires_in_s = (expiration - now).whole_seconds();
                 match self.policy.admit(expiration, max_age, no_store, now) {
-                    Admission::Cache { fresh_until } => {
+                    OnAnswer::Cache { fresh_until } => {
                         info!(%token_hash, expires_in_s, latency_ms, "credentials cached");
                         self.make_room(state, key, now);
                         state.tick += 1;
@@ -253,7 +253,7 @@ impl Cache {
                         );
                         Answer::Credentials { body, expiration }
                     }
-                    Admission::ServeOnce => {
+                    OnAnswer::ServeOnce => {
                         warn!(
                             %token_hash,
                             expires_in_s,
@@ -264,7 +264,7 @@ impl Cache {
                         self.note_failure(state, key, now);
                         Answer::Credentials { body, expiration }
                     }
-                    Admission::Reject => {
+                    OnAnswer::Reject => {
                         warn!(%token_hash, expires_in_s, latency_ms, "the broker returned expired credentials");
                         self.note_failure(state, key, now);
                         ProxyError::expired_credentials().into_answer()

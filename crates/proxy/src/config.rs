@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::Uri;
+use iam_broker_core::env::{self, Vars};
 
 /// `BROKER_URL`: the broker's credentials URL (`https://` or `http://`). Required.
 pub const ENV_BROKER_URL: &str = "BROKER_URL";
@@ -33,19 +34,11 @@ pub const DEFAULT_BROKER_TIMEOUT_MS: u64 = 5000;
 /// Default of [`ENV_CACHE_MAX_ENTRIES`]: a pod rarely holds more than one token.
 pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 64;
 
-/// A variable that could not be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid configuration: {variable}: {message}")]
-pub struct ConfigError {
-    /// The environment variable at fault.
-    pub variable: &'static str,
-    /// What is wrong with it.
-    pub message: String,
-}
+pub use iam_broker_core::env::ConfigError;
 
 /// Everything the sidecar reads from its environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Config {
+pub struct ProxyConfig {
     /// The broker URL every credential request is forwarded to, whatever path the caller used.
     pub broker_url: Uri,
     /// Where to listen; always a loopback address.
@@ -62,144 +55,102 @@ pub struct Config {
     pub broker_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
-impl Config {
+impl ProxyConfig {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+        Self::from_vars(&env::process())
     }
 
     /// Reads any key/value source. Unset and empty variables take their defaults.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |name: &str| {
-            lookup(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        Self::from_vars(&Vars::new(lookup))
+    }
+
+    fn from_vars(v: &Vars<impl Fn(&str) -> Option<String>>) -> Result<Self, ConfigError> {
+        use env::integer_in;
         Ok(Self {
-            broker_url: broker_url(get(ENV_BROKER_URL))?,
-            listen_addr: listen_addr(get(ENV_LISTEN_ADDR))?,
-            min_validity: Duration::from_secs(integer_in(
+            broker_url: v
+                .parse(ENV_BROKER_URL, broker_url)?
+                .ok_or_else(|| ConfigError {
+                    variable: ENV_BROKER_URL,
+                    message: "required, e.g. https://broker.example.com/".to_owned(),
+                })?,
+            listen_addr: v.parse_or(
+                ENV_LISTEN_ADDR,
+                loopback(DEFAULT_LISTEN_ADDR).map_err(|message| ConfigError {
+                    variable: ENV_LISTEN_ADDR,
+                    message,
+                })?,
+                loopback,
+            )?,
+            min_validity: Duration::from_secs(v.parse_or(
                 ENV_MIN_VALIDITY_SECONDS,
-                get(ENV_MIN_VALIDITY_SECONDS),
-                60..=3300,
-                "seconds",
                 DEFAULT_MIN_VALIDITY_SECONDS,
+                integer_in(60..=3300, "seconds"),
             )?),
-            refresh_ahead: Duration::from_secs(integer_in(
+            refresh_ahead: Duration::from_secs(v.parse_or(
                 ENV_REFRESH_AHEAD_SECONDS,
-                get(ENV_REFRESH_AHEAD_SECONDS),
-                0..=3300,
-                "seconds",
                 DEFAULT_REFRESH_AHEAD_SECONDS,
+                integer_in(0..=3300, "seconds"),
             )?),
-            broker_timeout: Duration::from_millis(integer_in(
+            broker_timeout: Duration::from_millis(v.parse_or(
                 ENV_BROKER_TIMEOUT_MS,
-                get(ENV_BROKER_TIMEOUT_MS),
-                50..=60_000,
-                "milliseconds",
                 DEFAULT_BROKER_TIMEOUT_MS,
+                integer_in(50..=60_000, "milliseconds"),
             )?),
-            cache_max_entries: usize::try_from(integer_in(
+            cache_max_entries: usize::try_from(v.parse_or(
                 ENV_CACHE_MAX_ENTRIES,
-                get(ENV_CACHE_MAX_ENTRIES),
-                1..=100_000,
-                "entries",
                 DEFAULT_CACHE_MAX_ENTRIES,
+                integer_in(1..=100_000, "entries"),
             )?)
             .unwrap_or(usize::MAX),
-            broker_ca: broker_ca(get(ENV_BROKER_CA_PEM))?,
+            broker_ca: v.parse_or(ENV_BROKER_CA_PEM, Vec::new(), broker_ca)?,
         })
     }
 }
 
 /// `BROKER_CA_PEM`: one or more PEM certificates.
-fn broker_ca(
-    value: Option<String>,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+fn broker_ca(text: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject as _;
-    let Some(text) = value else {
-        return Ok(Vec::new());
-    };
     let certs = rustls::pki_types::CertificateDer::pem_slice_iter(text.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ConfigError {
-            variable: ENV_BROKER_CA_PEM,
-            message: format!("not PEM certificates: {e}"),
-        })?;
+        .map_err(|e| format!("not PEM certificates: {e}"))?;
     if certs.is_empty() {
-        return Err(ConfigError {
-            variable: ENV_BROKER_CA_PEM,
-            message: "holds no PEM certificate".to_owned(),
-        });
+        return Err("holds no PEM certificate".to_owned());
     }
     Ok(certs)
 }
 
 /// `BROKER_URL` must be an absolute `http://` or `https://` URL with a host.
-fn broker_url(value: Option<String>) -> Result<Uri, ConfigError> {
-    let error = |message: String| ConfigError {
-        variable: ENV_BROKER_URL,
-        message,
-    };
-    let value = value.ok_or_else(|| error("required, e.g. https://broker.example.com/".into()))?;
+fn broker_url(value: &str) -> Result<Uri, String> {
     let uri: Uri = value
         .parse()
-        .map_err(|e| error(format!("{value:?} is not a URL: {e}")))?;
+        .map_err(|e| format!("{value:?} is not a URL: {e}"))?;
     let scheme_ok = matches!(uri.scheme_str(), Some("https" | "http"));
     if !scheme_ok || uri.host().is_none_or(str::is_empty) {
-        return Err(error(format!(
+        return Err(format!(
             "{value:?} is not an http:// or https:// URL with a host"
-        )));
+        ));
     }
     // The URL is logged at start-up; it must not carry a password.
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(error(
-            "must not contain user information (user:password@)".into(),
-        ));
+        return Err("must not contain user information (user:password@)".into());
     }
     Ok(uri)
 }
 
 /// `LISTEN_ADDR` must be a loopback socket address: the SDKs only accept plain-HTTP credential
 /// URIs on loopback, and the answers carry credentials that must not leave the pod.
-fn listen_addr(value: Option<String>) -> Result<SocketAddr, ConfigError> {
-    let value = value.unwrap_or_else(|| DEFAULT_LISTEN_ADDR.to_owned());
-    let error = |message: String| ConfigError {
-        variable: ENV_LISTEN_ADDR,
-        message,
-    };
+fn loopback(value: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = value
         .parse()
-        .map_err(|_| error(format!("{value:?} is not an IP:port address")))?;
+        .map_err(|_| format!("{value:?} is not an IP:port address"))?;
     if !addr.ip().is_loopback() {
-        return Err(error(format!(
+        return Err(format!(
             "{value:?} is not a loopback address; credentials must not leave the pod"
-        )));
+        ));
     }
     Ok(addr)
-}
-
-fn integer_in(
-    variable: &'static str,
-    value: Option<String>,
-    range: std::ops::RangeInclusive<u64>,
-    unit: &str,
-    default: u64,
-) -> Result<u64, ConfigError> {
-    let Some(value) = value else {
-        return Ok(default);
-    };
-    match value.parse::<u64>() {
-        Ok(n) if range.contains(&n) => Ok(n),
-        _ => Err(ConfigError {
-            variable,
-            message: format!(
-                "{value:?} must be a whole number from {} to {} ({unit})",
-                range.start(),
-                range.end()
-            ),
-        }),
-    }
 }
 
 #[cfg(test)]
@@ -207,12 +158,12 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    fn parse(pairs: &[(&str, &str)]) -> Result<ProxyConfig, ConfigError> {
         let map: HashMap<String, String> = pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        Config::from_lookup(|name| map.get(name).cloned())
+        ProxyConfig::from_lookup(|name| map.get(name).cloned())
     }
 
     const URL: (&str, &str) = (ENV_BROKER_URL, "https://broker.example.com/Prod/");

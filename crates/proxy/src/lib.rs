@@ -4,7 +4,7 @@
 //! AWS SDKs in the pod read `AWS_CONTAINER_CREDENTIALS_FULL_URI` (this proxy) and send
 //! `AWS_CONTAINER_AUTHORIZATION_TOKEN` as the raw `Authorization` header; the proxy forwards
 //! misses to `BROKER_URL` with the same header. DESIGN.md, "The sidecar proxy's promises":
-//! per-token caching, at least [`Config::min_validity`] left on anything served, refresh ahead
+//! per-token caching, at least [`ProxyConfig::min_validity`] left on anything served, refresh ahead
 //! in the background, still-valid credentials kept while the broker fails, never an expired
 //! credential, one broker call for concurrent misses. The rules are pure functions in
 //! [`policy`]; [`serve`] runs them behind a hyper server.
@@ -12,9 +12,9 @@
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! use iam_broker_proxy::{Config, SystemClock, serve};
+//! use iam_broker_proxy::{ProxyConfig, SystemClock, serve};
 //!
-//! let config = Config::from_env()?;
+//! let config = ProxyConfig::from_env()?;
 //! let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
 //! let proxy = serve(listener, config, Arc::new(SystemClock))?;
 //! // ... until asked to stop:
@@ -34,7 +34,7 @@ mod server;
 
 pub use cache::CacheStats;
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{Config, ConfigError};
+pub use config::{ConfigError, ProxyConfig};
 pub use server::{HEALTH_PATH, ProxyHandle, ServeError, serve};
 
 pub mod telemetry {

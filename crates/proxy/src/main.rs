@@ -12,7 +12,7 @@ use iam_broker_proxy::config::{
     ENV_BROKER_TIMEOUT_MS, ENV_BROKER_URL, ENV_CACHE_MAX_ENTRIES, ENV_LISTEN_ADDR,
     ENV_MIN_VALIDITY_SECONDS, ENV_REFRESH_AHEAD_SECONDS,
 };
-use iam_broker_proxy::{Config, SystemClock, serve, telemetry};
+use iam_broker_proxy::{ProxyConfig, SystemClock, serve, telemetry};
 
 /// Exit status of a bad command line (as clap and most Unix tools use).
 const USAGE_ERROR: u8 = 2;
@@ -80,7 +80,7 @@ fn main() -> ExitCode {
         }
     }
     telemetry::init_json_logging();
-    let config = match Config::from_env() {
+    let config = match ProxyConfig::from_env() {
         Ok(config) => config,
         Err(error) => {
             tracing::error!(variable = error.variable, error = %error, "bad configuration");
@@ -107,7 +107,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: ProxyConfig) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use tokio::signal::unix::{SignalKind, signal};
 

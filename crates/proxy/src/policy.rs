@@ -29,7 +29,7 @@ pub const RETRY_BASE: Duration = Duration::from_secs(1);
 /// The longest wait between refresh attempts.
 pub const RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// The timing knobs of the cache, from [`crate::Config`].
+/// The timing knobs of the cache, from [`crate::ProxyConfig`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     /// The least validity left on anything served from the cache.
@@ -51,7 +51,7 @@ pub struct EntryTimes {
 
 /// What to do with a request that finds a cached entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub enum OnHit {
     /// Serve the entry.
     Serve,
     /// Serve the entry and start a background refresh (unless one is already running).
@@ -62,7 +62,7 @@ pub enum Decision {
 
 /// What to do with credentials the broker has just returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
+pub enum OnAnswer {
     /// Serve and cache them; they are fresh until `fresh_until`.
     Cache {
         /// End of freshness.
@@ -94,13 +94,13 @@ impl Policy {
     }
 
     /// Decides how to answer a request that finds `times` in the cache at `now`.
-    pub fn decide(&self, times: &EntryTimes, now: OffsetDateTime) -> Decision {
+    pub fn decide(&self, times: &EntryTimes, now: OffsetDateTime) -> OnHit {
         if !self.servable(times.expiration, now) {
-            Decision::Fetch
+            OnHit::Fetch
         } else if now >= self.refresh_at(times) && times.retry_at.is_none_or(|at| now >= at) {
-            Decision::ServeAndRefresh
+            OnHit::ServeAndRefresh
         } else {
-            Decision::Serve
+            OnHit::Serve
         }
     }
 
@@ -113,17 +113,17 @@ impl Policy {
         max_age: Option<u64>,
         no_store: bool,
         now: OffsetDateTime,
-    ) -> Admission {
+    ) -> OnAnswer {
         if expiration <= now {
-            Admission::Reject
+            OnAnswer::Reject
         } else if no_store || !self.servable(expiration, now) {
-            Admission::ServeOnce
+            OnAnswer::ServeOnce
         } else {
             let bound = max_age
                 .and_then(|seconds| i64::try_from(seconds).ok())
                 .and_then(|seconds| now.checked_add(time::Duration::seconds(seconds)))
                 .unwrap_or(expiration);
-            Admission::Cache {
+            OnAnswer::Cache {
                 fresh_until: bound.min(expiration),
             }
         }
@@ -166,7 +166,7 @@ mod tests {
     /// (expiry minus five minutes).
     fn one_hour_entry() -> EntryTimes {
         let expiration = T0 + time::Duration::hours(1);
-        let Admission::Cache { fresh_until } = POLICY.admit(expiration, Some(3300), false, T0)
+        let OnAnswer::Cache { fresh_until } = POLICY.admit(expiration, Some(3300), false, T0)
         else {
             panic!("one-hour credentials must be cached");
         };
@@ -200,31 +200,25 @@ mod tests {
         let clock = ManualClock::new(T0);
         assert_eq!(POLICY.refresh_at(&entry), T0 + time::Duration::minutes(40));
         // THEN they are served as they are for 40 minutes
-        assert_eq!(POLICY.decide(&entry, clock.now()), Decision::Serve);
+        assert_eq!(POLICY.decide(&entry, clock.now()), OnHit::Serve);
         clock.advance(secs(40 * 60 - 1));
-        assert_eq!(POLICY.decide(&entry, clock.now()), Decision::Serve);
+        assert_eq!(POLICY.decide(&entry, clock.now()), OnHit::Serve);
         // THEN served with a background refresh until 15 minutes are left
         clock.advance(secs(1));
-        assert_eq!(
-            POLICY.decide(&entry, clock.now()),
-            Decision::ServeAndRefresh
-        );
+        assert_eq!(POLICY.decide(&entry, clock.now()), OnHit::ServeAndRefresh);
         clock.advance(secs(5 * 60));
-        assert_eq!(
-            POLICY.decide(&entry, clock.now()),
-            Decision::ServeAndRefresh
-        );
+        assert_eq!(POLICY.decide(&entry, clock.now()), OnHit::ServeAndRefresh);
         // THEN never served again
         clock.advance(secs(1));
-        assert_eq!(POLICY.decide(&entry, clock.now()), Decision::Fetch);
+        assert_eq!(POLICY.decide(&entry, clock.now()), OnHit::Fetch);
         clock.advance(secs(3600));
-        assert_eq!(POLICY.decide(&entry, clock.now()), Decision::Fetch);
+        assert_eq!(POLICY.decide(&entry, clock.now()), OnHit::Fetch);
     }
 
     #[test]
     fn the_brokers_max_age_bounds_freshness() {
         let expiration = T0 + time::Duration::hours(1);
-        let Admission::Cache { fresh_until } = POLICY.admit(expiration, Some(60), false, T0) else {
+        let OnAnswer::Cache { fresh_until } = POLICY.admit(expiration, Some(60), false, T0) else {
             panic!("must be cached");
         };
         assert_eq!(fresh_until, T0 + time::Duration::seconds(60));
@@ -235,11 +229,11 @@ mod tests {
         };
         assert_eq!(
             POLICY.decide(&entry, T0 + time::Duration::seconds(59)),
-            Decision::Serve
+            OnHit::Serve
         );
         assert_eq!(
             POLICY.decide(&entry, T0 + time::Duration::seconds(60)),
-            Decision::ServeAndRefresh
+            OnHit::ServeAndRefresh
         );
     }
 
@@ -249,7 +243,7 @@ mod tests {
         for max_age in [None, Some(7200), Some(u64::MAX)] {
             assert_eq!(
                 POLICY.admit(expiration, max_age, false, T0),
-                Admission::Cache {
+                OnAnswer::Cache {
                     fresh_until: expiration
                 },
                 "{max_age:?}"
@@ -269,14 +263,14 @@ mod tests {
         let now = T0;
         let admit =
             |left: i64| POLICY.admit(now + time::Duration::seconds(left), Some(0), false, now);
-        assert!(matches!(admit(900), Admission::Cache { .. }));
-        assert_eq!(admit(899), Admission::ServeOnce);
-        assert_eq!(admit(1), Admission::ServeOnce);
-        assert_eq!(admit(0), Admission::Reject);
-        assert_eq!(admit(-60), Admission::Reject);
+        assert!(matches!(admit(900), OnAnswer::Cache { .. }));
+        assert_eq!(admit(899), OnAnswer::ServeOnce);
+        assert_eq!(admit(1), OnAnswer::ServeOnce);
+        assert_eq!(admit(0), OnAnswer::Reject);
+        assert_eq!(admit(-60), OnAnswer::Reject);
         assert_eq!(
             POLICY.admit(now + time::Duration::hours(1), Some(3300), true, now),
-            Admission::ServeOnce,
+            OnAnswer::ServeOnce,
             "no-store"
         );
     }
@@ -288,20 +282,20 @@ mod tests {
         let failed = T0 + time::Duration::minutes(41);
         entry.retry_at = Some(POLICY.retry_at(1, failed));
         // THEN it is served without a refresh until the backoff is over
-        assert_eq!(POLICY.decide(&entry, failed), Decision::Serve);
+        assert_eq!(POLICY.decide(&entry, failed), OnHit::Serve);
         assert_eq!(
             POLICY.decide(&entry, failed + time::Duration::milliseconds(999)),
-            Decision::Serve
+            OnHit::Serve
         );
         assert_eq!(
             POLICY.decide(&entry, failed + time::Duration::seconds(1)),
-            Decision::ServeAndRefresh
+            OnHit::ServeAndRefresh
         );
         // THEN a backoff never keeps an entry servable past min validity
         entry.retry_at = Some(T0 + time::Duration::hours(2));
         assert_eq!(
             POLICY.decide(&entry, T0 + time::Duration::minutes(46)),
-            Decision::Fetch
+            OnHit::Fetch
         );
     }
 

@@ -26,7 +26,7 @@ use crate::answer::{self, ProxyError};
 use crate::broker::BrokerClient;
 use crate::cache::{Cache, CacheStats, Source, TokenKey};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::ProxyConfig;
 use crate::policy::Policy;
 
 /// The liveness route.
@@ -84,7 +84,7 @@ impl ProxyHandle {
 /// `clock` is the wall clock the cache policy reads (tests pass a manual one).
 pub fn serve(
     listener: TcpListener,
-    config: Config,
+    config: ProxyConfig,
     clock: Arc<dyn Clock>,
 ) -> Result<ProxyHandle, ServeError> {
     let local_addr = listener.local_addr().map_err(ServeError::LocalAddr)?;

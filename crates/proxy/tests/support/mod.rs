@@ -19,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use iam_broker_core::credentials::{cache_max_age, format_expiration};
-use iam_broker_proxy::{Clock, Config, ManualClock, ProxyHandle, serve};
+use iam_broker_proxy::{Clock, ManualClock, ProxyConfig, ProxyHandle, serve};
 use time::OffsetDateTime;
 use time::macros::datetime;
 use tokio::net::TcpListener;
@@ -259,18 +259,18 @@ pub struct Harness {
 }
 
 /// Configuration for a proxy in front of `broker_url`, plus `extra` variables.
-pub fn config(broker_url: &str, extra: &[(&str, &str)]) -> Config {
+pub fn config(broker_url: &str, extra: &[(&str, &str)]) -> ProxyConfig {
     let mut map: HashMap<String, String> = HashMap::new();
     map.insert("BROKER_URL".into(), broker_url.into());
     map.insert("LISTEN_ADDR".into(), "127.0.0.1:0".into());
     for (k, v) in extra {
         map.insert((*k).into(), (*v).into());
     }
-    Config::from_lookup(|name| map.get(name).cloned()).unwrap()
+    ProxyConfig::from_lookup(|name| map.get(name).cloned()).unwrap()
 }
 
 /// A proxy started in-process on `listener`'s port 0.
-pub async fn start_proxy(config: Config, clock: Arc<ManualClock>) -> ProxyHandle {
+pub async fn start_proxy(config: ProxyConfig, clock: Arc<ManualClock>) -> ProxyHandle {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     serve(listener, config, clock).unwrap()
 }
