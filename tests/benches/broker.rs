@@ -17,19 +17,18 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
 use iam_broker_core::admission::{SidecarMode, SidecarSettings};
 use iam_broker_core::allowance::Subject;
 use iam_broker_core::broker::{Broker, BrokerSettings};
-use iam_broker_core::memory::{MemoryAllowanceStore, MemoryCluster, MemoryTokenStore};
-use iam_broker_core::ports::{
-    AllowanceStore, AssumeRoleRequest, CredentialIssuer, IssueError, ServiceAccount, TokenStore,
+use iam_broker_core::memory::{
+    MemoryAllowanceStore, MemoryCluster, MemoryIssuer, MemoryTokenStore,
 };
+use iam_broker_core::ports::{AllowanceStore, ServiceAccount, TokenStore};
 use iam_broker_core::webhook::{Webhook, WebhookSettings};
-use iam_broker_core::{Config, Credentials, SystemClock, Token, TokenRecord};
+use iam_broker_core::{Config, SystemClock, Token, TokenRecord};
 use iam_broker_router::{AppState, router};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -38,20 +37,6 @@ use tower::ServiceExt as _;
 const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
 /// A fixed token for the canned endpoint (exists only in this benchmark).
 const TOKEN: &str = "iamb_AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA";
-
-struct FixedIssuer;
-
-#[async_trait]
-impl CredentialIssuer for FixedIssuer {
-    async fn assume_role(&self, _: &AssumeRoleRequest) -> Result<Credentials, IssueError> {
-        Ok(Credentials {
-            access_key_id: "ASIABENCH".into(),
-            secret_access_key: "bench-secret".into(),
-            session_token: "bench-session".into(),
-            expiration: OffsetDateTime::now_utc() + time::Duration::hours(1),
-        })
-    }
-}
 
 fn settings() -> BrokerSettings {
     BrokerSettings {
@@ -140,7 +125,7 @@ async fn in_memory_router() -> axum::Router {
     let broker = Broker::new(
         allowances,
         tokens,
-        Arc::new(FixedIssuer),
+        Arc::new(MemoryIssuer::new(Arc::new(SystemClock))),
         Arc::new(SystemClock),
         settings(),
     );
@@ -199,7 +184,7 @@ async fn measure_admission(warmup: usize, runs: usize) -> Stats {
         broker: Arc::new(Broker::new(
             Arc::new(MemoryAllowanceStore::default()),
             Arc::new(MemoryTokenStore::default()),
-            Arc::new(FixedIssuer),
+            Arc::new(MemoryIssuer::new(Arc::new(SystemClock))),
             Arc::new(SystemClock),
             settings(),
         )),

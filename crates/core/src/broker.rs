@@ -279,58 +279,26 @@ pub fn mint(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
-    use async_trait::async_trait;
     use time::macros::datetime;
 
     use super::*;
     use crate::clock::FixedClock;
-    use crate::credentials::Credentials;
-    use crate::memory::{MemoryAllowanceStore, MemoryTokenStore};
+    use crate::memory::{MemoryAllowanceStore, MemoryIssuer, MemoryTokenStore};
 
     const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
     const NOW: OffsetDateTime = datetime!(2026-11-22 06:00:00 UTC);
 
-    #[derive(Default)]
-    struct RecordingIssuer {
-        requests: Mutex<Vec<AssumeRoleRequest>>,
-        refuse: Option<&'static str>,
-    }
-
-    #[async_trait]
-    impl CredentialIssuer for RecordingIssuer {
-        async fn assume_role(
-            &self,
-            request: &AssumeRoleRequest,
-        ) -> Result<Credentials, IssueError> {
-            self.requests.lock().unwrap().push(request.clone());
-            if let Some(code) = self.refuse {
-                return Err(IssueError::Refused {
-                    code: code.to_owned(),
-                    message: "no".to_owned(),
-                });
-            }
-            Ok(Credentials {
-                access_key_id: "ASIATEST".to_owned(),
-                secret_access_key: "secret".to_owned(),
-                session_token: "session".to_owned(),
-                expiration: NOW + time::Duration::seconds(request.duration.as_secs() as i64),
-            })
-        }
-    }
-
     struct Fixture {
         allowances: Arc<MemoryAllowanceStore>,
         tokens: Arc<MemoryTokenStore>,
-        issuer: Arc<RecordingIssuer>,
+        issuer: Arc<MemoryIssuer>,
         broker: Broker,
     }
 
-    fn fixture(issuer: RecordingIssuer, session_tags: bool) -> Fixture {
+    fn fixture(session_tags: bool) -> Fixture {
         let allowances = Arc::new(MemoryAllowanceStore::default());
         let tokens = Arc::new(MemoryTokenStore::default());
-        let issuer = Arc::new(issuer);
+        let issuer = Arc::new(MemoryIssuer::new(Arc::new(FixedClock(NOW))));
         let broker = Broker::new(
             allowances.clone(),
             tokens.clone(),
@@ -369,7 +337,7 @@ mod tests {
     #[tokio::test]
     async fn serves_an_allowed_role_and_slides_the_record() {
         // GIVEN an allowed subject with a token minted an hour ago
-        let f = fixture(RecordingIssuer::default(), false);
+        let f = fixture(false);
         let subject = Subject::service_account("team-a", "app").unwrap();
         f.allowances.allow(&subject, ROLE).await.unwrap();
         let token = grant(&f, &subject, NOW - time::Duration::hours(1)).await;
@@ -383,7 +351,7 @@ mod tests {
         assert_eq!(answer.body.expiration, "2026-11-22T07:00:00Z");
         assert_eq!(answer.max_age, 3300);
         // AND STS heard who asked, never the token
-        let request = f.issuer.requests.lock().unwrap()[0].clone();
+        let request = f.issuer.requests()[0].clone();
         assert_eq!(request.session_name, "team-a.app.web-1");
         assert!(request.tags.is_empty());
         assert!(!request.session_name.contains(&token.expose()[5..]));
@@ -395,18 +363,18 @@ mod tests {
 
     #[tokio::test]
     async fn session_tags_when_enabled() {
-        let f = fixture(RecordingIssuer::default(), true);
+        let f = fixture(true);
         let subject = Subject::service_account("team-a", "app").unwrap();
         f.allowances.allow(&subject, ROLE).await.unwrap();
         let token = grant(&f, &subject, NOW).await;
         f.broker.credentials(Some(token.expose())).await.unwrap();
-        let request = f.issuer.requests.lock().unwrap()[0].clone();
+        let request = f.issuer.requests()[0].clone();
         assert_eq!(request.tags.len(), 3);
     }
 
     #[tokio::test]
     async fn wildcard_row_allows_every_service_account() {
-        let f = fixture(RecordingIssuer::default(), false);
+        let f = fixture(false);
         let subject = Subject::service_account("team-a", "any-sa").unwrap();
         f.allowances.allow(&subject.wildcard(), ROLE).await.unwrap();
         let token = grant(&f, &subject, NOW).await;
@@ -415,7 +383,7 @@ mod tests {
 
     #[tokio::test]
     async fn refusals_map_to_their_codes_and_write_nothing() {
-        let f = fixture(RecordingIssuer::default(), false);
+        let f = fixture(false);
         let subject = Subject::service_account("team-a", "app").unwrap();
         f.allowances.allow(&subject, ROLE).await.unwrap();
         let expired = grant(&f, &subject, NOW - time::Duration::days(2)).await;
@@ -449,15 +417,12 @@ mod tests {
             before,
             "nothing was written"
         );
-        assert!(
-            f.issuer.requests.lock().unwrap().is_empty(),
-            "STS was never called"
-        );
+        assert!(f.issuer.requests().is_empty(), "STS was never called");
     }
 
     #[tokio::test]
     async fn revoking_the_allowance_takes_effect_at_the_next_fetch() {
-        let f = fixture(RecordingIssuer::default(), false);
+        let f = fixture(false);
         let subject = Subject::service_account("team-a", "app").unwrap();
         f.allowances.allow(&subject, ROLE).await.unwrap();
         let token = grant(&f, &subject, NOW).await;
@@ -474,13 +439,8 @@ mod tests {
 
     #[tokio::test]
     async fn sts_refusal_is_assume_role_failed_with_its_code() {
-        let f = fixture(
-            RecordingIssuer {
-                refuse: Some("AccessDenied"),
-                ..Default::default()
-            },
-            false,
-        );
+        let f = fixture(false);
+        f.issuer.refuse("AccessDenied");
         let subject = Subject::service_account("team-a", "app").unwrap();
         f.allowances.allow(&subject, ROLE).await.unwrap();
         let token = grant(&f, &subject, NOW).await;

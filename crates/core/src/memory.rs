@@ -7,9 +7,11 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 
 use crate::allowance::{Allowance, Subject};
+use crate::clock::Clock;
+use crate::credentials::Credentials;
 use crate::ports::{
-    AllowanceStore, Cluster, ClusterError, ClusterEvent, ManagedSecret, ServiceAccount, StoreError,
-    TokenSecret, TokenStore,
+    AllowanceStore, AssumeRoleRequest, Cluster, ClusterError, ClusterEvent, CredentialIssuer,
+    IssueError, ManagedSecret, ServiceAccount, StoreError, TokenSecret, TokenStore,
 };
 use crate::record::TokenRecord;
 use crate::token::TokenHash;
@@ -261,5 +263,55 @@ impl Cluster for MemoryCluster {
         self.check(ClusterCall::RecordEvent)?;
         lock(&self.events).push(event.clone());
         Ok(())
+    }
+}
+
+/// A credential issuer without STS: fixed keys, valid for the requested duration from its
+/// clock's now. Remembers every request, and refuses them all with an STS error code when told
+/// to (tests, benchmarks of the broker's own overhead).
+pub struct MemoryIssuer {
+    clock: std::sync::Arc<dyn Clock>,
+    requests: Mutex<Vec<AssumeRoleRequest>>,
+    refusal: Mutex<Option<String>>,
+}
+
+impl MemoryIssuer {
+    /// An issuer whose credentials expire `DurationSeconds` after `clock`'s now.
+    pub fn new(clock: std::sync::Arc<dyn Clock>) -> Self {
+        Self {
+            clock,
+            requests: Mutex::new(Vec::new()),
+            refusal: Mutex::new(None),
+        }
+    }
+
+    /// From now on, refuse every request with this STS error code (e.g. `AccessDenied`).
+    pub fn refuse(&self, code: &str) {
+        *lock(&self.refusal) = Some(code.to_owned());
+    }
+
+    /// Every request so far, oldest first.
+    pub fn requests(&self) -> Vec<AssumeRoleRequest> {
+        lock(&self.requests).clone()
+    }
+}
+
+#[async_trait]
+impl CredentialIssuer for MemoryIssuer {
+    async fn assume_role(&self, request: &AssumeRoleRequest) -> Result<Credentials, IssueError> {
+        lock(&self.requests).push(request.clone());
+        if let Some(code) = lock(&self.refusal).clone() {
+            return Err(IssueError::Refused {
+                code,
+                message: "refused by the in-memory issuer".to_owned(),
+            });
+        }
+        let seconds = i64::try_from(request.duration.as_secs()).unwrap_or(i64::MAX);
+        Ok(Credentials {
+            access_key_id: "ASIAMEMORYISSUER".to_owned(),
+            secret_access_key: "memory-secret".to_owned(),
+            session_token: "memory-session".to_owned(),
+            expiration: self.clock.now() + time::Duration::seconds(seconds),
+        })
     }
 }

@@ -7,19 +7,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use http_body_util::BodyExt as _;
 use iam_broker_core::admission::{SidecarMode, SidecarSettings};
 use iam_broker_core::allowance::Subject;
 use iam_broker_core::broker::{Broker, BrokerSettings};
 use iam_broker_core::clock::FixedClock;
-use iam_broker_core::memory::{MemoryAllowanceStore, MemoryCluster, MemoryTokenStore};
+use iam_broker_core::memory::{
+    MemoryAllowanceStore, MemoryCluster, MemoryIssuer, MemoryTokenStore,
+};
 use iam_broker_core::ports::{
-    AllowanceStore, AssumeRoleRequest, Cluster as _, CredentialIssuer, IssueError, ServiceAccount,
-    TokenSecret, TokenStore,
+    AllowanceStore, Cluster as _, ServiceAccount, TokenSecret, TokenStore,
 };
 use iam_broker_core::webhook::{Webhook, WebhookSettings};
-use iam_broker_core::{Credentials, Token, TokenRecord};
+use iam_broker_core::{Token, TokenRecord};
 use iam_broker_router::metrics::Metrics;
 use iam_broker_router::{AppState, router};
 use time::OffsetDateTime;
@@ -30,21 +30,6 @@ use tower::ServiceExt as _;
 const FIXTURE_TOKEN: &str = "iamb_AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA";
 const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
 const NOW: OffsetDateTime = datetime!(2026-11-22 06:00:00 UTC);
-
-/// Issues fixed credentials valid for the requested duration: the port's contract, no network.
-struct FixedIssuer;
-
-#[async_trait]
-impl CredentialIssuer for FixedIssuer {
-    async fn assume_role(&self, request: &AssumeRoleRequest) -> Result<Credentials, IssueError> {
-        Ok(Credentials {
-            access_key_id: "ASIAFIXTURE".into(),
-            secret_access_key: "fixture-secret".into(),
-            session_token: "fixture-session".into(),
-            expiration: NOW + time::Duration::seconds(request.duration.as_secs() as i64),
-        })
-    }
-}
 
 /// The ports behind the router, kept so tests can look at what the webhook wrote.
 struct Fixture {
@@ -106,7 +91,7 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
         broker: Arc::new(Broker::new(
             allowances.clone(),
             tokens.clone(),
-            Arc::new(FixedIssuer),
+            Arc::new(MemoryIssuer::new(Arc::new(FixedClock(NOW)))),
             clock.clone(),
             BrokerSettings {
                 credential_duration: Duration::from_secs(3600),
@@ -175,7 +160,7 @@ async fn get_root_with_a_raw_token_serves_credentials_despite_the_stage_prefix()
     assert_eq!(status, 200, "{body}");
     assert_eq!(headers["cache-control"], "max-age=3300");
     assert_eq!(headers["content-type"], "application/json");
-    assert_eq!(body["AccessKeyId"], "ASIAFIXTURE");
+    assert_eq!(body["AccessKeyId"], "ASIAMEMORYISSUER");
     assert_eq!(body["Expiration"], "2026-11-22T07:00:00Z");
     assert_eq!(body["RoleArn"], ROLE);
     assert_eq!(body["AccountId"], "123456789012");
@@ -185,7 +170,7 @@ async fn get_root_with_a_raw_token_serves_credentials_despite_the_stage_prefix()
 async fn get_credentials_with_a_bearer_token() {
     let (status, _, body) = invoke("broker-get-credentials-bearer.json").await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["Token"], "fixture-session");
+    assert_eq!(body["Token"], "memory-session");
 }
 
 #[tokio::test]
