@@ -8,16 +8,15 @@
 #   scripts/lambda-watch.sh --check  invoke every event once and compare with events/README.md
 #   scripts/lambda-watch.sh --help   print this text
 set -euo pipefail
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+source "$(dirname "$0")/lib.sh"
 check=0
 for arg in "$@"; do
   case "$arg" in
     --check) check=1 ;;
     -h|--help) usage; exit 0 ;;
-    *) { printf 'scripts/lambda-watch.sh: unknown argument %s\n' "$arg"; usage; } >&2; exit 2 ;;
+    *) refuse_argument "$arg" ;;
   esac
 done
-source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 ensure_rust

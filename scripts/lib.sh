@@ -4,6 +4,11 @@
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 
+# Prints the calling script's header comment (its usage).
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+# For an argument the script does not take: says so with the usage on stderr, exits 2.
+refuse_argument() { { printf '%s: unknown argument %s\n' "scripts/${0##*/}" "$1"; usage; } >&2; exit 2; }
+
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 

@@ -5,15 +5,14 @@
 #   scripts/rehearse-deploy.sh --keep   keep the work folder (function, moto and sidecar logs)
 #   scripts/rehearse-deploy.sh --help   print this text
 set -euo pipefail
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+source "$(dirname "$0")/lib.sh"
 for arg in "$@"; do
   case "$arg" in
     --keep) ;;
     -h|--help) usage; exit 0 ;;
-    *) { printf 'scripts/rehearse-deploy.sh: unknown argument %s\n' "$arg"; usage; } >&2; exit 2 ;;
+    *) refuse_argument "$arg" ;;
   esac
 done
-source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 ensure_rust

@@ -11,17 +11,16 @@
 #   scripts/run-local.sh --once   stop after printing the identity
 #   scripts/run-local.sh --help   print this text
 set -euo pipefail
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+source "$(dirname "$0")/lib.sh"
 once=0
 for arg in "$@"; do
   case "$arg" in
     --once) once=1 ;;
     -h|--help) usage; exit 0 ;;
-    *) { printf 'scripts/run-local.sh: unknown argument %s\n' "$arg"; usage; } >&2; exit 2 ;;
+    *) refuse_argument "$arg" ;;
   esac
 done
 [ -t 0 ] || once=1
-source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 ensure_rust

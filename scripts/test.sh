@@ -6,14 +6,13 @@
 #   SKIP_MUSL_BUILD=1 ...      leave out the static (musl) build of the sidecar
 #   scripts/test.sh --help     print this text
 set -euo pipefail
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+source "$(dirname "$0")/lib.sh"
 for arg in "$@"; do
   case "$arg" in
     -h|--help) usage; exit 0 ;;
-    *) { printf 'scripts/test.sh: unknown argument %s\n' "$arg"; usage; } >&2; exit 2 ;;
+    *) refuse_argument "$arg" ;;
   esac
 done
-source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 ensure_rust

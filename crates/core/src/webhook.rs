@@ -896,6 +896,13 @@ mod tests {
         patched
     }
 
+    /// A Pod CREATE (not a dry run) through the webhook, as the API server sends it.
+    async fn create(f: &Fixture, pod: Value) -> Outcome {
+        f.webhook
+            .admit(&request("CREATE", pod, false), ORIGIN)
+            .await
+    }
+
     async fn records(f: &Fixture) -> Vec<TokenRecord> {
         f.tokens.list().await.unwrap()
     }
@@ -903,10 +910,7 @@ mod tests {
     #[tokio::test]
     async fn create_writes_secret_and_record_and_patches() {
         let f = fixture().await;
-        let out = f
-            .webhook
-            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
-            .await;
+        let out = create(&f, pod("reader")).await;
         assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
         // exactly one Secret and one record, and they belong together
         let secrets = f.cluster.secrets();
@@ -931,10 +935,7 @@ mod tests {
             ORIGIN.unwrap()
         );
         // and the patched pod, admitted again, is not patched again and writes nothing
-        let again = f
-            .webhook
-            .admit(&request("CREATE", patched, false), ORIGIN)
-            .await;
+        let again = create(&f, patched).await;
         assert_eq!(again.decision, Decision::Skipped);
         assert!(again.response.patch.is_none());
         assert_eq!(f.cluster.secrets().len(), 1);
@@ -972,10 +973,7 @@ mod tests {
             )]),
         });
         for (sa, warns) in [("plain", false), ("missing", false), ("greedy", true)] {
-            let out = f
-                .webhook
-                .admit(&request("CREATE", pod(sa), false), ORIGIN)
-                .await;
+            let out = create(&f, pod(sa)).await;
             assert_eq!(out.decision, Decision::Skipped, "{sa}");
             assert!(out.response.allowed && out.response.patch.is_none());
             assert_eq!(
@@ -1002,16 +1000,10 @@ mod tests {
                 ROLE.to_owned(),
             )]),
         });
-        let out = f
-            .webhook
-            .admit(&request("CREATE", pod("other"), false), ORIGIN)
-            .await;
+        let out = create(&f, pod("other")).await;
         assert_eq!(out.decision, Decision::Skipped);
         f.allowances.allow(&subject.wildcard(), ROLE).await.unwrap();
-        let out = f
-            .webhook
-            .admit(&request("CREATE", pod("other"), false), ORIGIN)
-            .await;
+        let out = create(&f, pod("other")).await;
         assert_eq!(out.decision, Decision::Patched);
     }
 
@@ -1021,10 +1013,7 @@ mod tests {
         f.cluster.fail(ClusterCall::ServiceAccount);
         let mut host = pod("reader");
         host["spec"]["hostNetwork"] = json!(true);
-        let out = f
-            .webhook
-            .admit(&request("CREATE", host, false), ORIGIN)
-            .await;
+        let out = create(&f, host).await;
         assert_eq!(out.decision, Decision::Skipped);
         assert!(out.reason.contains("hostNetwork"));
     }
@@ -1033,10 +1022,7 @@ mod tests {
     async fn a_failed_record_write_removes_the_secret() {
         let f = fixture().await;
         f.tokens.fail_insert.store(true, Ordering::SeqCst);
-        let out = f
-            .webhook
-            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
-            .await;
+        let out = create(&f, pod("reader")).await;
         assert_eq!(out.decision, Decision::FailedOpen);
         assert!(out.response.allowed && out.response.patch.is_none());
         assert!(out.response.warnings[0].contains("DynamoDB"));
@@ -1048,10 +1034,7 @@ mod tests {
     async fn a_record_write_past_the_deadline_is_undone() {
         let f = fixture().await;
         f.tokens.stall_insert_ms.store(400, Ordering::SeqCst);
-        let out = f
-            .webhook
-            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
-            .await;
+        let out = create(&f, pod("reader")).await;
         assert_eq!(out.decision, Decision::FailedOpen);
         assert!(out.reason.contains("deadline"), "{}", out.reason);
         assert!(f.cluster.secrets().is_empty());
@@ -1064,10 +1047,7 @@ mod tests {
     async fn a_failed_secret_create_writes_no_record_and_closed_policy_denies() {
         let f = fixture_with(settings(FailurePolicy::Closed)).await;
         f.cluster.fail(ClusterCall::CreateSecret);
-        let out = f
-            .webhook
-            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
-            .await;
+        let out = create(&f, pod("reader")).await;
         assert_eq!(out.decision, Decision::FailedClosed);
         assert!(!out.response.allowed);
         let status = out.response.status.unwrap();
@@ -1081,10 +1061,7 @@ mod tests {
         let mut s = settings(FailurePolicy::Open);
         s.sidecar = None;
         let f = fixture_with(s).await;
-        let out = f
-            .webhook
-            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
-            .await;
+        let out = create(&f, pod("reader")).await;
         assert_eq!(out.decision, Decision::FailedOpen);
         assert!(out.reason.contains("PROXY_IMAGE"));
         assert!(f.cluster.secrets().is_empty());
@@ -1093,10 +1070,7 @@ mod tests {
     #[tokio::test]
     async fn delete_removes_secret_and_record() {
         let f = fixture().await;
-        let out = f
-            .webhook
-            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
-            .await;
+        let out = create(&f, pod("reader")).await;
         let patched = apply(&pod("reader"), &out.response);
         // a dry-run DELETE removes nothing
         let dry = f
@@ -1124,10 +1098,7 @@ mod tests {
     #[tokio::test]
     async fn delete_never_removes_another_pods_token() {
         let f = fixture().await;
-        let out = f
-            .webhook
-            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
-            .await;
+        let out = create(&f, pod("reader")).await;
         let patched = apply(&pod("reader"), &out.response);
         let annotations = patched["metadata"]["annotations"].clone();
         // GIVEN a pod in another namespace that copied the annotations
@@ -1152,10 +1123,7 @@ mod tests {
     #[tokio::test]
     async fn delete_failures_still_allow() {
         let f = fixture().await;
-        let out = f
-            .webhook
-            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
-            .await;
+        let out = create(&f, pod("reader")).await;
         let patched = apply(&pod("reader"), &out.response);
         f.cluster.fail(ClusterCall::DeleteSecret);
         let out = f
@@ -1213,10 +1181,7 @@ mod tests {
         assert_eq!(dry.decision, Decision::Skipped);
         assert!(f.cluster.events().is_empty(), "a dry run records nothing");
         for _ in 0..3 {
-            let out = f
-                .webhook
-                .admit(&request("CREATE", replica_set_pod("other"), false), ORIGIN)
-                .await;
+            let out = create(&f, replica_set_pod("other")).await;
             assert_eq!(out.decision, Decision::Skipped);
         }
         // THEN one Warning Event on the ReplicaSet says why (rate-limited, not one per pod)
@@ -1235,10 +1200,7 @@ mod tests {
                 .contains("role/iam-broker/admin is not allowed for team/other")
         );
         // AND a bare pod's Event goes on its ServiceAccount, with its uid
-        let out = f
-            .webhook
-            .admit(&request("CREATE", pod("other"), false), ORIGIN)
-            .await;
+        let out = create(&f, pod("other")).await;
         assert_eq!(out.decision, Decision::Skipped);
         let events = f.cluster.events();
         assert_eq!(events.len(), 2);
@@ -1254,18 +1216,12 @@ mod tests {
     #[tokio::test]
     async fn failing_open_and_denying_are_recorded_and_success_is_not() {
         let f = fixture().await;
-        let out = f
-            .webhook
-            .admit(&request("CREATE", replica_set_pod("reader"), false), ORIGIN)
-            .await;
+        let out = create(&f, replica_set_pod("reader")).await;
         assert_eq!(out.decision, Decision::Patched);
         assert!(f.cluster.events().is_empty(), "nothing to tell");
 
         f.cluster.fail(ClusterCall::ServiceAccount);
-        let out = f
-            .webhook
-            .admit(&request("CREATE", replica_set_pod("reader"), false), ORIGIN)
-            .await;
+        let out = create(&f, replica_set_pod("reader")).await;
         assert_eq!(out.decision, Decision::FailedOpen);
         let events = f.cluster.events();
         assert_eq!(events.len(), 1);
@@ -1278,10 +1234,7 @@ mod tests {
 
         let closed = fixture_with(settings(FailurePolicy::Closed)).await;
         closed.cluster.fail(ClusterCall::ServiceAccount);
-        let out = closed
-            .webhook
-            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
-            .await;
+        let out = create(&closed, pod("reader")).await;
         assert_eq!(out.decision, Decision::FailedClosed);
         assert_eq!(closed.cluster.events()[0].reason, REASON_DENIED);
     }
@@ -1291,10 +1244,7 @@ mod tests {
         let f = fixture().await;
         f.cluster.fail(ClusterCall::ServiceAccount);
         f.cluster.fail(ClusterCall::RecordEvent);
-        let out = f
-            .webhook
-            .admit(&request("CREATE", pod("reader"), false), ORIGIN)
-            .await;
+        let out = create(&f, pod("reader")).await;
         assert_eq!(out.decision, Decision::FailedOpen);
         assert!(out.response.allowed);
         assert!(f.cluster.events().is_empty());

@@ -149,33 +149,29 @@ impl From<CleanupFailure> for lambda_http::lambda_runtime::Diagnostic {
 
 /// The cleanup handler: deletes the Secrets of removed token records, or sweeps.
 pub async fn cleanup(cleanup: &Cleanup, event: CleanupEvent) -> Result<Report, CleanupFailure> {
-    let report = match event {
+    // One log line per invocation; the messages are the ones README's Observability names.
+    let (decision, message, report) = match event {
         CleanupEvent::Stream(batch) => {
             let (removed, undecodable) = iam_broker_aws::stream::removed_records(&batch);
-            let report = cleanup.removed(&removed, undecodable).await;
-            tracing::info!(
-                decision = "stream_cleanup",
-                secrets_deleted = report.secrets_deleted,
-                already_gone = report.secrets_already_gone,
-                skipped = report.skipped,
-                failures = report.failures,
-                "token records removed"
-            );
-            report
+            (
+                "stream_cleanup",
+                "token records removed",
+                cleanup.removed(&removed, undecodable).await,
+            )
         }
         CleanupEvent::Sweep(SweepRequest { task: Task::Sweep }) => {
-            let report = cleanup.sweep().await?;
-            tracing::info!(
-                decision = "sweep",
-                secrets_deleted = report.secrets_deleted,
-                records_deleted = report.records_deleted,
-                skipped = report.skipped,
-                failures = report.failures,
-                "sweep done"
-            );
-            report
+            ("sweep", "sweep done", cleanup.sweep().await?)
         }
     };
+    tracing::info!(
+        decision,
+        secrets_deleted = report.secrets_deleted,
+        already_gone = report.secrets_already_gone,
+        records_deleted = report.records_deleted,
+        skipped = report.skipped,
+        failures = report.failures,
+        "{message}"
+    );
     if report.failures > 0 {
         return Err(CleanupFailure::Incomplete(report));
     }
