@@ -3,6 +3,12 @@
 //! The patch is computed over the pod's JSON exactly as the API server sent it, so every field the
 //! webhook does not own (unknown fields, init containers' `restartPolicy`, …) is kept, and it never
 //! `add`s into an array that does not exist (RFC 6902 would reject that).
+//!
+//! Every patch applies: [`view`] refuses a pod whose shape cannot take one (a `metadata`,
+//! `annotations`, `labels`, `env`, `volumeMounts`, `volumes` or `initContainers` of the wrong JSON
+//! type), and [`PodView::skip`] skips one the patch would make invalid (the token volume's name or
+//! mount path already in use). The webhook calls both before any lookup, so such a pod gets no
+//! Secret and no record.
 
 use std::collections::BTreeSet;
 
@@ -96,6 +102,10 @@ pub struct PodView {
     pub host_network: bool,
     /// Containers and init containers that would get credentials, in pod order.
     pub eligible: Vec<ContainerRef>,
+    /// A name or path the patch adds that the pod already uses (the token volume, or its mount in
+    /// an eligible container): the patched pod would have a duplicate, which the API server
+    /// rejects after the Secret and record were written.
+    pub conflict: Option<String>,
 }
 
 /// Which list a container is in.
@@ -141,6 +151,9 @@ pub enum Skip {
         "no container needs credentials (skip-containers annotation or AWS credentials already set)"
     )]
     NoEligibleContainer,
+    /// The pod already uses a name or path the patch would add (see [`PodView::conflict`]).
+    #[error("the pod already uses {0}, which the injection would add")]
+    Conflict(String),
 }
 
 /// Why the object is not a pod this decision can read.
@@ -148,16 +161,27 @@ pub enum Skip {
 #[error("not a readable Pod: {0}")]
 pub struct NotAPod(pub String);
 
-/// Reads the pod's JSON.
+/// Reads the pod's JSON, and refuses it unless every place the patch touches has the type the
+/// patch needs: the pod, `metadata`, `metadata.annotations`, `metadata.labels` and `spec.volumes`
+/// absent, `null` or of their type, `spec.containers` an array (`spec.initContainers` an array,
+/// absent or `null`) of objects with a string `name`, and each eligible container's `env` and
+/// `volumeMounts` arrays (or absent or `null`).
 pub fn view(pod: &Value) -> Result<PodView, NotAPod> {
+    let pod = pod
+        .as_object()
+        .ok_or_else(|| NotAPod(format!("the object is {}", kind(pod))))?;
     let spec = pod
         .get("spec")
         .and_then(Value::as_object)
         .ok_or_else(|| NotAPod("spec is missing".to_owned()))?;
-    let metadata = pod.get("metadata").and_then(Value::as_object);
-    let annotations = metadata
-        .and_then(|m| m.get("annotations"))
-        .and_then(Value::as_object);
+    let metadata = optional_object(pod, "metadata", "")?;
+    let annotations = match metadata {
+        Some(m) => optional_object(m, "annotations", "metadata.")?,
+        None => None,
+    };
+    if let Some(m) = metadata {
+        optional_object(m, "labels", "metadata.")?;
+    }
     let skip: BTreeSet<&str> = annotations
         .and_then(|a| a.get(ANNOTATION_SKIP_CONTAINERS))
         .and_then(Value::as_str)
@@ -180,20 +204,27 @@ pub fn view(pod: &Value) -> Result<PodView, NotAPod> {
     let name = non_empty(metadata.and_then(|m| m.get("name")))
         .or_else(|| non_empty(metadata.and_then(|m| m.get("generateName"))));
 
+    if spec.get("containers").is_none_or(Value::is_null) {
+        return Err(NotAPod("spec.containers is missing".to_owned()));
+    }
+    let volumes = optional_array(spec, "volumes", "spec.")?;
+    let mut conflict = volumes
+        .into_iter()
+        .flatten()
+        .any(|v| v.get("name").and_then(Value::as_str) == Some(TOKEN_VOLUME))
+        .then(|| format!("a volume named {TOKEN_VOLUME}"));
     let mut already_injected = false;
     let mut eligible = Vec::new();
     for list in [ContainerList::Init, ContainerList::Main] {
-        let Some(containers) = spec.get(list.field()) else {
+        let field = list.field();
+        let Some(containers) = optional_array(spec, field, "spec.")? else {
             continue;
         };
-        let containers = containers
-            .as_array()
-            .ok_or_else(|| NotAPod(format!("spec.{} is not an array", list.field())))?;
         for (index, container) in containers.iter().enumerate() {
             let name = container
                 .get("name")
                 .and_then(Value::as_str)
-                .ok_or_else(|| NotAPod(format!("spec.{}[{index}] has no name", list.field())))?;
+                .ok_or_else(|| NotAPod(format!("spec.{field}[{index}] has no name")))?;
             if name == SIDECAR_NAME {
                 already_injected = true;
                 continue;
@@ -201,6 +232,31 @@ pub fn view(pod: &Value) -> Result<PodView, NotAPod> {
             if skip.contains(name) || has_preset_credentials(container) {
                 continue;
             }
+            // Only objects have a `name`, so `container` is one.
+            let container = container.as_object().map(Ok).unwrap_or_else(|| {
+                Err(NotAPod(format!("spec.{field}[{index}] is not an object")))
+            })?;
+            let path = format!("spec.{field}[{index}].");
+            optional_array(container, "env", &path)?;
+            let mounts = optional_array(container, "volumeMounts", &path)?;
+            let taken = mounts.into_iter().flatten().find_map(|m| {
+                if m.get("name").and_then(Value::as_str) == Some(TOKEN_VOLUME) {
+                    Some(format!(
+                        "a volume mount named {TOKEN_VOLUME} in container {name}"
+                    ))
+                } else if m
+                    .get("mountPath")
+                    .and_then(Value::as_str)
+                    .is_some_and(|p| p.trim_end_matches('/') == TOKEN_MOUNT_PATH)
+                {
+                    Some(format!(
+                        "the mount path {TOKEN_MOUNT_PATH} in container {name}"
+                    ))
+                } else {
+                    None
+                }
+            });
+            conflict = conflict.or(taken);
             eligible.push(ContainerRef {
                 list,
                 index,
@@ -208,21 +264,65 @@ pub fn view(pod: &Value) -> Result<PodView, NotAPod> {
             });
         }
     }
-    if spec.get("containers").and_then(Value::as_array).is_none() {
-        return Err(NotAPod("spec.containers is missing".to_owned()));
-    }
     Ok(PodView {
         service_account,
         name,
         already_injected,
         host_network: spec.get("hostNetwork").and_then(Value::as_bool) == Some(true),
         eligible,
+        conflict,
     })
 }
 
+/// The JSON type of `value`, for messages.
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `parent[field]` when it is an object; `None` when it is absent or `null` (the patch then adds
+/// it whole); refused when it is of another type (the patch could not add into it).
+fn optional_object<'a>(
+    parent: &'a Map<String, Value>,
+    field: &str,
+    path: &str,
+) -> Result<Option<&'a Map<String, Value>>, NotAPod> {
+    match parent.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(map)) => Ok(Some(map)),
+        Some(other) => Err(NotAPod(format!(
+            "{path}{field} is {}, not an object",
+            kind(other)
+        ))),
+    }
+}
+
+/// `parent[field]` when it is an array; `None` when it is absent or `null`; refused when it is of
+/// another type (the patch would replace it, dropping what the pod had).
+fn optional_array<'a>(
+    parent: &'a Map<String, Value>,
+    field: &str,
+    path: &str,
+) -> Result<Option<&'a Vec<Value>>, NotAPod> {
+    match parent.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => Ok(Some(items)),
+        Some(other) => Err(NotAPod(format!(
+            "{path}{field} is {}, not an array",
+            kind(other)
+        ))),
+    }
+}
+
 impl PodView {
-    /// Whether the pod is out of scope before any lookup: already injected, `hostNetwork`, or
-    /// nothing to inject into.
+    /// Whether the pod is out of scope before any lookup: already injected, `hostNetwork`,
+    /// nothing to inject into, or a name the injection adds already in use.
     pub fn skip(&self) -> Option<Skip> {
         if self.already_injected {
             Some(Skip::AlreadyInjected)
@@ -231,7 +331,7 @@ impl PodView {
         } else if self.eligible.is_empty() {
             Some(Skip::NoEligibleContainer)
         } else {
-            None
+            self.conflict.clone().map(Skip::Conflict)
         }
     }
 }
@@ -273,8 +373,9 @@ pub struct Injection<'a> {
 
 /// The JSON patch that injects the sidecar, the environment and the annotations into `pod`.
 ///
-/// `view` must be [`view`]`(pod)`. Operations touch only what the webhook owns; arrays and maps
-/// are created whole when missing and appended to otherwise.
+/// `view` must be [`view`]`(pod)`, and [`PodView::skip`] `None`: then the patch applies to `pod`.
+/// Operations touch only what the webhook owns; arrays and maps are created whole when missing
+/// (or `null`) and appended to otherwise.
 pub fn patch(
     pod: &Value,
     view: &PodView,
@@ -295,7 +396,7 @@ pub fn patch(
             entries.iter().map(|(k, v)| ((*k).to_owned(), json!(v))),
         ))
     };
-    match pod.get("metadata") {
+    match pod.get("metadata").filter(|m| !m.is_null()) {
         None => add(
             &mut ops,
             &["metadata"],
@@ -702,6 +803,23 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_whose_annotations_are_not_an_object_is_skipped_before_any_write() {
+        // GIVEN forged pods whose metadata.annotations is a string, an array, a number, a bool
+        for annotations in [json!("x"), json!(["a", "b"]), json!(3), json!(true)] {
+            let pod = json!({ "metadata": { "name": "p", "annotations": annotations },
+                "spec": { "containers": [{ "name": "app" }] } });
+            // WHEN the webhook decides (view, then skip, before any lookup or write)
+            let decision = view(&pod).map(|v| v.skip());
+            // THEN it is refused or skipped, so no Secret and no record are written for a patch
+            // that the API server could not apply
+            assert!(
+                matches!(decision, Err(_) | Ok(Some(_))),
+                "annotations = {annotations}: decision {decision:?} would write a Secret"
+            );
+        }
+    }
+
+    #[test]
     fn a_private_broker_ca_is_handed_to_the_sidecar() {
         let pod = json!({ "spec": { "containers": [{ "name": "a" }] } });
         let mut s = settings(SidecarMode::Container, false, None);
@@ -733,5 +851,527 @@ mod tests {
         );
         let text = serde_json::to_string(&patch).unwrap();
         assert!(text.contains("/metadata/annotations/iam-broker.io~1secret-name"));
+    }
+}
+
+/// Property: over generated pods (valid ones, and ones with wrong-typed, missing or `null` fields
+/// at every place the patch touches, and names the patch adds already in use), the decision is
+/// either "skip" (nothing written) for a reason the pod really has, or a patch that applies and
+/// delivers everything it promises.
+#[cfg(test)]
+mod properties {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use proptest::prelude::*;
+    use proptest::sample::select;
+
+    use super::*;
+
+    const SECRET: &str = "iam-broker-token-0123456789abcdef";
+    const HASH: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const URL: &str = "https://broker.example/Prod/";
+
+    /// A field: absent (`None`), `null`, `valid`, or (when `noisy`) a value of every other JSON
+    /// type; the flag tells whether the choice is of the wrong type for a field of kind `object`
+    /// or array. Half the pods are not noisy, so that many reach the patch.
+    fn field(
+        valid: BoxedStrategy<Value>,
+        object: bool,
+        noisy: bool,
+    ) -> BoxedStrategy<(Option<Value>, bool)> {
+        let wrong_other = if object {
+            json!([1])
+        } else {
+            json!({ "k": "v" })
+        };
+        prop_oneof![
+            2 => Just((None, false)),
+            1 => Just((Some(Value::Null), false)),
+            6 => valid.prop_map(|v| (Some(v), false)),
+            u32::from(noisy) => select(vec![json!("x"), json!(3), json!(true), wrong_other])
+                .prop_map(|v| (Some(v), true)),
+        ]
+        .boxed()
+    }
+
+    fn insert(object: &mut Map<String, Value>, key: &str, value: Option<Value>) {
+        if let Some(value) = value {
+            object.insert(key.to_owned(), value);
+        }
+    }
+
+    fn env_entry() -> BoxedStrategy<Value> {
+        prop_oneof![
+            8 => select(vec![
+                "X", "PATH", "AWS_REGION", "AWS_DEFAULT_REGION", ENV_FULL_URI,
+                ENV_AUTHORIZATION_TOKEN, "AWS_ACCESS_KEY_ID", "AWS_WEB_IDENTITY_TOKEN_FILE",
+            ])
+            .prop_map(|name| json!({ "name": name, "value": "v" })),
+            1 => Just(json!("not an env entry")),
+            1 => Just(json!({ "name": 7 })),
+        ]
+        .boxed()
+    }
+
+    /// Mostly `usual`, sometimes `taken` (a name or path the patch adds).
+    fn mostly(usual: Vec<&'static str>, taken: Vec<&'static str>) -> BoxedStrategy<&'static str> {
+        prop_oneof![12 => select(usual), 1 => select(taken)].boxed()
+    }
+
+    fn mount() -> BoxedStrategy<Value> {
+        (
+            mostly(vec!["data", "cache"], vec![TOKEN_VOLUME]),
+            mostly(
+                vec!["/data", "/cache", "/var/run/secrets/iam-broker/sub"],
+                vec![TOKEN_MOUNT_PATH, "/var/run/secrets/iam-broker/"],
+            ),
+        )
+            .prop_map(|(name, path)| json!({ "name": name, "mountPath": path }))
+            .boxed()
+    }
+
+    /// A container, and whether a field of it has the wrong type.
+    fn container(noisy: bool) -> BoxedStrategy<(Value, bool)> {
+        let noise = u32::from(noisy);
+        let name = prop_oneof![
+            20 => select(vec!["app", "web", "debug", "istio-proxy"]).prop_map(|n| Some(json!(n))),
+            1 => Just(Some(json!(SIDECAR_NAME))),
+            noise => Just(None),
+            noise => Just(Some(json!(42))),
+        ];
+        let env = prop::collection::vec(env_entry(), 0..4)
+            .prop_map(Value::Array)
+            .boxed();
+        let env = field(env, false, noisy);
+        let mounts = prop::collection::vec(mount(), 0..3)
+            .prop_map(Value::Array)
+            .boxed();
+        let mounts = field(mounts, false, noisy);
+        prop_oneof![
+            20 => (name, env, mounts).prop_map(|(name, (env, bad_env), (mounts, bad_mounts))| {
+                let mut c = Map::new();
+                insert(&mut c, "name", name);
+                c.insert("image".to_owned(), json!("img:1"));
+                insert(&mut c, "env", env);
+                insert(&mut c, "volumeMounts", mounts);
+                (Value::Object(c), bad_env || bad_mounts)
+            }),
+            noise => Just((json!("not a container"), false)),
+        ]
+        .boxed()
+    }
+
+    /// A list of containers, and whether any of them has a wrong-typed field.
+    fn containers(max: usize, noisy: bool) -> BoxedStrategy<(Value, bool)> {
+        prop::collection::vec(container(noisy), 0..max)
+            .prop_map(|cs| {
+                let bad = cs.iter().any(|(_, bad)| *bad);
+                (Value::Array(cs.into_iter().map(|(c, _)| c).collect()), bad)
+            })
+            .boxed()
+    }
+
+    /// A generated pod, with what the generator knows about it.
+    #[derive(Debug, Clone)]
+    struct Generated {
+        pod: Value,
+        /// A place the patch touches outside the containers has the wrong type.
+        wrong_outside_containers: bool,
+    }
+
+    fn pod() -> impl Strategy<Value = Generated> {
+        prop::bool::ANY.prop_flat_map(pod_with)
+    }
+
+    fn pod_with(noisy: bool) -> impl Strategy<Value = Generated> {
+        let noise = u32::from(noisy);
+        let annotations = prop::collection::btree_map(
+            select(vec![
+                ANNOTATION_SKIP_CONTAINERS,
+                ANNOTATION_SECRET_NAME,
+                "a/b",
+                "note",
+            ]),
+            prop_oneof![
+                select(vec!["app", "app,web", " debug , istio-proxy", "", "old"])
+                    .prop_map(|s| json!(s)),
+                Just(json!(1)),
+            ],
+            0..3,
+        )
+        .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
+        .boxed();
+        let labels = prop::collection::btree_map(
+            select(vec![LABEL_INJECTED, "app"]),
+            select(vec!["false", "web"]).prop_map(|s| json!(s)),
+            0..2,
+        )
+        .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
+        .boxed();
+        let metadata = (
+            field(annotations, true, noisy),
+            field(labels, true, noisy),
+            prop::option::of(select(vec!["p", "web-"])),
+        )
+            .prop_map(|((a, bad_a), (l, bad_l), name)| {
+                let mut m = Map::new();
+                insert(&mut m, "name", name.map(|n| json!(n)));
+                insert(&mut m, "annotations", a);
+                insert(&mut m, "labels", l);
+                (Value::Object(m), bad_a || bad_l)
+            })
+            .boxed();
+        let metadata = prop_oneof![
+            2 => Just((None, false)),
+            1 => Just((Some(Value::Null), false)),
+            8 => metadata.prop_map(|(m, bad)| (Some(m), bad)),
+            noise => select(vec![json!("x"), json!(3), json!([])]).prop_map(|v| (Some(v), true)),
+        ];
+        let volume = mostly(vec!["data", "cache"], vec![TOKEN_VOLUME])
+            .prop_map(|n| json!({ "name": n, "emptyDir": {} }));
+        let volumes = prop::collection::vec(volume, 0..3)
+            .prop_map(Value::Array)
+            .boxed();
+        let volumes = field(volumes, false, noisy);
+        // Containers: mostly a valid array; sometimes wrong, absent or null (refused either way).
+        let main = prop_oneof![
+            12 => containers(4, noisy).prop_map(|(c, bad)| (Some(c), bad, false)),
+            noise => Just((None, false, false)),
+            noise => Just((Some(Value::Null), false, false)),
+            noise => select(vec![json!("x"), json!({ "name": "app" })])
+                .prop_map(|v| (Some(v), false, true)),
+        ];
+        let init = field(
+            containers(3, noisy).prop_map(|(c, _)| c).boxed(),
+            false,
+            noisy,
+        );
+        let host = select(vec![
+            None,
+            None,
+            None,
+            Some(json!(true)),
+            Some(json!(false)),
+            Some(json!("true")),
+        ]);
+        let shapes = if noisy { 0..20u8 } else { 2..20u8 };
+        (metadata, volumes, main, init, host, shapes).prop_map(
+            |(
+                (metadata, bad_meta),
+                (volumes, bad_vol),
+                (main, _, bad_main),
+                (init, bad_init),
+                host,
+                shape,
+            )| {
+                let mut spec = Map::new();
+                insert(&mut spec, "containers", main);
+                insert(&mut spec, "initContainers", init);
+                insert(&mut spec, "volumes", volumes);
+                insert(&mut spec, "hostNetwork", host);
+                spec.insert("futureField".to_owned(), json!({ "x": 1 }));
+                let mut pod = Map::new();
+                insert(&mut pod, "metadata", metadata);
+                pod.insert("spec".to_owned(), Value::Object(spec));
+                let pod = match shape {
+                    0 => json!(["not", "a", "pod"]),
+                    1 => json!({ "metadata": {}, "spec": "x" }),
+                    _ => Value::Object(pod),
+                };
+                Generated {
+                    pod,
+                    wrong_outside_containers: bad_meta || bad_vol || bad_main || bad_init,
+                }
+            },
+        )
+    }
+
+    fn settings() -> impl Strategy<Value = SidecarSettings> {
+        (
+            prop::bool::ANY,
+            prop::bool::ANY,
+            prop::option::of(select(vec!["eu-west-1", "us-east-1"])),
+        )
+            .prop_map(|(native, token_file, region)| SidecarSettings {
+                image: "registry.example/iam-broker-proxy:1".to_owned(),
+                port: 53080,
+                mode: if native {
+                    SidecarMode::Native
+                } else {
+                    SidecarMode::Container
+                },
+                token_file,
+                region: region.map(str::to_owned),
+                broker_ca_pem: None,
+            })
+    }
+
+    fn names(list: &Value, key: &str) -> Vec<String> {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.get(key).and_then(Value::as_str).map(str::to_owned))
+            .collect()
+    }
+
+    /// Whether the pod's containers include the sidecar (either list).
+    fn carries_sidecar(pod: &Value) -> bool {
+        ["initContainers", "containers"].iter().any(|list| {
+            names(&pod["spec"][list], "name")
+                .iter()
+                .any(|n| n == SIDECAR_NAME)
+        })
+    }
+
+    /// Checks everything the patch promises on the patched pod.
+    fn check_patched(pod: &Value, view: &PodView, s: &SidecarSettings, patched: &Value) {
+        let annotations = &patched["metadata"]["annotations"];
+        assert_eq!(annotations[ANNOTATION_SECRET_NAME], SECRET);
+        assert_eq!(annotations[ANNOTATION_TOKEN_HASH], HASH);
+        assert_eq!(
+            patched["metadata"]["labels"][LABEL_INJECTED],
+            LABEL_INJECTED_VALUE
+        );
+        // Annotations and labels the pod had are kept (ours overwrite theirs).
+        for field in ["annotations", "labels"] {
+            if let Some(before) = pod["metadata"][field].as_object() {
+                for (key, value) in before {
+                    if key != ANNOTATION_SECRET_NAME && key != LABEL_INJECTED {
+                        assert_eq!(&patched["metadata"][field][key], value, "{field}.{key}");
+                    }
+                }
+            }
+        }
+        // The sidecar, exactly once, where the mode puts it.
+        let mut expected = sidecar(s, URL);
+        let shift = match s.mode {
+            SidecarMode::Container => {
+                let last = patched["spec"]["containers"]
+                    .as_array()
+                    .unwrap()
+                    .last()
+                    .unwrap();
+                assert_eq!(last, &expected);
+                0
+            }
+            SidecarMode::Native => {
+                expected["restartPolicy"] = json!("Always");
+                assert_eq!(patched["spec"]["initContainers"][0], expected);
+                1
+            }
+        };
+        let count: usize = ["initContainers", "containers"]
+            .iter()
+            .map(|l| {
+                names(&patched["spec"][l], "name")
+                    .iter()
+                    .filter(|n| *n == SIDECAR_NAME)
+                    .count()
+            })
+            .sum();
+        assert_eq!(count, 1, "one sidecar");
+        // Every eligible container has the variables (once each) and, with a token file, the mount.
+        for target in &view.eligible {
+            let shift = if target.list == ContainerList::Init {
+                shift
+            } else {
+                0
+            };
+            let before = &pod["spec"][target.list.field()][target.index];
+            let after = &patched["spec"][target.list.field()][target.index + shift];
+            assert_eq!(after["name"], before["name"]);
+            let env = names(&after["env"], "name");
+            let mut wanted = vec![ENV_FULL_URI, ENV_AUTHORIZATION_TOKEN];
+            if s.token_file {
+                wanted.push(ENV_AUTHORIZATION_TOKEN_FILE);
+            }
+            if s.region.is_some() {
+                wanted.extend(["AWS_REGION", "AWS_DEFAULT_REGION"]);
+            }
+            for name in wanted {
+                assert!(env.iter().any(|n| n == name), "{name} in {env:?}");
+            }
+            for name in [
+                ENV_FULL_URI,
+                ENV_AUTHORIZATION_TOKEN,
+                ENV_AUTHORIZATION_TOKEN_FILE,
+            ] {
+                assert!(
+                    env.iter().filter(|n| *n == name).count() <= 1,
+                    "{name} twice"
+                );
+            }
+            let token = after["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == ENV_AUTHORIZATION_TOKEN)
+                .unwrap();
+            assert_eq!(token["valueFrom"]["secretKeyRef"]["name"], SECRET);
+            // What the container had is kept, in front.
+            if let Some(had) = before["env"].as_array() {
+                assert_eq!(&after["env"].as_array().unwrap()[..had.len()], &had[..]);
+            }
+            let mounts = names(&after["volumeMounts"], "name");
+            let ours = mounts.iter().filter(|n| *n == TOKEN_VOLUME).count();
+            assert_eq!(
+                ours,
+                usize::from(s.token_file),
+                "token mounts in {mounts:?}"
+            );
+        }
+        let volumes = names(&patched["spec"]["volumes"], "name");
+        let ours = volumes.iter().filter(|n| *n == TOKEN_VOLUME).count();
+        assert_eq!(
+            ours,
+            usize::from(s.token_file),
+            "token volumes in {volumes:?}"
+        );
+        // Unknown fields are kept, and the patched pod reads as already injected.
+        assert_eq!(patched["spec"]["futureField"], pod["spec"]["futureField"]);
+        assert_eq!(view_skip(patched), Ok(Some(Skip::AlreadyInjected)));
+    }
+
+    fn view_skip(pod: &Value) -> Result<Option<Skip>, NotAPod> {
+        view(pod).map(|v| v.skip())
+    }
+
+    /// The skip is for a reason the pod really has.
+    fn check_skip(pod: &Value, view: &PodView, skip: &Skip) {
+        match skip {
+            Skip::AlreadyInjected => assert!(carries_sidecar(pod)),
+            Skip::HostNetwork => assert_eq!(pod["spec"]["hostNetwork"], true),
+            Skip::NoEligibleContainer => assert!(view.eligible.is_empty()),
+            Skip::Conflict(_) => {
+                let volume = names(&pod["spec"]["volumes"], "name")
+                    .iter()
+                    .any(|n| n == TOKEN_VOLUME);
+                let mount = view.eligible.iter().any(|t| {
+                    let c = &pod["spec"][t.list.field()][t.index];
+                    names(&c["volumeMounts"], "name")
+                        .iter()
+                        .any(|n| n == TOKEN_VOLUME)
+                        || names(&c["volumeMounts"], "mountPath")
+                            .iter()
+                            .any(|p| p.trim_end_matches('/') == TOKEN_MOUNT_PATH)
+                });
+                assert!(volume || mount, "conflict without a conflicting name");
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_patch_applies_and_every_skip_writes_nothing(generated in pod(), s in settings()) {
+            let pod = &generated.pod;
+            match view(pod) {
+                // Refused: the webhook answers without any lookup or write.
+                Err(_) => {}
+                Ok(v) => {
+                    prop_assert!(
+                        !generated.wrong_outside_containers,
+                        "a wrong-typed metadata/annotations/labels/volumes/containers was accepted"
+                    );
+                    match v.skip() {
+                        Some(skip) => check_skip(pod, &v, &skip),
+                        None => {
+                            let p = patch(pod, &v, &s, &Injection {
+                                secret_name: SECRET, token_hash: HASH, broker_url: URL,
+                            });
+                            let mut patched = pod.clone();
+                            let applied = json_patch::patch(&mut patched, &p);
+                            prop_assert!(applied.is_ok(), "{applied:?}\npod {pod}\npatch {}",
+                                serde_json::to_string(&p).unwrap());
+                            check_patched(pod, &v, &s, &patched);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_wrong_type_at_a_patched_place_is_refused() {
+        // One valid pod, then each place the patch touches set to each wrong type in turn.
+        let valid = json!({ "metadata": { "annotations": {}, "labels": {} }, "spec": {
+            "volumes": [], "initContainers": [],
+            "containers": [{ "name": "app", "env": [], "volumeMounts": [] }] } });
+        assert_eq!(view_skip(&valid), Ok(None));
+        let places: [(&str, &[&str]); 8] = [
+            ("object", &["metadata"]),
+            ("object", &["metadata", "annotations"]),
+            ("object", &["metadata", "labels"]),
+            ("array", &["spec", "volumes"]),
+            ("array", &["spec", "initContainers"]),
+            ("array", &["spec", "containers"]),
+            ("array", &["spec", "containers", "0", "env"]),
+            ("array", &["spec", "containers", "0", "volumeMounts"]),
+        ];
+        for (kind, path) in places {
+            let wrong: &[Value] = if kind == "object" {
+                &[json!("x"), json!(["a"]), json!(3), json!(false)]
+            } else {
+                &[json!("x"), json!({ "a": 1 }), json!(3), json!(false)]
+            };
+            for value in wrong {
+                let mut pod = valid.clone();
+                *pod.pointer_mut(&format!("/{}", path.join("/"))).unwrap() = value.clone();
+                assert!(view(&pod).is_err(), "{path:?} = {value} was accepted");
+            }
+        }
+    }
+
+    #[test]
+    fn a_null_metadata_annotations_labels_or_list_is_created_whole() {
+        for s in [SidecarSettings {
+            image: "i".to_owned(),
+            port: 1,
+            mode: SidecarMode::Native,
+            token_file: true,
+            region: None,
+            broker_ca_pem: None,
+        }] {
+            for pod in [
+                json!({ "metadata": null, "spec": { "containers": [{ "name": "a" }] } }),
+                json!({ "metadata": { "annotations": null, "labels": null }, "spec": {
+                    "volumes": null, "initContainers": null,
+                    "containers": [{ "name": "a", "env": null, "volumeMounts": null }] } }),
+            ] {
+                let v = view(&pod).unwrap();
+                assert_eq!(v.skip(), None);
+                let p = patch(
+                    &pod,
+                    &v,
+                    &s,
+                    &Injection {
+                        secret_name: SECRET,
+                        token_hash: HASH,
+                        broker_url: URL,
+                    },
+                );
+                let mut patched = pod.clone();
+                json_patch::patch(&mut patched, &p).unwrap();
+                check_patched(&pod, &v, &s, &patched);
+            }
+        }
+    }
+
+    #[test]
+    fn the_token_volume_name_or_mount_path_in_use_is_a_skip() {
+        for pod in [
+            json!({ "spec": { "volumes": [{ "name": TOKEN_VOLUME }],
+                "containers": [{ "name": "a" }] } }),
+            json!({ "spec": { "containers": [{ "name": "a", "volumeMounts": [
+                { "name": "x", "mountPath": TOKEN_MOUNT_PATH }] }] } }),
+            json!({ "spec": { "containers": [{ "name": "a", "volumeMounts": [
+                { "name": TOKEN_VOLUME, "mountPath": "/t" }] }] } }),
+        ] {
+            assert!(
+                matches!(view_skip(&pod), Ok(Some(Skip::Conflict(_)))),
+                "{pod}"
+            );
+        }
     }
 }

@@ -1,0 +1,2 @@
+//! Fuzz targets of iam-broker, as plain functions over bytes.
+#![forbid(unsafe_code)]
