@@ -8,6 +8,7 @@ mod stack;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -43,6 +44,21 @@ enum Command {
         /// PEM private key for HTTPS.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<std::path::PathBuf>,
+        /// A connection whose request head is not complete within this many ms is closed.
+        #[arg(long, env = "IAM_BROKER_HEADER_READ_TIMEOUT_MS", value_name = "MS",
+              default_value_t = serve::DEFAULT_HEADER_READ_TIMEOUT_MS,
+              value_parser = clap::value_parser!(u64).range(100..=600_000))]
+        header_read_timeout_ms: u64,
+        /// A TLS handshake not finished within this many ms is dropped.
+        #[arg(long, env = "IAM_BROKER_TLS_HANDSHAKE_TIMEOUT_MS", value_name = "MS",
+              default_value_t = serve::DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS,
+              value_parser = clap::value_parser!(u64).range(100..=600_000))]
+        tls_handshake_timeout_ms: u64,
+        /// Connections served at once; at the limit new clients wait in the listen backlog.
+        #[arg(long, env = "IAM_BROKER_MAX_CONNECTIONS", value_name = "N",
+              default_value_t = serve::DEFAULT_MAX_CONNECTIONS as u64,
+              value_parser = clap::value_parser!(u64).range(1..=65_536))]
+        max_connections: u64,
     },
     /// Allow a ServiceAccount (or `*`, every ServiceAccount of the namespace) to assume a role.
     Allow(AllowanceArgs),
@@ -185,11 +201,20 @@ async fn main() -> ExitCode {
             listen,
             tls_cert,
             tls_key,
+            header_read_timeout_ms,
+            tls_handshake_timeout_ms,
+            max_connections,
         } => {
             let tls = tls_cert
                 .zip(tls_key)
                 .map(|(cert, key)| serve::Tls { cert, key });
-            serve::run(listen, tls).await
+            let limits = serve::Limits {
+                header_read_timeout: Duration::from_millis(header_read_timeout_ms),
+                tls_handshake_timeout: Duration::from_millis(tls_handshake_timeout_ms),
+                max_connections: usize::try_from(max_connections)
+                    .unwrap_or(serve::DEFAULT_MAX_CONNECTIONS),
+            };
+            serve::run(listen, tls, limits).await
         }
         Command::RenderWebhook(args) => ops::render(args, &environment),
         Command::Credentials(args) => ops::credentials(args, &environment).await,

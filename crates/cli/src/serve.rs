@@ -9,11 +9,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use iam_broker_core::Config;
 use iam_broker_router::router;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
@@ -21,8 +25,19 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
-/// A TLS handshake slower than this is dropped (a stalled client must not hold a task forever).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed `accept` (e.g. out of file descriptors), wait before the next one.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// The largest request head (request line and headers) hyper buffers; a longer one is answered
+/// `431` by hyper itself, with an empty body, before the router runs (README "Limits"). The
+/// router's own, smaller URI and header limits answer in JSON below this.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Default of `--header-read-timeout-ms`: a client must send its whole request head in this time.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Default of `--tls-handshake-timeout-ms`: a TLS handshake slower than this is dropped.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Default of `--max-connections`: connections served at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// The certificate and key of `--tls-cert` / `--tls-key`.
 #[derive(Debug, Clone)]
@@ -33,24 +48,38 @@ pub struct Tls {
     pub key: PathBuf,
 }
 
+/// What one client may hold of the server, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// A connection whose request head is not complete this long after the server started
+    /// reading it is closed (a slow or silent client cannot hold a connection).
+    pub header_read_timeout: Duration,
+    /// A TLS handshake not finished within this is dropped.
+    pub tls_handshake_timeout: Duration,
+    /// Connections served at once. At the limit the server stops accepting: new clients wait in
+    /// the kernel's listen backlog (they are served, late, not refused) until a connection ends,
+    /// which the header-read timeout guarantees for clients that send nothing.
+    pub max_connections: usize,
+}
+
 /// Serves until SIGINT or SIGTERM.
-pub async fn run(listen: SocketAddr, tls: Option<Tls>) -> anyhow::Result<()> {
+pub async fn run(listen: SocketAddr, tls: Option<Tls>, limits: Limits) -> anyhow::Result<()> {
     let config = Config::from_env()?;
     let acceptor = tls.as_ref().map(tls_acceptor).transpose()?;
     let state = iam_broker_app::build(&config).await.state;
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let address = listener.local_addr()?;
-    tracing::info!(address = %address, tls = acceptor.is_some(), "listening");
-    let app = router(state);
-    match acceptor {
-        None => axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown())
-            .await
-            .context("the server failed")?,
-        Some(acceptor) => serve_tls(listener, acceptor, app).await,
-    }
+    tracing::info!(
+        address = %address,
+        tls = acceptor.is_some(),
+        header_read_timeout_ms = u64::try_from(limits.header_read_timeout.as_millis()).unwrap_or(u64::MAX),
+        tls_handshake_timeout_ms = u64::try_from(limits.tls_handshake_timeout.as_millis()).unwrap_or(u64::MAX),
+        max_connections = limits.max_connections,
+        "listening"
+    );
+    serve(listener, acceptor, router(state), limits).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -89,48 +118,91 @@ fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-async fn serve_tls(listener: tokio::net::TcpListener, acceptor: TlsAcceptor, app: Router) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+/// The one connection loop of HTTP and HTTPS: a slot from the connection limit, then accept, then
+/// (HTTPS) the handshake under its timeout, then hyper's HTTP/1 with the header-read timeout.
+async fn serve(listener: TcpListener, acceptor: Option<TlsAcceptor>, app: Router, limits: Limits) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let stop = shutdown();
     tokio::pin!(stop);
     loop {
+        // Take a slot before accepting: at the limit, new clients wait in the backlog.
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut stop => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
             () = &mut stop => break,
         };
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
+        }
+        let connection = Connection {
+            builder: builder.clone(),
+            service: TowerToHyperService::new(app.clone()),
+            watcher: graceful.watcher(),
+            peer,
+        };
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(app.clone());
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    tracing::debug!(%peer, %error, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let connection = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(error) = watcher.watch(connection.into_owned()).await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+            match acceptor {
+                None => connection.serve(stream).await,
+                Some(acceptor) => connection.serve_tls(stream, acceptor, limits).await,
             }
+            drop(slot);
         });
     }
+    drop(listener);
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(DRAIN) => tracing::warn!("connections still open after the drain period"),
+    }
+}
+
+/// One accepted connection and what it is served with.
+struct Connection {
+    builder: http1::Builder,
+    service: TowerToHyperService<Router>,
+    watcher: Watcher,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    async fn serve_tls(self, stream: TcpStream, acceptor: TlsAcceptor, limits: Limits) {
+        let peer = self.peer;
+        match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => self.serve(tls).await,
+            Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        }
+    }
+
+    async fn serve<S>(self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let connection = self
+            .builder
+            .serve_connection(TokioIo::new(stream), self.service);
+        if let Err(error) = self.watcher.watch(connection).await {
+            tracing::debug!(peer = %self.peer, %error, "connection ended with an error");
+        }
     }
 }
 

@@ -38,13 +38,34 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// An error for a status the HTTP layer chose (a limit, an extractor's rejection), with the
+    /// status's own name as its `Code`.
+    pub fn from_status(status: StatusCode, message: impl Into<String>) -> Self {
+        let code = match status {
+            StatusCode::BAD_REQUEST => "BadRequest",
+            StatusCode::NOT_FOUND => "NotFound",
+            StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+            StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLarge",
+            StatusCode::URI_TOO_LONG => "UriTooLong",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaType",
+            StatusCode::UNPROCESSABLE_ENTITY => "UnprocessableEntity",
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "RequestHeaderFieldsTooLarge",
+            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
+            status if status.is_server_error() => "InternalError",
+            _ => "BadRequest",
+        };
+        Self::new(status, code, message)
+    }
+}
+
 impl From<&BrokerError> for ApiError {
     fn from(error: &BrokerError) -> Self {
         let status = match error {
             BrokerError::MissingAuthorization => StatusCode::UNAUTHORIZED,
-            BrokerError::InvalidToken(_) | BrokerError::AllowanceRevoked { .. } => {
-                StatusCode::FORBIDDEN
-            }
+            BrokerError::InvalidToken(_)
+            | BrokerError::CorruptRecord { .. }
+            | BrokerError::AllowanceRevoked { .. } => StatusCode::FORBIDDEN,
             BrokerError::AssumeRoleFailed { .. } => StatusCode::BAD_GATEWAY,
             BrokerError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::get;
 use iam_broker_core::Broker;
 use iam_broker_core::webhook::Webhook;
@@ -35,10 +36,24 @@ pub struct AppState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BasePath(pub String);
 
+/// The largest request body read (an AdmissionReview of the largest Pod etcd stores, 1.5 MiB,
+/// fits); a larger one is `413 PayloadTooLarge`.
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// The longest path and query; a longer one is `414 UriTooLong`.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// The most header bytes (names, values and separators); more is
+/// `431 RequestHeaderFieldsTooLarge`.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// The most bytes of a request path a log line carries.
+const MAX_LOGGED_PATH: usize = 256;
+/// The most bytes of a rejection's plain-text body carried into its JSON `Message`.
+const MAX_REJECTION_TEXT: usize = 1024;
+
 /// The router of DESIGN.md: `GET /` and `GET /credentials` (broker), `POST /` and
-/// `POST /mutate` (admission webhook), `GET /healthz`; JSON errors for anything else.
+/// `POST /mutate` (admission webhook), `GET /healthz`; JSON errors for anything else, including
+/// the HTTP layer's own rejections (body, URI and header limits, malformed paths).
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/", get(handlers::credentials).post(handlers::admission))
         .route("/credentials", get(handlers::credentials))
         .route("/mutate", axum::routing::post(handlers::admission))
@@ -48,9 +63,18 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/healthz", get(handlers::healthz))
         .fallback(handlers::not_found)
-        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .method_not_allowed_fallback(handlers::method_not_allowed);
+    http_layers(routes).with_state(state)
+}
+
+/// What wraps every route, innermost first: the body limit, JSON for the HTTP layer's own
+/// rejections, the URI and header limits, the access log.
+fn http_layers<S: Clone + Send + Sync + 'static>(routes: Router<S>) -> Router<S> {
+    routes
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(json_rejections))
+        .layer(middleware::from_fn(request_limits))
         .layer(middleware::from_fn(access_log))
-        .with_state(state)
 }
 
 /// The id of one request, carried on every log line it causes (the `request` span's
@@ -99,10 +123,11 @@ async fn access_log(request: Request, next: Next) -> Response {
 async fn logged(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
-    // The webhook's path carries its secret segment: never log it.
+    // The webhook's path carries its secret segment: never log it. Any other path is the
+    // client's to choose: log a bounded prefix of it.
     let path = match request.uri().path() {
         p if p.starts_with("/mutate/") => "/mutate/<redacted>".to_owned(),
-        p => p.to_owned(),
+        p => truncated(p, MAX_LOGGED_PATH),
     };
     let response = next.run(request).await;
     tracing::info!(
@@ -113,6 +138,76 @@ async fn logged(request: Request, next: Next) -> Response {
         "request"
     );
     response
+}
+
+/// At most `max` bytes of `text` (cut at a character boundary), marked with `…` when cut.
+fn truncated(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// `414` / `431` in the JSON shape, before any handler runs, for a URI or headers beyond the
+/// limits. (hyper itself answers `431` with an empty body for a head beyond its buffer, before
+/// this runs: README "Limits".)
+async fn request_limits(request: Request, next: Next) -> Response {
+    let uri_bytes = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if uri_bytes > MAX_URI_BYTES {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "UriTooLong",
+            format!("the request URI is longer than {MAX_URI_BYTES} bytes"),
+        )
+        .into_response();
+    }
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "RequestHeaderFieldsTooLarge",
+            format!("the request headers are larger than {MAX_HEADER_BYTES} bytes"),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Rewrites any error answer that is not JSON (axum's extractor rejections are plain text: body
+/// too large, a path segment that is not UTF-8) into the `{"Code","Message"}` shape with
+/// `Cache-Control: no-store`, so every refusal has one shape.
+async fn json_rejections(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), MAX_REJECTION_TEXT)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("refused").to_owned()
+    } else {
+        truncated(&text, MAX_REJECTION_TEXT)
+    };
+    ApiError::from_status(status, message).into_response()
 }
 
 pub mod telemetry {
@@ -134,5 +229,117 @@ pub mod telemetry {
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .try_init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::{Body, Bytes};
+    use axum::extract::Path;
+    use axum::http::{HeaderValue, Request, StatusCode, header};
+    use axum::routing::post;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    /// Routes with the router's extractors (a body, a path segment), under the router's layers.
+    fn app() -> Router {
+        http_layers(
+            Router::new()
+                .route(
+                    "/body",
+                    post(|body: Bytes| async move { body.len().to_string() }),
+                )
+                .route(
+                    "/mutate/{secret}",
+                    post(|Path(secret): Path<String>| async move { secret }),
+                ),
+        )
+    }
+
+    async fn send(
+        request: Request<Body>,
+    ) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+        let response = app().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        (status, headers, json)
+    }
+
+    fn assert_json_error(
+        (status, headers, json): &(StatusCode, axum::http::HeaderMap, serde_json::Value),
+        want: StatusCode,
+        code: &str,
+    ) {
+        assert_eq!(*status, want, "{json}");
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(json["Code"], code, "{json}");
+        assert!(
+            json["Message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{json}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_a_json_413() {
+        let ok = Request::post("/body")
+            .body(Body::from(vec![b'x'; MAX_BODY_BYTES]))
+            .unwrap();
+        assert_eq!(send(ok).await.0, StatusCode::OK);
+        let big = Request::post("/body")
+            .body(Body::from(vec![b'x'; MAX_BODY_BYTES + 1]))
+            .unwrap();
+        assert_json_error(
+            &send(big).await,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PayloadTooLarge",
+        );
+    }
+
+    #[tokio::test]
+    async fn a_uri_over_the_limit_is_a_json_414() {
+        let uri = format!("/body?{}", "q".repeat(MAX_URI_BYTES));
+        let request = Request::post(uri).body(Body::empty()).unwrap();
+        assert_json_error(&send(request).await, StatusCode::URI_TOO_LONG, "UriTooLong");
+    }
+
+    #[tokio::test]
+    async fn headers_over_the_limit_are_a_json_431() {
+        let mut request = Request::post("/body").body(Body::empty()).unwrap();
+        for i in 0..10 {
+            let name = axum::http::HeaderName::try_from(format!("x-big-{i}")).unwrap();
+            let value = HeaderValue::from_str(&"v".repeat(MAX_HEADER_BYTES / 9)).unwrap();
+            request.headers_mut().insert(name, value);
+        }
+        assert_json_error(
+            &send(request).await,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "RequestHeaderFieldsTooLarge",
+        );
+    }
+
+    #[tokio::test]
+    async fn an_extractor_rejection_is_json() {
+        // a path segment that is not UTF-8: axum's own plain-text 400
+        let request = Request::post("/mutate/%FF%FE").body(Body::empty()).unwrap();
+        assert_json_error(&send(request).await, StatusCode::BAD_REQUEST, "BadRequest");
+    }
+
+    #[test]
+    fn logged_values_are_bounded() {
+        assert_eq!(truncated("short", 10), "short");
+        let long = "é".repeat(300);
+        let cut = truncated(&long, MAX_LOGGED_PATH);
+        assert!(
+            cut.len() <= MAX_LOGGED_PATH + '…'.len_utf8(),
+            "{}",
+            cut.len()
+        );
+        assert!(cut.ends_with('…'));
     }
 }
