@@ -142,6 +142,24 @@ impl ProxyError {
         )
     }
 
+    /// A request URI longer than `max` bytes.
+    pub(crate) fn uri_too_long(max: usize) -> Self {
+        Self::new(
+            StatusCode::URI_TOO_LONG,
+            "UriTooLong",
+            format!("the request URI is longer than {max} bytes"),
+        )
+    }
+
+    /// Request headers larger than `max` bytes.
+    pub(crate) fn headers_too_large(max: usize) -> Self {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "RequestHeaderFieldsTooLarge",
+            format!("the request headers are larger than {max} bytes"),
+        )
+    }
+
     /// The broker returned credentials that have already expired.
     pub(crate) fn expired_credentials() -> Self {
         Self::new(

@@ -19,6 +19,11 @@ pub const ENV_REFRESH_AHEAD_SECONDS: &str = "REFRESH_AHEAD_SECONDS";
 pub const ENV_BROKER_TIMEOUT_MS: &str = "BROKER_TIMEOUT_MS";
 /// `CACHE_MAX_ENTRIES`: how many tokens' credentials the cache holds at most.
 pub const ENV_CACHE_MAX_ENTRIES: &str = "CACHE_MAX_ENTRIES";
+/// `HEADER_READ_TIMEOUT_MS`: a connection whose request head is not complete in this time is
+/// closed.
+pub const ENV_HEADER_READ_TIMEOUT_MS: &str = "HEADER_READ_TIMEOUT_MS";
+/// `MAX_CONNECTIONS`: connections served at once.
+pub const ENV_MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
 
 /// Extra CA certificates (PEM text) the broker's certificate may chain to, besides the public
 /// webpki roots: for an in-cluster broker with a private CA.
@@ -33,6 +38,10 @@ pub const DEFAULT_REFRESH_AHEAD_SECONDS: u64 = 300;
 pub const DEFAULT_BROKER_TIMEOUT_MS: u64 = 5000;
 /// Default of [`ENV_CACHE_MAX_ENTRIES`]: a pod rarely holds more than one token.
 pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 64;
+/// Default of [`ENV_HEADER_READ_TIMEOUT_MS`] (the same as `iam-broker serve`).
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Default of [`ENV_MAX_CONNECTIONS`] (the same as `iam-broker serve`).
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 1024;
 
 pub use iam_broker_core::env::ConfigError;
 
@@ -53,6 +62,10 @@ pub struct ProxyConfig {
     pub cache_max_entries: usize,
     /// Extra trusted CA certificates (DER) from [`ENV_BROKER_CA_PEM`].
     pub broker_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// A connection whose request head is not complete in this time is closed.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; at the limit new clients wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl ProxyConfig {
@@ -105,6 +118,17 @@ impl ProxyConfig {
             )?)
             .unwrap_or(usize::MAX),
             broker_ca: v.parse_or(ENV_BROKER_CA_PEM, Vec::new(), broker_ca)?,
+            header_read_timeout: Duration::from_millis(v.parse_or(
+                ENV_HEADER_READ_TIMEOUT_MS,
+                DEFAULT_HEADER_READ_TIMEOUT_MS,
+                integer_in(100..=600_000, "milliseconds"),
+            )?),
+            max_connections: usize::try_from(v.parse_or(
+                ENV_MAX_CONNECTIONS,
+                DEFAULT_MAX_CONNECTIONS,
+                integer_in(1..=65_536, "connections"),
+            )?)
+            .unwrap_or(usize::MAX),
         })
     }
 }
@@ -177,6 +201,8 @@ mod tests {
         assert_eq!(config.refresh_ahead, Duration::from_secs(300));
         assert_eq!(config.broker_timeout, Duration::from_millis(5000));
         assert_eq!(config.cache_max_entries, 64);
+        assert_eq!(config.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.max_connections, 1024);
     }
 
     #[test]
@@ -188,6 +214,8 @@ mod tests {
             (ENV_REFRESH_AHEAD_SECONDS, ""),
             (ENV_BROKER_TIMEOUT_MS, "250"),
             (ENV_CACHE_MAX_ENTRIES, "2"),
+            (ENV_HEADER_READ_TIMEOUT_MS, "1000"),
+            (ENV_MAX_CONNECTIONS, "8"),
         ])
         .unwrap();
         assert_eq!(config.broker_url, "http://127.0.0.1:8080/");
@@ -196,6 +224,8 @@ mod tests {
         assert_eq!(config.refresh_ahead, Duration::from_secs(300));
         assert_eq!(config.broker_timeout, Duration::from_millis(250));
         assert_eq!(config.cache_max_entries, 2);
+        assert_eq!(config.header_read_timeout, Duration::from_secs(1));
+        assert_eq!(config.max_connections, 8);
     }
 
     #[test]
@@ -234,6 +264,8 @@ mod tests {
             (ENV_BROKER_TIMEOUT_MS, "60001"),
             (ENV_CACHE_MAX_ENTRIES, "0"),
             (ENV_CACHE_MAX_ENTRIES, "many"),
+            (ENV_HEADER_READ_TIMEOUT_MS, "99"),
+            (ENV_MAX_CONNECTIONS, "0"),
             (ENV_BROKER_CA_PEM, "not a certificate"),
             (
                 ENV_BROKER_CA_PEM,

@@ -7,9 +7,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use iam_broker_proxy::config::{
-    DEFAULT_BROKER_TIMEOUT_MS, DEFAULT_CACHE_MAX_ENTRIES, DEFAULT_LISTEN_ADDR,
-    DEFAULT_MIN_VALIDITY_SECONDS, DEFAULT_REFRESH_AHEAD_SECONDS, ENV_BROKER_CA_PEM,
-    ENV_BROKER_TIMEOUT_MS, ENV_BROKER_URL, ENV_CACHE_MAX_ENTRIES, ENV_LISTEN_ADDR,
+    DEFAULT_BROKER_TIMEOUT_MS, DEFAULT_CACHE_MAX_ENTRIES, DEFAULT_HEADER_READ_TIMEOUT_MS,
+    DEFAULT_LISTEN_ADDR, DEFAULT_MAX_CONNECTIONS, DEFAULT_MIN_VALIDITY_SECONDS,
+    DEFAULT_REFRESH_AHEAD_SECONDS, ENV_BROKER_CA_PEM, ENV_BROKER_TIMEOUT_MS, ENV_BROKER_URL,
+    ENV_CACHE_MAX_ENTRIES, ENV_HEADER_READ_TIMEOUT_MS, ENV_LISTEN_ADDR, ENV_MAX_CONNECTIONS,
     ENV_MIN_VALIDITY_SECONDS, ENV_REFRESH_AHEAD_SECONDS,
 };
 use iam_broker_proxy::{ProxyConfig, SystemClock, serve, telemetry};
@@ -51,6 +52,8 @@ Configured by environment variables only:
   {ENV_REFRESH_AHEAD_SECONDS:<22} seconds before that point a background refresh starts, 0..=3300 (default {DEFAULT_REFRESH_AHEAD_SECONDS})
   {ENV_BROKER_TIMEOUT_MS:<22} deadline of one broker call in ms, 50..=60000 (default {DEFAULT_BROKER_TIMEOUT_MS})
   {ENV_CACHE_MAX_ENTRIES:<22} most tokens cached at once, 1..=100000 (default {DEFAULT_CACHE_MAX_ENTRIES})
+  {ENV_HEADER_READ_TIMEOUT_MS:<22} ms a client has to send its request head, 100..=600000 (default {DEFAULT_HEADER_READ_TIMEOUT_MS})
+  {ENV_MAX_CONNECTIONS:<22} connections served at once; more wait, 1..=65536 (default {DEFAULT_MAX_CONNECTIONS})
   {ENV_BROKER_CA_PEM:<22} extra PEM CA certificates for the broker's TLS (default: public roots only)
   {:<22} log level (default info); logs are JSON lines on stderr
 

@@ -1,7 +1,12 @@
 //! The loopback HTTP/1 server: hyper directly, one task per connection, graceful shutdown.
 //!
 //! Routes: `GET /healthz` for probes; `GET` on any other path is a credentials request for the
-//! caller's `Authorization`; any other method is a 405.
+//! caller's `Authorization`; any other method is a 405. Request bodies are never read.
+//!
+//! Limits (README "Limits"): the request head must arrive within the header-read timeout; at
+//! most `MAX_CONNECTIONS` connections are served at once (more wait in the listen backlog);
+//! a URI over [`MAX_URI_BYTES`] is a JSON `414`, headers over [`MAX_HEADER_BYTES`] a JSON `431`;
+//! a head beyond hyper's buffer ([`MAX_HEAD_BYTES`]) gets hyper's own `431` with an empty body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,7 +23,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -31,8 +36,14 @@ use crate::policy::Policy;
 
 /// The liveness route.
 pub const HEALTH_PATH: &str = "/healthz";
-/// A client must send its request head within this time.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request head hyper buffers; beyond it hyper answers `431` itself, empty-bodied.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The longest path and query answered; a longer one is a JSON `414`.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// The most header bytes (names, values, separators) answered; more is a JSON `431`.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// The most bytes of a request path a log line carries (the path is the client's to choose).
+const MAX_LOGGED_PATH: usize = 128;
 /// On shutdown, open connections get this long to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed `accept` (e.g. out of file descriptors), wait before the next one.
@@ -109,7 +120,11 @@ pub fn serve(
         clock,
     });
     let (stop, stopped) = watch::channel(());
-    let task = tokio::spawn(accept_loop(listener, proxy, stopped));
+    let limits = Limits {
+        header_read_timeout: config.header_read_timeout,
+        max_connections: config.max_connections,
+    };
+    let task = tokio::spawn(accept_loop(listener, proxy, limits, stopped));
     info!(%local_addr, broker_url = %config.broker_url, "iam-broker-proxy listening");
     Ok(ProxyHandle {
         local_addr,
@@ -129,15 +144,28 @@ impl Proxy {
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let (response, source, token_hash) = self.route(&request).await;
-        info!(
-            method = %request.method(),
-            path = request.uri().path(),
-            status = response.status().as_u16(),
-            source,
-            token_hash = token_hash.as_deref(),
-            latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            "request"
-        );
+        let path = truncated(request.uri().path(), MAX_LOGGED_PATH);
+        let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // A cache hit or a probe is the steady state: at debug, so a busy pod's log stays small.
+        // Misses, refreshes and errors are logged by the cache at info or warn.
+        macro_rules! request_line {
+            ($level:ident) => {
+                $level!(
+                    method = %request.method(),
+                    path = %path,
+                    status = response.status().as_u16(),
+                    source,
+                    token_hash = token_hash.as_deref(),
+                    latency_us,
+                    "request"
+                )
+            };
+        }
+        if quiet(source, response.status()) {
+            request_line!(debug);
+        } else {
+            request_line!(info);
+        }
         response
     }
 
@@ -146,6 +174,9 @@ impl Proxy {
         request: &Request<Incoming>,
     ) -> (Response<Full<Bytes>>, &'static str, Option<String>) {
         let now = || self.clock.now();
+        if let Some(error) = over_limits(request) {
+            return (error.into_answer().into_response(now()), "proxy", None);
+        }
         if request.method() != Method::GET {
             let answer = ProxyError::method_not_allowed().into_answer();
             return (answer.into_response(now()), "proxy", None);
@@ -171,13 +202,70 @@ impl Proxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, mut stopped: watch::Receiver<()>) {
+/// Whether a request's line is a debug one: a successful cache hit or a probe.
+fn quiet(source: &str, status: http::StatusCode) -> bool {
+    status.is_success() && (source == "cache" || source == "proxy")
+}
+
+/// A URI or headers beyond the limits, as the JSON error that answers them.
+fn over_limits(request: &Request<Incoming>) -> Option<ProxyError> {
+    let uri_bytes = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if uri_bytes > MAX_URI_BYTES {
+        return Some(ProxyError::uri_too_long(MAX_URI_BYTES));
+    }
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    (header_bytes > MAX_HEADER_BYTES).then(|| ProxyError::headers_too_large(MAX_HEADER_BYTES))
+}
+
+/// At most `max` bytes of `text` (cut at a character boundary), marked with `…` when cut.
+fn truncated(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
+
+/// How long a client may take with its request head, and how many connections are served.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    header_read_timeout: Duration,
+    max_connections: usize,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    limits: Limits,
+    mut stopped: watch::Receiver<()>,
+) {
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
+        // Take a slot before accepting: at the limit, new clients wait in the listen backlog
+        // (served late, not refused) until a connection ends.
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stopped.changed() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
@@ -194,6 +282,7 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, mut stopped: watc
                         if let Err(error) = connection.await {
                             debug!(%error, "connection ended with an error");
                         }
+                        drop(slot);
                     });
                 }
                 Err(error) => {

@@ -5,9 +5,10 @@
 use std::process::{Command, Output};
 
 use iam_broker_proxy::config::{
-    DEFAULT_BROKER_TIMEOUT_MS, DEFAULT_CACHE_MAX_ENTRIES, DEFAULT_LISTEN_ADDR,
-    DEFAULT_MIN_VALIDITY_SECONDS, DEFAULT_REFRESH_AHEAD_SECONDS, ENV_BROKER_CA_PEM,
-    ENV_BROKER_TIMEOUT_MS, ENV_BROKER_URL, ENV_CACHE_MAX_ENTRIES, ENV_LISTEN_ADDR,
+    DEFAULT_BROKER_TIMEOUT_MS, DEFAULT_CACHE_MAX_ENTRIES, DEFAULT_HEADER_READ_TIMEOUT_MS,
+    DEFAULT_LISTEN_ADDR, DEFAULT_MAX_CONNECTIONS, DEFAULT_MIN_VALIDITY_SECONDS,
+    DEFAULT_REFRESH_AHEAD_SECONDS, ENV_BROKER_CA_PEM, ENV_BROKER_TIMEOUT_MS, ENV_BROKER_URL,
+    ENV_CACHE_MAX_ENTRIES, ENV_HEADER_READ_TIMEOUT_MS, ENV_LISTEN_ADDR, ENV_MAX_CONNECTIONS,
     ENV_MIN_VALIDITY_SECONDS, ENV_REFRESH_AHEAD_SECONDS,
 };
 
@@ -36,6 +37,8 @@ fn help_names_every_variable_with_its_default() {
             ENV_BROKER_TIMEOUT_MS,
             ENV_CACHE_MAX_ENTRIES,
             ENV_BROKER_CA_PEM,
+            ENV_HEADER_READ_TIMEOUT_MS,
+            ENV_MAX_CONNECTIONS,
             "RUST_LOG",
         ] {
             assert!(text.contains(variable), "{variable} missing from {flag}");
@@ -46,6 +49,8 @@ fn help_names_every_variable_with_its_default() {
             DEFAULT_REFRESH_AHEAD_SECONDS.to_string(),
             DEFAULT_BROKER_TIMEOUT_MS.to_string(),
             DEFAULT_CACHE_MAX_ENTRIES.to_string(),
+            DEFAULT_HEADER_READ_TIMEOUT_MS.to_string(),
+            DEFAULT_MAX_CONNECTIONS.to_string(),
         ] {
             assert!(
                 text.contains(&format!("(default {default})")),

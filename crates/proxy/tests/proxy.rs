@@ -391,3 +391,82 @@ async fn shutdown_stops_accepting_connections() {
     proxy.shutdown().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+/// One request written raw on a fresh connection; status, lower-cased head, body.
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The proxy may answer and close before the whole request is written.
+    let _ = stream.write_all(request).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+#[tokio::test]
+async fn a_long_uri_or_large_headers_get_json_errors_without_a_broker_call() {
+    let h = Harness::start(&[]).await;
+    let addr = h.proxy.local_addr();
+    let uri = format!("/{}", "u".repeat(9000));
+    let long_uri = format!(
+        "GET {uri} HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN_A}\r\nConnection: close\r\n\r\n"
+    );
+    let mut big_headers =
+        format!("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN_A}\r\nConnection: close\r\n");
+    for i in 0..10 {
+        big_headers.push_str(&format!("X-Big-{i}: {}\r\n", "b".repeat(4000)));
+    }
+    big_headers.push_str("\r\n");
+    for (request, status, code) in [
+        (long_uri, 414, "UriTooLong"),
+        (big_headers, 431, "RequestHeaderFieldsTooLarge"),
+    ] {
+        let (got, head, body) = raw(addr, request.as_bytes()).await;
+        assert_eq!(got, status, "{head}\n{body}");
+        assert!(head.contains("cache-control: no-store"), "{head}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["Code"], code);
+    }
+    assert_eq!(h.broker.calls(), 0);
+}
+
+#[tokio::test]
+async fn silent_connections_are_cut_and_at_the_limit_new_clients_wait_for_a_slot() {
+    use tokio::io::AsyncReadExt as _;
+    // GIVEN a proxy serving at most 4 connections, with a 500 ms header-read timeout
+    let h = Harness::start(&[("MAX_CONNECTIONS", "4"), ("HEADER_READ_TIMEOUT_MS", "500")]).await;
+    let addr = h.proxy.local_addr();
+    // WHEN 4 clients connect and send nothing
+    let opened = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // THEN a fifth client is served once the timeout frees a slot: late, not refused
+    let (status, _, _) = raw(
+        addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let waited = opened.elapsed();
+    assert_eq!(status, 200);
+    assert!(
+        waited >= Duration::from_millis(300),
+        "no limit: served after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    // AND every silent connection was closed by the proxy
+    for mut stream in silent {
+        let mut buffer = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "still open: {read:?}");
+    }
+}
