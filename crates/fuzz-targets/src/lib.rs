@@ -1,2 +1,25 @@
 //! Fuzz targets of iam-broker, as plain functions over bytes.
+//!
+//! Each target takes whatever bytes a fuzzer hands it, drives one input-facing part of the system
+//! with them, and panics when a property fails (so libFuzzer records a crash and the smoke tests
+//! fail). The same functions are called from two places:
+//! - the cargo-fuzz project in `fuzz/` (libFuzzer, nightly only; `scripts/fuzz.sh`), one binary
+//!   per target;
+//! - this crate's tests (`cargo test -p iam-broker-fuzz-targets`, stable), a short smoke of every
+//!   target on random and generated inputs that CI runs.
+//!
+//! | target | drives | checks, besides "no panic" |
+//! |---|---|---|
+//! | [`admission::review`] | AdmissionReview bytes → `review::parse` → `admission::view` / `skip` → `patch` | the answer echoes the uid and apiVersion; every patch returned applies and delivers the sidecar, env, volume, annotations and label; the base64 patch decodes back |
+//! | [`admission::pod`] | a structured pod (wrong types at every place the patch touches) → the same | as above |
+//! | [`token::authorization`] | an `Authorization` header value → `Token::from_authorization` | parses iff it has the documented shape (an independent oracle); the hash is 64 lowercase hex; `Bearer` and raw forms agree |
+//! | [`record::token_record`] | a DynamoDB `GetItem` answer → `DynamoTokenStore::record` | a well-formed item is a record or `Corrupt`, never `Unavailable`; a record re-encodes (`insert`) to an item that decodes to the same record, with equal attributes |
+//! | [`record::stream_event`] | an Authorizations stream batch → `stream::removed_records` | only whole `REMOVE`s become removals, every record is counted once |
+//! | [`proxy::cache_policy`] | a sequence of broker answers, requests and failures → `policy::Policy` | nothing is served below min validity (so never past expiry); freshness never outlives the expiry or `max-age`; backoff stays within 1 s ..= 60 s |
 #![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod json;
+pub mod proxy;
+pub mod record;
+pub mod token;

@@ -1,0 +1,115 @@
+//! The stable smoke of every fuzz target: a few thousand random and generated inputs each, on
+//! the same functions libFuzzer drives in `fuzz/`. CI runs it (`cargo test -p
+//! iam-broker-fuzz-targets`); the long runs are `scripts/fuzz.sh` on nightly.
+
+use arbitrary::Unstructured;
+use iam_broker_fuzz_targets::{admission, proxy, record, token};
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+
+fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(any::<u8>(), 0..max)
+}
+
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config(3000))]
+
+    #[test]
+    fn admission_review_raw(data in bytes(256)) {
+        admission::review(&data);
+    }
+
+    #[test]
+    fn admission_review_generated(data in bytes(1024)) {
+        if let Ok(body) = admission::arbitrary_review(&mut Unstructured::new(&data)) {
+            admission::review(&body);
+        }
+    }
+
+    #[test]
+    fn admission_pod(data in bytes(1024)) {
+        admission::pod(&data);
+    }
+
+    #[test]
+    fn authorization_raw(data in bytes(64)) {
+        token::authorization(&data);
+    }
+
+    #[test]
+    fn authorization_shaped(
+        prefix in "[ \t]{0,2}((?i:bearer)[ ]{1,2})?",
+        body in "iamb_[A-Za-z0-9_-]{42,44}",
+        suffix in "[ \t]{0,2}",
+    ) {
+        token::authorization(format!("{prefix}{body}{suffix}").as_bytes());
+    }
+
+    #[test]
+    fn cache_policy(data in bytes(512)) {
+        proxy::cache_policy(&data);
+    }
+
+    #[test]
+    fn stream_event_generated(data in bytes(1024)) {
+        if let Ok(body) = record::arbitrary_stream_event(&mut Unstructured::new(&data)) {
+            record::stream_event(&body);
+        }
+    }
+}
+
+proptest! {
+    // Each case is one or two calls through the AWS SDK (answered in memory).
+    #![proptest_config(config(1500))]
+
+    #[test]
+    fn token_record(data in bytes(512)) {
+        record::token_record(&data);
+    }
+}
+
+/// The oracle of the token target agrees with minted tokens (so it can tell a good one).
+#[test]
+fn minted_tokens_have_the_documented_shape() {
+    for _ in 0..200 {
+        let minted = match iam_broker_core::Token::mint() {
+            Ok(token) => token,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(token::documented_shape(minted.expose()));
+        token::authorization(minted.expose().as_bytes());
+    }
+}
+
+/// The generated inputs reach the decisions they are for, so the smoke is not vacuous.
+#[test]
+fn generated_inputs_reach_the_patch_and_the_record() {
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let (mut patched, mut records) = (0, 0);
+    for _ in 0..2000 {
+        let data = bytes(1024)
+            .new_tree(&mut runner)
+            .map(|t| t.current())
+            .unwrap_or_default();
+        if let Ok(body) = admission::arbitrary_review(&mut Unstructured::new(&data)) {
+            patched += usize::from(admission::patches(&body));
+        }
+        records += usize::from(record::decodes(&data));
+    }
+    assert!(
+        patched > 100,
+        "only {patched} of 2000 generated reviews got a patch"
+    );
+    assert!(
+        records > 20,
+        "only {records} of 2000 generated items decoded to a record"
+    );
+}
