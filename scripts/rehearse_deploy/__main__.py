@@ -663,6 +663,9 @@ class Rehearsal:
                                             "allowed_roles": {"SS": [allowed_role]}}),
             "webhook cannot scan token records": lambda: self.client("dynamodb", webhook_fn)
             .scan(TableName=self.outputs["AuthorizationsTableName"]),
+            "webhook cannot delete token records": lambda: self.client("dynamodb", webhook_fn)
+            .delete_item(TableName=self.outputs["AuthorizationsTableName"],
+                         Key={"token_hash": {"S": "0" * 64}}),
             "cleanup cannot call sts:AssumeRole": lambda: self.client("sts", cleanup_fn)
             .assume_role(RoleArn=allowed_role, RoleSessionName="escalate"),
             "cleanup cannot read Allowances": lambda: self.client("dynamodb", cleanup_fn).get_item(

@@ -119,6 +119,7 @@ async fn in_memory_router() -> axum::Router {
             created_at: now,
             last_used: None,
             expires: now + 86_400,
+            retracted_at: None,
         })
         .await
         .expect("memory");

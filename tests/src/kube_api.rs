@@ -1,8 +1,9 @@
 //! A local stand-in for the Kubernetes API server (none can be installed here): the real REST
 //! paths under `/api/v1`, real object JSON, `Status` errors, bearer-token authentication, and
 //! HTTPS with a test CA that goes into the kubeconfig, so the real `kube` client talks to it
-//! exactly as to a cluster. Faults (status codes, delays) can be injected per method and path,
-//! and every request is logged for assertions.
+//! exactly as to a cluster. Faults (status codes, delays, and the [`WireFault`]s of the fault
+//! matrix: resets, late answers, writes that land late) can be injected per method and path, and
+//! every request is logged for assertions.
 //!
 //! It keeps ServiceAccounts, Secrets and Pods in memory, answers
 //! `SelfSubjectAccessReview`s (allowed unless told otherwise), and binds 127.0.0.1 on a free
@@ -11,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -34,6 +35,9 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tower::ServiceExt as _;
+
+use crate::wire::WireFault;
 
 /// Resources the stand-in keeps (the core group's plural names).
 const RESOURCES: &[(&str, &str)] = &[
@@ -62,6 +66,8 @@ pub struct Fault {
     pub delay: Duration,
     /// How many more requests it applies to.
     pub times: Option<usize>,
+    /// A fault of the wire instead of `status` / `delay`.
+    pub wire: Option<WireFault>,
 }
 
 impl Fault {
@@ -73,6 +79,19 @@ impl Fault {
             status: Some(status),
             delay: Duration::ZERO,
             times: None,
+            wire: None,
+        }
+    }
+
+    /// Apply a [`WireFault`] to `method` requests whose path contains `path_contains`, always.
+    pub fn wire(method: Method, path_contains: &str, fault: WireFault) -> Self {
+        Self {
+            method: Some(method),
+            path_contains: path_contains.to_owned(),
+            status: None,
+            delay: Duration::ZERO,
+            times: None,
+            wire: Some(fault),
         }
     }
 
@@ -84,6 +103,7 @@ impl Fault {
             status: None,
             delay,
             times: None,
+            wire: None,
         }
     }
 
@@ -102,7 +122,13 @@ struct Inner {
     log: Mutex<Vec<(Method, String)>>,
     denied: Mutex<BTreeSet<(String, String)>>,
     resource_version: AtomicU64,
+    /// Requests held by a [`WireFault::LandsLate`], not yet processed.
+    in_flight: AtomicUsize,
 }
+
+/// Set on a response to close the connection instead of sending it.
+#[derive(Debug, Clone, Copy)]
+struct ResetConnection;
 
 /// A running stand-in API server.
 pub struct KubeApi {
@@ -161,7 +187,25 @@ impl KubeApi {
                     continue;
                 };
                 let acceptor = acceptor.clone();
-                let service = TowerToHyperService::new(app.clone());
+                let app = app.clone();
+                // A response marked `ResetConnection` becomes a service error, on which hyper
+                // drops the connection without an answer.
+                let service =
+                    tower::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                        let app = app.clone();
+                        async move {
+                            let response =
+                                app.oneshot(request).await.unwrap_or_else(|e| match e {});
+                            if response.extensions().get::<ResetConnection>().is_some() {
+                                return Err(std::io::Error::new(
+                                    std::io::ErrorKind::ConnectionReset,
+                                    "injected: connection reset",
+                                ));
+                            }
+                            Ok(response)
+                        }
+                    });
+                let service = TowerToHyperService::new(service);
                 tokio::spawn(async move {
                     if let Ok(tls) = acceptor.accept(stream).await {
                         let _ = auto::Builder::new(TokioExecutor::new())
@@ -220,6 +264,30 @@ impl KubeApi {
     /// Every request so far: method and path (with query).
     pub fn requests(&self) -> Vec<(Method, String)> {
         lock(&self.inner.log).clone()
+    }
+
+    /// Waits until no request held by [`WireFault::LandsLate`] is still to be processed.
+    pub async fn settled(&self) {
+        while self.inner.in_flight.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every managed Secret (any namespace): `(namespace, name, token-hash annotation)`.
+    pub fn managed_secrets(&self) -> Vec<(String, String, Option<String>)> {
+        lock(&self.inner.objects)
+            .iter()
+            .filter(|((r, _, _), v)| {
+                r == "secrets"
+                    && v["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "iam-broker"
+            })
+            .map(|((_, ns, name), v)| {
+                let hash = v["metadata"]["annotations"]["iam-broker.io/token-hash"]
+                    .as_str()
+                    .map(str::to_owned);
+                (ns.clone(), name.clone(), hash)
+            })
+            .collect()
     }
 
     /// How many requests had this method and a path containing `path_contains`.
@@ -375,22 +443,85 @@ async fn gate(State(inner): State<Arc<Inner>>, request: Request, next: Next) -> 
             f.clone()
         })
     };
+    if let Some(wire) = fault.as_ref().and_then(|f| f.wire) {
+        return wire_fault(&inner, wire, request, next).await;
+    }
     if let Some(fault) = fault {
         tokio::time::sleep(fault.delay).await;
         if let Some(code) = fault.status {
             return status(code, reason_of(code), "injected failure");
         }
     }
+    if !authenticated(&inner, &request) {
+        return status(401, "Unauthorized", "Unauthorized");
+    }
+    next.run(request).await
+}
+
+fn reset_connection() -> Response {
+    let mut response = StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    response.extensions_mut().insert(ResetConnection);
+    response
+}
+
+/// Applies a [`WireFault`]; the request is processed (authentication included) where the
+/// fault says it is.
+async fn wire_fault(
+    inner: &Arc<Inner>,
+    fault: WireFault,
+    request: Request,
+    next: Next,
+) -> Response {
+    let process = |request: Request, next: Next| processed(inner.clone(), request, next);
+    match fault {
+        WireFault::Refused => reset_connection(),
+        WireFault::ServerError => status(500, "InternalError", "injected failure"),
+        WireFault::Throttled => {
+            let mut response = status(429, "TooManyRequests", "injected: too many requests");
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            response
+        }
+        WireFault::ResetAfterSent => {
+            let _ = process(request, next).await;
+            reset_connection()
+        }
+        WireFault::AnsweredLate(hold) => {
+            let response = process(request, next).await;
+            tokio::time::sleep(hold).await;
+            response
+        }
+        WireFault::LandsLate(hold) => {
+            // Detached, so the write lands even after the client hangs up.
+            inner.in_flight.fetch_add(1, Ordering::SeqCst);
+            let done = inner.clone();
+            let late = tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                let response = processed(done.clone(), request, next).await;
+                done.in_flight.fetch_sub(1, Ordering::SeqCst);
+                response
+            });
+            late.await
+                .unwrap_or_else(|_| status(500, "InternalError", "the held request failed"))
+        }
+    }
+}
+
+async fn processed(inner: Arc<Inner>, request: Request, next: Next) -> Response {
+    if !authenticated(&inner, &request) {
+        return status(401, "Unauthorized", "Unauthorized");
+    }
+    next.run(request).await
+}
+
+fn authenticated(inner: &Inner, request: &Request) -> bool {
     let token = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
-    if !token.is_some_and(|t| lock(&inner.tokens).contains(&t)) {
-        return status(401, "Unauthorized", "Unauthorized");
-    }
-    next.run(request).await
+        .and_then(|v| v.strip_prefix("Bearer "));
+    token.is_some_and(|t| lock(&inner.tokens).contains(t))
 }
 
 fn kind_of(resource: &str) -> Option<&'static str> {

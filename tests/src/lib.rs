@@ -16,6 +16,7 @@ use tokio::process::{Child, Command};
 
 pub mod kube_api;
 pub mod proxy;
+pub mod wire;
 
 /// Access key moto accepts while IAM enforcement is off.
 pub const MOTO_ACCESS_KEY: &str = "testing";

@@ -247,6 +247,104 @@ async fn unknown_malformed_and_expired_tokens_are_403_and_write_nothing() {
 }
 
 #[tokio::test]
+async fn unreadable_or_retracted_records_are_403_invalid_token_never_503() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    // GIVEN an allowed subject and four tokens whose records are damaged in different ways
+    // (written straight to the table, as a bad migration or a hand edit would), and one that a
+    // pod's DELETE retracted
+    let w = world().await;
+    w.allow("team-a", "app", ROLE).await;
+    let dynamodb = aws_sdk_dynamodb::Client::new(&w.sdk);
+    let future = (OffsetDateTime::now_utc().unix_timestamp() + 86_400).to_string();
+    let damaged: [(&str, Vec<(&str, AttributeValue)>); 4] = [
+        ("missing attributes", vec![]),
+        (
+            "role not an ARN",
+            vec![("role_arn", AttributeValue::S("not-an-arn".into()))],
+        ),
+        (
+            "mistyped namespace",
+            vec![("namespace", AttributeValue::N("7".into()))],
+        ),
+        (
+            "mistyped retraction",
+            vec![("retracted_at", AttributeValue::S("soon".into()))],
+        ),
+    ];
+    let mut tokens = Vec::new();
+    for (label, attributes) in damaged {
+        let token = iam_broker_core::Token::mint().unwrap();
+        let mut item = std::collections::HashMap::from([
+            (
+                "token_hash".to_owned(),
+                AttributeValue::S(token.hash().as_str().to_owned()),
+            ),
+            ("expires".to_owned(), AttributeValue::N(future.clone())),
+        ]);
+        if !attributes.is_empty() {
+            for (name, value) in [
+                ("namespace", AttributeValue::S("team-a".into())),
+                ("service_account", AttributeValue::S("app".into())),
+                ("role_arn", AttributeValue::S(ROLE.into())),
+            ] {
+                item.insert(name.to_owned(), value);
+            }
+            for (name, value) in attributes {
+                item.insert(name.to_owned(), value);
+            }
+        }
+        dynamodb
+            .put_item()
+            .table_name(&w.tables.authorizations)
+            .set_item(Some(item))
+            .send()
+            .await
+            .unwrap();
+        tokens.push((label, token.expose().to_owned()));
+    }
+    let (retracted, _) = w.token("team-a", "app", ROLE).await;
+    let store = w.token_store();
+    let hash = iam_broker_core::Token::parse(&retracted).unwrap().hash();
+    let record = store.record(&hash).await.unwrap().unwrap();
+    store
+        .retract(&record.retracted(OffsetDateTime::now_utc().unix_timestamp()))
+        .await
+        .unwrap();
+    tokens.push(("retracted", retracted));
+    let server = Server::start(&w.env).await.unwrap();
+
+    // WHEN each is presented
+    for (label, token) in &tokens {
+        let answer = server.get("/credentials", Some(token)).await.unwrap();
+        // THEN 403 InvalidToken: a permanent data problem is not an outage (no 503, no
+        // Retry-After), and no credentials come back
+        assert_eq!(answer.status, 403, "{label}: {:?}", answer.json);
+        assert_eq!(answer.code(), "InvalidToken", "{label}");
+        assert_eq!(answer.header("retry-after"), "", "{label}");
+        assert_eq!(answer.header("cache-control"), "no-store", "{label}");
+    }
+    // AND the damaged ones are logged as errors naming the record (never the token), the
+    // retracted one is not
+    let log = server.stop().await;
+    let corrupt: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"corrupt_record\":true"))
+        .collect();
+    assert_eq!(corrupt.len(), 4, "{log}");
+    assert!(
+        corrupt.iter().all(|l| l.contains("\"level\":\"ERROR\"")),
+        "{log}"
+    );
+    for (_, token) in &tokens {
+        assert!(!log.contains(&token[5..]), "a token reached the log");
+    }
+    assert!(
+        !log.contains("credentials served"),
+        "nothing was served: {log}"
+    );
+}
+
+#[tokio::test]
 async fn changing_or_deleting_the_allowance_revokes_at_the_next_fetch() {
     let w = world().await;
     w.allow("team-a", "app", ROLE).await;

@@ -177,6 +177,7 @@ async fn the_sweep_removes_orphans_on_both_sides() {
             created_at: time::OffsetDateTime::now_utc().unix_timestamp() - 3600,
             last_used: None,
             expires: time::OffsetDateTime::now_utc().unix_timestamp() + 86_400,
+            retracted_at: None,
         })
         .await
         .unwrap();

@@ -84,9 +84,49 @@ fn apply(pod: &Value, answer: &Value) -> Option<Value> {
 }
 
 impl World {
+    /// Live token records (tombstones grant nothing and are not counted).
     async fn records(&self) -> usize {
-        self.tokens.list().await.unwrap().len()
+        let all = self.tokens.list().await.unwrap();
+        all.iter().filter(|r| !r.is_retracted()).count()
     }
+}
+
+#[tokio::test]
+async fn log_bytes_per_admission_are_bounded_even_for_huge_values() {
+    // GIVEN the webhook, and a ServiceAccount whose role annotation is 100 kB
+    let w = world().await;
+    let huge = format!("arn:aws:iam::123456789012:role/{}", "x".repeat(100_000));
+    w.api
+        .put_service_account("team-a", "huge", &[("eks.amazonaws.com/role-arn", &huge)]);
+    let server = Server::start(&w.env).await.unwrap();
+    let mut huge_pod = pod("web-h");
+    huge_pod["spec"]["serviceAccountName"] = json!("huge");
+    // warm-up: start-up lines are not the admissions' cost
+    server
+        .post("/", &review("CREATE", &pod("warm"), false))
+        .await
+        .unwrap();
+    let before = server.log().len();
+
+    // WHEN 10 ordinary CREATEs and 10 with the huge annotation are admitted
+    for i in 0..10 {
+        let ok = server
+            .post("/", &review("CREATE", &pod(&format!("web-{i}")), false))
+            .await
+            .unwrap();
+        assert!(ok.json["response"]["patch"].is_string());
+        let skipped = server
+            .post("/", &review("CREATE", &huge_pod, false))
+            .await
+            .unwrap();
+        let warnings = skipped.json["response"]["warnings"].as_array().unwrap();
+        assert!(warnings.iter().all(|w| w.as_str().unwrap().len() <= 600));
+    }
+
+    // THEN the log grew by at most 2 kB per admission: the annotation is clipped, not echoed
+    let grown = server.log().len() - before;
+    assert!(grown <= 20 * 2048, "{grown} bytes of log for 20 admissions");
+    assert!(!server.log().contains(&"x".repeat(1000)));
 }
 
 #[tokio::test]

@@ -48,6 +48,8 @@ pub mod token_attributes {
     pub const LAST_USED: &str = "last_used";
     /// Epoch seconds; the TTL attribute.
     pub const EXPIRES: &str = "expires";
+    /// Epoch seconds; present only on a tombstone (a retracted record).
+    pub const RETRACTED_AT: &str = "retracted_at";
 }
 
 use allowance_attributes as aa;
@@ -135,7 +137,27 @@ where
 {
     StoreError::Unavailable {
         store: format!("DynamoDB table {table}"),
+        maybe_written: may_have_written(&error),
         source: table_error(client, table, role, error),
+    }
+}
+
+/// Whether a write that failed with `error` may have landed: only a refusal that every attempt
+/// (retries included) would meet for certain proves it did not. A throttled or 5xx final
+/// attempt says nothing about an earlier attempt that timed out.
+fn may_have_written<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {
+    const DETERMINISTIC: &[&str] = &[
+        "ResourceNotFoundException",
+        "AccessDeniedException",
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "MissingAuthenticationTokenException",
+        "ValidationException",
+    ];
+    match error {
+        SdkError::ConstructionFailure(_) => false,
+        SdkError::ServiceError(e) => !e.err().code().is_some_and(|c| DETERMINISTIC.contains(&c)),
+        _ => true,
     }
 }
 
@@ -405,6 +427,9 @@ impl DynamoTokenStore {
             item.insert(ta::LAST_USED.to_owned(), n(last_used));
         }
         item.insert(ta::EXPIRES.to_owned(), n(record.expires));
+        if let Some(at) = record.retracted_at {
+            item.insert(ta::RETRACTED_AT.to_owned(), n(at));
+        }
         item
     }
 
@@ -429,6 +454,13 @@ impl DynamoTokenStore {
             last_used: number(item, ta::LAST_USED),
             // A record without a readable expiry is treated as already expired.
             expires: number(item, ta::EXPIRES).unwrap_or(0),
+            // A tombstone marker that cannot be read must not pass for a live record.
+            retracted_at: match item.get(ta::RETRACTED_AT) {
+                None => None,
+                Some(_) => Some(number(item, ta::RETRACTED_AT).ok_or_else(|| {
+                    corrupt(&self.table, "retracted_at is not a number of seconds")
+                })?),
+            },
         })
     }
 }
@@ -481,7 +513,10 @@ impl TokenStore for DynamoTokenStore {
             .table_name(&self.table)
             .set_key(Some(Self::key(hash)))
             .update_expression("SET #used = :used, #expires = :expires")
-            .condition_expression("attribute_exists(#hash)")
+            // A tombstone is never slid forward (a broker that read the record just before the
+            // pod's DELETE retracted it must not keep the tombstone alive for TOKEN_TTL).
+            .condition_expression("attribute_exists(#hash) AND attribute_not_exists(#retracted)")
+            .expression_attribute_names("#retracted", ta::RETRACTED_AT)
             .expression_attribute_names("#used", ta::LAST_USED)
             .expression_attribute_names("#expires", ta::EXPIRES)
             .expression_attribute_names("#hash", ta::TOKEN_HASH)
@@ -494,6 +529,19 @@ impl TokenStore for DynamoTokenStore {
             Err(e) if is_conditional_failure(&e) => Err(StoreError::NotFound),
             Err(e) => Err(self.unavailable(e)),
         }
+    }
+
+    async fn retract(&self, tombstone: &TokenRecord) -> Result<(), StoreError> {
+        // Unconditional: whatever is under the hash (nothing, a live record, a record whose
+        // insert is still in flight) becomes this tombstone.
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(Self::to_item(tombstone)))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.unavailable(e))
     }
 
     async fn delete(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {

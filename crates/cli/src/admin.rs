@@ -234,7 +234,12 @@ async fn token(stores: &Stores, command: TokenCommand) -> anyhow::Result<()> {
                             r.subject.namespace,
                             r.subject.service_account,
                             r.pod_name.as_deref().unwrap_or("-"),
-                            epoch(r.expires),
+                            // A tombstone grants nothing: say so where the expiry would be.
+                            if r.is_retracted() {
+                                "retracted".to_owned()
+                            } else {
+                                epoch(r.expires)
+                            },
                             r.role_arn
                         );
                     }
@@ -330,5 +335,6 @@ fn record_json(r: &TokenRecord) -> serde_json::Value {
         "created_at": epoch(r.created_at),
         "last_used": r.last_used.map(epoch),
         "expires": epoch(r.expires),
+        "retracted_at": r.retracted_at.map(epoch),
     })
 }

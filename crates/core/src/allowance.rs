@@ -8,7 +8,7 @@ pub const WILDCARD_SERVICE_ACCOUNT: &str = "*";
 
 /// Why a name or ARN was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{what} {value:?} is not valid: {why}")]
+#[error("{what} {} is not valid: {why}", crate::text::quoted(value))]
 pub struct InvalidName {
     /// What kind of value it was (`namespace`, `service account`, `role ARN`).
     pub what: &'static str,

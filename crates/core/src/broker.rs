@@ -26,9 +26,21 @@ pub enum BrokerError {
     /// 401 `MissingAuthorization`.
     #[error("an Authorization header with an iam-broker token is required")]
     MissingAuthorization,
-    /// 403 `InvalidToken`: unknown, malformed or expired.
+    /// 403 `InvalidToken`: unknown, malformed, expired or retracted.
     #[error("the token is not valid ({0})")]
     InvalidToken(&'static str),
+    /// 403 `InvalidToken` as well, to the client: the token's record cannot be read (a missing
+    /// or mistyped attribute, a role that is not an ARN). A permanent data problem, not an
+    /// outage: retrying cannot help, and nothing from the record reaches STS. Logged as an error
+    /// and counted apart (`CorruptTokenRecords`) so an operator finds it.
+    #[error("the token is not valid (its record is unreadable)")]
+    CorruptRecord {
+        /// The token hash's short form (never the token).
+        token: String,
+        /// What is wrong with the record.
+        #[source]
+        source: StoreError,
+    },
     /// 403 `AllowanceRevoked`.
     #[error("role {role_arn} is no longer allowed for {subject}")]
     AllowanceRevoked {
@@ -61,7 +73,7 @@ impl BrokerError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::MissingAuthorization => "MissingAuthorization",
-            Self::InvalidToken(_) => "InvalidToken",
+            Self::InvalidToken(_) | Self::CorruptRecord { .. } => "InvalidToken",
             Self::AllowanceRevoked { .. } => "AllowanceRevoked",
             Self::AssumeRoleFailed { .. } => "AssumeRoleFailed",
             Self::Unavailable { .. } => "ServiceUnavailable",
@@ -72,7 +84,7 @@ impl BrokerError {
 impl From<StoreError> for BrokerError {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::Unavailable { store, source } => Self::Unavailable {
+            StoreError::Unavailable { store, source, .. } => Self::Unavailable {
                 what: store,
                 source,
             },
@@ -163,11 +175,19 @@ impl Broker {
         })?;
         let hash = token.hash();
         let now = self.clock.now();
-        let record = self
-            .tokens
-            .record(&hash)
-            .await?
-            .ok_or(BrokerError::InvalidToken("unknown token"))?;
+        let record = match self.tokens.record(&hash).await {
+            Ok(record) => record.ok_or(BrokerError::InvalidToken("unknown token"))?,
+            Err(source @ StoreError::Corrupt { .. }) => {
+                return Err(BrokerError::CorruptRecord {
+                    token: hash.short().to_owned(),
+                    source,
+                });
+            }
+            Err(other) => return Err(other.into()),
+        };
+        if record.is_retracted() {
+            return Err(BrokerError::InvalidToken("retracted token"));
+        }
         if record.is_expired(now) {
             return Err(BrokerError::InvalidToken("expired token"));
         }
@@ -273,6 +293,7 @@ pub fn mint(
         created_at: now.unix_timestamp(),
         last_used: None,
         expires: now.unix_timestamp().saturating_add(ttl_seconds(ttl)),
+        retracted_at: None,
     };
     Ok((token, record))
 }
@@ -284,6 +305,7 @@ mod tests {
     use super::*;
     use crate::clock::FixedClock;
     use crate::memory::{MemoryAllowanceStore, MemoryIssuer, MemoryTokenStore};
+    use crate::token::TokenHash;
 
     const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
     const NOW: OffsetDateTime = datetime!(2026-11-22 06:00:00 UTC);
@@ -451,5 +473,83 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code(), "AssumeRoleFailed");
         assert!(err.to_string().contains("AccessDenied"));
+    }
+
+    /// A token store whose every read finds an unreadable item.
+    struct CorruptTokens;
+
+    #[async_trait::async_trait]
+    impl TokenStore for CorruptTokens {
+        async fn record(&self, _: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+            Err(StoreError::Corrupt {
+                store: "authorizations".to_owned(),
+                message: "role_arn: not an ARN".to_owned(),
+            })
+        }
+        async fn insert(&self, _: &TokenRecord) -> Result<(), StoreError> {
+            unreachable!("the broker never inserts")
+        }
+        async fn touch(&self, _: &TokenHash, _: i64, _: i64) -> Result<(), StoreError> {
+            unreachable!("an unreadable record is never slid")
+        }
+        async fn retract(&self, _: &TokenRecord) -> Result<(), StoreError> {
+            unreachable!("the broker never retracts")
+        }
+        async fn delete(&self, _: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+            unreachable!("the broker never deletes")
+        }
+        async fn list(&self) -> Result<Vec<TokenRecord>, StoreError> {
+            unreachable!("the broker never lists")
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_record_is_invalid_token_and_never_reaches_sts() {
+        let issuer = Arc::new(MemoryIssuer::new(Arc::new(FixedClock(NOW))));
+        let broker = Broker::new(
+            Arc::new(MemoryAllowanceStore::default()),
+            Arc::new(CorruptTokens),
+            issuer.clone(),
+            Arc::new(FixedClock(NOW)),
+            BrokerSettings {
+                credential_duration: Duration::from_secs(3600),
+                token_ttl: Duration::from_secs(86_400),
+                session_tags: false,
+            },
+        );
+        let token = Token::mint().unwrap();
+        let err = broker.credentials(Some(token.expose())).await.unwrap_err();
+        assert!(matches!(err, BrokerError::CorruptRecord { .. }), "{err:?}");
+        assert_eq!(err.code(), "InvalidToken");
+        assert!(!err.to_string().contains(token.expose()));
+        assert!(issuer.requests().is_empty(), "STS was not called");
+    }
+
+    #[tokio::test]
+    async fn a_retracted_record_is_invalid_token_and_is_not_slid() {
+        let f = fixture(false);
+        let subject = Subject::service_account("team-a", "app").unwrap();
+        f.allowances.allow(&subject, ROLE).await.unwrap();
+        let token = grant(&f, &subject, NOW).await;
+        let record = f.tokens.record(&token.hash()).await.unwrap().unwrap();
+        let tombstone = record.retracted(NOW.unix_timestamp());
+        f.tokens.retract(&tombstone).await.unwrap();
+        let err = f
+            .broker
+            .credentials(Some(token.expose()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "InvalidToken");
+        assert!(err.to_string().contains("retracted"));
+        assert!(f.issuer.requests().is_empty());
+        assert_eq!(
+            f.tokens.record(&token.hash()).await.unwrap(),
+            Some(tombstone)
+        );
+        // and a late insert of the same hash cannot bring it back
+        assert!(matches!(
+            f.tokens.insert(&record).await,
+            Err(StoreError::AlreadyExists)
+        ));
     }
 }

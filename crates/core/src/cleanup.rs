@@ -153,7 +153,9 @@ impl Cleanup {
             let namespace = record.subject.namespace.as_str();
             let expired = record.is_expired(self.clock.now());
             let secret_gone = secret.is_some_and(|name| !existing.contains(&(namespace, name)));
-            if expired || (secret_gone && old_enough(record.created_at)) {
+            // A tombstone is judged by when it was retracted: until then it may have been live.
+            let since = record.retracted_at.unwrap_or(record.created_at);
+            if expired || (secret_gone && old_enough(since)) {
                 match self.tokens.delete(&record.token_hash).await {
                     Ok(_) => report.records_deleted += 1,
                     Err(e) => {
@@ -167,7 +169,8 @@ impl Cleanup {
                 }
                 continue;
             }
-            if let Some(name) = secret {
+            // A tombstone's Secret is not owned: it goes once old enough (below).
+            if let Some(name) = secret.filter(|_| !record.is_retracted()) {
                 live.insert(record.token_hash.as_str(), (namespace, name));
             }
         }
@@ -302,6 +305,7 @@ mod tests {
                     created_at: NOW - age,
                     last_used: None,
                     expires: if expired { NOW - 1 } else { NOW + 86_400 },
+                    retracted_at: None,
                 })
                 .await
                 .unwrap();
@@ -375,6 +379,43 @@ mod tests {
         // a second sweep finds nothing more to do
         let again = w.cleanup.sweep().await.unwrap();
         assert_eq!((again.records_deleted, again.secrets_deleted), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn sweep_removes_a_tombstones_secret_and_then_the_tombstone() {
+        // GIVEN an undone admission whose Secret create landed late: a Secret whose record is a
+        // tombstone, both older than the grace period; and a fresh tombstone with its Secret
+        let w = world();
+        let late = pair(&w, "a", 3600, true, false).await;
+        let fresh = pair(&w, "b", 10, true, false).await;
+        for (ns, name, retracted_at) in [("a", &late, NOW - 3000), ("b", &fresh, NOW - 10)] {
+            let hash = w.cluster.secret(ns, name).unwrap().token.hash();
+            let record = w.tokens.record(&hash).await.unwrap().unwrap();
+            w.tokens
+                .retract(&record.retracted(retracted_at))
+                .await
+                .unwrap();
+        }
+        // WHEN the sweep runs twice
+        let first = w.cleanup.sweep().await.unwrap();
+        let second = w.cleanup.sweep().await.unwrap();
+        // THEN the old Secret goes first (a tombstone owns nothing), then its tombstone; the
+        // young Secret waits for the grace period
+        assert_eq!(
+            (first.secrets_deleted, first.records_deleted),
+            (1, 0),
+            "{first:?}"
+        );
+        assert!(w.cluster.secret("a", &late).is_none());
+        assert!(w.cluster.secret("b", &fresh).is_some());
+        assert_eq!(
+            (second.secrets_deleted, second.records_deleted),
+            (0, 1),
+            "{second:?}"
+        );
+        let left = w.tokens.list().await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].subject.namespace, "b");
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ pub mod ports;
 pub mod record;
 pub mod review;
 pub mod session;
+pub mod text;
 pub mod token;
 pub mod webhook;
 

@@ -126,9 +126,17 @@ impl TokenStore for MemoryTokenStore {
         expires: i64,
     ) -> Result<(), StoreError> {
         let mut records = lock(&self.records);
-        let record = records.get_mut(hash).ok_or(StoreError::NotFound)?;
+        let record = records
+            .get_mut(hash)
+            .filter(|r| !r.is_retracted())
+            .ok_or(StoreError::NotFound)?;
         record.last_used = Some(last_used);
         record.expires = expires;
+        Ok(())
+    }
+
+    async fn retract(&self, tombstone: &TokenRecord) -> Result<(), StoreError> {
+        lock(&self.records).insert(tombstone.token_hash.clone(), tombstone.clone());
         Ok(())
     }
 

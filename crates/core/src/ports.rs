@@ -17,11 +17,15 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Errors of the stores.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The store is down, throttling, or did not answer in time: retry later.
+    /// The store is down, throttling, refusing, or did not answer in time.
     #[error("{store} is unavailable")]
     Unavailable {
         /// Which store (its table name).
         store: String,
+        /// Whether a write that failed this way may still have landed (or land later): `true`
+        /// unless the store refused in a way no attempt could have got past (a missing table,
+        /// denied access, an invalid request). An undo relies on it.
+        maybe_written: bool,
         /// What the SDK said.
         #[source]
         source: BoxError,
@@ -40,6 +44,19 @@ pub enum StoreError {
         /// What is wrong with the item.
         message: String,
     },
+}
+
+impl StoreError {
+    /// Whether the write that failed with this error may exist in the store now or later (see
+    /// [`StoreError::Unavailable::maybe_written`]). A conditional insert that found its key
+    /// taken means an earlier attempt of the same insert landed.
+    pub fn may_have_written(&self) -> bool {
+        match self {
+            Self::Unavailable { maybe_written, .. } => *maybe_written,
+            Self::AlreadyExists => true,
+            Self::NotFound | Self::Corrupt { .. } => false,
+        }
+    }
 }
 
 /// The Allowances table: which roles a namespace / ServiceAccount may assume.
@@ -68,9 +85,13 @@ pub trait TokenStore: Send + Sync {
     /// Inserts a new record; [`StoreError::AlreadyExists`] if the hash is taken.
     async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError>;
     /// Slides an existing record's `last_used` and `expires`; [`StoreError::NotFound`] if the
-    /// record is gone (it never creates one).
+    /// record is gone or retracted (it never creates one and never revives a tombstone).
     async fn touch(&self, hash: &TokenHash, last_used: i64, expires: i64)
     -> Result<(), StoreError>;
+    /// Stores `tombstone` (a [`TokenRecord::retracted`] record) under its hash, whatever is
+    /// there: a live record becomes a tombstone, and an [`insert`](Self::insert) of the hash
+    /// that lands later fails instead of resurrecting the token.
+    async fn retract(&self, tombstone: &TokenRecord) -> Result<(), StoreError>;
     /// Deletes a record; returns it if it existed.
     async fn delete(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError>;
     /// Every record (administration; a full scan).

@@ -24,12 +24,39 @@ pub struct TokenRecord {
     pub last_used: Option<i64>,
     /// When the record lapses (the table's TTL attribute), epoch seconds. Slides forward on use.
     pub expires: i64,
+    /// When the record was retracted (epoch seconds): an undone admission or a deleted pod.
+    /// A retracted record is a tombstone: it grants nothing, it keeps the key taken so a write
+    /// that lands late cannot bring the token back, and it still names the Secret so the
+    /// cleanup finds a Secret whose create landed late. It lapses [`TOMBSTONE_TTL`] after.
+    pub retracted_at: Option<i64>,
 }
+
+/// How long a tombstone ([`TokenRecord::retracted_at`]) outlives its retraction: far longer
+/// than any write still in flight can take to land (the Kubernetes API server gives up on a
+/// request after 60 s, DynamoDB after its own request timeout), and longer than the sweep's
+/// default grace, so the sweep sees it.
+pub const TOMBSTONE_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl TokenRecord {
     /// Whether the record has lapsed at `now` (DynamoDB deletes expired items lazily, so an
     /// expired item may still be read and must be refused).
     pub fn is_expired(&self, now: OffsetDateTime) -> bool {
         self.expires <= now.unix_timestamp()
+    }
+
+    /// Whether the record is a tombstone (see [`TokenRecord::retracted_at`]).
+    pub fn is_retracted(&self) -> bool {
+        self.retracted_at.is_some()
+    }
+
+    /// This record as a tombstone retracted at `at` (epoch seconds), lapsing
+    /// [`TOMBSTONE_TTL`] later.
+    pub fn retracted(&self, at: i64) -> Self {
+        let ttl = i64::try_from(TOMBSTONE_TTL.as_secs()).unwrap_or(i64::MAX);
+        Self {
+            retracted_at: Some(at),
+            expires: at.saturating_add(ttl),
+            ..self.clone()
+        }
     }
 }

@@ -250,7 +250,9 @@ impl AdmissionResponse {
 
     /// Adds a warning for the client.
     pub fn warn(mut self, warning: impl Into<String>) -> Self {
-        self.warnings.push(warning.into());
+        // kubectl prints every warning to the user: keep each one a sentence, not an echo.
+        self.warnings
+            .push(crate::text::clip(&warning.into(), crate::text::MAX_MESSAGE));
         self
     }
 

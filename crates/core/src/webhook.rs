@@ -29,11 +29,13 @@ use crate::record::TokenRecord;
 use crate::review::{AdmissionRequest, AdmissionResponse, Operation};
 use crate::token::{Token, TokenHash};
 
-/// Lookups and writes of one admission must finish within this; the API server's own timeout
-/// (`timeoutSeconds`, at most 30, 10 by default) is longer, so the webhook always answers.
-pub const FORWARD_BUDGET: Duration = Duration::from_millis(6000);
-/// Extra time an undo (compensation) may take after a failed write.
-pub const UNDO_BUDGET: Duration = Duration::from_millis(1500);
+/// Lookups and writes of one admission must finish within this. With [`UNDO_BUDGET`] and the
+/// Event's [`EVENT_BUDGET`] after it, the worst case is 8 s, inside the API server's own timeout
+/// (`timeoutSeconds`, 10 in the rendered registration), so the webhook always answers and its
+/// undo always gets to run.
+pub const FORWARD_BUDGET: Duration = Duration::from_millis(5000);
+/// Time an undo (compensation) may take after a failed write: a retraction and a Secret delete.
+pub const UNDO_BUDGET: Duration = Duration::from_millis(2000);
 
 /// Webhook settings, from [`Config`].
 #[derive(Debug, Clone)]
@@ -197,11 +199,15 @@ impl Creation<'_> {
     }
 }
 
-/// What a CREATE may have written so far, for [`Webhook::undo`].
+/// What a CREATE may have written so far, for [`Webhook::undo`]. A write counts from the
+/// moment its request may have left: an error, a reset or a timeout after that says nothing
+/// about whether it landed.
 #[derive(Debug, Default)]
 struct Written {
-    secret: Option<String>,
-    record: Option<TokenHash>,
+    /// The Secret whose create was sent, with the record that names it (the tombstone's model).
+    secret: Option<(String, TokenRecord)>,
+    /// Whether the record's insert was sent.
+    record_sent: bool,
 }
 
 /// The admission webhook over its ports.
@@ -251,6 +257,17 @@ impl Webhook {
     /// and API Gateway stage, ending in `/`), used as the broker URL unless `BROKER_URL` is set;
     /// `None` when the request did not say (no usable Host header).
     pub async fn admit(&self, request: &AdmissionRequest, origin: Option<&str>) -> Outcome {
+        let mut outcome = self.decide(request, origin).await;
+        // The reason and the ServiceAccount go to the decision log line: bound what a forged pod
+        // can make them cost.
+        crate::text::clip_in_place(&mut outcome.reason, crate::text::MAX_MESSAGE);
+        if let Some(sa) = outcome.service_account.as_mut() {
+            crate::text::clip_in_place(sa, crate::text::MAX_ECHO);
+        }
+        outcome
+    }
+
+    async fn decide(&self, request: &AdmissionRequest, origin: Option<&str>) -> Outcome {
         if !request.is_pod() {
             return skipped(request, None, "not a Pod");
         }
@@ -437,10 +454,14 @@ impl Webhook {
         let (secret_name, record) = self
             .create_secret_avoiding_clash(c, role, token, record, written)
             .await?;
-        written.record = Some(record.token_hash.clone());
+        written.record_sent = true;
         match timeout_at(c.deadline, self.tokens.insert(&record)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Failure::Store(e)),
+            Ok(Err(e)) => {
+                // A refusal no attempt could have got past (e.g. a missing table) wrote nothing.
+                written.record_sent = e.may_have_written();
+                return Err(Failure::Store(e));
+            }
             Err(_) => return Err(Failure::Deadline("the Authorizations write")),
         }
         let patch = c.patch(&secret_name, &record);
@@ -467,7 +488,7 @@ impl Webhook {
             let secret_name = admission::secret_name(record.token_hash.as_str());
             record.secret_name = Some(secret_name.clone());
             let secret = c.secret(&secret_name, role, &record, token.clone());
-            written.secret = Some(secret_name.clone());
+            written.secret = Some((secret_name.clone(), record.clone()));
             match timeout_at(c.deadline, self.cluster.create_secret(&secret)).await {
                 Ok(Ok(())) => return Ok((secret_name, record)),
                 Ok(Err(ClusterError::AlreadyExists)) if attempt < 2 => {
@@ -487,32 +508,51 @@ impl Webhook {
         ))
     }
 
-    /// Best-effort undo of a half-done CREATE: the record, then the Secret, whichever may exist.
-    /// What it cannot remove is logged by name (never the token) and left for the sweep.
+    /// Undoes a half-done CREATE so that no Secret is left without a record and no live record
+    /// without its Secret, whatever landed, lands late, or never lands:
+    ///
+    /// 1. Retract first: a tombstone replaces the record under its hash. A record that landed
+    ///    stops granting; an insert still in flight fails its condition when it lands; and the
+    ///    tombstone names the Secret, so a Secret create that lands after this undo still has
+    ///    its record (the cleanup removes both when the tombstone lapses, the sweep sooner).
+    /// 2. Then delete the Secret, but only once the retraction is known to have landed or the
+    ///    record was never sent: deleting it while a live record may exist would leave that
+    ///    record without its Secret. Kept, the pair grants nothing to any pod (the pod was not
+    ///    patched) and lapses unused at its expiry.
+    ///
+    /// What cannot be done within [`UNDO_BUDGET`] is logged by name (never the token).
     async fn undo(&self, namespace: &str, written: &Written) {
-        let deadline = Instant::now() + self.settings.undo_budget;
-        if let Some(hash) = &written.record {
-            match timeout_at(deadline, self.tokens.delete(hash)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::error!(token = hash.short(), error = %e,
-                    "undo: could not delete the token record; the sweep will remove it"),
-                Err(_) => tracing::error!(
-                    token = hash.short(),
-                    "undo: the token record delete timed out; the sweep will remove it"
-                ),
-            }
-        }
-        let Some(secret_name) = written.secret.as_deref() else {
+        let Some((secret_name, record)) = &written.secret else {
             return;
         };
+        let deadline = Instant::now() + self.settings.undo_budget;
+        let hash = record.token_hash.short();
+        let tombstone = record.retracted(self.clock.now().unix_timestamp());
+        let retracted = match timeout_at(deadline, self.tokens.retract(&tombstone)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!(token = hash, error = %e, "undo: could not retract the token record");
+                false
+            }
+            Err(_) => {
+                tracing::error!(token = hash, "undo: retracting the token record timed out");
+                false
+            }
+        };
+        if !retracted && written.record_sent {
+            tracing::error!(namespace, secret = %secret_name, token = hash,
+                "undo: the token record may exist, so its Secret is kept with it; the pair \
+                 grants nothing to any pod and lapses at its expiry");
+            return;
+        }
         match timeout_at(deadline, self.cluster.delete_secret(namespace, secret_name)).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(namespace, secret = secret_name, error = %e,
-                "undo: could not delete the Secret; the sweep will remove it"),
+            Ok(Err(e)) => tracing::error!(namespace, secret = %secret_name, error = %e,
+                "undo: could not delete the Secret; its tombstone record names it for the cleanup"),
             Err(_) => tracing::error!(
                 namespace,
-                secret = secret_name,
-                "undo: the Secret delete timed out; the sweep will remove it"
+                secret = %secret_name,
+                "undo: the Secret delete timed out; its tombstone record names it for the cleanup"
             ),
         }
     }
@@ -564,9 +604,15 @@ impl Webhook {
                 {
                     return Ok(false);
                 }
-                timeout_at(deadline, self.tokens.delete(&hash))
-                    .await
-                    .map_err(|_| Failure::Deadline("the Authorizations delete"))??;
+                // Retract rather than delete: until the Secret is gone the tombstone still names
+                // it, so a Secret delete that fails leaves a Secret the cleanup finds through its
+                // record, never one without a record.
+                if !record.is_retracted() {
+                    let tombstone = record.retracted(self.clock.now().unix_timestamp());
+                    timeout_at(deadline, self.tokens.retract(&tombstone))
+                        .await
+                        .map_err(|_| Failure::Deadline("the Authorizations retraction"))??;
+                }
             }
             timeout_at(
                 deadline,
@@ -583,7 +629,7 @@ impl Webhook {
             Ok(true) => Outcome {
                 response: AdmissionResponse::allow(&request.uid),
                 decision: Decision::CleanedUp,
-                reason: format!("removed Secret {secret_name} and its token record"),
+                reason: format!("removed Secret {secret_name} and retracted its token record"),
                 service_account: None,
                 notice: None,
             },
@@ -663,7 +709,7 @@ impl Webhook {
         let event = ClusterEvent {
             involved,
             reason: notice.reason,
-            message: notice.message.clone(),
+            message: crate::text::clip(&notice.message, crate::text::MAX_MESSAGE),
             at: now,
         };
         match tokio::time::timeout(EVENT_BUDGET, self.cluster.record_event(&event)).await {
@@ -766,6 +812,7 @@ mod tests {
             if self.fail_insert.load(Ordering::SeqCst) {
                 return Err(StoreError::Unavailable {
                     store: "authorizations".to_owned(),
+                    maybe_written: true,
                     source: "injected".into(),
                 });
             }
@@ -773,6 +820,9 @@ mod tests {
         }
         async fn touch(&self, hash: &TokenHash, l: i64, e: i64) -> Result<(), StoreError> {
             self.inner.touch(hash, l, e).await
+        }
+        async fn retract(&self, tombstone: &TokenRecord) -> Result<(), StoreError> {
+            self.inner.retract(tombstone).await
         }
         async fn delete(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
             self.inner.delete(hash).await
@@ -903,8 +953,16 @@ mod tests {
             .await
     }
 
+    /// The live records (tombstones grant nothing and are not counted).
     async fn records(f: &Fixture) -> Vec<TokenRecord> {
-        f.tokens.list().await.unwrap()
+        let all = f.tokens.list().await.unwrap();
+        all.into_iter().filter(|r| !r.is_retracted()).collect()
+    }
+
+    /// The tombstones.
+    async fn tombstones(f: &Fixture) -> Vec<TokenRecord> {
+        let all = f.tokens.list().await.unwrap();
+        all.into_iter().filter(TokenRecord::is_retracted).collect()
     }
 
     #[tokio::test]
@@ -1031,6 +1089,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn huge_user_values_are_clipped_in_warnings_reasons_and_events() {
+        // GIVEN a ServiceAccount whose role annotation is 100 kB, and a pod naming a 100 kB
+        // ServiceAccount
+        let f = fixture().await;
+        let huge = format!("arn:aws:iam::123456789012:role/{}", "x".repeat(100_000));
+        f.cluster.put_service_account(ServiceAccount {
+            uid: Some("sa-uid".to_owned()),
+            namespace: "team".to_owned(),
+            name: "huge".to_owned(),
+            annotations: BTreeMap::from([("eks.amazonaws.com/role-arn".to_owned(), huge)]),
+        });
+        // WHEN both are admitted
+        let bad_role = create(&f, pod("huge")).await;
+        let bad_name = create(&f, pod(&"s".repeat(100_000))).await;
+        // THEN nothing is written and every echo is bounded
+        assert_eq!(bad_role.decision, Decision::Skipped);
+        assert_eq!(bad_name.decision, Decision::Skipped);
+        for out in [&bad_role, &bad_name] {
+            assert!(
+                out.reason.len() <= 600,
+                "reason of {} bytes",
+                out.reason.len()
+            );
+            assert!(out.response.warnings.iter().all(|w| w.len() <= 600));
+            assert!(
+                out.service_account
+                    .as_ref()
+                    .is_none_or(|sa| sa.len() <= 200)
+            );
+        }
+        assert!(
+            bad_role.reason.contains("(100031 bytes)"),
+            "{}",
+            bad_role.reason
+        );
+        let events = f.cluster.events();
+        assert_eq!(events.len(), 1, "one InvalidRoleAnnotation Event");
+        assert!(events[0].message.len() <= 600);
+        assert!(f.cluster.secrets().is_empty() && records(&f).await.is_empty());
+    }
+
+    #[tokio::test]
     async fn a_record_write_past_the_deadline_is_undone() {
         let f = fixture().await;
         f.tokens.stall_insert_ms.store(400, Ordering::SeqCst);
@@ -1041,6 +1141,19 @@ mod tests {
         // the stalled write cannot land after the answer: the timed-out future was dropped
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(records(&f).await.is_empty());
+        // and had it been sent on the wire, it could not land either: the undo left a tombstone
+        // under its hash, naming the Secret, and an insert of a taken hash fails
+        let tombstones = tombstones(&f).await;
+        assert_eq!(tombstones.len(), 1);
+        let revived = TokenRecord {
+            retracted_at: None,
+            ..tombstones[0].clone()
+        };
+        assert!(matches!(
+            f.tokens.inner.insert(&revived).await,
+            Err(StoreError::AlreadyExists)
+        ));
+        assert!(tombstones[0].secret_name.is_some());
     }
 
     #[tokio::test]

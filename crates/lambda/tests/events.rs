@@ -83,6 +83,7 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
             created_at: NOW.unix_timestamp(),
             last_used: None,
             expires: NOW.unix_timestamp() + 86_400,
+            retracted_at: None,
         })
         .await
         .unwrap();

@@ -44,6 +44,14 @@ pub(crate) async fn credentials(State(state): State<AppState>, headers: HeaderMa
         }
         Err(error) => {
             log_refusal(&error);
+            if matches!(error, BrokerError::CorruptRecord { .. }) {
+                state.metrics.record(
+                    "CorruptTokenRecords",
+                    ("Table", "Authorizations"),
+                    "BrokerLatency",
+                    started.elapsed(),
+                );
+            }
             state.metrics.record(
                 "CredentialsDenied",
                 ("Code", error.code()),
@@ -67,6 +75,15 @@ fn log_refusal(error: &BrokerError) {
             }
             tracing::warn!(decision = "unavailable", code = error.code(), error = %error, cause = %chain, "credentials not served");
         }
+        BrokerError::CorruptRecord { token, source } => tracing::error!(
+            decision = "denied",
+            code = error.code(),
+            corrupt_record = true,
+            token = %token,
+            cause = %source,
+            "credentials not served: the token record is unreadable; fix or revoke it \
+             (iam-broker token revoke --hash)"
+        ),
         BrokerError::AllowanceRevoked { subject, role_arn } => tracing::info!(
             decision = "denied",
             code = error.code(),
