@@ -32,7 +32,7 @@ pub struct RenderWebhookArgs {
     #[arg(long, value_enum, default_value_t = FailurePolicyArg::Ignore)]
     failure_policy: FailurePolicyArg,
     /// How long the API server waits for the webhook (1..=30 s; the webhook answers within 8).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = iam_broker_core::manifest::DEFAULT_TIMEOUT_SECONDS)]
     timeout_seconds: u8,
     /// PEM file of the CA that signed the webhook's certificate (in-cluster `serve --tls-*`
     /// only; API Gateway's certificate is publicly trusted).

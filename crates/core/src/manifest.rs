@@ -7,6 +7,10 @@ use std::fmt::Write as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
+/// The `timeoutSeconds` `render-webhook` writes: longer than the webhook's worst case
+/// (`webhook::FORWARD_BUDGET` + `UNDO_BUDGET` + `events::EVENT_BUDGET` = 8 s), so the API
+/// server hears every answer, the undo's included.
+pub const DEFAULT_TIMEOUT_SECONDS: u8 = 10;
 /// Namespaces the webhook never mutates by default: its own and the control plane's.
 pub const DEFAULT_EXCLUDED_NAMESPACES: &[&str] = &[
     "iam-broker",
@@ -79,7 +83,7 @@ pub struct WebhookManifest {
     pub ca_bundle_pem: Option<String>,
     /// `failurePolicy`.
     pub failure_policy: WebhookFailurePolicy,
-    /// `timeoutSeconds` (1..=30).
+    /// `timeoutSeconds` (1..=30); [`DEFAULT_TIMEOUT_SECONDS`] unless told otherwise.
     pub timeout_seconds: u8,
     /// Which namespaces are intercepted.
     pub namespaces: NamespaceScope,

@@ -1088,6 +1088,24 @@ mod tests {
         assert!(records(&f).await.is_empty());
     }
 
+    #[test]
+    fn production_budgets_let_the_undo_finish_inside_the_webhook_timeout() {
+        // every call times out before the forward budget ends, so a failure always leaves time
+        // for the undo; forward + undo + the Event stay inside the rendered timeoutSeconds
+        let call = Duration::from_millis(crate::config::DEFAULT_AWS_CALL_TIMEOUT_MS);
+        assert!(call < FORWARD_BUDGET);
+        let worst = FORWARD_BUDGET + UNDO_BUDGET + EVENT_BUDGET;
+        let timeout = u64::from(crate::manifest::DEFAULT_TIMEOUT_SECONDS);
+        assert!(
+            worst + Duration::from_secs(1) < Duration::from_secs(timeout),
+            "{worst:?}"
+        );
+        assert!(
+            UNDO_BUDGET >= Duration::from_millis(2 * 500),
+            "room for two calls"
+        );
+    }
+
     #[tokio::test]
     async fn huge_user_values_are_clipped_in_warnings_reasons_and_events() {
         // GIVEN a ServiceAccount whose role annotation is 100 kB, and a pod naming a 100 kB
