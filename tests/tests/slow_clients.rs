@@ -403,6 +403,11 @@ async fn the_http_layers_own_rejections_are_json_and_never_stored() {
     assert_eq!(status, 431);
     assert!(body.is_empty(), "{body}");
 
+    // WHEN the request cannot be parsed at all: hyper's own 400, empty body (README "Limits")
+    let (status, _, body) = raw(address, b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert_eq!(status, 400);
+    assert!(body.is_empty(), "{body}");
+
     // AND the server still answers
     health(TcpStream::connect(address).await.unwrap())
         .await
