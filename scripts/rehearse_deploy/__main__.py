@@ -681,6 +681,12 @@ class Rehearsal:
         check(hooks, "no webhook of the registration matched the injected pod's DELETE")
         status, _ = self.kube("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name}")
         check(status == 404, f"the pod's Secret survived its DELETE ({status})")
+        token_hash = pod["metadata"]["annotations"]["iam-broker.io/token-hash"]
+        item = self.client("dynamodb", self.admin).get_item(
+            TableName=self.outputs["AuthorizationsTableName"],
+            Key={"token_hash": {"S": token_hash}}).get("Item", {})
+        check("retracted_at" in item,
+              f"the pod's token record was not retracted by its DELETE: {sorted(item)}")
         plain = {"apiVersion": "v1", "kind": "Pod",
                  "metadata": {"name": "plain", "namespace": NAMESPACE, "labels": {"app": "plain"}},
                  "spec": {"containers": [{"name": "app", "image": "busybox"}]}}
