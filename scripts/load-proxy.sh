@@ -37,7 +37,7 @@ log "cargo build $profile_flag (iam-broker, iam-broker-proxy, load-http)"
 cargo build --quiet $profile_flag -p iam-broker-cli --bin iam-broker
 cargo build --quiet $profile_flag -p iam-broker-proxy --bin iam-broker-proxy
 cargo build --quiet $profile_flag -p iam-broker-tests --bin load-http
-BIN="$ROOT/target/$PROFILE"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
 
 start_work
 start_moto

@@ -32,7 +32,7 @@ profile_flag=""
 log "cargo build $profile_flag (iam-broker, load-http)"
 cargo build --quiet $profile_flag -p iam-broker-cli --bin iam-broker
 cargo build --quiet $profile_flag -p iam-broker-tests --bin load-http
-BIN="$ROOT/target/$PROFILE"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
 
 start_work
 start_moto

@@ -1,6 +1,6 @@
 //! End to end: the sidecar's log stays bounded under load. A cache hit is not an info line
-//! (misses, refreshes and errors are), and a value the client chooses (the path) is logged
-//! only up to a bounded length.
+//! (misses, refreshes and errors are), and a value the client chooses (the path, the method)
+//! is logged only up to a bounded length.
 
 // Test code: a failed set-up step should panic with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -69,8 +69,16 @@ async fn a_thousand_cache_hits_add_almost_nothing_to_the_log_and_paths_are_trunc
     let long_path = format!("/{}", "p".repeat(6000));
     let refused = get(&long_path, None).await.unwrap();
     assert_eq!(refused.status(), 401);
-    // THEN its log line carries only a bounded prefix of the path
+    // AND a request with a 3000-character method (a 405, logged)
+    let method = reqwest::Method::from_bytes("M".repeat(3000).as_bytes()).unwrap();
+    let odd = client.request(method, &proxy.url).send().await.unwrap();
+    assert_eq!(odd.status(), 405);
+    // THEN their log lines carry only bounded prefixes of the path and the method
     let log = proxy.stop().await;
+    assert!(
+        !log.contains(&"M".repeat(100)),
+        "the whole method was logged"
+    );
     let line = log
         .lines()
         .find(|l| l.contains("\"status\":401"))

@@ -403,6 +403,13 @@ async fn the_http_layers_own_rejections_are_json_and_never_stored() {
     assert_eq!(status, 431);
     assert!(body.is_empty(), "{body}");
 
+    // WHEN the method is a 3000-character extension token: a JSON 405, logged only in part
+    let request = format!(
+        "{} / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        "M".repeat(3000)
+    );
+    assert_json_error("method", &raw(address, request.as_bytes()).await, 405);
+
     // WHEN the request cannot be parsed at all: hyper's own 400, empty body (README "Limits")
     let (status, _, body) = raw(address, b"NOT HTTP AT ALL\r\n\r\n").await;
     assert_eq!(status, 400);
@@ -414,4 +421,9 @@ async fn the_http_layers_own_rejections_are_json_and_never_stored() {
         .unwrap();
     let log = server.stop().await;
     assert!(!log.contains(&"b".repeat(200)), "a header value was logged");
+    assert!(
+        !log.contains(&"M".repeat(200)),
+        "the whole method was logged"
+    );
+    assert!(!log.contains(&"a".repeat(300)), "the whole path was logged");
 }

@@ -179,7 +179,7 @@ fn read_reply(
         let expiration = OffsetDateTime::parse(&parsed.expiration, &Rfc3339).map_err(|_| {
             BrokerCallError::Invalid(format!(
                 "Expiration {:?} is not an RFC 3339 instant",
-                parsed.expiration
+                crate::server::truncated(&parsed.expiration, 64)
             ))
         })?;
         let (max_age, no_store) = cache_control(headers);

@@ -44,6 +44,8 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 /// The most bytes of a request path a log line carries (the path is the client's to choose).
 const MAX_LOGGED_PATH: usize = 128;
+/// The most bytes of a request method a log line carries.
+const MAX_LOGGED_METHOD: usize = 16;
 /// On shutdown, open connections get this long to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed `accept` (e.g. out of file descriptors), wait before the next one.
@@ -145,13 +147,15 @@ impl Proxy {
         let started = Instant::now();
         let (response, source, token_hash) = self.route(&request).await;
         let path = truncated(request.uri().path(), MAX_LOGGED_PATH);
+        // An extension method is any token the client likes.
+        let method = truncated(request.method().as_str(), MAX_LOGGED_METHOD);
         let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         // A cache hit or a probe is the steady state: at debug, so a busy pod's log stays small.
         // Misses, refreshes and errors are logged by the cache at info or warn.
         macro_rules! request_line {
             ($level:ident) => {
                 $level!(
-                    method = %request.method(),
+                    method = %method,
                     path = %path,
                     status = response.status().as_u16(),
                     source,
@@ -224,8 +228,9 @@ fn over_limits(request: &Request<Incoming>) -> Option<ProxyError> {
     (header_bytes > MAX_HEADER_BYTES).then(|| ProxyError::headers_too_large(MAX_HEADER_BYTES))
 }
 
-/// At most `max` bytes of `text` (cut at a character boundary), marked with `…` when cut.
-fn truncated(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+/// At most `max` bytes of `text` (cut at a character boundary), marked with `…` when cut: for
+/// any value a client (or the broker) chooses that reaches a log line or a message.
+pub(crate) fn truncated(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if text.len() <= max {
         return text.into();
     }

@@ -46,6 +46,8 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 /// The most bytes of a request path a log line carries.
 const MAX_LOGGED_PATH: usize = 256;
+/// The most bytes of a request method a log line carries.
+const MAX_LOGGED_METHOD: usize = 16;
 /// The most bytes of a rejection's plain-text body carried into its JSON `Message`.
 const MAX_REJECTION_TEXT: usize = 1024;
 
@@ -122,7 +124,8 @@ async fn access_log(request: Request, next: Next) -> Response {
 
 async fn logged(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().clone();
+    // An extension method is any token the client likes: log a bounded prefix of it too.
+    let method = truncated(request.method().as_str(), MAX_LOGGED_METHOD);
     // The webhook's path carries its secret segment: never log it. Any other path is the
     // client's to choose: log a bounded prefix of it.
     let path = match request.uri().path() {
