@@ -233,16 +233,17 @@ pub fn view(pod: &Value) -> Result<PodView, NotAPod> {
                 continue;
             }
             // Only objects have a `name`, so `container` is one.
-            let container = container.as_object().map(Ok).unwrap_or_else(|| {
-                Err(NotAPod(format!("spec.{field}[{index}] is not an object")))
-            })?;
+            let container = container
+                .as_object()
+                .ok_or_else(|| NotAPod(format!("spec.{field}[{index}] is not an object")))?;
+            // Messages name the place, never the pod's own (user-controlled) values.
             let path = format!("spec.{field}[{index}].");
             optional_array(container, "env", &path)?;
             let mounts = optional_array(container, "volumeMounts", &path)?;
             let taken = mounts.into_iter().flatten().find_map(|m| {
                 if m.get("name").and_then(Value::as_str) == Some(TOKEN_VOLUME) {
                     Some(format!(
-                        "a volume mount named {TOKEN_VOLUME} in container {name}"
+                        "a volume mount named {TOKEN_VOLUME} in {path}volumeMounts"
                     ))
                 } else if m
                     .get("mountPath")
@@ -250,7 +251,7 @@ pub fn view(pod: &Value) -> Result<PodView, NotAPod> {
                     .is_some_and(|p| p.trim_end_matches('/') == TOKEN_MOUNT_PATH)
                 {
                     Some(format!(
-                        "the mount path {TOKEN_MOUNT_PATH} in container {name}"
+                        "the mount path {TOKEN_MOUNT_PATH} in {path}volumeMounts"
                     ))
                 } else {
                     None
@@ -1373,5 +1374,11 @@ mod properties {
                 "{pod}"
             );
         }
+        // The reason names the place, not the pod's (user-controlled) names.
+        let long = "x".repeat(100_000);
+        let pod = json!({ "spec": { "containers": [{ "name": long, "volumeMounts": [
+            { "name": "y", "mountPath": TOKEN_MOUNT_PATH }] }] } });
+        let reason = view_skip(&pod).unwrap().unwrap().to_string();
+        assert!(reason.len() < 200, "{} bytes", reason.len());
     }
 }
