@@ -68,7 +68,7 @@ proptest! {
 
 proptest! {
     // Each case is one or two calls through the AWS SDK (answered in memory).
-    #![proptest_config(config(1500))]
+    #![proptest_config(config(1000))]
 
     #[test]
     fn token_record(data in bytes(512)) {
@@ -94,7 +94,7 @@ fn minted_tokens_have_the_documented_shape() {
 fn generated_inputs_reach_the_patch_and_the_record() {
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     let (mut patched, mut records) = (0, 0);
-    for _ in 0..2000 {
+    for _ in 0..1000 {
         let data = bytes(1024)
             .new_tree(&mut runner)
             .map(|t| t.current())
@@ -106,10 +106,10 @@ fn generated_inputs_reach_the_patch_and_the_record() {
     }
     assert!(
         patched > 100,
-        "only {patched} of 2000 generated reviews got a patch"
+        "only {patched} of 1000 generated reviews got a patch"
     );
     assert!(
         records > 20,
-        "only {records} of 2000 generated items decoded to a record"
+        "only {records} of 1000 generated items decoded to a record"
     );
 }
