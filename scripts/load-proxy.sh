@@ -41,6 +41,9 @@ BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
 
 start_work
 start_moto
+moto_pid=${pids[-1]}
+# CPU seconds a process has used so far (user + system).
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 "$BIN/iam-broker" tables create >/dev/null
 "$BIN/iam-broker" allow --namespace team-a --service-account app --role "$ROLE" >/dev/null
 log "minting 1 hot and $VALID other valid tokens; $((DISTINCT - VALID - 1)) unknown ones"
@@ -60,7 +63,8 @@ serve_port=$(free_port)
 proxy_port=$(free_port)
 log "iam-broker serve on 127.0.0.1:$serve_port; iam-broker-proxy on 127.0.0.1:$proxy_port"
 RUST_LOG=info "$BIN/iam-broker" serve --listen "127.0.0.1:$serve_port" 2> "$work/serve.log" &
-pids+=($!)
+serve_pid=$!
+pids+=("$serve_pid")
 wait_http "http://127.0.0.1:$serve_port/healthz"
 BROKER_URL="http://127.0.0.1:$serve_port/" LISTEN_ADDR="127.0.0.1:$proxy_port" \
   "$BIN/iam-broker-proxy" 2> "$work/proxy.log" &
@@ -83,6 +87,7 @@ hot_fetches=$(grep '"credentials served"' "$work/serve.log" | grep -c '"pod":"ho
 printf 'proxy RSS         before %s KiB, max during %s KiB, after %s KiB\n' "$rss_before" "$rss_max" "$(rss)"
 printf 'proxy log         %s bytes for the whole run\n' "$(wc -c < "$work/proxy.log")"
 printf 'hot token         fetched from the broker %s time(s)\n' "$hot_fetches"
+printf 'CPU used          proxy %s s, serve %s s, moto %s s\n' "$(cpu "$proxy_pid")" "$(cpu "$serve_pid")" "$(cpu "$moto_pid")"
 [ "$hot_fetches" = 1 ] || status=1
 printf 'machine           %s cores, %s, kernel %s, profile %s\n' "$(nproc)" \
   "$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)" "$(uname -r)" "$PROFILE"

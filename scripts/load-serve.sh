@@ -2,8 +2,9 @@
 # Load figures for `iam-broker serve` (RELIABILITY.md): CLIENTS concurrent clients send GET /
 # with valid tokens (one per client) for DURATION seconds against `iam-broker serve` and moto
 # (DynamoDB and STS), while SLOW connections sit there sending a partial request head. Prints
-# requests/s, p50/p99, the error count (must be 0), when the slow connections were cut, and the
-# machine. Exit status 1 when any request failed or a slow connection was never cut.
+# requests/s, p50/p99, the error count (must be 0), when the slow connections were cut, the
+# same clients on /healthz alone (no moto), and the machine. Exit status 1 when any request
+# failed or a slow connection was never cut.
 #
 #   scripts/load-serve.sh
 #   CLIENTS=64 DURATION=30 SLOW=256 PROFILE=debug scripts/load-serve.sh
@@ -36,6 +37,9 @@ BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
 
 start_work
 start_moto
+moto_pid=${pids[-1]}
+# CPU seconds a process has used so far (user + system).
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 "$BIN/iam-broker" tables create >/dev/null
 "$BIN/iam-broker" allow --namespace team-a --service-account app --role "$ROLE" >/dev/null
 log "minting $CLIENTS tokens"
@@ -85,7 +89,13 @@ status=0
   --tokens-file "$work/tokens" || status=1
 wait "$slow_pid" || status=1
 cat "$work/slow.txt"
+# The HTTP layer alone (no AWS call): GET /healthz, same clients, 5 s.
+log "load: $CLIENTS clients, 5 s, GET /healthz (the connection loop and router without moto)"
+"$BIN/load-http" "http://127.0.0.1:$port/healthz" --concurrency "$CLIENTS" --seconds 5 \
+  | grep -E '^(requests|latency|errors)' || status=1
 printf 'serve RSS after   %s\n' "$(awk '/VmRSS/ {print $2, $3}' "/proc/$serve_pid/status")"
+printf 'CPU used          serve %s s, moto %s s (moto, one Python process, is the bottleneck when it is near DURATION)\n' \
+  "$(cpu "$serve_pid")" "$(cpu "$moto_pid")"
 printf 'machine           %s cores, %s, kernel %s, profile %s\n' "$(nproc)" \
   "$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)" "$(uname -r)" "$PROFILE"
 exit "$status"
