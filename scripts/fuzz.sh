@@ -4,7 +4,8 @@
 #   scripts/fuzz.sh                    each libFuzzer target for 60 s (or the stable smoke)
 #   scripts/fuzz.sh --seconds N        each target for N seconds
 #   scripts/fuzz.sh --target NAME      only NAME (repeatable): admission_review, admission_pod,
-#                                      authorization, token_record, stream_event, cache_policy
+#                                      authorization, token_record, stream_event, cache_policy,
+#                                      proxy_request
 #   scripts/fuzz.sh --smoke            the stable smoke, even where nightly is installed
 #   scripts/fuzz.sh --help             print this text
 # New corpus entries go to fuzz/corpus/<target> (ignored by git); fuzz/seeds/<target> and
@@ -14,7 +15,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-ALL_TARGETS=(admission_review admission_pod authorization token_record stream_event cache_policy)
+ALL_TARGETS=(admission_review admission_pod authorization token_record stream_event cache_policy proxy_request)
 seconds=60
 smoke=false
 targets=()

@@ -113,3 +113,13 @@ fn generated_inputs_reach_the_patch_and_the_record() {
         "only {records} of 1000 generated items decoded to a record"
     );
 }
+
+proptest! {
+    // Each case is one to four HTTP requests to a real sidecar on loopback.
+    #![proptest_config(config(300))]
+
+    #[test]
+    fn proxy_request(data in bytes(256)) {
+        iam_broker_fuzz_targets::sidecar::proxy_request(&data);
+    }
+}
