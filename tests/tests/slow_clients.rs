@@ -173,12 +173,31 @@ async fn slow_request_heads_over_http_are_cut_while_health_keeps_answering() {
         drips.push((read, drip(write)));
     }
 
+    // ... or keep a connection idle after one answered request (keep-alive)
+    let mut idle = TcpStream::connect(address).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answered = Vec::new();
+    while !String::from_utf8_lossy(&answered).contains(r#"{"status":"ok"}"#) {
+        let mut buffer = [0u8; 1024];
+        let n = idle.read(&mut buffer).await.unwrap();
+        assert!(n > 0, "closed before the answer");
+        answered.extend_from_slice(&buffer[..n]);
+    }
+    let idle_since = Instant::now();
+
     // THEN the server keeps answering meanwhile
     health(TcpStream::connect(address).await.unwrap())
         .await
         .unwrap();
 
-    // AND cuts every slow connection after about its timeout
+    // AND cuts every slow or idle connection after about its timeout
+    let idle_cut = all_closed(std::slice::from_mut(&mut idle), idle_since).await;
+    assert!(
+        idle_cut.is_ok(),
+        "an idle keep-alive connection stayed open"
+    );
     let silent_cut = all_closed(&mut silent, opened).await;
     let partial_cut = all_closed(&mut partial, opened).await;
     let mut readers: Vec<_> = drips.iter_mut().map(|(read, _)| read).collect();
@@ -187,8 +206,8 @@ async fn slow_request_heads_over_http_are_cut_while_health_keeps_answering() {
         task.abort();
     }
     eprintln!(
-        "HTTP: {PER_KIND} silent, {PER_KIND} partial, {PER_KIND} drip; slowest cut \
-         after {silent_cut:?} / {partial_cut:?} / {drip_cut:?}"
+        "HTTP: {PER_KIND} silent, {PER_KIND} partial, {PER_KIND} drip, 1 idle keep-alive; slowest \
+         cut after {silent_cut:?} / {partial_cut:?} / {drip_cut:?} / {idle_cut:?}"
     );
     assert!(
         silent_cut.is_ok() && partial_cut.is_ok() && drip_cut.is_ok(),
