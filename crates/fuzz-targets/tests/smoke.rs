@@ -128,10 +128,8 @@ proptest! {
 /// bytes that are not UTF-8 (`"\xff…"`) is passed on by the sidecar as `application/json`,
 /// though it is not JSON (RFC 8259 requires UTF-8). The sidecar's `read_reply`
 /// (`crates/proxy/src/broker.rs`) decides "is JSON" with `serde_json::from_slice::<IgnoredAny>`,
-/// which skips strings without checking their UTF-8. Ignored until that check is fixed; run it
-/// with `cargo test -p iam-broker-fuzz-targets -- --ignored`.
+/// which skipped strings without checking their UTF-8; it now checks the whole body first.
 #[test]
-#[ignore = "open defect in crates/proxy/src/broker.rs (not this crate's): non-UTF-8 error body passed on as JSON"]
 fn a_broker_error_body_that_is_not_utf8_is_not_passed_on_as_json() {
     let input = include_bytes!(
         "../../../fuzz/regressions/proxy_request/crash-a6e50422251ec8db8f295b43cc29fccc3fa91aaf"

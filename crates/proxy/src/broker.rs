@@ -171,8 +171,13 @@ fn read_reply(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<BrokerReply, BrokerCallError> {
+    // JSON is UTF-8 (RFC 8259), and serde_json checks it only in the strings it keeps: a body
+    // with other bytes in a string it skips is not JSON, and is never passed on as JSON.
+    let utf8 = std::str::from_utf8(&body).ok();
     if status == StatusCode::OK {
-        let parsed: CredentialsBody = serde_json::from_slice(&body).map_err(|e| {
+        let text = utf8
+            .ok_or_else(|| BrokerCallError::Invalid("a 200 whose body is not UTF-8".to_owned()))?;
+        let parsed: CredentialsBody = serde_json::from_str(text).map_err(|e| {
             // serde_json's message names the field and position, never the value.
             BrokerCallError::Invalid(format!("a 200 without a credentials body ({e})"))
         })?;
@@ -190,7 +195,7 @@ fn read_reply(
             no_store,
         })
     } else if status.is_client_error() || status.is_server_error() {
-        let is_json = serde_json::from_slice::<IgnoredAny>(&body).is_ok();
+        let is_json = utf8.is_some_and(|text| serde_json::from_str::<IgnoredAny>(text).is_ok());
         Ok(BrokerReply::Refused {
             status,
             body: is_json.then_some(body),
@@ -297,6 +302,27 @@ mod tests {
                 "{body:?}"
             );
         }
+    }
+
+    #[test]
+    fn bodies_that_are_not_utf8_are_never_passed_on_as_json() {
+        // serde_json skips an unknown member's string without checking its bytes
+        let credentials = b"{\"AccessKeyId\":\"A\",\"SecretAccessKey\":\"s\",\"Token\":\"t\",\
+\"Expiration\":\"2026-11-22T07:00:00Z\",\"X\":\"\xff\"}";
+        let result = read_reply(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            Bytes::from_static(credentials),
+        );
+        assert!(matches!(result, Err(BrokerCallError::Invalid(_))));
+        let error = b"{\"Code\":\"\xff\xfe\"}";
+        let reply = read_reply(
+            StatusCode::FORBIDDEN,
+            &HeaderMap::new(),
+            Bytes::from_static(error),
+        )
+        .unwrap();
+        assert!(matches!(reply, BrokerReply::Refused { body: None, .. }));
     }
 
     #[test]
