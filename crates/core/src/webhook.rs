@@ -1088,6 +1088,30 @@ mod tests {
         assert!(records(&f).await.is_empty());
     }
 
+    #[tokio::test]
+    async fn a_pod_that_cannot_take_the_patch_gets_no_secret_and_no_record() {
+        // GIVEN an allowed, annotated ServiceAccount, and forged pods whose shape no patch fits
+        let f = fixture().await;
+        let mut annotations_string = pod("reader");
+        annotations_string["metadata"]["annotations"] = json!("not an object");
+        let mut env_object = pod("reader");
+        env_object["spec"]["containers"][0]["env"] = json!({ "X": "1" });
+        let mut volume_taken = pod("reader");
+        volume_taken["spec"]["volumes"] = json!([{ "name": "iam-broker-token", "emptyDir": {} }]);
+        for forged in [annotations_string, env_object, volume_taken] {
+            // WHEN each is admitted
+            let out = create(&f, forged.clone()).await;
+            // THEN it is skipped before any write, without a patch
+            assert_eq!(out.decision, Decision::Skipped, "{forged}: {}", out.reason);
+            assert!(out.response.patch.is_none());
+        }
+        assert!(f.cluster.secrets().is_empty());
+        assert!(
+            f.tokens.list().await.unwrap().is_empty(),
+            "not even a tombstone"
+        );
+    }
+
     #[test]
     fn production_budgets_let_the_undo_finish_inside_the_webhook_timeout() {
         // every call times out before the forward budget ends, so a failure always leaves time
