@@ -8,6 +8,16 @@ VENV="$ROOT/.venv"
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 # For an argument the script does not take: says so with the usage on stderr, exits 2.
 refuse_argument() { { printf '%s: unknown argument %s\n' "scripts/${0##*/}" "$1"; usage; } >&2; exit 2; }
+# For a script that takes no argument: --help prints the usage, anything else is refused.
+no_arguments() {
+  local arg
+  for arg in "$@"; do
+    case "$arg" in
+      -h|--help) usage; exit 0 ;;
+      *) refuse_argument "$arg" ;;
+    esac
+  done
+}
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

@@ -14,12 +14,7 @@
 # PROFILE=release (default) or debug. Everything binds 127.0.0.1 on free ports and stops on exit.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-for arg in "$@"; do
-  case "$arg" in
-    -h|--help) usage; exit 0 ;;
-    *) refuse_argument "$arg" ;;
-  esac
-done
+no_arguments "$@"
 cd "$ROOT"
 
 CLIENTS=${CLIENTS:-32}

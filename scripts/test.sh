@@ -7,12 +7,7 @@
 #   scripts/test.sh --help     print this text
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-for arg in "$@"; do
-  case "$arg" in
-    -h|--help) usage; exit 0 ;;
-    *) refuse_argument "$arg" ;;
-  esac
-done
+no_arguments "$@"
 cd "$ROOT"
 
 ensure_rust
