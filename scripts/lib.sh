@@ -118,3 +118,28 @@ start_kube_standin() {
   for _ in $(seq 100); do [ -s "$work/kubeconfig" ] && break; sleep 0.1; done
   [ -s "$work/kubeconfig" ] || die "the Kubernetes API stand-in did not start: $(cat "$work/kube.log")"
 }
+
+# For the load scripts: builds `iam-broker`, the load driver and each extra PACKAGE/BINARY
+# argument for $PROFILE (release or debug), and sets BIN to the directory they are in.
+build_load_binaries() {
+  local flag="" spec specs=("iam-broker-cli/iam-broker" "iam-broker-tests/load-http" "$@")
+  [ "$PROFILE" = release ] && flag="--release"
+  log "cargo build $flag (${specs[*]##*/})"
+  for spec in "${specs[@]}"; do
+    cargo build --quiet $flag -p "${spec%/*}" --bin "${spec#*/}"
+  done
+  BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
+}
+
+# For the load scripts: moto (its pid in moto_pid) with both tables, and $ROLE allowed for
+# team-a/app.
+start_load_world() {
+  start_work
+  start_moto
+  moto_pid=${pids[-1]}
+  "$BIN/iam-broker" tables create >/dev/null
+  "$BIN/iam-broker" allow --namespace team-a --service-account app --role "$ROLE" >/dev/null
+}
+
+# CPU seconds process $1 has used so far (user + system).
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$1/stat"; }

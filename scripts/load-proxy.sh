@@ -26,21 +26,8 @@ ROLE=arn:aws:iam::123456789012:role/iam-broker/s3_reader
 
 ensure_rust
 ensure_venv
-profile_flag=""
-[ "$PROFILE" = release ] && profile_flag="--release"
-log "cargo build $profile_flag (iam-broker, iam-broker-proxy, load-http)"
-cargo build --quiet $profile_flag -p iam-broker-cli --bin iam-broker
-cargo build --quiet $profile_flag -p iam-broker-proxy --bin iam-broker-proxy
-cargo build --quiet $profile_flag -p iam-broker-tests --bin load-http
-BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
-
-start_work
-start_moto
-moto_pid=${pids[-1]}
-# CPU seconds a process has used so far (user + system).
-cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$1/stat"; }
-"$BIN/iam-broker" tables create >/dev/null
-"$BIN/iam-broker" allow --namespace team-a --service-account app --role "$ROLE" >/dev/null
+build_load_binaries iam-broker-proxy/iam-broker-proxy
+start_load_world
 log "minting 1 hot and $VALID other valid tokens; $((DISTINCT - VALID - 1)) unknown ones"
 hot=$("$BIN/iam-broker" token create --namespace team-a --service-account app --role "$ROLE" --pod hot)
 for i in $(seq "$VALID"); do
