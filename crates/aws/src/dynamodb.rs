@@ -1,8 +1,9 @@
-//! [`AllowanceStore`] and [`TokenStore`] on DynamoDB. Items are converted next to the adapter;
+//! [`AllowanceStore`] and [`TokenStore`] on DynamoDB (the cluster registry is in
+//! [`crate::clusters`]). Items are converted next to the adapter;
 //! SDK errors are explained ([`crate::sdk::AwsError`], [`MissingTable`]) and kept as the `source`
 //! of [`StoreError`].
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
@@ -10,13 +11,14 @@ use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use iam_broker_core::allowance::{Allowance, RoleArn, Subject};
-use iam_broker_core::config::{ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE};
+use iam_broker_core::cluster::ClusterName;
+use iam_broker_core::config::{ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE, ENV_CLUSTERS_TABLE};
 use iam_broker_core::ports::{AllowanceStore, BoxError, StoreError, TokenStore};
 use iam_broker_core::{TokenHash, TokenRecord};
 
 use crate::sdk::{SdkFailure, Service, error_code, explain};
 
-type Item = HashMap<String, AttributeValue>;
+pub(crate) type Item = HashMap<String, AttributeValue>;
 
 /// Attribute names of the Allowances table.
 pub mod allowance_attributes {
@@ -26,6 +28,9 @@ pub mod allowance_attributes {
     pub const SERVICE_ACCOUNT: &str = "service_account";
     /// String set of role ARNs.
     pub const ALLOWED_ROLES: &str = "allowed_roles";
+    /// Prefix of the attributes holding a role's `ExternalId`: `external_id:<role ARN>` (one
+    /// top-level attribute per role, so one `UpdateItem` adds a role and sets its id).
+    pub const EXTERNAL_ID_PREFIX: &str = "external_id:";
 }
 
 /// Attribute names of the Authorizations table.
@@ -66,30 +71,33 @@ pub struct MissingTable {
     pub table: String,
     /// The region the client looked in.
     pub region: String,
-    /// `ALLOWANCES_TABLE` or `AUTHORIZATIONS_TABLE`.
+    /// `ALLOWANCES_TABLE`, `AUTHORIZATIONS_TABLE` or `CLUSTERS_TABLE`.
     pub variable: &'static str,
-    /// `Allowances` or `Authorizations`.
+    /// `Allowances`, `Authorizations` or `Clusters`.
     pub role: &'static str,
     /// The SDK's error (`ResourceNotFoundException`).
     #[source]
     pub source: BoxError,
 }
 
-/// Which of the two tables of DESIGN.md a name stands for, and the variable that sets it.
+/// Which of the tables of DESIGN.md a name stands for, and the variable that sets it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TableRole {
     /// The Allowances table (`ALLOWANCES_TABLE`).
     Allowances,
     /// The Authorizations table (`AUTHORIZATIONS_TABLE`).
     Authorizations,
+    /// The cluster registry (`CLUSTERS_TABLE`).
+    Clusters,
 }
 
 impl TableRole {
-    /// `Allowances` or `Authorizations`.
+    /// `Allowances`, `Authorizations` or `Clusters`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Allowances => "Allowances",
             Self::Authorizations => "Authorizations",
+            Self::Clusters => "Clusters",
         }
     }
 
@@ -98,6 +106,7 @@ impl TableRole {
         match self {
             Self::Allowances => ENV_ALLOWANCES_TABLE,
             Self::Authorizations => ENV_AUTHORIZATIONS_TABLE,
+            Self::Clusters => ENV_CLUSTERS_TABLE,
         }
     }
 }
@@ -126,7 +135,7 @@ where
     Box::new(explain(Service::DynamoDb, region, error))
 }
 
-fn unavailable<E>(
+pub(crate) fn unavailable<E>(
     client: &Client,
     table: &str,
     role: TableRole,
@@ -161,22 +170,22 @@ fn may_have_written<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool 
     }
 }
 
-fn is_conditional_failure<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {
+pub(crate) fn is_conditional_failure<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {
     matches!(error, SdkError::ServiceError(e) if e.err().code() == Some("ConditionalCheckFailedException"))
 }
 
-fn corrupt(table: &str, message: impl Into<String>) -> StoreError {
+pub(crate) fn corrupt(table: &str, message: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
         store: format!("DynamoDB table {table}"),
         message: message.into(),
     }
 }
 
-fn string(item: &Item, name: &str) -> Option<String> {
+pub(crate) fn string(item: &Item, name: &str) -> Option<String> {
     item.get(name).and_then(|v| v.as_s().ok()).cloned()
 }
 
-fn number(item: &Item, name: &str) -> Option<i64> {
+pub(crate) fn number(item: &Item, name: &str) -> Option<i64> {
     item.get(name)
         .and_then(|v| v.as_n().ok())
         .and_then(|n| n.parse().ok())
@@ -209,7 +218,7 @@ impl DynamoAllowanceStore {
         HashMap::from([
             (
                 aa::NAMESPACE.to_owned(),
-                AttributeValue::S(subject.namespace.clone()),
+                AttributeValue::S(subject.partition()),
             ),
             (
                 aa::SERVICE_ACCOUNT.to_owned(),
@@ -219,12 +228,31 @@ impl DynamoAllowanceStore {
     }
 
     fn read_item(&self, item: &Item) -> Result<Allowance, StoreError> {
-        let (Some(namespace), Some(service_account)) = (
+        let (Some(partition), Some(service_account)) = (
             string(item, aa::NAMESPACE),
             string(item, aa::SERVICE_ACCOUNT),
         ) else {
             return Err(corrupt(&self.table, "an allowance without its keys"));
         };
+        // `<cluster>/<namespace>` outside the default cluster (see `Subject::partition`).
+        let (cluster, namespace) = match partition.split_once('/') {
+            Some((cluster, namespace)) => (
+                Some(ClusterName::parse(cluster).map_err(|e| {
+                    corrupt(&self.table, format!("the namespace key's cluster: {e}"))
+                })?),
+                namespace.to_owned(),
+            ),
+            None => (None, partition),
+        };
+        let mut external_ids = BTreeMap::new();
+        for (name, value) in item {
+            if let Some(role) = name.strip_prefix(aa::EXTERNAL_ID_PREFIX) {
+                let id = value
+                    .as_s()
+                    .map_err(|_| corrupt(&self.table, format!("{name} is not a string")))?;
+                external_ids.insert(role.to_owned(), id.clone());
+            }
+        }
         let allowed_roles = item
             .get(aa::ALLOWED_ROLES)
             .map(|v| match v {
@@ -240,10 +268,12 @@ impl DynamoAllowanceStore {
             .unwrap_or_default();
         Ok(Allowance {
             subject: Subject {
+                cluster,
                 namespace,
                 service_account,
             },
             allowed_roles,
+            external_ids,
         })
     }
 }
@@ -267,15 +297,27 @@ impl AllowanceStore for DynamoAllowanceStore {
             .transpose()
     }
 
-    async fn allow(&self, subject: &Subject, role_arn: &str) -> Result<Allowance, StoreError> {
-        let output = self
+    async fn allow(
+        &self,
+        subject: &Subject,
+        role_arn: &str,
+        external_id: Option<&str>,
+    ) -> Result<Allowance, StoreError> {
+        let mut update = self
             .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(Self::key(subject)))
-            .update_expression("ADD #roles :role")
             .expression_attribute_names("#roles", aa::ALLOWED_ROLES)
-            .expression_attribute_values(":role", AttributeValue::Ss(vec![role_arn.to_owned()]))
+            .expression_attribute_names("#ext", format!("{}{role_arn}", aa::EXTERNAL_ID_PREFIX))
+            .expression_attribute_values(":role", AttributeValue::Ss(vec![role_arn.to_owned()]));
+        update = match external_id {
+            Some(id) => update
+                .update_expression("ADD #roles :role SET #ext = :ext")
+                .expression_attribute_values(":ext", AttributeValue::S(id.to_owned())),
+            None => update.update_expression("ADD #roles :role REMOVE #ext"),
+        };
+        let output = update
             .return_values(ReturnValue::AllNew)
             .send()
             .await
@@ -297,9 +339,10 @@ impl AllowanceStore for DynamoAllowanceStore {
                 .update_item()
                 .table_name(&self.table)
                 .set_key(Some(Self::key(subject)))
-                .update_expression("DELETE #roles :role")
+                .update_expression("DELETE #roles :role REMOVE #ext")
                 .condition_expression("attribute_exists(#ns)")
                 .expression_attribute_names("#roles", aa::ALLOWED_ROLES)
+                .expression_attribute_names("#ext", format!("{}{role_arn}", aa::EXTERNAL_ID_PREFIX))
                 .expression_attribute_names("#ns", aa::NAMESPACE)
                 .expression_attribute_values(":role", AttributeValue::Ss(vec![role_arn.to_owned()]))
                 .return_values(ReturnValue::AllNew)
@@ -341,8 +384,8 @@ impl AllowanceStore for DynamoAllowanceStore {
         }
     }
 
-    async fn list(&self, namespace: Option<&str>) -> Result<Vec<Allowance>, StoreError> {
-        let pages: Vec<Item> = match namespace {
+    async fn list(&self, partition: Option<&str>) -> Result<Vec<Allowance>, StoreError> {
+        let pages: Vec<Item> = match partition {
             Some(namespace) => self
                 .client
                 .query()
@@ -443,6 +486,7 @@ impl DynamoTokenStore {
         Ok(TokenRecord {
             token_hash,
             subject: Subject {
+                cluster: None,
                 namespace: required(ta::NAMESPACE)?,
                 service_account: required(ta::SERVICE_ACCOUNT)?,
             },

@@ -1,4 +1,4 @@
-//! The two tables of DESIGN.md, for local set-ups and tests (production tables come from
+//! The tables of DESIGN.md, for local set-ups and tests (production tables come from
 //! `template.yaml`). Creating them is idempotent.
 
 use aws_sdk_dynamodb::Client;
@@ -11,6 +11,7 @@ use aws_sdk_dynamodb::types::{
 
 use iam_broker_core::ports::BoxError;
 
+use crate::clusters::cluster_attributes as ca;
 use crate::dynamodb::{TableRole, allowance_attributes as aa, table_error, token_attributes as ta};
 use crate::sdk::{AwsError, Endpoint, Service, explain};
 
@@ -94,6 +95,20 @@ pub async fn create_tables(
             })
     };
     authorizations.await.map_err(fail(authorizations_table))
+}
+
+/// Creates the Clusters table (the cluster registry, `cluster` hash key), on-demand billing.
+/// A table that already exists is left as it is.
+pub async fn create_clusters_table(client: &Client, table: &str) -> Result<(), SchemaError> {
+    let clusters = async {
+        let keys = vec![key(ca::CLUSTER, KeyType::Hash)?];
+        let attributes = vec![string_attribute(ca::CLUSTER)?];
+        create(client, table, keys, attributes).await
+    };
+    clusters.await.map_err(|source| SchemaError {
+        table: table.to_owned(),
+        source,
+    })
 }
 
 async fn create(
@@ -206,6 +221,7 @@ pub async fn check_table(
     let want: Vec<(String, KeyType)> = match role {
         TableRole::Allowances => allowances_keys().to_vec(),
         TableRole::Authorizations => authorizations_keys().to_vec(),
+        TableRole::Clusters => clusters_keys().to_vec(),
     }
     .into_iter()
     .map(|(name, kind)| (name.to_owned(), kind))
@@ -231,4 +247,9 @@ pub fn allowances_keys() -> [(&'static str, KeyType); 2] {
 /// The key schema of the Authorizations table.
 pub fn authorizations_keys() -> [(&'static str, KeyType); 1] {
     [(ta::TOKEN_HASH, KeyType::Hash)]
+}
+
+/// The key schema of the Clusters table.
+pub fn clusters_keys() -> [(&'static str, KeyType); 1] {
+    [(ca::CLUSTER, KeyType::Hash)]
 }

@@ -52,6 +52,8 @@ impl CredentialIssuer for StsCredentialIssuer {
             .role_session_name(&request.session_name)
             .duration_seconds(duration)
             .set_tags((!tags.is_empty()).then_some(tags))
+            .set_source_identity(request.source_identity.clone())
+            .set_external_id(request.external_id.clone())
             .send()
             .await
             .map_err(|e| classify(self.client.config().region(), e))?;
