@@ -4,21 +4,30 @@
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore, StsCredentialIssuer};
+use iam_broker_aws::{
+    DynamoAllowanceStore, DynamoClusterRegistry, DynamoTokenStore, StsCredentialIssuer,
+};
 use iam_broker_core::broker::{Broker, BrokerSettings};
 use iam_broker_core::cleanup::Cleanup;
+use iam_broker_core::config::PROJECTED_TOKEN_LEEWAY;
 use iam_broker_core::ports::Cluster;
+use iam_broker_core::projected::{ProjectedIdentities, ProjectedSettings};
 use iam_broker_core::webhook::{Webhook, WebhookSettings};
 use iam_broker_core::{Config, SystemClock};
 use iam_broker_kube::{ClientSource, KubeCluster};
 use iam_broker_router::AppState;
 use iam_broker_router::metrics::Metrics;
 
+/// Shortest time between two re-reads of the cluster registry caused by a token whose issuer or
+/// key the broker's snapshot does not hold (capped by `CLUSTER_REGISTRY_TTL_SECONDS`).
+pub const REGISTRY_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+
 /// The AWS side, built once from one SDK configuration: the clients and the stores over them.
 #[derive(Clone)]
 pub struct AwsAdapters {
-    /// DynamoDB (both tables).
+    /// DynamoDB (every table).
     pub dynamodb: aws_sdk_dynamodb::Client,
     /// STS (AssumeRole for the broker, GetCallerIdentity for `doctor`).
     pub sts: aws_sdk_sts::Client,
@@ -28,6 +37,8 @@ pub struct AwsAdapters {
     pub allowances: Arc<DynamoAllowanceStore>,
     /// The Authorizations table.
     pub tokens: Arc<DynamoTokenStore>,
+    /// The Clusters table (the registry of clusters whose projected tokens the broker accepts).
+    pub clusters: Arc<DynamoClusterRegistry>,
 }
 
 impl AwsAdapters {
@@ -42,6 +53,10 @@ impl AwsAdapters {
             tokens: Arc::new(DynamoTokenStore::new(
                 dynamodb.clone(),
                 &config.authorizations_table,
+            )),
+            clusters: Arc::new(DynamoClusterRegistry::new(
+                dynamodb.clone(),
+                &config.clusters_table,
             )),
             dynamodb,
             sts: aws_sdk_sts::Client::new(sdk),
@@ -96,13 +111,21 @@ fn build_from(config: &Config, aws: AwsAdapters) -> App {
         config.aws_call_timeout,
     ));
     let clock = Arc::new(SystemClock);
+    // Always on: the registry is read only when a projected token arrives, so a Secret-only
+    // stack never reads it (nor needs the table to exist).
+    let projected = ProjectedIdentities::new(
+        aws.clusters.clone(),
+        clock.clone(),
+        projected_settings(config),
+    );
     let broker = Broker::new(
         aws.allowances.clone(),
         aws.tokens.clone(),
         Arc::new(StsCredentialIssuer::new(aws.sts.clone())),
         clock.clone(),
         BrokerSettings::from(config),
-    );
+    )
+    .with_projected(projected);
     let webhook = Webhook::new(
         cluster.clone(),
         aws.allowances,
@@ -122,5 +145,34 @@ fn build_from(config: &Config, aws: AwsAdapters) -> App {
             },
         },
         cleanup: Arc::new(cleanup),
+    }
+}
+
+/// How the broker verifies projected tokens and keeps its registry snapshot fresh.
+pub fn projected_settings(config: &Config) -> ProjectedSettings {
+    ProjectedSettings {
+        audience: config.projected_audience.clone(),
+        leeway: PROJECTED_TOKEN_LEEWAY,
+        registry_ttl: config.cluster_registry_ttl,
+        refresh_interval: REGISTRY_REFRESH_INTERVAL.min(config.cluster_registry_ttl),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refresh_interval_is_ten_seconds_or_the_registry_ttl_when_shorter() {
+        let mut config = Config::default();
+        let settings = projected_settings(&config);
+        assert_eq!(settings.registry_ttl, Duration::from_secs(60));
+        assert_eq!(settings.refresh_interval, REGISTRY_REFRESH_INTERVAL);
+        assert_eq!(settings.audience, "iam-broker");
+        config.cluster_registry_ttl = Duration::from_secs(3);
+        assert_eq!(
+            projected_settings(&config).refresh_interval,
+            Duration::from_secs(3)
+        );
     }
 }
