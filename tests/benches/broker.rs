@@ -43,6 +43,8 @@ fn settings() -> BrokerSettings {
         credential_duration: Duration::from_secs(3600),
         token_ttl: Duration::from_secs(14 * 86_400),
         session_tags: false,
+        source_identity: false,
+        cluster_name: None,
     }
 }
 
@@ -107,7 +109,7 @@ async fn in_memory_router() -> axum::Router {
     let allowances = Arc::new(MemoryAllowanceStore::default());
     let tokens = Arc::new(MemoryTokenStore::default());
     let subject = Subject::service_account("team-a", "app").expect("valid");
-    allowances.allow(&subject, ROLE).await.expect("memory");
+    allowances.allow(&subject, ROLE, None).await.expect("memory");
     let now = OffsetDateTime::now_utc().unix_timestamp();
     tokens
         .insert(&TokenRecord {
@@ -140,7 +142,7 @@ async fn in_memory_router() -> axum::Router {
 async fn allowances_for_webhook() -> Arc<MemoryAllowanceStore> {
     let allowances = Arc::new(MemoryAllowanceStore::default());
     let subject = Subject::service_account("team-a", "app").expect("valid");
-    allowances.allow(&subject, ROLE).await.expect("memory");
+    allowances.allow(&subject, ROLE, None).await.expect("memory");
     allowances
 }
 

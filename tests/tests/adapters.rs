@@ -43,12 +43,12 @@ async fn allowances_add_remove_and_list() {
     let other = Subject::service_account("other", "app").unwrap();
 
     assert_eq!(store.allowance(&app).await.unwrap(), None);
-    store.allow(&app, A).await.unwrap();
-    let row = store.allow(&app, B).await.unwrap();
+    store.allow(&app, A, None).await.unwrap();
+    let row = store.allow(&app, B, None).await.unwrap();
     assert_eq!(row.allowed_roles.len(), 2);
-    store.allow(&app, B).await.unwrap(); // idempotent
-    store.allow(&all, A).await.unwrap();
-    store.allow(&other, A).await.unwrap();
+    store.allow(&app, B, None).await.unwrap(); // idempotent
+    store.allow(&all, A, None).await.unwrap();
+    store.allow(&other, A, None).await.unwrap();
 
     // The item has the shape DESIGN.md fixes: a string set named allowed_roles.
     let item = client
@@ -225,6 +225,8 @@ async fn sts_issues_credentials_with_the_requested_duration() {
             session_name: "ns.app.web-1".into(),
             duration: Duration::from_secs(900),
             tags: vec![("kubernetes-namespace", "ns".into())],
+            source_identity: Some("ns.app".into()),
+            external_id: Some("tenant-42".into()),
         })
         .await
         .unwrap();

@@ -83,7 +83,11 @@ async fn world() -> World {
         aws_sdk_dynamodb::Client::new(&sdk),
         &tables.allowances,
     )
-    .allow(&Subject::service_account("team-a", "app").unwrap(), ROLE)
+    .allow(
+        &Subject::service_account("team-a", "app").unwrap(),
+        ROLE,
+        None,
+    )
     .await
     .unwrap();
     World {

@@ -41,7 +41,7 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
         Command::Allow(args) => {
             let subject = Subject::allowance_row(&args.namespace, &args.service_account)?;
             let role = RoleArn::parse(&args.role)?;
-            let row = stores.aws.allowances.allow(&subject, role.as_str()).await?;
+            let row = stores.aws.allowances.allow(&subject, role.as_str(), None).await?;
             println!("allowed {} to assume {}", subject, role);
             print_roles(&row);
             Ok(())

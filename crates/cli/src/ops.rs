@@ -50,6 +50,19 @@ pub struct RenderWebhookArgs {
     /// servers older than Kubernetes 1.28 / OpenShift 4.15, which reject the field).
     #[arg(long)]
     no_match_conditions: bool,
+    /// The webhook's IDENTITY_MODE: projected registers Pod CREATE only, with
+    /// `sideEffects: None` (admission writes nothing); secret adds the DELETE cleanup webhook.
+    #[arg(long, value_enum, default_value_t = IdentityModeArg::Secret)]
+    identity_mode: IdentityModeArg,
+}
+
+/// `--identity-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IdentityModeArg {
+    /// A minted token in a Secret per pod.
+    Secret,
+    /// A projected ServiceAccount token; nothing written at admission.
+    Projected,
 }
 
 /// `--failure-policy`.
@@ -110,6 +123,10 @@ pub fn render(args: RenderWebhookArgs, environment: &Environment) -> anyhow::Res
         },
         timeout_seconds: args.timeout_seconds,
         namespaces,
+        identity: match args.identity_mode {
+            IdentityModeArg::Secret => iam_broker_core::config::IdentityMode::Secret,
+            IdentityModeArg::Projected => iam_broker_core::config::IdentityMode::Projected,
+        },
     })?;
     print!("{yaml}");
     Ok(())

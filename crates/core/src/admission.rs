@@ -372,6 +372,31 @@ pub struct Injection<'a> {
     pub broker_url: &'a str,
 }
 
+/// What the patch points a `projected`-mode pod at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectedInjection<'a> {
+    /// `audience` of the projected ServiceAccount token.
+    pub audience: &'a str,
+    /// `expirationSeconds` of the token (kubelet rewrites the file at 80 % of it).
+    pub expiration_seconds: u64,
+    /// The role the ServiceAccount's annotation names: sent as `?role=` by the sidecar.
+    pub role_arn: &'a str,
+    /// The broker URL the sidecar calls (without the role).
+    pub broker_url: &'a str,
+}
+
+/// Pod annotation naming the role a `projected`-mode pod was given (for people; the sidecar's
+/// `BROKER_URL` carries it to the broker).
+pub const ANNOTATION_ROLE_ARN: &str = "iam-broker.io/role-arn";
+
+/// How a pod's containers get their credential.
+enum Credential<'a> {
+    /// An `iamb_` token in a Secret: env from the Secret (and optionally its file).
+    Secret(&'a Injection<'a>),
+    /// A projected ServiceAccount token file.
+    Projected(&'a ProjectedInjection<'a>),
+}
+
 /// The JSON patch that injects the sidecar, the environment and the annotations into `pod`.
 ///
 /// `view` must be [`view`]`(pod)`, and [`PodView::skip`] `None`: then the patch applies to `pod`.
@@ -383,14 +408,55 @@ pub fn patch(
     settings: &SidecarSettings,
     injection: &Injection<'_>,
 ) -> Patch {
+    build(pod, view, settings, &Credential::Secret(injection))
+}
+
+/// The patch of `projected` mode: a projected ServiceAccount token volume (audience and
+/// expiration from `injection`) mounted into every eligible container, with
+/// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` pointing at it and the credentials URI at the
+/// sidecar; the sidecar calls the broker with `?role=`. No Secret is referenced. Same
+/// preconditions and guarantees as [`patch`].
+pub fn patch_projected(
+    pod: &Value,
+    view: &PodView,
+    settings: &SidecarSettings,
+    injection: &ProjectedInjection<'_>,
+) -> Patch {
+    build(pod, view, settings, &Credential::Projected(injection))
+}
+
+/// `broker_url` with `?role=<role ARN>` (or `&role=`), the ARN percent-encoded.
+pub fn broker_url_with_role(broker_url: &str, role_arn: &str) -> String {
+    let mut encoded = String::with_capacity(role_arn.len());
+    for byte in role_arn.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~:/@,".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    let separator = if broker_url.contains('?') { '&' } else { '?' };
+    format!("{broker_url}{separator}role={encoded}")
+}
+
+fn build(
+    pod: &Value,
+    view: &PodView,
+    settings: &SidecarSettings,
+    credential: &Credential<'_>,
+) -> Patch {
     let mut ops = Vec::new();
 
-    // Annotations for DELETE, and the label that selects the pod for the DELETE webhook (the
-    // registration's objectSelector), so pods that never had credentials cost no call.
-    let annotations = [
-        (ANNOTATION_SECRET_NAME, injection.secret_name),
-        (ANNOTATION_TOKEN_HASH, injection.token_hash),
-    ];
+    // Annotations for DELETE (Secret mode) or for people (projected mode), and the label that
+    // selects the pod for the DELETE webhook (the registration's objectSelector), so pods that
+    // never had credentials cost no call.
+    let annotations: Vec<(&str, &str)> = match credential {
+        Credential::Secret(injection) => vec![
+            (ANNOTATION_SECRET_NAME, injection.secret_name),
+            (ANNOTATION_TOKEN_HASH, injection.token_hash),
+        ],
+        Credential::Projected(injection) => vec![(ANNOTATION_ROLE_ARN, injection.role_arn)],
+    };
     let labels = [(LABEL_INJECTED, LABEL_INJECTED_VALUE)];
     let map = |entries: &[(&str, &str)]| {
         Value::Object(Map::from_iter(
@@ -416,17 +482,20 @@ pub fn patch(
         }
     }
 
+    let token_file = settings.token_file || matches!(credential, Credential::Projected(_));
     let full_uri = format!("http://127.0.0.1:{}/", settings.port);
     let mount_file = format!("{TOKEN_MOUNT_PATH}/{SECRET_TOKEN_KEY}");
     for target in &view.eligible {
         let container = &pod["spec"][target.list.field()][target.index];
         let existing = env_names(container);
-        let mut env = vec![
-            json!({ "name": ENV_FULL_URI, "value": full_uri }),
-            json!({ "name": ENV_AUTHORIZATION_TOKEN, "valueFrom": { "secretKeyRef": {
+        let mut env = vec![json!({ "name": ENV_FULL_URI, "value": full_uri })];
+        if let Credential::Secret(injection) = credential {
+            env.push(
+                json!({ "name": ENV_AUTHORIZATION_TOKEN, "valueFrom": { "secretKeyRef": {
                 "name": injection.secret_name, "key": SECRET_TOKEN_KEY } } }),
-        ];
-        if settings.token_file {
+            );
+        }
+        if token_file {
             env.push(json!({ "name": ENV_AUTHORIZATION_TOKEN_FILE, "value": mount_file }));
         }
         if let Some(region) = &settings.region {
@@ -439,7 +508,7 @@ pub fn patch(
         let index = target.index.to_string();
         let base = ["spec", target.list.field(), index.as_str()];
         append_all(&mut ops, container.get("env"), &base, "env", env);
-        if settings.token_file {
+        if token_file {
             let mount =
                 json!({ "name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT_PATH, "readOnly": true });
             append_all(
@@ -452,11 +521,20 @@ pub fn patch(
         }
     }
 
-    if settings.token_file {
-        let volume = json!({ "name": TOKEN_VOLUME, "secret": {
-            "secretName": injection.secret_name,
-            "items": [{ "key": SECRET_TOKEN_KEY, "path": SECRET_TOKEN_KEY }],
-        } });
+    if token_file {
+        let volume = match credential {
+            Credential::Secret(injection) => json!({ "name": TOKEN_VOLUME, "secret": {
+                "secretName": injection.secret_name,
+                "items": [{ "key": SECRET_TOKEN_KEY, "path": SECRET_TOKEN_KEY }],
+            } }),
+            Credential::Projected(injection) => json!({ "name": TOKEN_VOLUME, "projected": {
+                "sources": [{ "serviceAccountToken": {
+                    "audience": injection.audience,
+                    "expirationSeconds": injection.expiration_seconds,
+                    "path": SECRET_TOKEN_KEY,
+                } }],
+            } }),
+        };
         append_all(
             &mut ops,
             pod["spec"].get("volumes"),
@@ -468,7 +546,13 @@ pub fn patch(
 
     // The sidecar goes last: inserting it at the front of initContainers shifts indices, and
     // every operation above addresses containers by their index in the pod as sent.
-    let sidecar = sidecar(settings, injection.broker_url);
+    let broker_url = match credential {
+        Credential::Secret(injection) => injection.broker_url.to_owned(),
+        Credential::Projected(injection) => {
+            broker_url_with_role(injection.broker_url, injection.role_arn)
+        }
+    };
+    let sidecar = sidecar(settings, &broker_url);
     match settings.mode {
         SidecarMode::Container => add(&mut ops, &["spec", "containers", "-"], sidecar),
         SidecarMode::Native => {
@@ -1380,5 +1464,20 @@ mod properties {
             { "name": "y", "mountPath": TOKEN_MOUNT_PATH }] }] } });
         let reason = view_skip(&pod).unwrap().unwrap().to_string();
         assert!(reason.len() < 200, "{} bytes", reason.len());
+    }
+
+    #[test]
+    fn the_role_rides_in_the_broker_url_percent_encoded() {
+        assert_eq!(
+            broker_url_with_role(
+                "https://x.example/Prod/",
+                "arn:aws:iam::123456789012:role/a+b=c,d@e_f"
+            ),
+            "https://x.example/Prod/?role=arn:aws:iam::123456789012:role/a%2Bb%3Dc,d@e_f"
+        );
+        assert_eq!(
+            broker_url_with_role("https://x/?v=1", "arn:aws:iam::123456789012:role/r"),
+            "https://x/?v=1&role=arn:aws:iam::123456789012:role/r"
+        );
     }
 }

@@ -1,23 +1,33 @@
 //! The credential broker: token in, temporary credentials for the token's role out.
 //!
-//! The decision is: the token must be well formed, known and unexpired; its role must still be
-//! allowed for its namespace / ServiceAccount (or the namespace's `*` row). Only then is STS
-//! called. Revoking an allowance therefore takes effect at the next fetch.
+//! Two kinds of credential reach it:
+//! - an `iamb_` token the webhook minted (`secret` mode): it must be well formed, known,
+//!   unretracted and unexpired; its record names the role;
+//! - a projected ServiceAccount token (`projected` mode): its signature must verify against a
+//!   registered cluster's keys and its claims must name a pod (see [`crate::projected`]); the
+//!   role is the one the request names (`?role=`, set by the webhook from the ServiceAccount's
+//!   annotation), or the only role allowed.
+//!
+//! Either way the role must be allowed, now, for the cluster, namespace and ServiceAccount (or
+//! the namespace's `*` row). Only then is STS called. Revoking an allowance therefore takes
+//! effect at the next fetch.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::allowance::{RoleArn, Subject, is_allowed};
+use crate::allowance::{Refusal, RoleArn, Subject, permit};
 use crate::clock::Clock;
+use crate::cluster::ClusterName;
 use crate::credentials::{EcsCredentials, cache_max_age};
 use crate::ports::{
     AllowanceStore, AssumeRoleRequest, BoxError, CredentialIssuer, IssueError, StoreError,
     TokenStore,
 };
+use crate::projected::{IdentifyError, ProjectedIdentities};
 use crate::record::TokenRecord;
-use crate::session::{role_session_name, session_tags};
+use crate::session::{SessionContext, role_session_name, session_tags, source_identity};
 use crate::token::{Token, TokenError};
 
 /// Why the broker did not serve credentials. Each maps to one row of DESIGN.md's error table.
@@ -41,14 +51,27 @@ pub enum BrokerError {
         #[source]
         source: StoreError,
     },
-    /// 403 `AllowanceRevoked`.
-    #[error("role {role_arn} is no longer allowed for {subject}")]
+    /// 403 `AllowanceRevoked`: the role is not (or no longer) allowed for the token's
+    /// cluster, namespace and ServiceAccount.
+    #[error("role {role_arn} is not allowed for {subject}")]
     AllowanceRevoked {
         /// Who the token belongs to.
         subject: Subject,
-        /// The role it names.
+        /// The role it names (or asked for).
         role_arn: String,
     },
+    /// 400 `RoleRequired`: a projected token's ServiceAccount is allowed several roles and the
+    /// request named none.
+    #[error("{subject} is allowed {count} roles; name one with ?role=<role ARN>")]
+    RoleRequired {
+        /// Who the token belongs to.
+        subject: Subject,
+        /// How many roles are allowed.
+        count: usize,
+    },
+    /// 400 `InvalidRoleParameter`: `?role=` is not a role ARN.
+    #[error("the role parameter is not valid: {0}")]
+    InvalidRoleParameter(String),
     /// 502 `AssumeRoleFailed`.
     #[error("sts:AssumeRole was refused: {code}: {message}")]
     AssumeRoleFailed {
@@ -75,6 +98,8 @@ impl BrokerError {
             Self::MissingAuthorization => "MissingAuthorization",
             Self::InvalidToken(_) | Self::CorruptRecord { .. } => "InvalidToken",
             Self::AllowanceRevoked { .. } => "AllowanceRevoked",
+            Self::RoleRequired { .. } => "RoleRequired",
+            Self::InvalidRoleParameter(_) => "InvalidRoleParameter",
             Self::AssumeRoleFailed { .. } => "AssumeRoleFailed",
             Self::Unavailable { .. } => "ServiceUnavailable",
         }
@@ -106,8 +131,10 @@ pub struct BrokerAnswer {
     pub max_age: u64,
     /// Who got them.
     pub subject: Subject,
-    /// The pod named by the token record, if any.
+    /// The pod named by the token record or the projected token, if any.
     pub pod_name: Option<String>,
+    /// The registered cluster of a projected token.
+    pub cluster: Option<ClusterName>,
 }
 
 /// The broker: the ports it needs and its settings. Built once at start-up.
@@ -116,13 +143,12 @@ pub struct Broker {
     tokens: Arc<dyn TokenStore>,
     issuer: Arc<dyn CredentialIssuer>,
     clock: Arc<dyn Clock>,
-    credential_duration: Duration,
-    token_ttl: Duration,
-    session_tags: bool,
+    settings: BrokerSettings,
+    projected: Option<ProjectedIdentities>,
 }
 
 /// Settings of the broker, from [`crate::Config`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BrokerSettings {
     /// `DurationSeconds` for `sts:AssumeRole`.
     pub credential_duration: Duration,
@@ -130,6 +156,11 @@ pub struct BrokerSettings {
     pub token_ttl: Duration,
     /// Whether to send session tags.
     pub session_tags: bool,
+    /// Whether to send `SourceIdentity`.
+    pub source_identity: bool,
+    /// The default cluster (`CLUSTER_NAME`): its allowances carry no cluster prefix, and it
+    /// names Secret-mode sessions.
+    pub cluster_name: Option<ClusterName>,
 }
 
 impl From<&crate::Config> for BrokerSettings {
@@ -138,6 +169,8 @@ impl From<&crate::Config> for BrokerSettings {
             credential_duration: config.credential_duration,
             token_ttl: config.token_ttl,
             session_tags: config.session_tags,
+            source_identity: config.source_identity,
+            cluster_name: config.cluster_name.clone(),
         }
     }
 }
@@ -156,17 +189,27 @@ impl Broker {
             tokens,
             issuer,
             clock,
-            credential_duration: settings.credential_duration,
-            token_ttl: settings.token_ttl,
-            session_tags: settings.session_tags,
+            settings,
+            projected: None,
         }
     }
 
-    /// Serves credentials for the token in an `Authorization` header value.
+    /// Accepts projected ServiceAccount tokens, verified against `identities`.
+    pub fn with_projected(mut self, identities: ProjectedIdentities) -> Self {
+        self.projected = Some(identities);
+        self
+    }
+
+    /// Serves credentials for the credential in an `Authorization` header value; `role` is the
+    /// request's `?role=` (used by projected tokens; a Secret-mode token's record fixes its role).
     pub async fn credentials(
         &self,
         authorization: Option<&str>,
+        role: Option<&str>,
     ) -> Result<BrokerAnswer, BrokerError> {
+        if let Some(jwt) = bearer(authorization).filter(|v| crate::jwt::looks_like_jwt(v)) {
+            return self.projected(jwt, role).await;
+        }
         let token = Token::from_authorization(authorization).map_err(|e| match e {
             TokenError::Missing => BrokerError::MissingAuthorization,
             TokenError::Malformed | TokenError::Entropy(_) => {
@@ -198,26 +241,22 @@ impl Broker {
             self.allowances.allowance(subject),
             self.allowances.allowance(&wildcard),
         )?;
-        if !is_allowed(&[exact, namespace_wide], record.role_arn.as_str()) {
-            return Err(BrokerError::AllowanceRevoked {
+        let permitted = permit(&[exact, namespace_wide], Some(&record.role_arn)).map_err(|_| {
+            BrokerError::AllowanceRevoked {
                 subject: subject.clone(),
                 role_arn: record.role_arn.to_string(),
-            });
-        }
-
-        let request = AssumeRoleRequest {
-            role_arn: record.role_arn.to_string(),
-            session_name: role_session_name(subject, record.pod_name.as_deref()),
-            duration: self.credential_duration,
-            tags: if self.session_tags {
-                session_tags(subject, record.pod_name.as_deref())
-            } else {
-                Vec::new()
-            },
+            }
+        })?;
+        let context = SessionContext {
+            subject,
+            cluster: self.settings.cluster_name.as_ref().map(ClusterName::as_str),
+            pod_name: record.pod_name.as_deref(),
+            pod_uid: None,
         };
+        let request = self.assume_role_request(&record.role_arn, permitted.external_id, &context);
         let expires = now
             .unix_timestamp()
-            .saturating_add(ttl_seconds(self.token_ttl));
+            .saturating_add(ttl_seconds(self.settings.token_ttl));
         // The slide and STS run together: one round trip instead of two. A record deleted
         // meanwhile (revoked) wins: its credentials are dropped.
         let (touched, issued) = futures::join!(
@@ -237,15 +276,7 @@ impl Broker {
                 );
             }
         }
-        let credentials = issued.map_err(|e| match e {
-            IssueError::Refused { code, message } => {
-                BrokerError::AssumeRoleFailed { code, message }
-            }
-            IssueError::Unavailable(source) => BrokerError::Unavailable {
-                what: "STS".to_owned(),
-                source,
-            },
-        })?;
+        let credentials = issued.map_err(issue_error)?;
 
         Ok(BrokerAnswer {
             max_age: cache_max_age(credentials.expiration, self.clock.now()),
@@ -256,7 +287,132 @@ impl Broker {
             ),
             subject: subject.clone(),
             pod_name: record.pod_name,
+            cluster: None,
         })
+    }
+
+    /// A projected ServiceAccount token: verify, find the pod's allowances in its cluster,
+    /// choose the role, assume it. Nothing is written.
+    async fn projected(&self, jwt: &str, role: Option<&str>) -> Result<BrokerAnswer, BrokerError> {
+        let identities = self.projected.as_ref().ok_or(BrokerError::InvalidToken(
+            "projected ServiceAccount tokens are not accepted by this broker",
+        ))?;
+        let requested = role
+            .filter(|r| !r.is_empty())
+            .map(RoleArn::parse)
+            .transpose()
+            .map_err(|e| BrokerError::InvalidRoleParameter(e.to_string()))?;
+        let pod = identities.identify(jwt).await.map_err(|e| match e {
+            IdentifyError::Invalid(reason) => BrokerError::InvalidToken(jwt_reason(&reason)),
+            IdentifyError::Unavailable(source) => BrokerError::Unavailable {
+                what: "the cluster registry".to_owned(),
+                source: Box::new(source),
+            },
+        })?;
+        let scope = (self.settings.cluster_name.as_ref() != Some(&pod.cluster))
+            .then(|| pod.cluster.clone());
+        let subject = pod.subject.clone().in_cluster(scope);
+        let wildcard = subject.wildcard();
+        let (exact, namespace_wide) = futures::try_join!(
+            self.allowances.allowance(&subject),
+            self.allowances.allowance(&wildcard),
+        )?;
+        let permitted = permit(&[exact, namespace_wide], requested.as_ref()).map_err(
+            |refusal| match refusal {
+                Refusal::NotAllowed => BrokerError::AllowanceRevoked {
+                    subject: subject.clone(),
+                    role_arn: requested
+                        .as_ref()
+                        .map_or_else(|| "(any)".to_owned(), ToString::to_string),
+                },
+                Refusal::Ambiguous(count) => BrokerError::RoleRequired {
+                    subject: subject.clone(),
+                    count,
+                },
+            },
+        )?;
+        let context = SessionContext {
+            subject: &subject,
+            cluster: Some(pod.cluster.as_str()),
+            pod_name: Some(&pod.claims.pod_name),
+            pod_uid: Some(&pod.claims.pod_uid),
+        };
+        let request =
+            self.assume_role_request(&permitted.role_arn, permitted.external_id, &context);
+        let credentials = self
+            .issuer
+            .assume_role(&request)
+            .await
+            .map_err(issue_error)?;
+        Ok(BrokerAnswer {
+            max_age: cache_max_age(credentials.expiration, self.clock.now()),
+            body: EcsCredentials::new(
+                &credentials,
+                permitted.role_arn.as_str(),
+                permitted.role_arn.account_id(),
+            ),
+            subject,
+            pod_name: Some(pod.claims.pod_name),
+            cluster: Some(pod.cluster),
+        })
+    }
+
+    fn assume_role_request(
+        &self,
+        role_arn: &RoleArn,
+        external_id: Option<String>,
+        context: &SessionContext<'_>,
+    ) -> AssumeRoleRequest {
+        AssumeRoleRequest {
+            role_arn: role_arn.to_string(),
+            session_name: role_session_name(context),
+            duration: self.settings.credential_duration,
+            tags: if self.settings.session_tags {
+                session_tags(context)
+            } else {
+                Vec::new()
+            },
+            source_identity: self
+                .settings
+                .source_identity
+                .then(|| source_identity(context)),
+            external_id,
+        }
+    }
+}
+
+/// The credential of an `Authorization` value: raw or after `Bearer `.
+fn bearer(authorization: Option<&str>) -> Option<&str> {
+    let value = authorization?.trim();
+    match value.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => Some(rest.trim()),
+        _ => Some(value),
+    }
+}
+
+fn jwt_reason(error: &crate::jwt::JwtError) -> &'static str {
+    use crate::jwt::JwtError as E;
+    match error {
+        E::Malformed => "malformed ServiceAccount token",
+        E::UnsupportedAlgorithm => "unsupported signing algorithm",
+        E::UnknownIssuer => "issuer of no registered cluster",
+        E::UnknownKey => "signing key of no registered cluster",
+        E::BadSignature => "bad signature",
+        E::WrongAudience => "wrong audience",
+        E::Expired => "expired ServiceAccount token",
+        E::NotYetValid => "ServiceAccount token not yet valid",
+        E::NotAServiceAccountToken => "not a ServiceAccount token",
+        E::NotPodBound => "ServiceAccount token not bound to a pod",
+    }
+}
+
+fn issue_error(error: IssueError) -> BrokerError {
+    match error {
+        IssueError::Refused { code, message } => BrokerError::AssumeRoleFailed { code, message },
+        IssueError::Unavailable(source) => BrokerError::Unavailable {
+            what: "STS".to_owned(),
+            source,
+        },
     }
 }
 
@@ -330,6 +486,8 @@ mod tests {
                 credential_duration: Duration::from_secs(3600),
                 token_ttl: Duration::from_secs(86_400),
                 session_tags,
+                source_identity: false,
+                cluster_name: None,
             },
         );
         Fixture {
@@ -361,11 +519,15 @@ mod tests {
         // GIVEN an allowed subject with a token minted an hour ago
         let f = fixture(false);
         let subject = Subject::service_account("team-a", "app").unwrap();
-        f.allowances.allow(&subject, ROLE).await.unwrap();
+        f.allowances.allow(&subject, ROLE, None).await.unwrap();
         let token = grant(&f, &subject, NOW - time::Duration::hours(1)).await;
 
         // WHEN the token asks for credentials
-        let answer = f.broker.credentials(Some(token.expose())).await.unwrap();
+        let answer = f
+            .broker
+            .credentials(Some(token.expose()), None)
+            .await
+            .unwrap();
 
         // THEN the role's credentials come back, cacheable until five minutes before expiry
         assert_eq!(answer.body.role_arn, ROLE);
@@ -387,9 +549,12 @@ mod tests {
     async fn session_tags_when_enabled() {
         let f = fixture(true);
         let subject = Subject::service_account("team-a", "app").unwrap();
-        f.allowances.allow(&subject, ROLE).await.unwrap();
+        f.allowances.allow(&subject, ROLE, None).await.unwrap();
         let token = grant(&f, &subject, NOW).await;
-        f.broker.credentials(Some(token.expose())).await.unwrap();
+        f.broker
+            .credentials(Some(token.expose()), None)
+            .await
+            .unwrap();
         let request = f.issuer.requests()[0].clone();
         assert_eq!(request.tags.len(), 3);
     }
@@ -398,39 +563,47 @@ mod tests {
     async fn wildcard_row_allows_every_service_account() {
         let f = fixture(false);
         let subject = Subject::service_account("team-a", "any-sa").unwrap();
-        f.allowances.allow(&subject.wildcard(), ROLE).await.unwrap();
+        f.allowances
+            .allow(&subject.wildcard(), ROLE, None)
+            .await
+            .unwrap();
         let token = grant(&f, &subject, NOW).await;
-        assert!(f.broker.credentials(Some(token.expose())).await.is_ok());
+        assert!(
+            f.broker
+                .credentials(Some(token.expose()), None)
+                .await
+                .is_ok()
+        );
     }
 
     #[tokio::test]
     async fn refusals_map_to_their_codes_and_write_nothing() {
         let f = fixture(false);
         let subject = Subject::service_account("team-a", "app").unwrap();
-        f.allowances.allow(&subject, ROLE).await.unwrap();
+        f.allowances.allow(&subject, ROLE, None).await.unwrap();
         let expired = grant(&f, &subject, NOW - time::Duration::days(2)).await;
         let unknown = Token::mint().unwrap();
         let before = f.tokens.list().await.unwrap();
 
         let code = |r: Result<BrokerAnswer, BrokerError>| r.unwrap_err().code();
         assert_eq!(
-            code(f.broker.credentials(None).await),
+            code(f.broker.credentials(None, None).await),
             "MissingAuthorization"
         );
         assert_eq!(
-            code(f.broker.credentials(Some("")).await),
+            code(f.broker.credentials(Some(""), None).await),
             "MissingAuthorization"
         );
         assert_eq!(
-            code(f.broker.credentials(Some("garbage")).await),
+            code(f.broker.credentials(Some("garbage"), None).await),
             "InvalidToken"
         );
         assert_eq!(
-            code(f.broker.credentials(Some(unknown.expose())).await),
+            code(f.broker.credentials(Some(unknown.expose()), None).await),
             "InvalidToken"
         );
         assert_eq!(
-            code(f.broker.credentials(Some(expired.expose())).await),
+            code(f.broker.credentials(Some(expired.expose()), None).await),
             "InvalidToken"
         );
 
@@ -446,14 +619,19 @@ mod tests {
     async fn revoking_the_allowance_takes_effect_at_the_next_fetch() {
         let f = fixture(false);
         let subject = Subject::service_account("team-a", "app").unwrap();
-        f.allowances.allow(&subject, ROLE).await.unwrap();
+        f.allowances.allow(&subject, ROLE, None).await.unwrap();
         let token = grant(&f, &subject, NOW).await;
-        assert!(f.broker.credentials(Some(token.expose())).await.is_ok());
+        assert!(
+            f.broker
+                .credentials(Some(token.expose()), None)
+                .await
+                .is_ok()
+        );
 
         f.allowances.disallow(&subject, Some(ROLE)).await.unwrap();
         let err = f
             .broker
-            .credentials(Some(token.expose()))
+            .credentials(Some(token.expose()), None)
             .await
             .unwrap_err();
         assert_eq!(err.code(), "AllowanceRevoked");
@@ -464,11 +642,11 @@ mod tests {
         let f = fixture(false);
         f.issuer.refuse("AccessDenied");
         let subject = Subject::service_account("team-a", "app").unwrap();
-        f.allowances.allow(&subject, ROLE).await.unwrap();
+        f.allowances.allow(&subject, ROLE, None).await.unwrap();
         let token = grant(&f, &subject, NOW).await;
         let err = f
             .broker
-            .credentials(Some(token.expose()))
+            .credentials(Some(token.expose()), None)
             .await
             .unwrap_err();
         assert_eq!(err.code(), "AssumeRoleFailed");
@@ -515,10 +693,15 @@ mod tests {
                 credential_duration: Duration::from_secs(3600),
                 token_ttl: Duration::from_secs(86_400),
                 session_tags: false,
+                source_identity: false,
+                cluster_name: None,
             },
         );
         let token = Token::mint().unwrap();
-        let err = broker.credentials(Some(token.expose())).await.unwrap_err();
+        let err = broker
+            .credentials(Some(token.expose()), None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, BrokerError::CorruptRecord { .. }), "{err:?}");
         assert_eq!(err.code(), "InvalidToken");
         assert!(!err.to_string().contains(token.expose()));
@@ -529,14 +712,14 @@ mod tests {
     async fn a_retracted_record_is_invalid_token_and_is_not_slid() {
         let f = fixture(false);
         let subject = Subject::service_account("team-a", "app").unwrap();
-        f.allowances.allow(&subject, ROLE).await.unwrap();
+        f.allowances.allow(&subject, ROLE, None).await.unwrap();
         let token = grant(&f, &subject, NOW).await;
         let record = f.tokens.record(&token.hash()).await.unwrap().unwrap();
         let tombstone = record.retracted(NOW.unix_timestamp());
         f.tokens.retract(&tombstone).await.unwrap();
         let err = f
             .broker
-            .credentials(Some(token.expose()))
+            .credentials(Some(token.expose()), None)
             .await
             .unwrap_err();
         assert_eq!(err.code(), "InvalidToken");
@@ -551,5 +734,246 @@ mod tests {
             f.tokens.insert(&record).await,
             Err(StoreError::AlreadyExists)
         ));
+    }
+
+    mod projected {
+        use super::*;
+        use crate::cluster::RegisteredCluster;
+        use crate::jwt::tests::{Signer, pod_claims};
+        use crate::memory::MemoryClusterRegistry;
+        use crate::ports::ClusterRegistry;
+        use crate::projected::ProjectedSettings;
+
+        const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+        const OTHER: &str = "arn:aws:iam::210987654321:role/tenant/reader";
+
+        struct World {
+            f: Fixture,
+            east: Signer,
+            west: Signer,
+        }
+
+        /// Two clusters with the same issuer (kubeadm's default) and their own keys; `east` is
+        /// the default cluster (unprefixed rows), `west` has `west/…` rows.
+        async fn world(settings: BrokerSettings) -> World {
+            let registry = Arc::new(MemoryClusterRegistry::default());
+            let (east, west) = (Signer::new("east-key"), Signer::new("west-key"));
+            for (name, signer) in [("east", &east), ("west", &west)] {
+                let jwks = Signer::jwks(&[signer]);
+                let cluster = RegisteredCluster::new(name, ISSUER, &jwks, "file t", 0).unwrap();
+                registry.insert(&cluster).await.unwrap();
+            }
+            let mut f = fixture(false);
+            let clock = Arc::new(FixedClock(NOW));
+            f.broker = Broker::new(
+                f.allowances.clone(),
+                f.tokens.clone(),
+                f.issuer.clone(),
+                clock.clone(),
+                settings,
+            )
+            .with_projected(ProjectedIdentities::new(
+                registry,
+                clock,
+                ProjectedSettings {
+                    audience: "iam-broker".to_owned(),
+                    leeway: Duration::from_secs(60),
+                    registry_ttl: Duration::from_secs(60),
+                    refresh_interval: Duration::from_secs(10),
+                },
+            ));
+            World { f, east, west }
+        }
+
+        fn settings() -> BrokerSettings {
+            BrokerSettings {
+                credential_duration: Duration::from_secs(3600),
+                token_ttl: Duration::from_secs(86_400),
+                session_tags: true,
+                source_identity: true,
+                cluster_name: Some(ClusterName::parse("east").unwrap()),
+            }
+        }
+
+        fn token(signer: &Signer, ns: &str, sa: &str) -> String {
+            signer.sign(&pod_claims(ISSUER, ns, sa, "web-1", NOW.unix_timestamp()))
+        }
+
+        fn subject(ns: &str, sa: &str, cluster: Option<&str>) -> Subject {
+            Subject::service_account(ns, sa)
+                .unwrap()
+                .in_cluster(cluster.map(|c| ClusterName::parse(c).unwrap()))
+        }
+
+        #[tokio::test]
+        async fn a_verified_pod_gets_its_allowed_role_with_audit_grade_session() {
+            let w = world(settings()).await;
+            w.f.allowances
+                .allow(&subject("team", "app", None), ROLE, None)
+                .await
+                .unwrap();
+            let jwt = token(&w.east, "team", "app");
+            let answer =
+                w.f.broker
+                    .credentials(Some(&format!("Bearer {jwt}")), None)
+                    .await
+                    .unwrap();
+            assert_eq!(answer.body.role_arn, ROLE);
+            assert_eq!(
+                answer.cluster.as_ref().map(ClusterName::as_str),
+                Some("east")
+            );
+            assert_eq!(answer.pod_name.as_deref(), Some("web-1"));
+
+            let request = w.f.issuer.requests().pop().unwrap();
+            assert_eq!(request.session_name, "team.app.web-1");
+            assert_eq!(request.source_identity.as_deref(), Some("east.team.app"));
+            assert_eq!(request.external_id, None);
+            assert_eq!(
+                request.tags,
+                vec![
+                    ("kubernetes-namespace", "team".to_owned()),
+                    ("kubernetes-service-account", "app".to_owned()),
+                    ("kubernetes-pod-name", "web-1".to_owned()),
+                    ("kubernetes-pod-uid", "pod-uid-1".to_owned()),
+                    ("eks-cluster-name", "east".to_owned()),
+                ]
+            );
+            // Nothing was written: no token record.
+            assert!(w.f.tokens.list().await.unwrap().is_empty());
+        }
+
+        #[tokio::test]
+        async fn two_clusters_with_the_same_names_get_only_their_own_allowances() {
+            let w = world(settings()).await;
+            w.f.allowances
+                .allow(&subject("team", "app", None), ROLE, None)
+                .await
+                .unwrap();
+            w.f.allowances
+                .allow(
+                    &subject("team", "app", Some("west")),
+                    OTHER,
+                    Some("tenant-42"),
+                )
+                .await
+                .unwrap();
+            let from_east = token(&w.east, "team", "app");
+            let from_west = token(&w.west, "team", "app");
+
+            let east =
+                w.f.broker
+                    .credentials(Some(&from_east), None)
+                    .await
+                    .unwrap();
+            assert_eq!(east.body.role_arn, ROLE);
+            let west =
+                w.f.broker
+                    .credentials(Some(&from_west), None)
+                    .await
+                    .unwrap();
+            assert_eq!(west.body.role_arn, OTHER);
+            assert_eq!(west.body.account_id, "210987654321", "the role's account");
+            let request = w.f.issuer.requests().pop().unwrap();
+            assert_eq!(request.external_id.as_deref(), Some("tenant-42"));
+            assert_eq!(request.source_identity.as_deref(), Some("west.team.app"));
+
+            // Neither cluster can name the other's role.
+            for (jwt, role) in [(&from_east, OTHER), (&from_west, ROLE)] {
+                let err =
+                    w.f.broker
+                        .credentials(Some(jwt), Some(role))
+                        .await
+                        .unwrap_err();
+                assert_eq!(err.code(), "AllowanceRevoked", "{err}");
+            }
+        }
+
+        #[tokio::test]
+        async fn namespace_a_cannot_get_namespace_b_role() {
+            let w = world(settings()).await;
+            w.f.allowances
+                .allow(&subject("team-b", "app", None), ROLE, None)
+                .await
+                .unwrap();
+            let jwt = token(&w.east, "team-a", "app");
+            for role in [None, Some(ROLE)] {
+                let err = w.f.broker.credentials(Some(&jwt), role).await.unwrap_err();
+                assert_eq!(err.code(), "AllowanceRevoked", "{err}");
+            }
+            assert!(w.f.issuer.requests().is_empty(), "STS never called");
+        }
+
+        #[tokio::test]
+        async fn the_role_parameter_chooses_among_allowed_roles_only() {
+            let w = world(settings()).await;
+            let app = subject("team", "app", None);
+            w.f.allowances.allow(&app, ROLE, None).await.unwrap();
+            w.f.allowances
+                .allow(&app.wildcard(), OTHER, None)
+                .await
+                .unwrap();
+            let jwt = token(&w.east, "team", "app");
+            let err = w.f.broker.credentials(Some(&jwt), None).await.unwrap_err();
+            assert_eq!(err.code(), "RoleRequired");
+            let answer =
+                w.f.broker
+                    .credentials(Some(&jwt), Some(OTHER))
+                    .await
+                    .unwrap();
+            assert_eq!(answer.body.role_arn, OTHER);
+            let err =
+                w.f.broker
+                    .credentials(Some(&jwt), Some("not-an-arn"))
+                    .await
+                    .unwrap_err();
+            assert_eq!(err.code(), "InvalidRoleParameter");
+            let err =
+                w.f.broker
+                    .credentials(Some(&jwt), Some("arn:aws:iam::123456789012:role/admin"))
+                    .await
+                    .unwrap_err();
+            assert_eq!(err.code(), "AllowanceRevoked");
+        }
+
+        #[tokio::test]
+        async fn forged_expired_and_foreign_tokens_are_invalid() {
+            let w = world(settings()).await;
+            w.f.allowances
+                .allow(&subject("team", "app", None), ROLE, None)
+                .await
+                .unwrap();
+            let now = NOW.unix_timestamp();
+            let mut expired = pod_claims(ISSUER, "team", "app", "web-1", now - 7200);
+            expired["exp"] = serde_json::json!(now - 3600);
+            let mut audience = pod_claims(ISSUER, "team", "app", "web-1", now);
+            audience["aud"] = serde_json::json!(["https://kubernetes.default.svc"]);
+            let cases = [
+                ("expired", w.east.sign(&expired)),
+                ("other audience", w.east.sign(&audience)),
+                (
+                    "foreign key",
+                    Signer::new("east-key").sign(&pod_claims(ISSUER, "team", "app", "p", now)),
+                ),
+                (
+                    "unknown issuer",
+                    w.east
+                        .sign(&pod_claims("https://other", "team", "app", "p", now)),
+                ),
+            ];
+            for (what, jwt) in cases {
+                let err = w.f.broker.credentials(Some(&jwt), None).await.unwrap_err();
+                assert_eq!(err.code(), "InvalidToken", "{what}: {err}");
+            }
+            assert!(w.f.issuer.requests().is_empty());
+        }
+
+        #[tokio::test]
+        async fn a_broker_without_a_registry_refuses_projected_tokens() {
+            let f = fixture(false);
+            let jwt = Signer::new("k").sign(&pod_claims(ISSUER, "team", "app", "p", 0));
+            let err = f.broker.credentials(Some(&jwt), None).await.unwrap_err();
+            assert_eq!(err.code(), "InvalidToken");
+        }
     }
 }

@@ -47,6 +47,24 @@ pub const ENV_PROXY_BROKER_CA_PEM: &str = "PROXY_BROKER_CA_PEM";
 pub const ENV_EMF_METRICS: &str = "EMF_METRICS";
 /// How old a token record or Secret must be before the sweep judges it an orphan.
 pub const ENV_SWEEP_GRACE_SECONDS: &str = "SWEEP_GRACE_SECONDS";
+/// `CLUSTERS_TABLE`: the cluster registry (projected mode).
+pub const ENV_CLUSTERS_TABLE: &str = "CLUSTERS_TABLE";
+/// `CLUSTER_NAME`: the default cluster's name (Secret mode's cluster; its Allowances rows carry
+/// no cluster prefix).
+pub const ENV_CLUSTER_NAME: &str = "CLUSTER_NAME";
+/// `WEBHOOK_CLUSTER_NAME`: the registered cluster whose pods this webhook admits; its
+/// Allowances rows are the ones the webhook checks. Defaults to [`ENV_CLUSTER_NAME`].
+pub const ENV_WEBHOOK_CLUSTER_NAME: &str = "WEBHOOK_CLUSTER_NAME";
+/// `IDENTITY_MODE`: what the webhook injects, `secret` (default) or `projected`.
+pub const ENV_IDENTITY_MODE: &str = "IDENTITY_MODE";
+/// `PROJECTED_AUDIENCE`: the audience of projected tokens (webhook and broker).
+pub const ENV_PROJECTED_AUDIENCE: &str = "PROJECTED_AUDIENCE";
+/// `PROJECTED_TOKEN_EXPIRATION_SECONDS`: `expirationSeconds` of the injected token volume.
+pub const ENV_PROJECTED_TOKEN_EXPIRATION_SECONDS: &str = "PROJECTED_TOKEN_EXPIRATION_SECONDS";
+/// `CLUSTER_REGISTRY_TTL_SECONDS`: how long the broker uses a snapshot of the registry.
+pub const ENV_CLUSTER_REGISTRY_TTL_SECONDS: &str = "CLUSTER_REGISTRY_TTL_SECONDS";
+/// `STS_SOURCE_IDENTITY`: send `SourceIdentity` with `sts:AssumeRole` (`true`/`false`).
+pub const ENV_STS_SOURCE_IDENTITY: &str = "STS_SOURCE_IDENTITY";
 /// Shortest accepted [`ENV_WEBHOOK_PATH_SECRET`].
 pub const WEBHOOK_PATH_SECRET_MIN_LEN: usize = 32;
 
@@ -69,6 +87,27 @@ pub const DEFAULT_TOKEN_TTL_DAYS: u64 = 14;
 pub const DEFAULT_AWS_CALL_TIMEOUT_MS: u64 = 3000;
 /// Default of [`ENV_SWEEP_GRACE_SECONDS`].
 pub const DEFAULT_SWEEP_GRACE_SECONDS: u64 = 600;
+/// Default of [`ENV_CLUSTERS_TABLE`].
+pub const DEFAULT_CLUSTERS_TABLE: &str = "iam-broker-clusters";
+/// Default of [`ENV_PROJECTED_AUDIENCE`].
+pub const DEFAULT_PROJECTED_AUDIENCE: &str = "iam-broker";
+/// Default of [`ENV_PROJECTED_TOKEN_EXPIRATION_SECONDS`] (kubelet refreshes the file at 80 %).
+pub const DEFAULT_PROJECTED_TOKEN_EXPIRATION_SECONDS: u64 = 3600;
+/// Default of [`ENV_CLUSTER_REGISTRY_TTL_SECONDS`]: a removed cluster or retired key stops
+/// working within a minute.
+pub const DEFAULT_CLUSTER_REGISTRY_TTL_SECONDS: u64 = 60;
+/// Clock skew tolerated on a projected token's `exp`, `nbf` and `iat`.
+pub const PROJECTED_TOKEN_LEEWAY: Duration = Duration::from_secs(60);
+
+/// Which identity the webhook gives pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdentityMode {
+    /// A minted `iamb_` token in a Secret, with a record in the Authorizations table.
+    #[default]
+    Secret,
+    /// A projected ServiceAccount token the kubelet rotates; admission writes nothing.
+    Projected,
+}
 
 /// Everything iam-broker reads from its environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +150,22 @@ pub struct Config {
     pub emf_metrics: bool,
     /// Private CA (PEM) the sidecar trusts for the broker.
     pub proxy_broker_ca_pem: Option<String>,
+    /// Cluster registry table name.
+    pub clusters_table: String,
+    /// The default cluster's name.
+    pub cluster_name: Option<crate::cluster::ClusterName>,
+    /// The cluster the webhook serves (`None`: the default cluster).
+    pub webhook_cluster: Option<crate::cluster::ClusterName>,
+    /// What the webhook injects.
+    pub identity_mode: IdentityMode,
+    /// Audience of projected tokens.
+    pub projected_audience: String,
+    /// `expirationSeconds` of the projected token volume.
+    pub projected_token_expiration: Duration,
+    /// How long the broker uses a registry snapshot.
+    pub cluster_registry_ttl: Duration,
+    /// Whether to send `SourceIdentity`.
+    pub source_identity: bool,
 }
 
 /// The webhook's answer when a dependency (Kubernetes, DynamoDB) fails or times out.
@@ -146,6 +201,16 @@ impl Default for Config {
             sweep_grace: Duration::from_secs(DEFAULT_SWEEP_GRACE_SECONDS),
             emf_metrics: false,
             proxy_broker_ca_pem: None,
+            clusters_table: DEFAULT_CLUSTERS_TABLE.to_owned(),
+            cluster_name: None,
+            webhook_cluster: None,
+            identity_mode: IdentityMode::Secret,
+            projected_audience: DEFAULT_PROJECTED_AUDIENCE.to_owned(),
+            projected_token_expiration: Duration::from_secs(
+                DEFAULT_PROJECTED_TOKEN_EXPIRATION_SECONDS,
+            ),
+            cluster_registry_ttl: Duration::from_secs(DEFAULT_CLUSTER_REGISTRY_TTL_SECONDS),
+            source_identity: false,
         }
     }
 }
@@ -229,6 +294,44 @@ impl Config {
             )?),
             emf_metrics: v.parse_or(ENV_EMF_METRICS, false, boolean)?,
             proxy_broker_ca_pem: v.parse(ENV_PROXY_BROKER_CA_PEM, pem)?,
+            clusters_table: v.parse_or(
+                ENV_CLUSTERS_TABLE,
+                DEFAULT_CLUSTERS_TABLE.to_owned(),
+                table_name,
+            )?,
+            cluster_name: v.parse(ENV_CLUSTER_NAME, |value| {
+                crate::cluster::ClusterName::parse(value).map_err(|e| e.to_string())
+            })?,
+            webhook_cluster: v.parse(ENV_WEBHOOK_CLUSTER_NAME, |value| {
+                crate::cluster::ClusterName::parse(value).map_err(|e| e.to_string())
+            })?,
+            identity_mode: v.parse_or(
+                ENV_IDENTITY_MODE,
+                IdentityMode::Secret,
+                one_of(&[
+                    ("secret", IdentityMode::Secret),
+                    ("projected", IdentityMode::Projected),
+                ]),
+            )?,
+            projected_audience: v.parse_or(
+                ENV_PROJECTED_AUDIENCE,
+                DEFAULT_PROJECTED_AUDIENCE.to_owned(),
+                audience,
+            )?,
+            projected_token_expiration: seconds(v.parse_or(
+                ENV_PROJECTED_TOKEN_EXPIRATION_SECONDS,
+                DEFAULT_PROJECTED_TOKEN_EXPIRATION_SECONDS,
+                integer_in(
+                    600..=86_400,
+                    "seconds; Kubernetes' minimum is 600, kubelet refreshes at 80 %",
+                ),
+            )?),
+            cluster_registry_ttl: seconds(v.parse_or(
+                ENV_CLUSTER_REGISTRY_TTL_SECONDS,
+                DEFAULT_CLUSTER_REGISTRY_TTL_SECONDS,
+                integer_in(1..=3600, "seconds"),
+            )?),
+            source_identity: v.parse_or(ENV_STS_SOURCE_IDENTITY, false, boolean)?,
         })
     }
 }
@@ -282,6 +385,19 @@ fn path_secret(value: &str) -> Result<String, String> {
         // Never echo the value: it is a secret.
         Err(format!(
             "must be at least {WEBHOOK_PATH_SECRET_MIN_LEN} characters of A-Z, a-z, 0-9, - and _"
+        ))
+    }
+}
+
+/// A token audience: 1–256 printable ASCII characters without spaces.
+fn audience(value: &str) -> Result<String, String> {
+    let ok = (1..=256).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "{} is not an audience (1-256 printable characters, no spaces)",
+            crate::text::quoted(value)
         ))
     }
 }
@@ -358,6 +474,37 @@ mod tests {
     }
 
     #[test]
+    fn projected_mode_settings_are_read() {
+        let config = parse(&[
+            ("IDENTITY_MODE", "projected"),
+            ("CLUSTER_NAME", "east"),
+            ("CLUSTERS_TABLE", "my-clusters"),
+            ("PROJECTED_AUDIENCE", "sts.example"),
+            ("PROJECTED_TOKEN_EXPIRATION_SECONDS", "7200"),
+            ("CLUSTER_REGISTRY_TTL_SECONDS", "5"),
+            ("STS_SOURCE_IDENTITY", "true"),
+        ])
+        .unwrap();
+        assert_eq!(config.identity_mode, IdentityMode::Projected);
+        assert_eq!(
+            config.cluster_name.as_ref().map(|c| c.as_str()),
+            Some("east")
+        );
+        assert_eq!(config.clusters_table, "my-clusters");
+        assert_eq!(config.projected_audience, "sts.example");
+        assert_eq!(config.projected_token_expiration, Duration::from_secs(7200));
+        assert_eq!(config.cluster_registry_ttl, Duration::from_secs(5));
+        assert!(config.source_identity);
+        let defaults = Config::default();
+        assert_eq!(defaults.identity_mode, IdentityMode::Secret);
+        assert_eq!(defaults.projected_audience, "iam-broker");
+        assert_eq!(
+            defaults.projected_token_expiration,
+            Duration::from_secs(3600)
+        );
+    }
+
+    #[test]
     fn bad_values_name_their_variable() {
         for (name, value) in [
             ("CREDENTIAL_DURATION_SECONDS", "3601"),
@@ -379,6 +526,15 @@ mod tests {
             ("SWEEP_GRACE_SECONDS", "5"),
             ("EMF_METRICS", "on"),
             ("PROXY_BROKER_CA_PEM", "not pem"),
+            ("CLUSTERS_TABLE", "x"),
+            ("CLUSTER_NAME", "East_1"),
+            ("WEBHOOK_CLUSTER_NAME", "-west"),
+            ("IDENTITY_MODE", "oidc"),
+            ("PROJECTED_AUDIENCE", "has space"),
+            ("PROJECTED_TOKEN_EXPIRATION_SECONDS", "599"),
+            ("PROJECTED_TOKEN_EXPIRATION_SECONDS", "86401"),
+            ("CLUSTER_REGISTRY_TTL_SECONDS", "0"),
+            ("STS_SOURCE_IDENTITY", "maybe"),
             (
                 "WEBHOOK_PATH_SECRET",
                 "has/slash/has/slash/has/slash/has/slash/",

@@ -87,6 +87,8 @@ pub struct WebhookManifest {
     pub timeout_seconds: u8,
     /// Which namespaces are intercepted.
     pub namespaces: NamespaceScope,
+    /// The webhook's identity mode: `projected` registers CREATE only, with `sideEffects: None`.
+    pub identity: crate::config::IdentityMode,
 }
 
 /// Why a manifest cannot be rendered.
@@ -165,6 +167,10 @@ pub fn check_webhook_url(url: &str) -> Result<(), ManifestError> {
 /// [`crate::admission::LABEL_INJECTED`] (an `objectSelector`), so pods that never had
 /// credentials cost no invocation when they go. Both: `sideEffects: NoneOnDryRun`,
 /// `admissionReviewVersions: [v1, v1beta1]`.
+///
+/// In `projected` mode admission writes nothing: only the CREATE webhook, with
+/// `sideEffects: None`. (A cluster moving from `secret` mode keeps its old registration's
+/// DELETE webhook until the pods admitted in `secret` mode are gone.)
 pub fn render_webhook(m: &WebhookManifest) -> Result<String, ManifestError> {
     check_webhook_url(&m.url)?;
     let name_ok = !m.name.is_empty()
@@ -206,8 +212,12 @@ pub fn render_webhook(m: &WebhookManifest) -> Result<String, ManifestError> {
     let _ = writeln!(y, "  labels:");
     let _ = writeln!(y, "    app.kubernetes.io/name: iam-broker");
     let _ = writeln!(y, "webhooks:");
-    webhook(&mut y, m, "pods", "CREATE", "IfNeeded");
-    webhook(&mut y, m, "cleanup", "DELETE", "Never");
+    if m.identity == crate::config::IdentityMode::Projected {
+        webhook(&mut y, m, "pods", "CREATE", "IfNeeded", "None");
+        return Ok(y);
+    }
+    webhook(&mut y, m, "pods", "CREATE", "IfNeeded", "NoneOnDryRun");
+    webhook(&mut y, m, "cleanup", "DELETE", "Never", "NoneOnDryRun");
     let _ = writeln!(y, "    objectSelector:");
     let _ = writeln!(y, "      matchLabels:");
     let _ = writeln!(
@@ -219,10 +229,17 @@ pub fn render_webhook(m: &WebhookManifest) -> Result<String, ManifestError> {
     Ok(y)
 }
 
-fn webhook(y: &mut String, m: &WebhookManifest, prefix: &str, operation: &str, reinvoke: &str) {
+fn webhook(
+    y: &mut String,
+    m: &WebhookManifest,
+    prefix: &str,
+    operation: &str,
+    reinvoke: &str,
+    side_effects: &str,
+) {
     let _ = writeln!(y, "  - name: {prefix}.{}.iam-broker.io", m.name);
     let _ = writeln!(y, "    admissionReviewVersions: [v1, v1beta1]");
-    let _ = writeln!(y, "    sideEffects: NoneOnDryRun");
+    let _ = writeln!(y, "    sideEffects: {side_effects}");
     let _ = writeln!(y, "    failurePolicy: {}", m.failure_policy.as_str());
     let _ = writeln!(y, "    timeoutSeconds: {}", m.timeout_seconds);
     let _ = writeln!(y, "    reinvocationPolicy: {reinvoke}");
@@ -325,6 +342,7 @@ mod tests {
             name: "iam-broker".into(),
             url: URL.into(),
             ca_bundle_pem: None,
+            identity: crate::config::IdentityMode::Secret,
             failure_policy: WebhookFailurePolicy::Ignore,
             timeout_seconds: 10,
             namespaces: NamespaceScope::default(),
@@ -471,5 +489,18 @@ mod tests {
         assert!(kubeconfig("http://x", None, "t", "n").is_err());
         assert!(kubeconfig("https://x", None, "", "n").is_err());
         assert!(kubeconfig("https://x", None, "a b", "n").is_err());
+    }
+
+    #[test]
+    fn projected_mode_registers_create_only_without_side_effects() {
+        let yaml = render_webhook(&WebhookManifest {
+            identity: crate::config::IdentityMode::Projected,
+            ..manifest()
+        })
+        .unwrap();
+        assert!(yaml.contains("sideEffects: None\n"), "{yaml}");
+        assert!(!yaml.contains("NoneOnDryRun"));
+        assert!(!yaml.contains("DELETE"));
+        assert_eq!(yaml.matches("\n  - name: ").count(), 1, "one webhook");
     }
 }

@@ -8,10 +8,12 @@ use async_trait::async_trait;
 
 use crate::allowance::{Allowance, Subject};
 use crate::clock::Clock;
+use crate::cluster::{ClusterName, RegisteredCluster};
 use crate::credentials::Credentials;
 use crate::ports::{
-    AllowanceStore, AssumeRoleRequest, Cluster, ClusterError, ClusterEvent, CredentialIssuer,
-    IssueError, ManagedSecret, ServiceAccount, StoreError, TokenSecret, TokenStore,
+    AllowanceStore, AssumeRoleRequest, Cluster, ClusterError, ClusterEvent, ClusterRegistry,
+    CredentialIssuer, IssueError, ManagedSecret, ServiceAccount, StoreError, TokenSecret,
+    TokenStore,
 };
 use crate::record::TokenRecord;
 use crate::token::TokenHash;
@@ -40,26 +42,31 @@ pub enum ClusterCall {
 /// Allowances in a map.
 #[derive(Debug, Default)]
 pub struct MemoryAllowanceStore {
-    rows: Mutex<BTreeMap<Subject, BTreeSet<String>>>,
+    rows: Mutex<BTreeMap<Subject, Allowance>>,
 }
 
 #[async_trait]
 impl AllowanceStore for MemoryAllowanceStore {
     async fn allowance(&self, subject: &Subject) -> Result<Option<Allowance>, StoreError> {
-        Ok(lock(&self.rows).get(subject).map(|roles| Allowance {
-            subject: subject.clone(),
-            allowed_roles: roles.clone(),
-        }))
+        Ok(lock(&self.rows).get(subject).cloned())
     }
 
-    async fn allow(&self, subject: &Subject, role_arn: &str) -> Result<Allowance, StoreError> {
+    async fn allow(
+        &self,
+        subject: &Subject,
+        role_arn: &str,
+        external_id: Option<&str>,
+    ) -> Result<Allowance, StoreError> {
         let mut rows = lock(&self.rows);
-        let roles = rows.entry(subject.clone()).or_default();
-        roles.insert(role_arn.to_owned());
-        Ok(Allowance {
-            subject: subject.clone(),
-            allowed_roles: roles.clone(),
-        })
+        let row = rows
+            .entry(subject.clone())
+            .or_insert_with(|| Allowance::new(subject.clone(), BTreeSet::new()));
+        row.allowed_roles.insert(role_arn.to_owned());
+        match external_id {
+            Some(id) => row.external_ids.insert(role_arn.to_owned(), id.to_owned()),
+            None => row.external_ids.remove(role_arn),
+        };
+        Ok(row.clone())
     }
 
     async fn disallow(
@@ -72,29 +79,95 @@ impl AllowanceStore for MemoryAllowanceStore {
             rows.remove(subject);
             return Ok(None);
         };
-        let Some(roles) = rows.get_mut(subject) else {
+        let Some(row) = rows.get_mut(subject) else {
             return Ok(None);
         };
-        roles.remove(role_arn);
-        if roles.is_empty() {
+        row.allowed_roles.remove(role_arn);
+        row.external_ids.remove(role_arn);
+        if row.allowed_roles.is_empty() {
             rows.remove(subject);
             return Ok(None);
         }
-        Ok(Some(Allowance {
-            subject: subject.clone(),
-            allowed_roles: roles.clone(),
-        }))
+        Ok(Some(row.clone()))
     }
 
-    async fn list(&self, namespace: Option<&str>) -> Result<Vec<Allowance>, StoreError> {
+    async fn list(&self, partition: Option<&str>) -> Result<Vec<Allowance>, StoreError> {
         Ok(lock(&self.rows)
-            .iter()
-            .filter(|(s, _)| namespace.is_none_or(|ns| s.namespace == ns))
-            .map(|(subject, roles)| Allowance {
-                subject: subject.clone(),
-                allowed_roles: roles.clone(),
-            })
+            .values()
+            .filter(|row| partition.is_none_or(|p| row.subject.partition() == p))
+            .cloned()
             .collect())
+    }
+}
+
+/// Registered clusters in a map, with a count of full reads (the broker's cache is tested on it).
+#[derive(Debug, Default)]
+pub struct MemoryClusterRegistry {
+    clusters: Mutex<BTreeMap<ClusterName, RegisteredCluster>>,
+    reads: std::sync::atomic::AtomicUsize,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl MemoryClusterRegistry {
+    /// How many times [`ClusterRegistry::clusters`] was called.
+    pub fn reads(&self) -> usize {
+        self.reads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Makes every call fail as unavailable (`true`) or work again (`false`).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                store: "memory clusters".to_owned(),
+                maybe_written: false,
+                source: "the in-memory registry is down".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ClusterRegistry for MemoryClusterRegistry {
+    async fn clusters(&self) -> Result<Vec<RegisteredCluster>, StoreError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.check()?;
+        Ok(lock(&self.clusters).values().cloned().collect())
+    }
+
+    async fn cluster(&self, name: &ClusterName) -> Result<Option<RegisteredCluster>, StoreError> {
+        self.check()?;
+        Ok(lock(&self.clusters).get(name).cloned())
+    }
+
+    async fn insert(&self, cluster: &RegisteredCluster) -> Result<(), StoreError> {
+        self.check()?;
+        let mut clusters = lock(&self.clusters);
+        if clusters.contains_key(&cluster.name) {
+            return Err(StoreError::AlreadyExists);
+        }
+        clusters.insert(cluster.name.clone(), cluster.clone());
+        Ok(())
+    }
+
+    async fn update(&self, cluster: &RegisteredCluster) -> Result<(), StoreError> {
+        self.check()?;
+        match lock(&self.clusters).get_mut(&cluster.name) {
+            Some(existing) => {
+                *existing = cluster.clone();
+                Ok(())
+            }
+            None => Err(StoreError::NotFound),
+        }
+    }
+
+    async fn remove(&self, name: &ClusterName) -> Result<Option<RegisteredCluster>, StoreError> {
+        self.check()?;
+        Ok(lock(&self.clusters).remove(name))
     }
 }
 

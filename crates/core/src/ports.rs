@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::allowance::{Allowance, Subject};
+use crate::cluster::{ClusterName, RegisteredCluster};
 use crate::credentials::Credentials;
 use crate::record::TokenRecord;
 use crate::session::SessionTag;
@@ -64,8 +65,15 @@ impl StoreError {
 pub trait AllowanceStore: Send + Sync {
     /// The row for exactly this subject (no wildcard expansion).
     async fn allowance(&self, subject: &Subject) -> Result<Option<Allowance>, StoreError>;
-    /// Adds `role_arn` to the subject's roles, creating the row if needed; returns the new row.
-    async fn allow(&self, subject: &Subject, role_arn: &str) -> Result<Allowance, StoreError>;
+    /// Adds `role_arn` to the subject's roles, creating the row if needed, in one write; with
+    /// `external_id`, also sets the role's `ExternalId` (without, it clears any). Returns the
+    /// new row.
+    async fn allow(
+        &self,
+        subject: &Subject,
+        role_arn: &str,
+        external_id: Option<&str>,
+    ) -> Result<Allowance, StoreError>;
     /// Removes `role_arn` from the subject's roles (the whole row when `None` or when no role is
     /// left); returns the row as it now stands, `None` when it is gone.
     async fn disallow(
@@ -73,8 +81,26 @@ pub trait AllowanceStore: Send + Sync {
         subject: &Subject,
         role_arn: Option<&str>,
     ) -> Result<Option<Allowance>, StoreError>;
-    /// All rows, or those of one namespace, sorted by subject.
-    async fn list(&self, namespace: Option<&str>) -> Result<Vec<Allowance>, StoreError>;
+    /// All rows, or those of one partition ([`Subject::partition`]: a namespace, or
+    /// `<cluster>/<namespace>`), sorted by subject.
+    async fn list(&self, partition: Option<&str>) -> Result<Vec<Allowance>, StoreError>;
+}
+
+/// The Clusters table: the registered clusters whose projected tokens the broker accepts.
+#[async_trait]
+pub trait ClusterRegistry: Send + Sync {
+    /// Every registered cluster (a small table, read whole). Rows this version cannot read are
+    /// left out and logged, so one damaged row does not take every cluster down.
+    async fn clusters(&self) -> Result<Vec<RegisteredCluster>, StoreError>;
+    /// One cluster.
+    async fn cluster(&self, name: &ClusterName) -> Result<Option<RegisteredCluster>, StoreError>;
+    /// Registers a new cluster; [`StoreError::AlreadyExists`] if the name is taken.
+    async fn insert(&self, cluster: &RegisteredCluster) -> Result<(), StoreError>;
+    /// Replaces a registered cluster's issuer and keys; [`StoreError::NotFound`] if the name
+    /// is not registered (it never creates one).
+    async fn update(&self, cluster: &RegisteredCluster) -> Result<(), StoreError>;
+    /// Removes a cluster; returns it if it existed.
+    async fn remove(&self, name: &ClusterName) -> Result<Option<RegisteredCluster>, StoreError>;
 }
 
 /// The Authorizations table: token records keyed by token hash.
@@ -109,6 +135,10 @@ pub struct AssumeRoleRequest {
     pub duration: Duration,
     /// Session tags; empty when tagging is off.
     pub tags: Vec<SessionTag>,
+    /// `SourceIdentity`, when enabled.
+    pub source_identity: Option<String>,
+    /// `ExternalId`, when the allowance names one for the role.
+    pub external_id: Option<String>,
 }
 
 /// Why credentials could not be issued.

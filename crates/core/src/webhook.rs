@@ -1,5 +1,10 @@
-//! The admission webhook: CREATE mints a token, creates its Secret and record, and answers the
-//! patch; DELETE removes the Secret and the record. Every multi-step write completes or is undone.
+//! The admission webhook. In `secret` mode CREATE mints a token, creates its Secret and record,
+//! and answers the patch; DELETE removes the Secret and the record. Every multi-step write
+//! completes or is undone. In `projected` mode CREATE only reads (the ServiceAccount, the
+//! Allowances) and answers a patch that mounts a projected ServiceAccount token: it writes
+//! nothing, not even an Event, so it can be registered with `sideEffects: None`. DELETE still
+//! cleans up pods admitted in `secret` mode (a cluster moving to `projected` keeps its DELETE
+//! rule until they are gone).
 //!
 //! The decision itself (pod in, patch out) is [`crate::admission`]; this module only sequences
 //! the lookups and writes around it, under one deadline, and applies the failure policy.
@@ -17,7 +22,8 @@ use crate::admission::{
 use crate::allowance::{RoleArn, Subject, is_allowed};
 use crate::broker::{Grant, mint};
 use crate::clock::Clock;
-use crate::config::{Config, FailurePolicy};
+use crate::cluster::ClusterName;
+use crate::config::{Config, FailurePolicy, IdentityMode};
 use crate::events::{
     EVENT_BUDGET, EventLimiter, Notice, REASON_DENIED, REASON_FAILED_OPEN,
     REASON_INVALID_ROLE_ANNOTATION, REASON_ROLE_NOT_ALLOWED, involved_object,
@@ -57,6 +63,25 @@ pub struct WebhookSettings {
     pub undo_budget: Duration,
     /// When set, the webhook only answers at `POST /mutate/<secret>`.
     pub path_secret: Option<String>,
+    /// What pods get: a Secret-held token or a projected ServiceAccount token.
+    pub identity: WebhookIdentity,
+    /// The cluster scope of this webhook's pods in the Allowances table (`None`: the default
+    /// cluster's unprefixed rows).
+    pub scope: Option<ClusterName>,
+}
+
+/// What the webhook gives pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebhookIdentity {
+    /// `secret` mode: a minted token in a Secret, recorded in the Authorizations table.
+    Secret,
+    /// `projected` mode: a kubelet-rotated ServiceAccount token; nothing is written.
+    Projected {
+        /// The token's audience.
+        audience: String,
+        /// The token's `expirationSeconds`.
+        expiration: Duration,
+    },
 }
 
 impl From<&Config> for WebhookSettings {
@@ -77,6 +102,17 @@ impl From<&Config> for WebhookSettings {
             forward_budget: FORWARD_BUDGET,
             undo_budget: UNDO_BUDGET,
             path_secret: config.webhook_path_secret.clone(),
+            identity: match config.identity_mode {
+                IdentityMode::Secret => WebhookIdentity::Secret,
+                IdentityMode::Projected => WebhookIdentity::Projected {
+                    audience: config.projected_audience.clone(),
+                    expiration: config.projected_token_expiration,
+                },
+            },
+            scope: config
+                .webhook_cluster
+                .clone()
+                .filter(|served| Some(served) != config.cluster_name.as_ref()),
         }
     }
 }
@@ -274,7 +310,9 @@ impl Webhook {
         match request.operation {
             Operation::Create => {
                 let outcome = self.create(request, origin).await;
-                self.notify(request, &outcome).await;
+                if self.settings.identity == WebhookIdentity::Secret {
+                    self.notify(request, &outcome).await;
+                }
                 outcome
             }
             Operation::Delete => self.delete(request).await,
@@ -319,7 +357,7 @@ impl Webhook {
         };
         let namespace = namespace_of(request, pod);
         let subject = match Subject::service_account(&namespace, &view.service_account) {
-            Ok(subject) => subject,
+            Ok(subject) => subject.in_cluster(self.settings.scope.clone()),
             Err(e) => return skipped(request, sa, &e.to_string()),
         };
         let creation = Creation {
@@ -345,6 +383,25 @@ impl Webhook {
             Ok(role) => role,
             Err(skip) => return Ok(skip),
         };
+        if let WebhookIdentity::Projected {
+            audience,
+            expiration,
+        } = &self.settings.identity
+        {
+            let patch = admission::patch_projected(
+                c.pod,
+                c.view,
+                c.sidecar,
+                &admission::ProjectedInjection {
+                    audience,
+                    expiration_seconds: expiration.as_secs(),
+                    role_arn: role.as_str(),
+                    broker_url: c.broker_url,
+                },
+            );
+            let why = format!("role {} (projected token, nothing written)", role.as_str());
+            return patched(c.request, c.sa(), &patch, &why);
+        }
         let (token, record) = self.mint(c, &role)?;
         if c.request.dry_run {
             let patch = c.patch(&admission::secret_name(record.token_hash.as_str()), &record);
@@ -411,10 +468,8 @@ impl Webhook {
         };
         if !is_allowed([&exact?, &any?], role.as_str()) {
             let why = format!(
-                "role {} is not allowed for {}/{} in the Allowances table",
+                "role {} is not allowed for {subject} in the Allowances table",
                 role.as_str(),
-                subject.namespace,
-                subject.service_account
             );
             let message = format!("iam-broker: no AWS credentials injected: {why}");
             let mut outcome = skipped(request, c.sa(), &why);
@@ -856,6 +911,8 @@ mod tests {
             forward_budget: Duration::from_millis(300),
             undo_budget: Duration::from_millis(300),
             path_secret: None,
+            identity: WebhookIdentity::Secret,
+            scope: None,
         }
     }
 
@@ -894,7 +951,7 @@ mod tests {
             )]),
         });
         let subject = Subject::service_account("team", "reader").unwrap();
-        allowances.allow(&subject, ROLE).await.unwrap();
+        allowances.allow(&subject, ROLE, None).await.unwrap();
         let webhook = Webhook::new(
             cluster.clone(),
             allowances.clone(),
@@ -1060,7 +1117,10 @@ mod tests {
         });
         let out = create(&f, pod("other")).await;
         assert_eq!(out.decision, Decision::Skipped);
-        f.allowances.allow(&subject.wildcard(), ROLE).await.unwrap();
+        f.allowances
+            .allow(&subject.wildcard(), ROLE, None)
+            .await
+            .unwrap();
         let out = create(&f, pod("other")).await;
         assert_eq!(out.decision, Decision::Patched);
     }
@@ -1416,5 +1476,102 @@ mod tests {
         assert!(out.reason.contains("BROKER_URL"), "{}", out.reason);
         assert!(f.cluster.secrets().is_empty());
         assert!(records(&f).await.is_empty());
+    }
+
+    fn projected(scope: Option<&str>) -> WebhookSettings {
+        WebhookSettings {
+            identity: WebhookIdentity::Projected {
+                audience: "iam-broker".to_owned(),
+                expiration: Duration::from_secs(3600),
+            },
+            scope: scope.map(|c| ClusterName::parse(c).unwrap()),
+            ..settings(FailurePolicy::Open)
+        }
+    }
+
+    #[tokio::test]
+    async fn projected_mode_patches_a_token_volume_and_writes_nothing() {
+        let f = fixture_with(projected(None)).await;
+        for dry_run in [false, true] {
+            let out = f
+                .webhook
+                .admit(&request("CREATE", pod("reader"), dry_run), ORIGIN)
+                .await;
+            assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
+            let patched = apply(&pod("reader"), &out.response);
+            let volume = &patched["spec"]["volumes"][0];
+            assert_eq!(volume["name"], admission::TOKEN_VOLUME);
+            assert_eq!(
+                volume["projected"]["sources"][0]["serviceAccountToken"],
+                json!({ "audience": "iam-broker", "expirationSeconds": 3600, "path": "token" })
+            );
+            let app = &patched["spec"]["containers"][0];
+            let env: BTreeMap<&str, &Value> = app["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e["name"].as_str().unwrap(), &e["value"]))
+                .collect();
+            assert_eq!(
+                env[admission::ENV_AUTHORIZATION_TOKEN_FILE],
+                "/var/run/secrets/iam-broker/token"
+            );
+            assert!(!env.contains_key(admission::ENV_AUTHORIZATION_TOKEN));
+            assert_eq!(
+                app["volumeMounts"][0]["mountPath"],
+                "/var/run/secrets/iam-broker"
+            );
+            let sidecar = &patched["spec"]["containers"][1];
+            let broker_url = sidecar["env"][0]["value"].as_str().unwrap();
+            assert!(
+                broker_url.ends_with("?role=arn:aws:iam::123456789012:role/iam-broker/s3_reader"),
+                "{broker_url}"
+            );
+            assert_eq!(
+                patched["metadata"]["annotations"][admission::ANNOTATION_ROLE_ARN],
+                ROLE
+            );
+            assert!(patched["metadata"]["annotations"][ANNOTATION_SECRET_NAME].is_null());
+        }
+        assert!(f.cluster.secrets().is_empty(), "no Secret");
+        assert!(f.tokens.list().await.unwrap().is_empty(), "no record");
+    }
+
+    #[tokio::test]
+    async fn projected_mode_records_no_event_for_a_pod_it_skips() {
+        let f = fixture_with(projected(None)).await;
+        let mut account = ServiceAccount {
+            uid: Some("sa-uid".to_owned()),
+            namespace: "team".to_owned(),
+            name: "other".to_owned(),
+            annotations: BTreeMap::new(),
+        };
+        account.annotations.insert(
+            "eks.amazonaws.com/role-arn".to_owned(),
+            "arn:aws:iam::123456789012:role/not-allowed".to_owned(),
+        );
+        f.cluster.put_service_account(account);
+        let out = create(&f, pod("other")).await;
+        assert_eq!(out.decision, Decision::Skipped);
+        assert!(
+            !out.response.warnings.is_empty(),
+            "the client is still told why"
+        );
+        assert!(f.cluster.events().is_empty(), "sideEffects: None");
+    }
+
+    #[tokio::test]
+    async fn projected_mode_checks_the_served_cluster_rows() {
+        // The default cluster's row allows the role; a webhook serving cluster `west` reads
+        // `west/team` rows and finds none.
+        let f = fixture_with(projected(Some("west"))).await;
+        let out = create(&f, pod("reader")).await;
+        assert_eq!(out.decision, Decision::Skipped, "{}", out.reason);
+        let west = Subject::service_account("team", "reader")
+            .unwrap()
+            .in_cluster(Some(ClusterName::parse("west").unwrap()));
+        f.allowances.allow(&west, ROLE, None).await.unwrap();
+        let out = create(&f, pod("reader")).await;
+        assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
     }
 }

@@ -54,7 +54,7 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
     let tokens = Arc::new(MemoryTokenStore::default());
     let cluster = Arc::new(MemoryCluster::default());
     let subject = Subject::service_account("team-a", "app").unwrap();
-    allowances.allow(&subject, ROLE).await.unwrap();
+    allowances.allow(&subject, ROLE, None).await.unwrap();
     cluster.put_service_account(ServiceAccount {
         uid: None,
         namespace: "team-a".into(),
@@ -98,6 +98,8 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
                 credential_duration: Duration::from_secs(3600),
                 token_ttl: Duration::from_secs(86_400),
                 session_tags: false,
+                source_identity: false,
+                cluster_name: None,
             },
         )),
         webhook: Arc::new(Webhook::new(
@@ -121,6 +123,8 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
                 forward_budget: iam_broker_core::webhook::FORWARD_BUDGET,
                 undo_budget: iam_broker_core::webhook::UNDO_BUDGET,
                 path_secret: path_secret.map(str::to_owned),
+                identity: iam_broker_core::webhook::WebhookIdentity::Secret,
+                scope: None,
             },
         )),
         metrics: Metrics::off(),

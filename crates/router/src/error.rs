@@ -66,6 +66,9 @@ impl From<&BrokerError> for ApiError {
             BrokerError::InvalidToken(_)
             | BrokerError::CorruptRecord { .. }
             | BrokerError::AllowanceRevoked { .. } => StatusCode::FORBIDDEN,
+            BrokerError::RoleRequired { .. } | BrokerError::InvalidRoleParameter(_) => {
+                StatusCode::BAD_REQUEST
+            }
             BrokerError::AssumeRoleFailed { .. } => StatusCode::BAD_GATEWAY,
             BrokerError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };

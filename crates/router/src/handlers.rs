@@ -3,7 +3,7 @@
 use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use iam_broker_core::BrokerError;
@@ -12,17 +12,34 @@ use serde_json::json;
 
 use crate::{ApiError, AppState, BasePath};
 
+/// The broker's query string: `?role=<role ARN>` picks the role of a projected token (the
+/// webhook writes it into the sidecar's `BROKER_URL`). Other parameters are ignored.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct CredentialsQuery {
+    #[serde(default)]
+    role: Option<String>,
+}
+
 /// `GET /`, `GET /credentials`: the broker.
-pub(crate) async fn credentials(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub(crate) async fn credentials(
+    State(state): State<AppState>,
+    Query(query): Query<CredentialsQuery>,
+    headers: HeaderMap,
+) -> Response {
     let started = std::time::Instant::now();
     // A header that is not UTF-8 cannot hold a token; pass it on as malformed, not as missing.
     let authorization = headers
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or("\u{fffd}"));
-    match state.broker.credentials(authorization).await {
+    match state
+        .broker
+        .credentials(authorization, query.role.as_deref())
+        .await
+    {
         Ok(answer) => {
             tracing::info!(
                 decision = "served",
+                cluster = answer.cluster.as_ref().map(|c| c.as_str()).unwrap_or(""),
                 namespace = %answer.subject.namespace,
                 service_account = %answer.subject.service_account,
                 pod = answer.pod_name.as_deref().unwrap_or(""),
@@ -87,6 +104,7 @@ fn log_refusal(error: &BrokerError) {
         BrokerError::AllowanceRevoked { subject, role_arn } => tracing::info!(
             decision = "denied",
             code = error.code(),
+            cluster = subject.cluster.as_ref().map(|c| c.as_str()).unwrap_or(""),
             namespace = %subject.namespace,
             service_account = %subject.service_account,
             role_arn = %role_arn,
