@@ -109,7 +109,10 @@ async fn in_memory_router() -> axum::Router {
     let allowances = Arc::new(MemoryAllowanceStore::default());
     let tokens = Arc::new(MemoryTokenStore::default());
     let subject = Subject::service_account("team-a", "app").expect("valid");
-    allowances.allow(&subject, ROLE, None).await.expect("memory");
+    allowances
+        .allow(&subject, ROLE, None)
+        .await
+        .expect("memory");
     let now = OffsetDateTime::now_utc().unix_timestamp();
     tokens
         .insert(&TokenRecord {
@@ -142,7 +145,10 @@ async fn in_memory_router() -> axum::Router {
 async fn allowances_for_webhook() -> Arc<MemoryAllowanceStore> {
     let allowances = Arc::new(MemoryAllowanceStore::default());
     let subject = Subject::service_account("team-a", "app").expect("valid");
-    allowances.allow(&subject, ROLE, None).await.expect("memory");
+    allowances
+        .allow(&subject, ROLE, None)
+        .await
+        .expect("memory");
     allowances
 }
 

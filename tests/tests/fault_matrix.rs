@@ -319,7 +319,10 @@ async fn run_cell(w: &World, call: Call, fault: WireFault, namespace: String) ->
     w.kube
         .put_service_account(&namespace, "app", &[(ANNOTATION, ROLE)]);
     let subject = Subject::service_account(&namespace, "app").unwrap();
-    w.direct_allowances.allow(&subject, ROLE, None).await.unwrap();
+    w.direct_allowances
+        .allow(&subject, ROLE, None)
+        .await
+        .unwrap();
     let pod = pod(&namespace);
     let (request, hash) = if call.is_delete() {
         // A pod admitted without faults (a busy machine may miss a scaled-down budget once:
