@@ -15,6 +15,7 @@ use aws_credential_types::Credentials;
 use tokio::process::{Child, Command};
 
 pub mod kube_api;
+pub mod kubelet;
 pub mod proxy;
 pub mod wire;
 
