@@ -1,13 +1,16 @@
-//! Administration commands: allowances, tokens, tables.
+//! Administration commands: allowances, tokens, clusters, tables.
 
 use std::io::Read as _;
 
 use anyhow::{Context as _, bail};
 use iam_broker_app::AwsAdapters;
 use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore};
-use iam_broker_core::allowance::{Allowance, RoleArn, Subject, is_allowed};
+use iam_broker_core::allowance::{
+    Allowance, RoleArn, Subject, WILDCARD_SERVICE_ACCOUNT, is_allowed, validate_external_id,
+};
 use iam_broker_core::broker::{Grant, mint};
-use iam_broker_core::ports::{AllowanceStore, TokenStore};
+use iam_broker_core::cluster::ClusterName;
+use iam_broker_core::ports::{AllowanceStore, ClusterRegistry, TokenStore};
 use iam_broker_core::{Config, Token, TokenHash, TokenRecord};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -39,15 +42,38 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
         | Command::Kubeconfig(_)
         | Command::Doctor => unreachable_serve(),
         Command::Allow(args) => {
-            let subject = Subject::allowance_row(&args.namespace, &args.service_account)?;
+            let scope = cluster_scope(&stores.config, args.cluster.as_deref())?;
+            let subject =
+                Subject::allowance_row(&args.namespace, &args.service_account)?.in_cluster(scope);
             let role = RoleArn::parse(&args.role)?;
-            let row = stores.aws.allowances.allow(&subject, role.as_str(), None).await?;
-            println!("allowed {} to assume {}", subject, role);
+            if let Some(id) = &args.external_id {
+                validate_external_id(id)?;
+            }
+            warn_unless_registered(&stores, subject.cluster.as_ref()).await;
+            let before = stores.aws.allowances.allowance(&subject).await?;
+            let row = stores
+                .aws
+                .allowances
+                .allow(&subject, role.as_str(), args.external_id.as_deref())
+                .await?;
+            match &args.external_id {
+                Some(id) => println!("allowed {subject} to assume {role} with ExternalId {id}"),
+                None => println!("allowed {subject} to assume {role}"),
+            }
+            let cleared = before
+                .as_ref()
+                .and_then(|b| b.external_ids.get(role.as_str()))
+                .filter(|_| args.external_id.is_none());
+            if let Some(old) = cleared {
+                println!("  (its ExternalId {old} was removed: pass --external-id to keep one)");
+            }
             print_roles(&row);
             Ok(())
         }
         Command::Disallow(args) => {
-            let subject = Subject::allowance_row(&args.namespace, &args.service_account)?;
+            let scope = cluster_scope(&stores.config, args.cluster.as_deref())?;
+            let subject =
+                Subject::allowance_row(&args.namespace, &args.service_account)?.in_cluster(scope);
             let role = args.role.as_deref().map(RoleArn::parse).transpose()?;
             refuse_what_is_not_allowed(&stores.aws.allowances, &subject, role.as_ref()).await?;
             let row = stores
@@ -67,37 +93,48 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
             }
             Ok(())
         }
-        Command::Allowances { namespace, output } => {
-            let rows = stores.aws.allowances.list(namespace.as_deref()).await?;
-            match output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &rows
-                            .iter()
-                            .map(|row| json!({
-                                "namespace": row.subject.namespace,
-                                "service_account": row.subject.service_account,
-                                "allowed_roles": row.allowed_roles,
-                            }))
-                            .collect::<Vec<_>>()
-                    )?
-                ),
-                Output::Table => {
-                    println!("{:<24} {:<24} ROLE", "NAMESPACE", "SERVICE ACCOUNT");
-                    for row in &rows {
-                        for role in &row.allowed_roles {
-                            println!(
-                                "{:<24} {:<24} {role}",
-                                row.subject.namespace, row.subject.service_account
-                            );
-                        }
-                    }
+        Command::Allowances {
+            namespace,
+            cluster,
+            output,
+        } => {
+            let scope = cluster
+                .as_deref()
+                .map(|name| cluster_scope(&stores.config, Some(name)))
+                .transpose()?;
+            let rows = match (&namespace, &scope) {
+                (Some(namespace), scope) => {
+                    let scope = scope.clone().flatten();
+                    // Validated like a row, so a typo is an error rather than an empty list.
+                    let subject = Subject::allowance_row(namespace, WILDCARD_SERVICE_ACCOUNT)?
+                        .in_cluster(scope);
+                    stores
+                        .aws
+                        .allowances
+                        .list(Some(&subject.partition()))
+                        .await?
                 }
-            }
-            Ok(())
+                (None, Some(scope)) => stores
+                    .aws
+                    .allowances
+                    .list(None)
+                    .await?
+                    .into_iter()
+                    .filter(|row| &row.subject.cluster == scope)
+                    .collect(),
+                (None, None) => stores.aws.allowances.list(None).await?,
+            };
+            print_allowances(&rows, stores.config.cluster_name.as_ref(), output)
         }
         Command::Token(command) => token(&stores, command).await,
+        Command::Cluster(command) => {
+            crate::clusters::run(
+                command,
+                stores.aws.clusters.as_ref(),
+                stores.config.cluster_name.as_ref(),
+            )
+            .await
+        }
         Command::Tables(TablesCommand::Create) => {
             iam_broker_aws::schema::create_tables(
                 &stores.aws.dynamodb,
@@ -105,9 +142,16 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
                 &stores.config.authorizations_table,
             )
             .await?;
+            iam_broker_aws::schema::create_clusters_table(
+                &stores.aws.dynamodb,
+                &stores.config.clusters_table,
+            )
+            .await?;
             println!(
-                "tables {} and {} are ready",
-                stores.config.allowances_table, stores.config.authorizations_table
+                "tables {}, {} and {} are ready",
+                stores.config.allowances_table,
+                stores.config.authorizations_table,
+                stores.config.clusters_table
             );
             Ok(())
         }
@@ -164,8 +208,94 @@ async fn refuse_what_is_not_allowed(
 
 fn print_roles(row: &Allowance) {
     for role in &row.allowed_roles {
-        println!("  {role}");
+        match row.external_ids.get(role) {
+            Some(id) => println!("  {role} (ExternalId {id})"),
+            None => println!("  {role}"),
+        }
     }
+}
+
+/// The cluster scope of an allowance: `None` (no prefix) for the default cluster, which is the
+/// one left out or named by CLUSTER_NAME, as the broker reads them.
+fn cluster_scope(config: &Config, cluster: Option<&str>) -> anyhow::Result<Option<ClusterName>> {
+    let Some(name) = cluster else {
+        return Ok(None);
+    };
+    let name = ClusterName::parse(name)?;
+    Ok((config.cluster_name.as_ref() != Some(&name)).then_some(name))
+}
+
+/// An allowance for a cluster nobody registered is allowed (it may be registered next), but
+/// most likely a typo: say so.
+async fn warn_unless_registered(stores: &Stores, cluster: Option<&ClusterName>) {
+    let Some(cluster) = cluster else {
+        return;
+    };
+    match stores.aws.clusters.cluster(cluster).await {
+        Ok(Some(_)) => {}
+        Ok(None) => eprintln!(
+            "warning: no cluster {cluster} is registered: its pods get credentials once              `iam-broker cluster add {cluster} ...` registers it"
+        ),
+        Err(error) => eprintln!(
+            "warning: could not check that cluster {cluster} is registered: {:#}",
+            anyhow::Error::new(error)
+        ),
+    }
+}
+
+/// The allowances listing. JSON rows carry `cluster` only outside the default cluster and
+/// `external_ids` only when a role has one, so rows written before either existed read as they
+/// always did.
+fn print_allowances(
+    rows: &[Allowance],
+    default_cluster: Option<&ClusterName>,
+    output: Output,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => {
+            let rows: Vec<_> = rows
+                .iter()
+                .map(|row| {
+                    let mut value = json!({
+                        "namespace": row.subject.namespace,
+                        "service_account": row.subject.service_account,
+                        "allowed_roles": row.allowed_roles,
+                    });
+                    if let Some(cluster) = &row.subject.cluster {
+                        value["cluster"] = json!(cluster.as_str());
+                    }
+                    if !row.external_ids.is_empty() {
+                        value["external_ids"] = json!(row.external_ids);
+                    }
+                    value
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        }
+        Output::Table => {
+            let default = default_cluster.map_or("(default)", ClusterName::as_str);
+            println!(
+                "{:<16} {:<24} {:<24} {:<64} EXTERNAL ID",
+                "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "ROLE"
+            );
+            for row in rows {
+                let cluster = row
+                    .subject
+                    .cluster
+                    .as_ref()
+                    .map_or(default, ClusterName::as_str);
+                for role in &row.allowed_roles {
+                    println!(
+                        "{cluster:<16} {:<24} {:<24} {role:<64} {}",
+                        row.subject.namespace,
+                        row.subject.service_account,
+                        row.external_ids.get(role).map_or("-", String::as_str)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn token(stores: &Stores, command: TokenCommand) -> anyhow::Result<()> {
@@ -317,7 +447,8 @@ fn short_hash_len() -> usize {
     TokenHash::parse(&"0".repeat(64)).map_or(12, |hash| hash.short().len())
 }
 
-fn epoch(seconds: i64) -> String {
+/// Epoch seconds as RFC 3339 (the seconds themselves when out of range).
+pub(crate) fn epoch(seconds: i64) -> String {
     OffsetDateTime::from_unix_timestamp(seconds)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod clusters;
 mod ops;
 mod serve;
 mod stack;
@@ -16,8 +17,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// and without an OIDC issuer.
 ///
 /// Every command reads the same environment as the Lambda function (ALLOWANCES_TABLE,
-/// AUTHORIZATIONS_TABLE, CREDENTIAL_DURATION_SECONDS, TOKEN_TTL_DAYS, ...) plus the standard AWS
-/// variables (AWS_REGION, AWS_ENDPOINT_URL, credentials).
+/// AUTHORIZATIONS_TABLE, CLUSTERS_TABLE, CLUSTER_NAME, CREDENTIAL_DURATION_SECONDS, ...) plus the
+/// standard AWS variables (AWS_REGION, AWS_ENDPOINT_URL, credentials).
 #[derive(Debug, Parser)]
 #[command(name = "iam-broker", version, propagate_version = true)]
 struct Cli {
@@ -64,11 +65,15 @@ enum Command {
     Allow(AllowanceArgs),
     /// Withdraw a role from a ServiceAccount, or every role when --role is left out.
     Disallow(DisallowArgs),
-    /// List allowances.
+    /// List allowances (every cluster's unless --cluster or --namespace narrows it).
     Allowances {
-        /// Only this namespace.
+        /// Only this namespace (of --cluster, else of the default cluster).
         #[arg(long)]
         namespace: Option<String>,
+        /// Only this registered cluster's allowances (CLUSTER_NAME, or none: the default
+        /// cluster's, which carry no cluster prefix).
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -76,6 +81,10 @@ enum Command {
     /// Manage tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Manage the registered clusters whose projected ServiceAccount tokens the broker accepts
+    /// (the Clusters table, CLUSTERS_TABLE).
+    #[command(subcommand)]
+    Cluster(clusters::ClusterCommand),
     /// Manage the DynamoDB tables (for local and test set-ups; production tables come from
     /// template.yaml).
     #[command(subcommand)]
@@ -109,6 +118,14 @@ struct AllowanceArgs {
     /// IAM role ARN.
     #[arg(long)]
     role: String,
+    /// The registered cluster whose pods this allows (`cluster add`); left out, or CLUSTER_NAME:
+    /// the default cluster.
+    #[arg(long, value_name = "NAME")]
+    cluster: Option<String>,
+    /// The ExternalId to send when assuming this role (a role in another account whose trust
+    /// policy requires sts:ExternalId). Left out, any ExternalId stored for the role is removed.
+    #[arg(long, value_name = "ID")]
+    external_id: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +139,9 @@ struct DisallowArgs {
     /// IAM role ARN; all roles of the ServiceAccount when left out.
     #[arg(long)]
     role: Option<String>,
+    /// The registered cluster; left out, or CLUSTER_NAME: the default cluster.
+    #[arg(long, value_name = "NAME")]
+    cluster: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,7 +188,7 @@ enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 enum TablesCommand {
-    /// Create the Allowances and Authorizations tables if they do not exist.
+    /// Create the Allowances, Authorizations and Clusters tables if they do not exist.
     Create,
 }
 

@@ -383,10 +383,20 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
         );
     }
     let dynamodb_endpoint = endpoint(Service::DynamoDb);
-    for (role, table) in [
+    let mut tables = vec![
         (TableRole::Allowances, &config.allowances_table),
         (TableRole::Authorizations, &config.authorizations_table),
-    ] {
+    ];
+    // The registry matters once projected tokens are in use: a stack names it (its output),
+    // or the operator does; a Secret-only set-up without one is not told to create it.
+    let registry_in_use = config.identity_mode == iam_broker_core::config::IdentityMode::Projected
+        || environment
+            .var(iam_broker_core::config::ENV_CLUSTERS_TABLE)
+            .is_some();
+    if registry_in_use {
+        tables.push((TableRole::Clusters, &config.clusters_table));
+    }
+    for (role, table) in tables {
         let name = format!("{} table", role.name());
         if !checks.runs(&name, &[Scope::Aws, Scope::endpoint(&dynamodb_endpoint)]) {
             continue;

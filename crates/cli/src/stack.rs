@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, bail};
 use iam_broker_core::config::{
-    ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE, ENV_KUBECONFIG_PARAMETER, ENV_PROXY_IMAGE,
+    ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE, ENV_CLUSTERS_TABLE, ENV_KUBECONFIG_PARAMETER,
+    ENV_PROXY_IMAGE,
 };
 use iam_broker_core::{Config, ConfigError};
 
@@ -17,6 +18,7 @@ pub const ENV_STACK: &str = "IAM_BROKER_STACK";
 const OUTPUT_VARIABLES: &[(&str, &str)] = &[
     (OUTPUT_ALLOWANCES_TABLE, ENV_ALLOWANCES_TABLE),
     (OUTPUT_AUTHORIZATIONS_TABLE, ENV_AUTHORIZATIONS_TABLE),
+    (OUTPUT_CLUSTERS_TABLE, ENV_CLUSTERS_TABLE),
     (OUTPUT_KUBECONFIG_PARAMETER, ENV_KUBECONFIG_PARAMETER),
     (OUTPUT_PROXY_IMAGE, ENV_PROXY_IMAGE),
 ];
@@ -25,6 +27,8 @@ const OUTPUT_VARIABLES: &[(&str, &str)] = &[
 pub const OUTPUT_ALLOWANCES_TABLE: &str = "AllowancesTableName";
 /// Output: the Authorizations table's name.
 pub const OUTPUT_AUTHORIZATIONS_TABLE: &str = "AuthorizationsTableName";
+/// Output: the Clusters table's name (the cluster registry).
+pub const OUTPUT_CLUSTERS_TABLE: &str = "ClustersTableName";
 /// Output: the SSM parameter holding the webhook's kubeconfig.
 pub const OUTPUT_KUBECONFIG_PARAMETER: &str = "KubeconfigParameterName";
 /// Output: the sidecar image the webhook injects.
