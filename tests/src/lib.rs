@@ -250,6 +250,7 @@ impl Env {
     pub fn tables(self, tables: &Tables) -> Self {
         self.set("ALLOWANCES_TABLE", &tables.allowances)
             .set("AUTHORIZATIONS_TABLE", &tables.authorizations)
+            .set("CLUSTERS_TABLE", &tables.clusters)
     }
 
     /// Makes `command` run with exactly this environment (plus `PATH` and `RUST_LOG=info`).
@@ -272,21 +273,22 @@ pub struct Tables {
     pub allowances: String,
     /// Authorizations table.
     pub authorizations: String,
+    /// Clusters table (the registry of projected mode).
+    pub clusters: String,
 }
 
 impl Tables {
-    /// Creates both tables (through the same code `iam-broker tables create` uses).
+    /// Creates the three tables (through the same code `iam-broker tables create` uses).
     pub async fn create(sdk: &SdkConfig, prefix: &str) -> anyhow::Result<Self> {
         let tables = Self {
             allowances: format!("{prefix}-allowances"),
             authorizations: format!("{prefix}-authorizations"),
+            clusters: format!("{prefix}-clusters"),
         };
-        iam_broker_aws::schema::create_tables(
-            &aws_sdk_dynamodb::Client::new(sdk),
-            &tables.allowances,
-            &tables.authorizations,
-        )
-        .await?;
+        let client = aws_sdk_dynamodb::Client::new(sdk);
+        iam_broker_aws::schema::create_tables(&client, &tables.allowances, &tables.authorizations)
+            .await?;
+        iam_broker_aws::schema::create_clusters_table(&client, &tables.clusters).await?;
         Ok(tables)
     }
 }
