@@ -7,15 +7,23 @@
 #   -> `iam-broker-proxy` (the sidecar) serves container credentials on loopback
 #   -> the AWS CLI, configured only with the variables the patch injects, runs
 #      `aws sts get-caller-identity` and prints the assumed role.
-#   scripts/run-local.sh          keep everything running until Ctrl-C when run from a terminal
-#   scripts/run-local.sh --once   stop after printing the identity
-#   scripts/run-local.sh --help   print this text
+# With --projected, the identity mode without Secrets: the cluster is registered
+# (`iam-broker cluster add --kubeconfig`), the webhook answers a patch that mounts a projected
+# ServiceAccount token and writes nothing, the stand-in issues the pod's token as kubelet would
+# (TokenRequest), and the AWS CLI reads it from the file; then the cluster rotates its signing
+# key, `iam-broker cluster refresh` picks it up and the rotated token works.
+#   scripts/run-local.sh             keep everything running until Ctrl-C when run from a terminal
+#   scripts/run-local.sh --once      stop after printing the identity
+#   scripts/run-local.sh --projected projected ServiceAccount tokens instead of Secrets
+#   scripts/run-local.sh --help      print this text
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 once=0
+projected=0
 for arg in "$@"; do
   case "$arg" in
     --once) once=1 ;;
+    --projected) projected=1 ;;
     -h|--help) usage; exit 0 ;;
     *) refuse_argument "$arg" ;;
   esac
@@ -40,13 +48,115 @@ log "iam-broker tables create; iam-broker allow --namespace team-a --service-acc
 log "starting the Kubernetes API stand-in; ServiceAccount team-a/app annotated eks.amazonaws.com/role-arn=$ROLE"
 start_kube_standin "$BIN/kube-api-standin" "team-a/app=$ROLE"
 
+if [ "$projected" = 1 ]; then
+  export IDENTITY_MODE=projected CLUSTER_NAME=local
+  log "iam-broker cluster add local --kubeconfig (issuer and keys from the API server's discovery endpoints)"
+  "$BIN/iam-broker" cluster add local --kubeconfig "$work/kubeconfig"
+fi
+
 serve_port=$(free_port)
-log "iam-broker serve --listen 127.0.0.1:$serve_port (broker and webhook)"
+log "iam-broker serve --listen 127.0.0.1:$serve_port (broker and webhook${IDENTITY_MODE:+, IDENTITY_MODE=$IDENTITY_MODE})"
 KUBECONFIG="$work/kubeconfig" PROXY_IMAGE=iam-broker-proxy:local \
   "$BIN/iam-broker" serve --listen "127.0.0.1:$serve_port" 2> "$work/serve.log" &
 pids+=($!)
 wait_http "http://127.0.0.1:$serve_port/healthz"
 
+if [ "$projected" = 1 ]; then
+log "POST / with a Pod CREATE AdmissionReview (events/admission-create.json)"
+python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["body"])' events/admission-create.json > "$work/review.json"
+curl -sS -H 'Content-Type: application/json' --data-binary @"$work/review.json" \
+  "http://127.0.0.1:$serve_port/" > "$work/answer.json"
+# Apply the patch, store the pod in the stand-in (as the API server would), then act as
+# kubelet: request the pod's token (TokenRequest, bound to the pod) and write it to the file.
+python3 - "$work" <<'PY'
+import base64, json, ssl, sys, urllib.request
+work = sys.argv[1]
+answer = json.load(open(f"{work}/answer.json"))["response"]
+assert answer.get("patch"), f"no patch: {answer}"
+patch = json.loads(base64.b64decode(answer["patch"]))
+pod = json.load(open(f"{work}/review.json"))["request"]["object"]
+def add(doc, path, value):
+    *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in path.split("/")[1:]]
+    for key in parents:
+        doc = doc[int(key)] if isinstance(doc, list) else doc[key]
+    if isinstance(doc, list):
+        doc.append(value) if last == "-" else doc.insert(int(last), value)
+    else:
+        doc[last] = value
+for op in patch:
+    assert op["op"] == "add", op
+    add(pod, op["path"], op["value"])
+print(f"allowed={answer['allowed']}, {len(patch)} operations; nothing written by the webhook", file=sys.stderr)
+volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "iam-broker-token")
+source = volume["projected"]["sources"][0]["serviceAccountToken"]
+print(f"  volume iam-broker-token: projected serviceAccountToken {json.dumps(source)}", file=sys.stderr)
+sidecar = next(c for c in pod["spec"]["containers"] if c["name"] == "iam-broker-proxy")
+broker_url = next(e["value"] for e in sidecar["env"] if e["name"] == "BROKER_URL")
+cfg = open(f"{work}/kubeconfig").read()
+field = lambda key: cfg.split(key + ":", 1)[1].split("\n", 1)[0].strip().strip('"')
+ctx = ssl.create_default_context(cadata=base64.b64decode(field("certificate-authority-data")).decode())
+def call(method, path, body):
+    req = urllib.request.Request(f"{field('server')}{path}", method=method, data=json.dumps(body).encode(),
+                                 headers={"Authorization": "Bearer " + field("token"), "Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, context=ctx))
+pod["metadata"].setdefault("name", pod["metadata"].get("generateName", "app-") + "7d9f")
+pod["metadata"]["namespace"] = "team-a"
+stored = call("POST", "/api/v1/namespaces/team-a/pods", pod)
+name, uid = stored["metadata"]["name"], stored["metadata"]["uid"]
+json.dump({"name": name, "uid": uid, "audience": source["audience"],
+           "expirationSeconds": source["expirationSeconds"]}, open(f"{work}/pod.json", "w"))
+open(f"{work}/broker_url", "w").write(broker_url)
+print(f"pod team-a/{name} uid {uid}; the sidecar will call {broker_url}", file=sys.stderr)
+PY
+# kubelet's refresh: a TokenRequest bound to the pod, written to the token file.
+kubelet_refresh() {
+  python3 - "$work" <<'PY'
+import base64, json, ssl, sys, urllib.request
+work = sys.argv[1]
+pod = json.load(open(f"{work}/pod.json"))
+cfg = open(f"{work}/kubeconfig").read()
+field = lambda key: cfg.split(key + ":", 1)[1].split("\n", 1)[0].strip().strip('"')
+ctx = ssl.create_default_context(cadata=base64.b64decode(field("certificate-authority-data")).decode())
+body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {
+    "audiences": [pod["audience"]], "expirationSeconds": pod["expirationSeconds"],
+    "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod["name"], "uid": pod["uid"]}}}
+req = urllib.request.Request(f"{field('server')}/api/v1/namespaces/team-a/serviceaccounts/app/token", method="POST",
+                             data=json.dumps(body).encode(),
+                             headers={"Authorization": "Bearer " + field("token"), "Content-Type": "application/json"})
+token = json.load(urllib.request.urlopen(req, context=ctx))["status"]["token"]
+header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+open(f"{work}/projected-token", "w").write(token)
+print(f"kubelet wrote the pod's projected token (alg {header['alg']}, kid {header['kid'][:12]}…)", file=sys.stderr)
+PY
+}
+kubelet_refresh
+
+proxy_port=$(free_port)
+log "iam-broker-proxy (the sidecar) on 127.0.0.1:$proxy_port -> $(cat "$work/broker_url")"
+BROKER_URL="$(cat "$work/broker_url")" LISTEN_ADDR="127.0.0.1:$proxy_port" \
+  "$BIN/iam-broker-proxy" 2> "$work/proxy.log" &
+pids+=($!)
+wait_http "http://127.0.0.1:$proxy_port/healthz"
+
+whoami() {
+  env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
+    AWS_CONTAINER_CREDENTIALS_FULL_URI="http://127.0.0.1:$proxy_port/" \
+    AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE="$work/projected-token" \
+    AWS_DEFAULT_REGION=us-east-1 AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null \
+    "$VENV/bin/aws" sts get-caller-identity --output json
+}
+log "aws sts get-caller-identity, with only the variables the webhook injected (the token as a file)"
+whoami
+
+log "the cluster rotates its signing key; iam-broker cluster refresh local; kubelet rewrites the token"
+curl -sS -o /dev/null --cacert <(python3 -c 'import base64,sys; c=open(sys.argv[1]).read(); print(base64.b64decode(c.split("certificate-authority-data:",1)[1].split("\n",1)[0].strip()).decode())' "$work/kubeconfig") \
+  -X POST -H "Authorization: Bearer $(sed -n 's/^ *token: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$work/kubeconfig" | head -1)" \
+  "$(sed -n 's/^ *server: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$work/kubeconfig" | head -1)/standin/v1/rotate-signing-key"
+"$BIN/iam-broker" cluster refresh local --kubeconfig "$work/kubeconfig"
+kubelet_refresh
+log "aws sts get-caller-identity with the rotated token, nothing restarted"
+whoami
+else
 log "POST / with a Pod CREATE AdmissionReview (events/admission-create.json)"
 python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["body"])' events/admission-create.json > "$work/review.json"
 curl -sS -H 'Content-Type: application/json' --data-binary @"$work/review.json" \
@@ -100,9 +210,15 @@ env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
   AWS_DEFAULT_REGION=us-east-1 AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null \
   "$VENV/bin/aws" sts get-caller-identity --output json
 
+fi
+
 if [ "$once" = 0 ]; then
   log "running: broker+webhook http://127.0.0.1:$serve_port, sidecar http://127.0.0.1:$proxy_port, moto $AWS_ENDPOINT_URL"
-  echo "  curl -H \"Authorization: \$(cat $work/token)\" http://127.0.0.1:$proxy_port/" >&2
+  if [ "$projected" = 1 ]; then
+    echo "  curl -H \"Authorization: \$(cat $work/projected-token)\" http://127.0.0.1:$proxy_port/" >&2
+  else
+    echo "  curl -H \"Authorization: \$(cat $work/token)\" http://127.0.0.1:$proxy_port/" >&2
+  fi
   log "Ctrl-C to stop"
   wait "${pids[0]}"
 fi

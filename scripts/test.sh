@@ -26,6 +26,11 @@ log "the README's run command (scripts/run-local.sh --once)"
 scripts/run-local.sh --once > target/run-local.out
 grep -q '"Arn": "arn:aws:sts::123456789012:assumed-role/s3_reader/' target/run-local.out \
   || { cat target/run-local.out; die "run-local did not print the assumed role"; }
+log "the projected mode of the run command (scripts/run-local.sh --projected --once)"
+scripts/run-local.sh --projected --once > target/run-local-projected.out
+# Two identities: before and after the cluster's signing-key rotation.
+[ "$(grep -c '"Arn": "arn:aws:sts::123456789012:assumed-role/s3_reader/' target/run-local-projected.out)" = 2 ] \
+  || { cat target/run-local-projected.out; die "run-local --projected did not print the assumed role twice"; }
 log "every file of events/ through cargo lambda watch / invoke (scripts/lambda-watch.sh --check)"
 scripts/lambda-watch.sh --check
 log "deploy rehearsal: template.yaml -> moto with IAM enforced -> README's Deploy steps -> first pod"

@@ -21,8 +21,12 @@ use iam_broker_router::AppState;
 use iam_broker_router::metrics::Metrics;
 
 /// Shortest time between two re-reads of the cluster registry caused by a token whose issuer or
-/// key the broker's snapshot does not hold (capped by `CLUSTER_REGISTRY_TTL_SECONDS`).
-pub const REGISTRY_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// key the broker's snapshot does not hold (capped by `CLUSTER_REGISTRY_TTL_SECONDS`). One
+/// second: a key registered by `iam-broker cluster refresh` works for the next token that
+/// carries it (with 10 s, `scripts/run-local.sh --projected` showed a rotated token refused for
+/// seconds after the refresh), while a flood of forged `kid`s costs at most one Scan of the
+/// small Clusters table per second per broker instance.
+pub const REGISTRY_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The AWS side, built once from one SDK configuration: the clients and the stores over them.
 #[derive(Clone)]
@@ -163,16 +167,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_refresh_interval_is_ten_seconds_or_the_registry_ttl_when_shorter() {
+    fn projected_settings_follow_the_configuration() {
         let mut config = Config::default();
         let settings = projected_settings(&config);
         assert_eq!(settings.registry_ttl, Duration::from_secs(60));
-        assert_eq!(settings.refresh_interval, REGISTRY_REFRESH_INTERVAL);
+        assert_eq!(settings.refresh_interval, Duration::from_secs(1));
         assert_eq!(settings.audience, "iam-broker");
-        config.cluster_registry_ttl = Duration::from_secs(3);
-        assert_eq!(
-            projected_settings(&config).refresh_interval,
-            Duration::from_secs(3)
-        );
+        assert_eq!(settings.leeway, Duration::from_secs(60));
+        config.cluster_registry_ttl = Duration::from_secs(1);
+        config.projected_audience = "sts.example".to_owned();
+        let settings = projected_settings(&config);
+        assert_eq!(settings.registry_ttl, Duration::from_secs(1));
+        assert_eq!(settings.audience, "sts.example");
     }
 }
