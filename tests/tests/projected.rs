@@ -382,3 +382,84 @@ async fn two_clusters_with_the_same_names_get_only_their_own_allowances() {
     let log = w.server.log();
     assert!(log.contains(r#""cluster":"west""#), "{log}");
 }
+
+#[tokio::test]
+async fn projected_admission_through_serve_patches_the_pod_and_writes_nothing() {
+    use iam_broker_tests::kube_api::DEFAULT_TOKEN;
+    let moto = Moto::start().await.unwrap();
+    let sdk = moto.sdk_config().await;
+    let tables = Tables::create(&sdk, "admit").await.unwrap();
+    let api = KubeApi::start().await.unwrap();
+    api.put_service_account("team-a", "app", &[("eks.amazonaws.com/role-arn", ROLE)]);
+    api.put_service_account(
+        "team-a",
+        "other",
+        &[("eks.amazonaws.com/role-arn", OTHER_NS_ROLE)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path(), DEFAULT_TOKEN).unwrap();
+    let env = moto
+        .env()
+        .tables(&tables)
+        .set("KUBECONFIG", kubeconfig.to_string_lossy())
+        .set("PROXY_IMAGE", "registry.example/iam-broker-proxy:0.1.0")
+        .set("IDENTITY_MODE", "projected")
+        .set("PROJECTED_TOKEN_EXPIRATION_SECONDS", "7200")
+        .set("BROKER_URL", "https://broker.example/Prod/");
+    iam_broker_tests::allow(&env, "team-a", "app", ROLE)
+        .await
+        .unwrap();
+    let server = Server::start(&env).await.unwrap();
+
+    let review = |sa: &str, dry_run: bool| {
+        serde_json::json!({ "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": { "uid": "uid-p", "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "namespace": "team-a", "operation": "CREATE", "userInfo": { "username": "e2e" },
+            "dryRun": dry_run,
+            "object": { "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "generateName": "web-", "namespace": "team-a" },
+                "spec": { "serviceAccountName": sa,
+                    "containers": [{ "name": "app", "image": "app:1" }] } } } })
+    };
+    for dry_run in [false, true] {
+        let answer = server.post("/", &review("app", dry_run)).await.unwrap();
+        assert_eq!(answer.status, 200);
+        let response = &answer.json["response"];
+        assert_eq!(response["allowed"], true);
+        let patch = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            response["patch"].as_str().expect("a patch"),
+        )
+        .unwrap();
+        let patch: serde_json::Value = serde_json::from_slice(&patch).unwrap();
+        let text = patch.to_string();
+        assert!(text.contains(r#""serviceAccountToken":{"audience":"iam-broker","expirationSeconds":7200,"path":"token"}"#), "{text}");
+        assert!(text.contains("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"));
+        assert!(text.contains(
+            "https://broker.example/Prod/?role=arn:aws:iam::123456789012:role/iam-broker/s3_reader"
+        ));
+        assert!(!text.contains("secretKeyRef"), "no Secret is referenced");
+    }
+    // A ServiceAccount whose role is not allowed: admitted unpatched, told why, no Event.
+    let answer = server.post("/", &review("other", false)).await.unwrap();
+    assert!(answer.json["response"]["patch"].is_null());
+    assert!(!answer.json["response"]["warnings"][0].is_null());
+
+    // Nothing was written: only reads reached the API server, and no record exists.
+    api.settled().await;
+    let writes: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|(method, _)| method != axum::http::Method::GET)
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+    let records = aws_sdk_dynamodb::Client::new(&sdk)
+        .scan()
+        .table_name(&tables.authorizations)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(records.count(), 0);
+    server.stop().await;
+}
