@@ -387,11 +387,11 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
         (TableRole::Allowances, &config.allowances_table),
         (TableRole::Authorizations, &config.authorizations_table),
     ];
-    // The registry matters once projected tokens are in use: a stack names it (its output),
-    // or the operator does; a Secret-only set-up without one is not told to create it.
+    // The registry matters in projected mode, and a stack always has one (its output names
+    // it); a Secret-only local set-up is not told to create it.
     let registry_in_use = config.identity_mode == iam_broker_core::config::IdentityMode::Projected
         || environment
-            .var(iam_broker_core::config::ENV_CLUSTERS_TABLE)
+            .output(crate::stack::OUTPUT_CLUSTERS_TABLE)
             .is_some();
     if registry_in_use {
         tables.push((TableRole::Clusters, &config.clusters_table));
