@@ -11,7 +11,9 @@ principal with the caller's session ARN literally. This wrapper closes those gap
 behaves, and nothing else:
 
 1. DynamoDB requests are authorized against the table's ARN
-   (arn:aws:dynamodb:REGION:ACCOUNT:table/NAME), SSM parameter requests against the parameter's
+   (arn:aws:dynamodb:REGION:ACCOUNT:table/NAME), whichever table and call it is (GetItem,
+   UpdateItem, PutItem, DeleteItem, Scan on the Allowances, Authorizations and Clusters tables
+   alike: a policy scoped to one table grants nothing on another), SSM parameter requests against the parameter's
    ARN (arn:aws:ssm:REGION:ACCOUNT:parameter/NAME). STS AssumeRole already uses the role ARN.
 2. A trust policy that names a role ARN as its AWS principal trusts the sessions of that role
    (arn:aws:sts::ACCOUNT:assumed-role/NAME/SESSION), as IAM documents.

@@ -5,7 +5,7 @@
 1. template.yaml (with samconfig.toml's parameter overrides, plus ProxyImage and a fresh
    WebhookPathSecret as README's `sam deploy` passes them) is expanded by the SAM translator.
 2. In moto with IAM enforcement on (INITIAL_NO_AUTH_ACTION_COUNT), the rehearsal creates what the
-   code depends on, from the expanded template: both tables as their properties say, each
+   code depends on, from the expanded template: the three tables as their properties say, each
    function's execution role with its policies, the stack's outputs (DescribeStacks).
 3. Each AWS::Lambda::Function runs the real `bootstrap` under a Lambda Runtime API emulator, with
    its resolved Environment.Variables and its role's session credentials, behind an API Gateway
@@ -15,8 +15,13 @@
    cluster; this script plays the API server (it calls the registered webhook and applies the
    patch) and the kubelet (it starts the sidecar and the app container with the env the patch
    gave them). The app container is `aws sts get-caller-identity`.
-5. Least privilege, proven: every call the functions make is allowed; the broker's role cannot
-   read SSM or write Allowances; the webhook's role cannot call STS; a role outside
+5. Projected identity: the cluster is registered from its API server with the identity of
+   deploy/25-issuer-discovery.yaml (`iam-broker cluster add --kubeconfig`), a pod's projected
+   ServiceAccount token (TokenRequest, bound to the pod) gets credentials from the broker, whose
+   role reads the Clusters table with dynamodb:Scan.
+6. Least privilege, proven: every call the functions make is allowed; the broker's role cannot
+   read SSM or write Allowances or the Clusters table; the webhook's and the cleanup's roles
+   cannot read the Clusters table; the webhook's role cannot call STS; a role outside
    AllowedRoleArnPattern gets 502 AssumeRoleFailed.
 
 Two translations stand in for the network only: the stack's https://<api>.execute-api... URLs
@@ -248,7 +253,7 @@ class Rehearsal:
         for logical, resource in resources.items():
             if self.resolver.active(logical):
                 by_type.setdefault(resource["Type"], []).append(logical)
-        expected = {"AWS::DynamoDB::Table": 2, "AWS::Lambda::Function": 3,
+        expected = {"AWS::DynamoDB::Table": 3, "AWS::Lambda::Function": 3,
                     "AWS::ApiGateway::RestApi": 1}
         for kind, count in expected.items():
             check(len(by_type.get(kind, [])) == count,
@@ -530,7 +535,8 @@ class Rehearsal:
         for key, value in sorted(self.outputs.items()):
             print(f"    output {key} = {value}", file=sys.stderr)
         for name in ("BrokerUrl", "WebhookUrlWithoutSecret", "AllowancesTableName",
-                     "AuthorizationsTableName", "BrokerFunctionRoleArn", "KubeconfigParameterName"):
+                     "AuthorizationsTableName", "ClustersTableName", "BrokerFunctionRoleArn",
+                     "KubeconfigParameterName"):
             check(name in self.outputs, f"the stack has no output {name}")
         step("start both functions under the Lambda runtime emulator, API Gateway in front")
         self.start_functions(by_type)
@@ -633,6 +639,8 @@ class Rehearsal:
         status, _, body = http_request("GET", broker, headers={"Authorization": token})
         check(status == 403 and b"InvalidToken" in body, f"a revoked token answered {status} {body!r}")
 
+        self.projected_identity(allowed_role, broker)
+
         step("a role outside AllowedRoleArnPattern: 502 AssumeRoleFailed")
         legacy, _ = self.create_pod("legacy", "legacy-sa")
         legacy_token = self.container_env(next(
@@ -647,6 +655,11 @@ class Rehearsal:
         webhook_fn = self.functions["WebhookFunction"].credentials
         cleanup_fn = self.functions["CleanupFunction"].credentials
         allowances = self.outputs["AllowancesTableName"]
+        clusters = self.outputs["ClustersTableName"]
+        scanned = self.client("dynamodb", broker_fn).scan(TableName=clusters)
+        check([i["cluster"]["S"] for i in scanned["Items"]] == ["rehearsal"],
+              f"the broker's role scanned {scanned['Items']}")
+        print("    allowed as it should be: broker scans the Clusters table", file=sys.stderr)
         checks = {
             "broker cannot read the kubeconfig parameter": lambda: self.client("ssm", broker_fn)
             .get_parameter(Name=self.outputs["KubeconfigParameterName"], WithDecryption=True),
@@ -670,6 +683,16 @@ class Rehearsal:
             .assume_role(RoleArn=allowed_role, RoleSessionName="escalate"),
             "cleanup cannot read Allowances": lambda: self.client("dynamodb", cleanup_fn).get_item(
                 TableName=allowances, Key={"namespace": {"S": "x"}, "service_account": {"S": "y"}}),
+            "broker cannot write the Clusters table": lambda: self.client("dynamodb", broker_fn)
+            .put_item(TableName=clusters, Item={"cluster": {"S": "forged"},
+                                                "issuer": {"S": "https://forged"},
+                                                "jwks": {"S": "{}"}}),
+            "broker cannot delete from the Clusters table": lambda: self.client("dynamodb", broker_fn)
+            .delete_item(TableName=clusters, Key={"cluster": {"S": "rehearsal"}}),
+            "webhook cannot read the Clusters table": lambda: self.client("dynamodb", webhook_fn)
+            .scan(TableName=clusters),
+            "cleanup cannot read the Clusters table": lambda: self.client("dynamodb", cleanup_fn)
+            .scan(TableName=clusters),
         }
         for what, call in checks.items():
             check(denied(call), f"expected AccessDenied: {what}")
@@ -735,6 +758,59 @@ class Rehearsal:
         step("every setting a function reads is a template parameter or a documented edit")
         self.check_settings_reachable()
         step("the deploy rehearsal passed")
+
+    def projected_identity(self, role, broker):
+        """Projected mode on the same stack: the operator registers the cluster from its API
+        server and allows a ServiceAccount of it; the kubelet's token for a pod of that
+        ServiceAccount gets the role's credentials from the broker."""
+        step("projected identity: cluster add from the API server, allow --cluster, a pod's "
+             "projected token at the broker")
+        for applied in self.kubectl_apply(os.path.join(self.root, "deploy", "25-issuer-discovery.yaml")):
+            print(f"    applied {applied}", file=sys.stderr)
+        discovery = self.cli("kubeconfig", "--from-secret",
+                             "iam-broker/iam-broker-issuer-discovery-token")
+        kubeconfig = os.path.join(self.work, "discovery-kubeconfig")
+        with open(kubeconfig, "w") as f:
+            f.write(discovery.stdout)
+        added = self.cli("cluster", "add", "rehearsal", "--kubeconfig", kubeconfig)
+        print(f"    {added.stdout.splitlines()[0]}", file=sys.stderr)
+        check(self.kube_token not in added.stdout + added.stderr,
+              "cluster add printed the kubeconfig's token")
+        again = self.cli("cluster", "add", "rehearsal", "--kubeconfig", kubeconfig,
+                         expect_ok=False)
+        check(again.returncode != 0 and "cluster refresh rehearsal" in again.stderr,
+              f"a second cluster add was not refused: {again.stderr}")
+        listed = json.loads(self.cli("cluster", "list", "--json").stdout)
+        check([c["name"] for c in listed] == ["rehearsal"]
+              and listed[0]["source"] == f"api-server {self.kube_server}",
+              f"cluster list shows {listed}")
+        self.cli("allow", "--cluster", "rehearsal", "--namespace", NAMESPACE,
+                 "--service-account", "app-sa", "--role", role)
+        status, pod = self.kube("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "projected-1", "namespace": NAMESPACE},
+            "spec": {"serviceAccountName": "app-sa",
+                     "containers": [{"name": "app", "image": "busybox"}]}})
+        check(status == 201, f"creating pod projected-1: {status} {pod}")
+        audience = self.functions["BrokerFunction"].variables.get("PROJECTED_AUDIENCE", "iam-broker")
+        status, answer = self.kube(
+            "POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/app-sa/token", {
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": [audience], "expirationSeconds": 3600,
+                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
+                                            "name": "projected-1",
+                                            "uid": pod["metadata"]["uid"]}}})
+        check(status == 201, f"the kubelet's TokenRequest: {status} {answer}")
+        token = answer["status"]["token"]
+        status, headers, body = http_request("GET", broker,
+                                             headers={"Authorization": f"Bearer {token}"})
+        check(status == 200 and json.loads(body)["RoleArn"] == role,
+              f"the broker answered a projected token {status} {body[:300]!r}")
+        print(f"    the pod's projected token got {role}", file=sys.stderr)
+        status, _, body = http_request("GET", broker, headers={
+            "Authorization": f"Bearer {token[:-4]}AAAA"})
+        check(status == 403 and json.loads(body)["Code"] == "InvalidToken",
+              f"a forged projected token answered {status} {body!r}")
 
     def check_settings_reachable(self):
         with open(os.path.join(self.root, "crates/core/src/config.rs")) as f:
