@@ -15,7 +15,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-ALL_TARGETS=(admission_review admission_pod authorization token_record stream_event cache_policy proxy_request)
+ALL_TARGETS=(admission_review admission_pod authorization token_record stream_event cache_policy proxy_request projected_token)
 seconds=60
 smoke=false
 targets=()

@@ -3,7 +3,7 @@
 //! iam-broker-fuzz-targets`); the long runs are `scripts/fuzz.sh` on nightly.
 
 use arbitrary::Unstructured;
-use iam_broker_fuzz_targets::{admission, proxy, record, token};
+use iam_broker_fuzz_targets::{admission, jwt, proxy, record, token};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 
@@ -51,6 +51,11 @@ proptest! {
         suffix in "[ \t]{0,2}",
     ) {
         token::authorization(format!("{prefix}{body}{suffix}").as_bytes());
+    }
+
+    #[test]
+    fn projected_token(data in bytes(512)) {
+        jwt::projected_token(&data);
     }
 
     #[test]
