@@ -69,7 +69,9 @@ curl -sS -H 'Content-Type: application/json' --data-binary @"$work/review.json" 
 # Apply the patch, store the pod in the stand-in (as the API server would), then act as
 # kubelet: request the pod's token (TokenRequest, bound to the pod) and write it to the file.
 python3 - "$work" <<'PY'
-import base64, json, ssl, sys, urllib.request
+import base64, json, sys
+sys.path.insert(0, "scripts")
+from standin_api import Api
 work = sys.argv[1]
 answer = json.load(open(f"{work}/answer.json"))["response"]
 assert answer.get("patch"), f"no patch: {answer}"
@@ -92,16 +94,9 @@ source = volume["projected"]["sources"][0]["serviceAccountToken"]
 print(f"  volume iam-broker-token: projected serviceAccountToken {json.dumps(source)}", file=sys.stderr)
 sidecar = next(c for c in pod["spec"]["containers"] if c["name"] == "iam-broker-proxy")
 broker_url = next(e["value"] for e in sidecar["env"] if e["name"] == "BROKER_URL")
-cfg = open(f"{work}/kubeconfig").read()
-field = lambda key: cfg.split(key + ":", 1)[1].split("\n", 1)[0].strip().strip('"')
-ctx = ssl.create_default_context(cadata=base64.b64decode(field("certificate-authority-data")).decode())
-def call(method, path, body):
-    req = urllib.request.Request(f"{field('server')}{path}", method=method, data=json.dumps(body).encode(),
-                                 headers={"Authorization": "Bearer " + field("token"), "Content-Type": "application/json"})
-    return json.load(urllib.request.urlopen(req, context=ctx))
 pod["metadata"].setdefault("name", pod["metadata"].get("generateName", "app-") + "7d9f")
 pod["metadata"]["namespace"] = "team-a"
-stored = call("POST", "/api/v1/namespaces/team-a/pods", pod)
+stored = Api(f"{work}/kubeconfig").request("POST", "/api/v1/namespaces/team-a/pods", pod)
 name, uid = stored["metadata"]["name"], stored["metadata"]["uid"]
 json.dump({"name": name, "uid": uid, "audience": source["audience"],
            "expirationSeconds": source["expirationSeconds"]}, open(f"{work}/pod.json", "w"))
@@ -111,19 +106,16 @@ PY
 # kubelet's refresh: a TokenRequest bound to the pod, written to the token file.
 kubelet_refresh() {
   python3 - "$work" <<'PY'
-import base64, json, ssl, sys, urllib.request
+import base64, json, sys
+sys.path.insert(0, "scripts")
+from standin_api import Api
 work = sys.argv[1]
 pod = json.load(open(f"{work}/pod.json"))
-cfg = open(f"{work}/kubeconfig").read()
-field = lambda key: cfg.split(key + ":", 1)[1].split("\n", 1)[0].strip().strip('"')
-ctx = ssl.create_default_context(cadata=base64.b64decode(field("certificate-authority-data")).decode())
 body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {
     "audiences": [pod["audience"]], "expirationSeconds": pod["expirationSeconds"],
     "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod["name"], "uid": pod["uid"]}}}
-req = urllib.request.Request(f"{field('server')}/api/v1/namespaces/team-a/serviceaccounts/app/token", method="POST",
-                             data=json.dumps(body).encode(),
-                             headers={"Authorization": "Bearer " + field("token"), "Content-Type": "application/json"})
-token = json.load(urllib.request.urlopen(req, context=ctx))["status"]["token"]
+answer = Api(f"{work}/kubeconfig").request("POST", "/api/v1/namespaces/team-a/serviceaccounts/app/token", body)
+token = answer["status"]["token"]
 header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
 open(f"{work}/projected-token", "w").write(token)
 print(f"kubelet wrote the pod's projected token (alg {header['alg']}, kid {header['kid'][:12]}…)", file=sys.stderr)
@@ -149,9 +141,8 @@ log "aws sts get-caller-identity, with only the variables the webhook injected (
 whoami
 
 log "the cluster rotates its signing key; iam-broker cluster refresh local; kubelet rewrites the token"
-curl -sS -o /dev/null --cacert <(python3 -c 'import base64,sys; c=open(sys.argv[1]).read(); print(base64.b64decode(c.split("certificate-authority-data:",1)[1].split("\n",1)[0].strip()).decode())' "$work/kubeconfig") \
-  -X POST -H "Authorization: Bearer $(sed -n 's/^ *token: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$work/kubeconfig" | head -1)" \
-  "$(sed -n 's/^ *server: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$work/kubeconfig" | head -1)/standin/v1/rotate-signing-key"
+python3 -c 'import sys; sys.path.insert(0, "scripts"); from standin_api import Api
+Api(sys.argv[1]).request("POST", "/standin/v1/rotate-signing-key")' "$work/kubeconfig"
 "$BIN/iam-broker" cluster refresh local --kubeconfig "$work/kubeconfig"
 kubelet_refresh
 log "aws sts get-caller-identity with the rotated token, nothing restarted"
@@ -163,7 +154,9 @@ curl -sS -H 'Content-Type: application/json' --data-binary @"$work/review.json" 
   "http://127.0.0.1:$serve_port/" > "$work/answer.json"
 # Decode the patch, and read the token from the Secret the webhook created (as the kubelet would).
 python3 - "$work" <<'PY'
-import base64, json, ssl, sys, urllib.request
+import base64, json, sys
+sys.path.insert(0, "scripts")
+from standin_api import Api
 work = sys.argv[1]
 answer = json.load(open(f"{work}/answer.json"))["response"]
 assert answer.get("patch"), f"no patch: {answer}"
@@ -184,13 +177,7 @@ def annotated_secret(op):
 secret = next(filter(None, map(annotated_secret, patch)))
 sidecar = next(op["value"] for op in patch if isinstance(op["value"], dict) and op["value"].get("name") == "iam-broker-proxy")
 broker_url = next(e["value"] for e in sidecar["env"] if e["name"] == "BROKER_URL")
-# the kubeconfig's server, CA and token
-cfg = open(f"{work}/kubeconfig").read()
-field = lambda key: cfg.split(key + ":", 1)[1].split("\n", 1)[0].strip().strip('"')
-ctx = ssl.create_default_context(cadata=base64.b64decode(field("certificate-authority-data")).decode())
-req = urllib.request.Request(f"{field('server')}/api/v1/namespaces/team-a/secrets/{secret}",
-                             headers={"Authorization": "Bearer " + field("token")})
-obj = json.load(urllib.request.urlopen(req, context=ctx))
+obj = Api(f"{work}/kubeconfig").request("GET", f"/api/v1/namespaces/team-a/secrets/{secret}")
 open(f"{work}/token", "w").write(base64.b64decode(obj["data"]["token"]).decode())
 open(f"{work}/broker_url", "w").write(broker_url)
 print(f"Secret team-a/{secret} holds the pod's token; the sidecar will call {broker_url}", file=sys.stderr)

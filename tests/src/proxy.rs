@@ -101,3 +101,19 @@ pub fn container_env(moto_endpoint: &str, proxy_url: &str) -> Env {
         .set("AWS_EC2_METADATA_DISABLED", "true")
         .set("HOME", "/nonexistent")
 }
+
+/// The `Arn` of `aws sts get-caller-identity --output json` (or `sdk-whoami`): panics with the
+/// program's output when it failed or printed something else.
+pub fn arn_of(out: &CliOutput) -> String {
+    let json: Option<serde_json::Value> = out
+        .success
+        .then(|| serde_json::from_str(&out.stdout).ok())
+        .flatten();
+    match json.as_ref().and_then(|j| j["Arn"].as_str()) {
+        Some(arn) => arn.to_owned(),
+        None => panic!(
+            "no caller identity\nstdout: {}\nstderr: {}",
+            out.stdout, out.stderr
+        ),
+    }
+}

@@ -18,8 +18,8 @@ use iam_broker_core::cluster::{ClusterName, RegisteredCluster};
 use iam_broker_core::ports::{AllowanceStore, ClusterRegistry};
 use iam_broker_tests::kube_api::KubeApi;
 use iam_broker_tests::kubelet::{ProjectedTokenFile, TokenProjection};
-use iam_broker_tests::proxy::{Proxy, aws_cli, container_env, run};
-use iam_broker_tests::{CliOutput, Env, Moto, Server, Tables, binary, workspace_root};
+use iam_broker_tests::proxy::{Proxy, arn_of, aws_cli, container_env, run};
+use iam_broker_tests::{Env, Moto, Server, Tables, binary, workspace_root};
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
 const WEST_ROLE: &str = "arn:aws:iam::210987654321:role/tenant/reader";
@@ -161,15 +161,6 @@ impl World {
     }
 }
 
-fn arn_of(out: &CliOutput) -> String {
-    assert!(
-        out.success,
-        "stdout: {}\nstderr: {}",
-        out.stdout, out.stderr
-    );
-    let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    json["Arn"].as_str().unwrap().to_owned()
-}
 
 #[tokio::test]
 async fn aws_cli_and_rust_sdk_read_the_token_file_and_follow_its_rotation() {

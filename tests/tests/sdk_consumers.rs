@@ -6,7 +6,7 @@
 // Test code: a failed set-up step should panic with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use iam_broker_tests::proxy::{Proxy, aws_cli, container_env, run};
+use iam_broker_tests::proxy::{Proxy, arn_of, aws_cli, container_env, run};
 use iam_broker_tests::{CliOutput, Env, Moto, Server, Tables, allow, binary, mint_token};
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
@@ -74,15 +74,6 @@ impl World {
     }
 }
 
-fn arn_of(out: &CliOutput) -> String {
-    assert!(
-        out.success,
-        "stdout: {}\nstderr: {}",
-        out.stdout, out.stderr
-    );
-    let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    json["Arn"].as_str().unwrap().to_owned()
-}
 
 #[tokio::test]
 async fn aws_cli_gets_the_assumed_role_through_the_proxy() {
