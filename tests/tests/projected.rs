@@ -151,6 +151,18 @@ impl World {
         )
     }
 
+    /// The caller identity's ARN; on failure, the broker's log says why.
+    fn arn(&self, out: &iam_broker_tests::CliOutput) -> String {
+        if !out.success {
+            panic!(
+                "no caller identity: {}\nbroker log:\n{}",
+                out.stderr,
+                self.server.log()
+            );
+        }
+        arn_of(out)
+    }
+
     async fn code(&self, token: &str, role: Option<&str>) -> (u16, String) {
         let path = match role {
             Some(role) => broker_url_with_role("/", role),
@@ -173,18 +185,18 @@ async fn aws_cli_and_rust_sdk_read_the_token_file_and_follow_its_rotation() {
 
     // The AWS CLI (botocore's container provider) reads the file and gets the role, with a
     // session named after the pod.
-    let arn = arn_of(&run(&aws_cli(), &env, &args).await.unwrap());
+    let arn = w.arn(&run(&aws_cli(), &env, &args).await.unwrap());
     assert!(arn.starts_with(ASSUMED), "{arn}");
     assert!(arn.ends_with("team-a.app.web-1"), "{arn}");
     // The AWS SDK for Rust too.
     let whoami = binary("sdk-whoami").unwrap();
-    assert!(arn_of(&run(&whoami, &env, &[]).await.unwrap()).starts_with(ASSUMED));
+    assert!(w.arn(&run(&whoami, &env, &[]).await.unwrap()).starts_with(ASSUMED));
 
     // kubelet rotates the file: the next fetch sends the new token, nothing restarts.
     let before = w.server.log().matches("credentials served").count();
     let rotated = file.refresh(&w.east, &pod).await.unwrap();
     assert_eq!(std::fs::read_to_string(file.path()).unwrap(), rotated);
-    assert!(arn_of(&run(&aws_cli(), &env, &args).await.unwrap()).starts_with(ASSUMED));
+    assert!(w.arn(&run(&aws_cli(), &env, &args).await.unwrap()).starts_with(ASSUMED));
     assert_eq!(
         w.server.log().matches("credentials served").count(),
         before + 1,
@@ -196,7 +208,7 @@ async fn aws_cli_and_rust_sdk_read_the_token_file_and_follow_its_rotation() {
     w.east.rotate_signing_key().unwrap();
     register(&w.registry, "east", &w.east).await;
     file.refresh(&w.east, &pod).await.unwrap();
-    assert!(arn_of(&run(&whoami, &env, &[]).await.unwrap()).starts_with(ASSUMED));
+    assert!(w.arn(&run(&whoami, &env, &[]).await.unwrap()).starts_with(ASSUMED));
 
     // Nothing logged a token.
     let (proxy_log, server_log) = (proxy.stop().await, w.server.log());

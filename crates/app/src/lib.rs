@@ -21,10 +21,9 @@ use iam_broker_router::AppState;
 use iam_broker_router::metrics::Metrics;
 
 /// Shortest time between two re-reads of the cluster registry caused by a token whose issuer or
-/// key the broker's snapshot does not hold (capped by `CLUSTER_REGISTRY_TTL_SECONDS`). One
-/// second: a key registered by `iam-broker cluster refresh` works for the next token that
-/// carries it (with 10 s, `scripts/run-local.sh --projected` showed a rotated token refused for
-/// seconds after the refresh), while a flood of forged `kid`s costs at most one Scan of the
+/// key the broker's snapshot does not hold (capped by `CLUSTER_REGISTRY_TTL_SECONDS`). Such a
+/// request waits for the next allowed read instead of being refused, so this is also the longest
+/// a token of a just-registered key waits; a flood of forged `kid`s costs at most one Scan of the
 /// small Clusters table per second per broker instance.
 pub const REGISTRY_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 

@@ -779,7 +779,7 @@ mod tests {
                     audience: "iam-broker".to_owned(),
                     leeway: Duration::from_secs(60),
                     registry_ttl: Duration::from_secs(60),
-                    refresh_interval: Duration::from_secs(10),
+                    refresh_interval: Duration::from_millis(5),
                 },
             ));
             World { f, east, west }

@@ -5,8 +5,10 @@
 //! - when it is older than [`ProjectedSettings::registry_ttl`], so a removed cluster or a
 //!   retired key stops working within that time;
 //! - when a token names an issuer or key the snapshot does not hold (a cluster just registered,
-//!   a key just rotated in), at most once per [`ProjectedSettings::refresh_interval`], so a
-//!   flood of forged tokens costs at most one read per interval.
+//!   a key just rotated in), at most once per [`ProjectedSettings::refresh_interval`]: such a
+//!   request waits for the next allowed read (never longer than the interval) instead of being
+//!   refused, so a key registered a moment after the last read works at once, while a flood of
+//!   forged tokens, concurrent or not, costs at most one read per interval.
 //!
 //! When a re-read fails the last good snapshot keeps serving (and the read is retried after the
 //! refresh interval); with no snapshot at all the broker answers 503.
@@ -113,17 +115,17 @@ impl ProjectedIdentities {
             &self.verification,
             now.unix_timestamp(),
         ) {
-            Err(JwtError::UnknownIssuer | JwtError::UnknownKey)
-                if now - view.attempted_at >= self.settings.refresh_interval =>
-            {
+            Err(JwtError::UnknownIssuer | JwtError::UnknownKey) => {
+                let since = std::time::Duration::try_from(now - view.attempted_at)
+                    .unwrap_or(std::time::Duration::ZERO);
+                let wait = self.settings.refresh_interval.saturating_sub(since);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
                 let view = self.read(view.attempts).await?;
-                identify(
-                    token,
-                    &view.clusters,
-                    &self.verification,
-                    now.unix_timestamp(),
-                )
-                .map_err(IdentifyError::Invalid)
+                let now = self.clock.now().unix_timestamp();
+                identify(token, &view.clusters, &self.verification, now)
+                    .map_err(IdentifyError::Invalid)
             }
             other => other.map_err(IdentifyError::Invalid),
         }
@@ -250,7 +252,7 @@ mod tests {
         ))
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_registry_is_read_once_per_ttl() {
         let (registry, clock, identities) = setup();
         let key = Signer::new("k1");
@@ -265,35 +267,48 @@ mod tests {
         assert_eq!(registry.reads(), 2);
     }
 
-    #[tokio::test]
-    async fn a_new_key_is_picked_up_at_most_once_per_interval() {
+    #[tokio::test(start_paused = true)]
+    async fn a_new_key_works_at_once_and_forged_kids_cost_one_read_per_interval() {
         let (registry, clock, identities) = setup();
         let old = Signer::new("old");
         register(&registry, "east", &[&old]);
         identities.identify(&token(&old, &clock)).await.unwrap();
+        assert_eq!(registry.reads(), 1);
 
+        // A key registered right after the read: its first token waits for the next allowed
+        // read (here the whole interval, the clock being frozen) and is served.
         let new = Signer::new("new");
         register(&registry, "east", &[&old, &new]);
-        // Within the interval unknown keys cost no read.
-        for _ in 0..3 {
-            assert!(matches!(
-                identities.identify(&token(&new, &clock)).await,
-                Err(IdentifyError::Invalid(JwtError::UnknownKey))
-            ));
-        }
-        assert_eq!(registry.reads(), 1);
-        clock.advance(10);
+        let started = tokio::time::Instant::now();
         identities.identify(&token(&new, &clock)).await.unwrap();
         assert_eq!(registry.reads(), 2);
-        // A flood of foreign kids after that costs nothing until the interval passes again.
-        for i in 0..20 {
-            let forged = Signer::new(&format!("forged-{i}"));
-            assert!(identities.identify(&token(&forged, &clock)).await.is_err());
+        assert!(started.elapsed() >= Duration::from_secs(10));
+        assert!(started.elapsed() < Duration::from_secs(11));
+
+        // Twenty forged kids at once share one read.
+        let forged: Vec<Signer> = (0..20)
+            .map(|i| Signer::new(&format!("forged-{i}")))
+            .collect();
+        let tokens: Vec<String> = forged.iter().map(|s| token(s, &clock)).collect();
+        let results =
+            futures::future::join_all(tokens.iter().map(|t| identities.identify(t))).await;
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(IdentifyError::Invalid(JwtError::UnknownKey))))
+        );
+        assert_eq!(registry.reads(), 3);
+
+        // One after the other, each waits an interval: one read per interval at most.
+        let started = tokio::time::Instant::now();
+        for signer in forged.iter().take(3) {
+            assert!(identities.identify(&token(signer, &clock)).await.is_err());
         }
-        assert_eq!(registry.reads(), 2);
+        assert_eq!(registry.reads(), 6);
+        assert!(started.elapsed() >= Duration::from_secs(30));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_removed_cluster_stops_working_within_the_ttl() {
         let (registry, clock, identities) = setup();
         let key = Signer::new("k1");
@@ -308,7 +323,7 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_unreadable_registry_serves_the_last_snapshot_or_503() {
         let (registry, clock, identities) = setup();
         let key = Signer::new("k1");
