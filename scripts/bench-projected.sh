@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# STS calls per pod-hour in projected mode, token rotation included: botocore's real
+# RefreshableCredentials and ContainerProvider on a fake clock, in front of models of the
+# sidecar's cache policy and the broker (scripts/pod_hour.py says what is real and what is a
+# model). Simulates 24 hours per CREDENTIAL_DURATION_SECONDS and workload; takes a minute or
+# two, no network, nothing started. Prints Markdown tables for BENCHMARKS.md.
+#
+#   scripts/bench-projected.sh                        # 900,1800,2700,3600 s; default workloads
+#   scripts/bench-projected.sh --durations 3600 --workloads service:10 --hours 48
+#   scripts/bench-projected.sh --help                 # every option of pod_hour.py
+#
+# Installs the dev venv (.venv, requirements-dev.txt: botocore comes with awscli) when missing.
+# The broker's own verification cost per request is the bench binary instead:
+#   cargo bench -p iam-broker-tests --bench projected
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) usage; echo; ensure_venv; exec "$VENV/bin/python" scripts/pod_hour.py --help ;;
+  esac
+done
+ensure_venv
+exec "$VENV/bin/python" scripts/pod_hour.py "$@"

@@ -1,0 +1,437 @@
+#!/usr/bin/env python3
+"""STS calls per pod-hour in projected mode, on a fake clock, with botocore's real refresh code.
+
+One pod, simulated for 24 hours (by default) per CREDENTIAL_DURATION_SECONDS. What is real and
+what is a model:
+
+- The SDK is botocore itself: its ``ContainerProvider`` (reads the token file at every fetch and
+  sends it as ``Authorization``, as a pod's SDK does) and the ``RefreshableCredentials`` it
+  returns (advisory refresh 15 min before expiry, mandatory 10 min before, and its check of a
+  refreshed credential), with ``_time_fetcher`` set to the fake clock. Only the HTTP fetch is
+  replaced: ``retrieve_full_uri`` asks the sidecar model below.
+- The sidecar is a model of ``crates/proxy/src/cache.rs`` and ``policy.rs``: a cache keyed by the
+  SHA-256 of the ``Authorization`` header as sent, ``Policy::decide`` (serve; serve and refresh in
+  the background from ``min(Expiration - min_validity - refresh_ahead, fresh_until)``; fetch
+  below ``min_validity``) and ``Policy::admit`` (reject expired; serve once, uncached, below
+  ``min_validity``; otherwise cache until ``min(now + max-age, Expiration)``). Its constants are
+  read from the Rust source at start (``DEFAULT_MIN_VALIDITY_SECONDS``,
+  ``DEFAULT_REFRESH_AHEAD_SECONDS``, ``DEFAULT_CACHE_MAX_ENTRIES`` in
+  ``crates/proxy/src/config.rs``).
+- The broker is a model of ``Broker::credentials`` in projected mode: it refuses a token past
+  its ``exp`` (plus ``PROJECTED_TOKEN_LEEWAY``), otherwise makes one STS call, and answers
+  ``Cache-Control: max-age = Expiration - CACHE_MARGIN_SECONDS`` (``crates/core/src/credentials.rs``).
+  STS stamps ``Expiration`` in whole seconds; the broker's answer reaches the sidecar
+  ``--latency`` seconds after the request (STS half-way).
+- kubelet rewrites the token file when the token is older than 80 % of ``expirationSeconds``
+  or 24 h (``pkg/kubelet/token/token_manager.go`` ``requiresRefresh``; its jitter of up to
+  10 s and the volume's resync delay are left out, ``--kubelet-lag`` adds a fixed delay).
+
+Workloads (``--workloads``):
+- ``service:N``: one long-lived botocore process making an AWS call every N seconds;
+- ``workers:K:N``: K long-lived processes (e.g. gunicorn workers) started 7 s apart, each
+  making a call every N seconds, sharing the sidecar;
+- ``cli:N``: a new botocore process (like an ``aws`` CLI command) every N seconds, one call each.
+
+Two views of what token rotation costs: a broker call is counted "after a token rotation" when
+the sidecar missed for the new token while it still held servable credentials under an earlier
+token of the same pod (the call would have been a cache hit but for the rotation); and each run is
+repeated with a token file that never changes, so "added by rotation" is the difference in STS
+calls (a rotation miss can stand in for a refresh that was due anyway).
+
+Run through ``scripts/bench-projected.sh`` (which makes the dev venv); prints Markdown tables.
+"""
+
+import argparse
+import datetime
+import hashlib
+import heapq
+import math
+import os
+import re
+import sys
+import tempfile
+
+import botocore
+from botocore.credentials import ContainerProvider
+from botocore.exceptions import MetadataRetrievalError
+from dateutil.tz import tzutc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DAY = 86_400
+# Fake epoch: a whole second plus a fraction, so nothing lines up with STS's whole seconds by luck.
+T0 = 1_800_000_000.25
+
+
+def rust_const(path, name):
+    """The integer value of `pub const NAME: type = value;` in a Rust file of this workspace."""
+    text = open(os.path.join(ROOT, path), encoding="utf-8").read()
+    match = re.search(
+        r"pub const " + name + r": [^=]+= (?:Duration::from_secs\()?([0-9_]+)", text
+    )
+    if not match:
+        sys.exit(f"{path}: no constant {name}; the model must be re-read against the source")
+    return int(match.group(1).replace("_", ""))
+
+
+MIN_VALIDITY = rust_const("crates/proxy/src/config.rs", "DEFAULT_MIN_VALIDITY_SECONDS")
+REFRESH_AHEAD = rust_const("crates/proxy/src/config.rs", "DEFAULT_REFRESH_AHEAD_SECONDS")
+CACHE_MAX_ENTRIES = rust_const("crates/proxy/src/config.rs", "DEFAULT_CACHE_MAX_ENTRIES")
+CACHE_MARGIN = rust_const("crates/core/src/credentials.rs", "CACHE_MARGIN_SECONDS")
+LEEWAY = rust_const("crates/core/src/config.rs", "PROJECTED_TOKEN_LEEWAY")
+TOKEN_EXPIRATION = rust_const(
+    "crates/core/src/config.rs", "DEFAULT_PROJECTED_TOKEN_EXPIRATION_SECONDS"
+)
+ADVISORY = botocore.credentials._DEFAULT_ADVISORY_REFRESH_TIMEOUT
+MANDATORY = botocore.credentials._DEFAULT_MANDATORY_REFRESH_TIMEOUT
+
+
+class Clock:
+    """The fake clock every party reads."""
+
+    def __init__(self):
+        self.t = T0
+
+    def now_dt(self):
+        return datetime.datetime.fromtimestamp(self.t, tz=tzutc())
+
+
+def rfc3339(seconds):
+    return datetime.datetime.fromtimestamp(seconds, tz=tzutc()).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Kubelet:
+    """The pod's projected token volume: a file rewritten at 80 % of the token's life or 24 h."""
+
+    def __init__(self, clock, path, expiration_seconds, lag):
+        self.clock, self.path = clock, path
+        self.expiration_seconds, self.lag = expiration_seconds, lag
+        self.tokens = {}  # content -> (iat, exp)
+        self.rotations = 0
+        self.serial = 0
+        self.write()
+
+    def write(self):
+        self.serial += 1
+        iat = self.clock.t
+        content = f"sim.projected-token.{self.serial}"
+        self.tokens[content] = (iat, iat + self.expiration_seconds)
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write(content)
+        self.current = content
+
+    def next_rotation(self):
+        iat, _ = self.tokens[self.current]
+        return iat + min(0.8 * self.expiration_seconds, DAY) + self.lag
+
+    def rotate(self):
+        self.rotations += 1
+        self.write()
+
+
+class Broker:
+    """`Broker::credentials` for a projected token: verify, one STS call, max-age."""
+
+    def __init__(self, clock, kubelet, duration, latency):
+        self.clock, self.kubelet = clock, kubelet
+        self.duration, self.latency = duration, latency
+        self.calls = self.sts_calls = self.refused = 0
+
+    def call(self, authorization, at):
+        """Answers a request sent at `at`: (status, body, expiration, max_age)."""
+        self.calls += 1
+        token = self.kubelet.tokens.get(authorization)
+        if token is None or at > token[1] + LEEWAY:
+            self.refused += 1
+            return 403, None, None, None
+        self.sts_calls += 1
+        expiration = math.floor(at + self.latency / 2) + self.duration
+        answered = at + self.latency
+        max_age = max(0, int(expiration - answered) - CACHE_MARGIN)
+        body = {
+            "AccessKeyId": f"ASIASIM{self.sts_calls:09d}",
+            "SecretAccessKey": "sim-secret",
+            "Token": "sim-session",
+            "Expiration": rfc3339(expiration),
+            "AccountId": "123456789012",
+        }
+        return 200, body, expiration, max_age
+
+
+class Sidecar:
+    """`iam-broker-proxy`'s cache and policy, one broker call per miss or background refresh."""
+
+    def __init__(self, clock, broker, latency):
+        self.clock, self.broker, self.latency = clock, broker, latency
+        self.entries = {}  # sha256(authorization) -> [body, expiration, fresh_until, last_used]
+        self.tick = 0
+        self.rotation_calls = 0
+        self.background = 0
+        self.uncached = 0
+
+    def servable(self, expiration, now):
+        return expiration - now >= MIN_VALIDITY
+
+    def decide(self, entry, now):
+        _, expiration, fresh_until, _ = entry
+        if not self.servable(expiration, now):
+            return "fetch"
+        refresh_at = min(expiration - MIN_VALIDITY - REFRESH_AHEAD, fresh_until)
+        return "serve-and-refresh" if now >= refresh_at else "serve"
+
+    def admit(self, key, body, expiration, max_age, now):
+        if expiration <= now:
+            return False
+        if not self.servable(expiration, now):
+            self.uncached += 1
+            return True
+        if key not in self.entries and len(self.entries) >= CACHE_MAX_ENTRIES:
+            for old in [k for k, e in self.entries.items() if not self.servable(e[1], now)]:
+                del self.entries[old]
+            while len(self.entries) >= CACHE_MAX_ENTRIES:
+                del self.entries[min(self.entries, key=lambda k: self.entries[k][3])]
+        self.tick += 1
+        fresh_until = min(now + max_age, expiration)
+        self.entries[key] = [body, expiration, fresh_until, self.tick]
+        return True
+
+    def fetch(self, authorization, key, background):
+        """One broker call. A foreground call moves the clock by the round trip."""
+        sent = self.clock.t
+        status, body, expiration, max_age = self.broker.call(authorization, sent)
+        arrived = sent + self.latency
+        if not background:
+            self.clock.t = arrived
+        if status != 200:
+            self.entries.pop(key, None)
+            return status, None
+        if not self.admit(key, body, expiration, max_age, arrived):
+            return 502, None
+        return 200, body
+
+    def get(self, authorization):
+        now = self.clock.t
+        key = hashlib.sha256(authorization.encode()).digest()
+        self.tick += 1
+        entry = self.entries.get(key)
+        if entry is not None:
+            decision = self.decide(entry, now)
+            if decision != "fetch":
+                entry[3] = self.tick
+                if decision == "serve-and-refresh":
+                    self.background += 1
+                    self.fetch(authorization, key, background=True)
+                return 200, entry[0]
+            del self.entries[key]
+        if any(
+            k != key and self.decide(e, now) != "fetch" for k, e in self.entries.items()
+        ):
+            self.rotation_calls += 1
+        return self.fetch(authorization, key, background=False)
+
+
+class SidecarFetcher:
+    """Stands in for botocore's ContainerMetadataFetcher: the HTTP GET goes to the model."""
+
+    def __init__(self, sidecar, stats, process):
+        self.sidecar, self.stats, self.process = sidecar, stats, process
+
+    def retrieve_full_uri(self, full_uri, headers=None):
+        status, body = self.sidecar.get(headers["Authorization"])
+        self.stats.record_fetch(self.process, self.sidecar.clock.t, body)
+        if status != 200:
+            raise MetadataRetrievalError(error_msg=f"Received non 200 response {status}")
+        return body
+
+
+class Stats:
+    def __init__(self, clock):
+        self.clock = clock
+        self.fetches = 0
+        self.short_advisory = 0  # refreshed credentials with < 15 min left
+        self.short_mandatory = 0  # ... with < 10 min left
+        self.failed = 0  # fetches the sidecar answered with an error
+        self.errors = []
+
+    def record_fetch(self, process, now, body):
+        self.fetches += 1
+        if body is None:
+            self.failed += 1
+            return
+        left = datetime.datetime.strptime(body["Expiration"], "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.timezone.utc
+        ).timestamp() - now
+        if left < ADVISORY:
+            self.short_advisory += 1
+        if left < MANDATORY:
+            self.short_mandatory += 1
+
+
+class Process:
+    """A botocore process in the pod: the real ContainerProvider and RefreshableCredentials."""
+
+    def __init__(self, name, environ, sidecar, stats, clock):
+        self.name, self.clock, self.stats = name, clock, stats
+        provider = ContainerProvider(
+            environ=environ, fetcher=SidecarFetcher(sidecar, stats, name)
+        )
+        self.credentials = provider.load()
+        # botocore binds its default time_fetcher (the wall clock) at construction; the fake
+        # clock replaces it, which is what the `time_fetcher` parameter is for.
+        self.credentials._time_fetcher = clock.now_dt
+
+    def aws_call(self):
+        """What botocore's signer does before every request."""
+        try:
+            self.credentials.get_frozen_credentials()
+        except Exception as error:  # noqa: BLE001 - every failure is a finding
+            self.stats.errors.append((self.clock.t - T0, self.name, repr(error)))
+
+
+def parse_workload(text):
+    parts = text.split(":")
+    if parts[0] in ("service", "cli") and len(parts) == 2:
+        return parts[0], 1, float(parts[1])
+    if parts[0] == "workers" and len(parts) == 3:
+        return "workers", int(parts[1]), float(parts[2])
+    raise argparse.ArgumentTypeError(f"unknown workload {text!r}")
+
+
+def describe(workload):
+    kind, count, interval = workload
+    every = f"{interval:g} s"
+    if kind == "service":
+        return f"1 process, a call every {every}"
+    if kind == "workers":
+        return f"{count} processes, each a call every {every}"
+    return f"a new process (CLI) every {every}"
+
+
+def simulate(duration, workload, hours, latency, kubelet_lag, token_expiration, rotate=True):
+    """One pod for `hours`; with `rotate=False` the token file is never rewritten (and the token
+    never expires): the counterfactual that tells what the rotations added."""
+    kind, count, interval = workload
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "token")
+        kubelet = Kubelet(clock, path, token_expiration if rotate else 10 * hours * 3600, kubelet_lag)
+        broker = Broker(clock, kubelet, duration, latency)
+        sidecar = Sidecar(clock, broker, latency)
+        stats = Stats(clock)
+        environ = {
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://127.0.0.1:53080/?role=sim",
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": path,
+        }
+        end = T0 + hours * 3600
+        # Events: (time, order, kind, index). kubelet goes first at equal times.
+        events = [(kubelet.next_rotation(), 0, "rotate", 0)] if rotate else []
+        processes = []
+        if kind == "cli":
+            events.append((T0, 1, "cli", 0))
+        else:
+            for i in range(count):
+                events.append((T0 + 7 * i, 1, "start", i))
+        heapq.heapify(events)
+        while events:
+            at, order, what, index = heapq.heappop(events)
+            if at >= end:
+                break
+            clock.t = max(clock.t, at)
+            if what == "rotate":
+                kubelet.rotate()
+                heapq.heappush(events, (kubelet.next_rotation(), 0, "rotate", 0))
+            elif what == "start":
+                processes.append(Process(f"p{index}", environ, sidecar, stats, clock))
+                heapq.heappush(events, (at + interval, 1, "call", len(processes) - 1))
+            elif what == "call":
+                processes[index].aws_call()
+                heapq.heappush(events, (at + interval, 1, "call", index))
+            else:  # cli: a fresh process makes one call and exits
+                try:
+                    Process("cli", environ, sidecar, stats, clock).aws_call()
+                except Exception as error:  # noqa: BLE001
+                    stats.errors.append((clock.t - T0, "cli", repr(error)))
+                heapq.heappush(events, (at + interval, 1, "cli", 0))
+    return {
+        "broker": broker.calls,
+        "sts": broker.sts_calls,
+        "refused": broker.refused,
+        "rotation": sidecar.rotation_calls,
+        "background": sidecar.background,
+        "uncached": sidecar.uncached,
+        "fetches": stats.fetches,
+        "short_advisory": stats.short_advisory,
+        "short_mandatory": stats.short_mandatory,
+        "errors": stats.errors,
+        "failed": stats.failed,
+        "rotations": kubelet.rotations,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--durations", default="900,1800,2700,3600")
+    parser.add_argument(
+        "--workloads",
+        default="service:1,service:60,workers:4:1,cli:60",
+        help="comma-separated: service:N, workers:K:N, cli:N (N seconds between calls)",
+    )
+    parser.add_argument("--hours", type=float, default=24)
+    parser.add_argument("--latency", type=float, default=0.1, help="sidecar-broker-STS round trip, s")
+    parser.add_argument("--kubelet-lag", type=float, default=0.0)
+    parser.add_argument("--token-expiration", type=int, default=TOKEN_EXPIRATION)
+    args = parser.parse_args()
+    durations = [int(d) for d in args.durations.split(",")]
+    workloads = [parse_workload(w) for w in args.workloads.split(",")]
+
+    print(
+        f"botocore {botocore.__version__}: advisory refresh {ADVISORY} s, mandatory {MANDATORY} s "
+        f"before expiry. Sidecar: min validity {MIN_VALIDITY} s, refresh ahead {REFRESH_AHEAD} s, "
+        f"{CACHE_MAX_ENTRIES} entries. Broker: max-age = expiry - {CACHE_MARGIN} s, token leeway "
+        f"{LEEWAY} s. Token expirationSeconds {args.token_expiration} (file rewritten every "
+        f"{min(0.8 * args.token_expiration, DAY) + args.kubelet_lag:g} s). {args.hours:g} h "
+        f"simulated, {args.latency:g} s per broker round trip."
+    )
+    print()
+    print(
+        "| CREDENTIAL_DURATION_SECONDS | workload | broker calls / pod-hour | STS calls / pod-hour "
+        "| of which after a token rotation | added by rotation (vs. never rotated) "
+        "| token rotations / h | SDK fetches / h "
+        "| answers with < 15 min left (uncached) | with < 10 min left | botocore errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    notes = []
+    for workload in workloads:
+        for duration in durations:
+            r = simulate(
+                duration, workload, args.hours, args.latency, args.kubelet_lag, args.token_expiration
+            )
+            still = simulate(
+                duration,
+                workload,
+                args.hours,
+                args.latency,
+                args.kubelet_lag,
+                args.token_expiration,
+                rotate=False,
+            )
+            per_hour = lambda n: f"{n / args.hours:.2f}"  # noqa: E731
+            print(
+                f"| {duration} | {describe(workload)} | {per_hour(r['broker'])} | {per_hour(r['sts'])} "
+                f"| {per_hour(r['rotation'])} | {(r['sts'] - still['sts']) / args.hours:+.2f} "
+                f"| {per_hour(r['rotations'])} | {per_hour(r['fetches'])} "
+                f"| {r['short_advisory']} ({r['uncached']}) | {r['short_mandatory']} | {len(r['errors'])} |"
+            )
+            if r["failed"]:
+                notes.append(f"{duration} s, {describe(workload)}: {r['failed']} failed SDK fetches")
+            if r["refused"]:
+                notes.append(f"{duration} s, {describe(workload)}: {r['refused']} broker refusals")
+            for at, who, error in r["errors"][:3]:
+                notes.append(f"{duration} s, {describe(workload)}: {who} at {at:.0f} s: {error}")
+    if notes:
+        print()
+        for note in notes:
+            print(f"- {note}")
+
+
+if __name__ == "__main__":
+    main()
