@@ -173,7 +173,6 @@ impl World {
     }
 }
 
-
 #[tokio::test]
 async fn aws_cli_and_rust_sdk_read_the_token_file_and_follow_its_rotation() {
     let w = world().await;
@@ -190,13 +189,19 @@ async fn aws_cli_and_rust_sdk_read_the_token_file_and_follow_its_rotation() {
     assert!(arn.ends_with("team-a.app.web-1"), "{arn}");
     // The AWS SDK for Rust too.
     let whoami = binary("sdk-whoami").unwrap();
-    assert!(w.arn(&run(&whoami, &env, &[]).await.unwrap()).starts_with(ASSUMED));
+    assert!(
+        w.arn(&run(&whoami, &env, &[]).await.unwrap())
+            .starts_with(ASSUMED)
+    );
 
     // kubelet rotates the file: the next fetch sends the new token, nothing restarts.
     let before = w.server.log().matches("credentials served").count();
     let rotated = file.refresh(&w.east, &pod).await.unwrap();
     assert_eq!(std::fs::read_to_string(file.path()).unwrap(), rotated);
-    assert!(w.arn(&run(&aws_cli(), &env, &args).await.unwrap()).starts_with(ASSUMED));
+    assert!(
+        w.arn(&run(&aws_cli(), &env, &args).await.unwrap())
+            .starts_with(ASSUMED)
+    );
     assert_eq!(
         w.server.log().matches("credentials served").count(),
         before + 1,
@@ -208,7 +213,10 @@ async fn aws_cli_and_rust_sdk_read_the_token_file_and_follow_its_rotation() {
     w.east.rotate_signing_key().unwrap();
     register(&w.registry, "east", &w.east).await;
     file.refresh(&w.east, &pod).await.unwrap();
-    assert!(w.arn(&run(&whoami, &env, &[]).await.unwrap()).starts_with(ASSUMED));
+    assert!(
+        w.arn(&run(&whoami, &env, &[]).await.unwrap())
+            .starts_with(ASSUMED)
+    );
 
     // Nothing logged a token.
     let (proxy_log, server_log) = (proxy.stop().await, w.server.log());

@@ -74,7 +74,6 @@ impl World {
     }
 }
 
-
 #[tokio::test]
 async fn aws_cli_gets_the_assumed_role_through_the_proxy() {
     // GIVEN an allowed token, the broker and the sidecar proxy
