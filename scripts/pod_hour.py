@@ -76,6 +76,7 @@ def rust_const(path, name):
 MIN_VALIDITY = rust_const("crates/proxy/src/config.rs", "DEFAULT_MIN_VALIDITY_SECONDS")
 REFRESH_AHEAD = rust_const("crates/proxy/src/config.rs", "DEFAULT_REFRESH_AHEAD_SECONDS")
 CACHE_MAX_ENTRIES = rust_const("crates/proxy/src/config.rs", "DEFAULT_CACHE_MAX_ENTRIES")
+MIN_VALIDITY_FLOOR = rust_const("crates/proxy/src/policy.rs", "MIN_VALIDITY_FLOOR")
 CACHE_MARGIN = rust_const("crates/core/src/credentials.rs", "CACHE_MARGIN_SECONDS")
 LEEWAY = rust_const("crates/core/src/config.rs", "PROJECTED_TOKEN_LEEWAY")
 TOKEN_EXPIRATION = rust_const(
@@ -162,36 +163,46 @@ class Sidecar:
 
     def __init__(self, clock, broker, latency):
         self.clock, self.broker, self.latency = clock, broker, latency
-        self.entries = {}  # sha256(authorization) -> [body, expiration, fresh_until, last_used]
+        # sha256(authorization) -> [body, expiration, fresh_until, last_used, window]
+        self.entries = {}
         self.tick = 0
         self.rotation_calls = 0
         self.background = 0
         self.uncached = 0
 
-    def servable(self, expiration, now):
-        return expiration - now >= MIN_VALIDITY
+    @staticmethod
+    def window(lifetime):
+        """`Policy::window`: min validity and refresh-ahead, shrunk for short lifetimes."""
+        min_validity = min(MIN_VALIDITY, max(lifetime / 3, MIN_VALIDITY_FLOOR))
+        return min_validity, min(REFRESH_AHEAD, lifetime / 6)
+
+    @staticmethod
+    def servable(expiration, window, now):
+        return expiration - now >= window[0]
 
     def decide(self, entry, now):
-        _, expiration, fresh_until, _ = entry
-        if not self.servable(expiration, now):
+        _, expiration, fresh_until, _, window = entry
+        if not self.servable(expiration, window, now):
             return "fetch"
-        refresh_at = min(expiration - MIN_VALIDITY - REFRESH_AHEAD, fresh_until)
+        refresh_at = min(expiration - window[0] - window[1], fresh_until)
         return "serve-and-refresh" if now >= refresh_at else "serve"
 
     def admit(self, key, body, expiration, max_age, now):
         if expiration <= now:
             return False
-        if not self.servable(expiration, now):
+        window = self.window(expiration - now)
+        if not self.servable(expiration, window, now):
             self.uncached += 1
             return True
         if key not in self.entries and len(self.entries) >= CACHE_MAX_ENTRIES:
-            for old in [k for k, e in self.entries.items() if not self.servable(e[1], now)]:
+            stale = [k for k, e in self.entries.items() if not self.servable(e[1], e[4], now)]
+            for old in stale:
                 del self.entries[old]
             while len(self.entries) >= CACHE_MAX_ENTRIES:
                 del self.entries[min(self.entries, key=lambda k: self.entries[k][3])]
         self.tick += 1
         fresh_until = min(now + max_age, expiration)
-        self.entries[key] = [body, expiration, fresh_until, self.tick]
+        self.entries[key] = [body, expiration, fresh_until, self.tick, window]
         return True
 
     def fetch(self, authorization, key, background):

@@ -17,7 +17,7 @@
 //! | [`record::stream_event`] | an Authorizations stream batch → `stream::removed_records` | only whole `REMOVE`s become removals, every record is counted once |
 //! | [`sidecar::proxy_request`] | up to four requests (method, path, `Authorization`) to a real sidecar (`iam_broker_proxy::serve`) on loopback, in front of a stand-in broker whose answer (status, `Cache-Control`, `Retry-After`, body, `Expiration`) comes from the bytes | every answer is JSON with a `Cache-Control`; errors are `no-store`; non-`GET` is `405` with `Allow: GET`; no token is `401` without a broker call; credentials served are only ever ones the broker gave that very token, never expired, with a `max-age` that never promises past the expiry |
 //! | [`jwt::projected_token`] | a token → `cluster::identify` against two registered clusters of one issuer (any string; a signed token with one byte changed; claims from the bytes signed by a registered key) | nothing unsigned is accepted; a changed token is never anyone but the original; an accepted identity is exactly its signed claims, with audience, times, `sub` and pod binding as documented |
-//! | [`proxy::cache_policy`] | a sequence of broker answers, requests and failures → `policy::Policy` | nothing is served below min validity (so never past expiry); freshness never outlives the expiry or `max-age`; backoff stays within 1 s ..= 60 s |
+//! | [`proxy::cache_policy`] | a sequence of broker answers, requests and failures → `policy::Policy` | nothing is served below the entry's min validity, which is the configured one or a third of a shorter lifetime, never under 60 s (so never past expiry); freshness never outlives the expiry or `max-age`; backoff stays within 1 s ..= 60 s |
 #![forbid(unsafe_code)]
 
 pub mod admission;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use arbitrary::{Result, Unstructured};
 use iam_broker_core::credentials::cache_max_age;
 use iam_broker_proxy::policy::{
-    EntryTimes, OnAnswer, OnHit, Policy, RETRY_BASE, RETRY_MAX, retry_delay,
+    EntryTimes, MIN_VALIDITY_FLOOR, OnAnswer, OnHit, Policy, RETRY_BASE, RETRY_MAX, retry_delay,
 };
 use time::OffsetDateTime;
 
@@ -69,12 +69,17 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 let no_store = u.ratio(1u8, 8u8)?;
                 let verdict = policy.admit(expiration, max_age, no_store, now);
                 check_answer(&policy, expiration, max_age, no_store, now, verdict);
-                if let OnAnswer::Cache { fresh_until } = verdict {
+                if let OnAnswer::Cache {
+                    fresh_until,
+                    window,
+                } = verdict
+                {
                     entry = Some((
                         EntryTimes {
                             expiration,
                             fresh_until,
                             retry_at: None,
+                            window,
                         },
                         0,
                     ));
@@ -126,15 +131,26 @@ fn check_answer(
     verdict: OnAnswer,
 ) {
     let left = expiration - now;
+    // The documented window: the configured min validity, shrunk to a third of the lifetime but
+    // never below the floor (unless configured lower).
+    let lifetime = std::time::Duration::try_from(left).unwrap_or_default();
+    let min_validity = policy
+        .min_validity
+        .min((lifetime / 3).max(MIN_VALIDITY_FLOOR));
     match verdict {
         OnAnswer::Reject => assert!(expiration <= now, "rejected with {left} left"),
         OnAnswer::ServeOnce => {
             assert!(expiration > now, "expired credentials served");
-            assert!(no_store || left < span(policy.min_validity));
+            assert!(no_store || left < span(min_validity));
         }
-        OnAnswer::Cache { fresh_until } => {
+        OnAnswer::Cache {
+            fresh_until,
+            window,
+        } => {
             assert!(!no_store, "no-store answer cached");
-            assert!(left >= span(policy.min_validity), "cached with {left} left");
+            assert_eq!(window.min_validity, min_validity);
+            assert!(window.refresh_ahead <= policy.refresh_ahead);
+            assert!(left >= span(window.min_validity), "cached with {left} left");
             assert!(fresh_until <= expiration, "fresh past the expiry");
             assert!(fresh_until >= now);
             let bound = max_age
@@ -149,12 +165,14 @@ fn check_answer(
 
 fn check_hit(policy: &Policy, times: &EntryTimes, now: OffsetDateTime, hit: OnHit) {
     let left = times.expiration - now;
+    let min_validity = times.window.min_validity;
+    assert!(min_validity >= policy.min_validity.min(MIN_VALIDITY_FLOOR));
     match hit {
-        OnHit::Fetch => assert!(left < span(policy.min_validity)),
+        OnHit::Fetch => assert!(left < span(min_validity)),
         OnHit::Serve | OnHit::ServeAndRefresh => {
-            // Never served below min validity, hence never past expiry.
-            assert!(left >= span(policy.min_validity), "served with {left} left");
-            assert!(times.expiration > now || policy.min_validity.is_zero());
+            // Never served below the entry's min validity, hence never past expiry.
+            assert!(left >= span(min_validity), "served with {left} left");
+            assert!(times.expiration > now || min_validity.is_zero());
             let refresh =
                 now >= policy.refresh_at(times) && times.retry_at.is_none_or(|at| now >= at);
             assert_eq!(hit == OnHit::ServeAndRefresh, refresh);

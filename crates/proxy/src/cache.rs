@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::answer::{Answer, ProxyError};
 use crate::broker::{BrokerCallError, BrokerClient, BrokerReply};
 use crate::clock::Clock;
-use crate::policy::{EntryTimes, OnAnswer, OnHit, Policy};
+use crate::policy::{EntryTimes, OnAnswer, OnHit, Policy, Window};
 
 /// SHA-256 of an `Authorization` header value: the cache key. Two requests share an entry only
 /// if they sent byte-identical headers.
@@ -76,6 +76,8 @@ struct Entry {
     /// Failed refreshes in a row.
     failures: u32,
     retry_at: Option<OffsetDateTime>,
+    /// Its min validity and refresh-ahead, fixed when cached.
+    window: Window,
     /// When the entry was last used, on the cache's own counter (for LRU eviction).
     last_used: u64,
 }
@@ -86,6 +88,7 @@ impl Entry {
             expiration: self.expiration,
             fresh_until: self.fresh_until,
             retry_at: self.retry_at,
+            window: self.window,
         }
     }
 
@@ -236,7 +239,10 @@ impl Cache {
             }) => {
                 let expires_in_s = (expiration - now).whole_seconds();
                 match self.policy.admit(expiration, max_age, no_store, now) {
-                    OnAnswer::Cache { fresh_until } => {
+                    OnAnswer::Cache {
+                        fresh_until,
+                        window,
+                    } => {
                         info!(%token_hash, expires_in_s, latency_ms, "credentials cached");
                         self.make_room(state, key, now);
                         state.tick += 1;
@@ -248,6 +254,7 @@ impl Cache {
                                 fresh_until,
                                 failures: 0,
                                 retry_at: None,
+                                window,
                                 last_used: state.tick,
                             },
                         );
@@ -318,10 +325,7 @@ impl Cache {
         if state.entries.contains_key(&key) || state.entries.len() < self.max_entries {
             return;
         }
-        let policy = self.policy;
-        state
-            .entries
-            .retain(|_, entry| policy.servable(entry.expiration, now));
+        state.entries.retain(|_, entry| entry.times().servable(now));
         while state.entries.len() >= self.max_entries {
             let oldest = state
                 .entries

@@ -11,7 +11,9 @@ use iam_broker_core::env::{self, Vars};
 pub const ENV_BROKER_URL: &str = "BROKER_URL";
 /// `LISTEN_ADDR`: loopback address the sidecar listens on.
 pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
-/// `MIN_VALIDITY_SECONDS`: the least validity left on any credential the sidecar serves.
+/// `MIN_VALIDITY_SECONDS`: the least validity left on any credential the sidecar serves; for
+/// credentials that live less than three times as long, a third of their lifetime (never under
+/// a minute; see `policy::Policy::window`).
 pub const ENV_MIN_VALIDITY_SECONDS: &str = "MIN_VALIDITY_SECONDS";
 /// `REFRESH_AHEAD_SECONDS`: how long before the min-validity point a background refresh starts.
 pub const ENV_REFRESH_AHEAD_SECONDS: &str = "REFRESH_AHEAD_SECONDS";

@@ -48,7 +48,7 @@ Usage: iam-broker-proxy [--help | --version]
 Configured by environment variables only:
   {ENV_BROKER_URL:<22} the broker's credentials URL, http:// or https:// (required)
   {ENV_LISTEN_ADDR:<22} loopback address to listen on (default {DEFAULT_LISTEN_ADDR})
-  {ENV_MIN_VALIDITY_SECONDS:<22} least validity left on any credential served, 60..=3300 (default {DEFAULT_MIN_VALIDITY_SECONDS})
+  {ENV_MIN_VALIDITY_SECONDS:<22} least validity left on any credential served (a third of a shorter lifetime), 60..=3300 (default {DEFAULT_MIN_VALIDITY_SECONDS})
   {ENV_REFRESH_AHEAD_SECONDS:<22} seconds before that point a background refresh starts, 0..=3300 (default {DEFAULT_REFRESH_AHEAD_SECONDS})
   {ENV_BROKER_TIMEOUT_MS:<22} deadline of one broker call in ms, 50..=60000 (default {DEFAULT_BROKER_TIMEOUT_MS})
   {ENV_CACHE_MAX_ENTRIES:<22} most tokens cached at once, 1..=100000 (default {DEFAULT_CACHE_MAX_ENTRIES})

@@ -3,11 +3,13 @@
 //! after failed refreshes. Nothing here reads a clock; callers pass `now`.
 //!
 //! The rules (DESIGN.md, "The sidecar proxy's promises"):
-//! - **Servable** means at least `min_validity` is left before `Expiration`. Nothing else is ever
-//!   served from the cache, so expired credentials never are.
+//! - **Servable** means at least the entry's min validity is left before `Expiration`: the
+//!   configured `min_validity`, or a third of the credentials' lifetime when that is shorter
+//!   (see [`Policy::window`]). Nothing else is ever served from the cache, so expired
+//!   credentials never are.
 //! - **Fresh** ends at the earlier of the broker's `Cache-Control: max-age` (an upper bound,
 //!   counted from when the answer arrived) and the refresh-ahead point,
-//!   `Expiration - min_validity - refresh_ahead`. A servable entry past that point is still
+//!   `Expiration - min_validity - refresh_ahead` (both of the entry's window). A servable entry past that point is still
 //!   served at once, and one background refresh starts (refresh-ahead, stale-while-valid).
 //! - After a failed refresh, the next one waits [`retry_delay`] (exponential backoff), while the
 //!   entry keeps being served as long as it is servable.
@@ -28,11 +30,25 @@ use time::OffsetDateTime;
 pub const RETRY_BASE: Duration = Duration::from_secs(1);
 /// The longest wait between refresh attempts.
 pub const RETRY_MAX: Duration = Duration::from_secs(60);
+/// The least validity a window ever asks for (unless `min_validity` itself is smaller): a
+/// credential is never cached to be served with seconds to live, which a request in flight could
+/// outlast.
+pub const MIN_VALIDITY_FLOOR: Duration = Duration::from_secs(60);
 
 /// The timing knobs of the cache, from [`crate::ProxyConfig`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     /// The least validity left on anything served from the cache.
+    pub min_validity: Duration,
+    /// How long before the min-validity point a background refresh starts.
+    pub refresh_ahead: Duration,
+}
+
+/// The timing knobs that apply to one cached credential: [`Policy`]'s, shrunk for short-lived
+/// credentials (see [`Policy::window`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The least validity left on anything served from this entry.
     pub min_validity: Duration,
     /// How long before the min-validity point a background refresh starts.
     pub refresh_ahead: Duration,
@@ -47,6 +63,15 @@ pub struct EntryTimes {
     pub fresh_until: OffsetDateTime,
     /// After failed refreshes: no new refresh before this instant.
     pub retry_at: Option<OffsetDateTime>,
+    /// The entry's window, fixed when it was cached.
+    pub window: Window,
+}
+
+impl EntryTimes {
+    /// Whether the entry may be served at `now`: at least its min validity left.
+    pub fn servable(&self, now: OffsetDateTime) -> bool {
+        self.expiration - now >= span(self.window.min_validity)
+    }
 }
 
 /// What to do with a request that finds a cached entry.
@@ -67,6 +92,8 @@ pub enum OnAnswer {
     Cache {
         /// End of freshness.
         fresh_until: OffsetDateTime,
+        /// The entry's window.
+        window: Window,
     },
     /// Serve them to the callers waiting for this broker call, but do not cache them: they
     /// already have less than `min_validity` left (or the broker said `no-store`). They are the
@@ -78,24 +105,37 @@ pub enum OnAnswer {
 }
 
 impl Policy {
-    /// Whether credentials expiring at `expiration` may be served at `now`.
-    pub fn servable(&self, expiration: OffsetDateTime, now: OffsetDateTime) -> bool {
-        expiration - now >= span(self.min_validity)
+    /// The window of credentials that have `lifetime` left when the broker returns them:
+    /// `min_validity` and `refresh_ahead` as configured, each capped (to a third and a sixth of
+    /// the lifetime) so that short-lived credentials are cached too. With the defaults (900 s and
+    /// 300 s) one-hour credentials keep 900 s / 300 s, while STS's shortest, 900 s, get 300 s /
+    /// 150 s: cached for ten minutes and refreshed ahead after about seven, instead of never
+    /// cached and fetched from the broker (an STS call) on every SDK request. An SDK that wants
+    /// more left than the entry has (botocore refreshes 15 minutes ahead) comes back on its next
+    /// call and is served from the cache: a loopback round trip, not an STS call.
+    /// Credentials with less than [`MIN_VALIDITY_FLOOR`] to live are not cached at all.
+    pub fn window(&self, lifetime: Duration) -> Window {
+        Window {
+            min_validity: self
+                .min_validity
+                .min((lifetime / 3).max(MIN_VALIDITY_FLOOR)),
+            refresh_ahead: self.refresh_ahead.min(lifetime / 6),
+        }
     }
 
     /// The instant from which a request should start a background refresh.
     pub fn refresh_at(&self, times: &EntryTimes) -> OffsetDateTime {
         let ahead = times
             .expiration
-            .checked_sub(span(self.min_validity))
-            .and_then(|t| t.checked_sub(span(self.refresh_ahead)))
+            .checked_sub(span(times.window.min_validity))
+            .and_then(|t| t.checked_sub(span(times.window.refresh_ahead)))
             .unwrap_or(OffsetDateTime::UNIX_EPOCH);
         ahead.min(times.fresh_until)
     }
 
     /// Decides how to answer a request that finds `times` in the cache at `now`.
     pub fn decide(&self, times: &EntryTimes, now: OffsetDateTime) -> OnHit {
-        if !self.servable(times.expiration, now) {
+        if !times.servable(now) {
             OnHit::Fetch
         } else if now >= self.refresh_at(times) && times.retry_at.is_none_or(|at| now >= at) {
             OnHit::ServeAndRefresh
@@ -114,9 +154,11 @@ impl Policy {
         no_store: bool,
         now: OffsetDateTime,
     ) -> OnAnswer {
+        let lifetime = Duration::try_from(expiration - now).unwrap_or(Duration::ZERO);
+        let window = self.window(lifetime);
         if expiration <= now {
             OnAnswer::Reject
-        } else if no_store || !self.servable(expiration, now) {
+        } else if no_store || lifetime < window.min_validity {
             OnAnswer::ServeOnce
         } else {
             let bound = max_age
@@ -125,6 +167,7 @@ impl Policy {
                 .unwrap_or(expiration);
             OnAnswer::Cache {
                 fresh_until: bound.min(expiration),
+                window,
             }
         }
     }
@@ -166,31 +209,68 @@ mod tests {
     /// (expiry minus five minutes).
     fn one_hour_entry() -> EntryTimes {
         let expiration = T0 + time::Duration::hours(1);
-        let OnAnswer::Cache { fresh_until } = POLICY.admit(expiration, Some(3300), false, T0)
+        let OnAnswer::Cache {
+            fresh_until,
+            window,
+        } = POLICY.admit(expiration, Some(3300), false, T0)
         else {
             panic!("one-hour credentials must be cached");
         };
+        assert_eq!(window, POLICY.window(secs(3600)));
         EntryTimes {
             expiration,
             fresh_until,
             retry_at: None,
+            window,
         }
     }
 
     #[test]
     fn servable_means_at_least_min_validity_left() {
-        let expiration = T0 + time::Duration::minutes(30);
-        let clock = ManualClock::new(T0);
-        assert!(POLICY.servable(expiration, clock.now()));
-        clock.advance(secs(15 * 60));
-        assert!(
-            POLICY.servable(expiration, clock.now()),
-            "exactly 15 minutes left"
+        let entry = EntryTimes {
+            expiration: T0 + time::Duration::minutes(30),
+            fresh_until: T0,
+            retry_at: None,
+            window: POLICY.window(secs(1800)),
+        };
+        assert_eq!(
+            entry.window.min_validity,
+            secs(600),
+            "a third of 30 minutes"
         );
+        let clock = ManualClock::new(T0);
+        assert!(entry.servable(clock.now()));
+        clock.advance(secs(20 * 60));
+        assert!(entry.servable(clock.now()), "exactly 10 minutes left");
         clock.advance(secs(1));
-        assert!(!POLICY.servable(expiration, clock.now()));
+        assert!(!entry.servable(clock.now()));
         clock.advance(secs(3600));
-        assert!(!POLICY.servable(expiration, clock.now()), "expired");
+        assert!(!entry.servable(clock.now()), "expired");
+    }
+
+    #[test]
+    fn windows_shrink_for_short_lived_credentials_only() {
+        // One hour or more: as configured.
+        for lifetime in [3600, 3599, 2700, 43_200] {
+            let window = POLICY.window(secs(lifetime));
+            assert_eq!(window.min_validity, secs(900), "{lifetime}");
+            assert_eq!(window.refresh_ahead, secs(300), "{lifetime}");
+        }
+        // STS's shortest: a third and a sixth.
+        assert_eq!(
+            POLICY.window(secs(900)),
+            Window {
+                min_validity: secs(300),
+                refresh_ahead: secs(150)
+            }
+        );
+        // Never below the floor, unless configured lower.
+        assert_eq!(POLICY.window(secs(90)).min_validity, MIN_VALIDITY_FLOOR);
+        let low = Policy {
+            min_validity: secs(30),
+            refresh_ahead: secs(10),
+        };
+        assert_eq!(low.window(secs(900)).min_validity, secs(30));
     }
 
     #[test]
@@ -218,7 +298,11 @@ mod tests {
     #[test]
     fn the_brokers_max_age_bounds_freshness() {
         let expiration = T0 + time::Duration::hours(1);
-        let OnAnswer::Cache { fresh_until } = POLICY.admit(expiration, Some(60), false, T0) else {
+        let OnAnswer::Cache {
+            fresh_until,
+            window,
+        } = POLICY.admit(expiration, Some(60), false, T0)
+        else {
             panic!("must be cached");
         };
         assert_eq!(fresh_until, T0 + time::Duration::seconds(60));
@@ -226,6 +310,7 @@ mod tests {
             expiration,
             fresh_until,
             retry_at: None,
+            window,
         };
         assert_eq!(
             POLICY.decide(&entry, T0 + time::Duration::seconds(59)),
@@ -244,7 +329,8 @@ mod tests {
             assert_eq!(
                 POLICY.admit(expiration, max_age, false, T0),
                 OnAnswer::Cache {
-                    fresh_until: expiration
+                    fresh_until: expiration,
+                    window: POLICY.window(secs(3600)),
                 },
                 "{max_age:?}"
             );
@@ -254,17 +340,25 @@ mod tests {
             expiration,
             fresh_until: expiration,
             retry_at: None,
+            window: POLICY.window(secs(3600)),
         };
         assert_eq!(POLICY.refresh_at(&entry), T0 + time::Duration::minutes(40));
     }
 
     #[test]
-    fn short_lived_answers_are_served_once_and_expired_ones_never() {
+    fn short_lived_answers_are_cached_for_a_shorter_window_and_expired_ones_never_served() {
         let now = T0;
         let admit =
             |left: i64| POLICY.admit(now + time::Duration::seconds(left), Some(0), false, now);
         assert!(matches!(admit(900), OnAnswer::Cache { .. }));
-        assert_eq!(admit(899), OnAnswer::ServeOnce);
+        // STS's 900 s arrive with a little less: cached, not served once (the call storm of
+        // issue 12: every SDK request went to the broker and STS).
+        assert!(matches!(
+            admit(899),
+            OnAnswer::Cache { window, .. } if window.min_validity == secs(899) / 3
+        ));
+        assert!(matches!(admit(60), OnAnswer::Cache { .. }));
+        assert_eq!(admit(59), OnAnswer::ServeOnce, "below the floor");
         assert_eq!(admit(1), OnAnswer::ServeOnce);
         assert_eq!(admit(0), OnAnswer::Reject);
         assert_eq!(admit(-60), OnAnswer::Reject);
@@ -313,7 +407,21 @@ mod tests {
             refresh_ahead: Duration::ZERO,
             ..POLICY
         };
-        let entry = one_hour_entry();
+        let expiration = T0 + time::Duration::hours(1);
+        let OnAnswer::Cache {
+            fresh_until,
+            window,
+        } = policy.admit(expiration, None, false, T0)
+        else {
+            panic!("must be cached");
+        };
+        assert_eq!(window.refresh_ahead, Duration::ZERO);
+        let entry = EntryTimes {
+            expiration,
+            fresh_until,
+            retry_at: None,
+            window,
+        };
         assert_eq!(policy.refresh_at(&entry), T0 + time::Duration::minutes(45));
     }
 }

@@ -216,15 +216,28 @@ async fn while_the_broker_fails_valid_credentials_are_served_then_the_error_neve
 }
 
 #[tokio::test]
-async fn credentials_below_min_validity_are_served_once_and_not_cached() {
+async fn short_lived_credentials_are_cached_for_a_third_of_their_life() {
+    // STS's shortest credentials (CREDENTIAL_DURATION_SECONDS=900): before issue 12 they arrived
+    // below the 15-minute min validity, were never cached, and every SDK request (botocore asks
+    // at every call when under 15 minutes are left) became a broker call and an STS call.
     let h = Harness::start(&[]).await;
-    h.broker.set_validity(time::Duration::minutes(10));
+    h.broker.set_validity(time::Duration::minutes(15));
     let first = h.get(Some(TOKEN_A)).await;
-    assert_eq!(first.seconds_left(T0), 600);
-    assert_eq!(
-        first.header("cache-control").as_deref(),
-        Some("max-age=300")
-    );
+    assert_eq!(first.seconds_left(T0), 900);
+    assert_eq!(h.proxy.stats().entries, 1);
+    for _ in 0..20 {
+        let again = h.get(Some(TOKEN_A)).await;
+        assert_eq!(again.access_key_id(), first.access_key_id());
+    }
+    assert_eq!(h.broker.calls(), 1, "20 requests, one broker call");
+}
+
+#[tokio::test]
+async fn credentials_with_under_a_minute_left_are_served_once_and_not_cached() {
+    let h = Harness::start(&[]).await;
+    h.broker.set_validity(time::Duration::seconds(50));
+    let first = h.get(Some(TOKEN_A)).await;
+    assert_eq!(first.seconds_left(T0), 50);
     assert_eq!(h.proxy.stats().entries, 0);
     let second = h.get(Some(TOKEN_A)).await;
     assert_ne!(second.access_key_id(), first.access_key_id());
