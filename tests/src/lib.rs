@@ -239,6 +239,11 @@ impl Env {
         Self::default()
     }
 
+    /// The variables, in the order they were set.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// Sets (or replaces) a variable.
     pub fn set(mut self, name: &str, value: impl AsRef<str>) -> Self {
         self.0.retain(|(n, _)| n != name);

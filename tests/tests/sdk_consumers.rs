@@ -22,11 +22,19 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(Env::new()).await
+}
+
+/// [`world`] with extra broker settings.
+async fn world_with(extra: Env) -> World {
     let moto = Moto::start().await.unwrap();
     let tables = Tables::create(&moto.sdk_config().await, "sdk")
         .await
         .unwrap();
-    let env = moto.env().tables(&tables);
+    let mut env = moto.env().tables(&tables);
+    for (name, value) in extra.pairs() {
+        env = env.set(name, value);
+    }
     allow(&env, "team-a", "app", ROLE).await.unwrap();
     let token = mint_token(&env, "team-a", "app", ROLE).await.unwrap();
     let server = Server::start(&env).await.unwrap();
@@ -191,4 +199,33 @@ async fn in_cluster_broker_over_https_with_a_private_ca() {
     assert!(!refused.success);
     let log = untrusting.stop().await;
     assert!(log.contains("broker call failed"), "{log}");
+}
+
+#[tokio::test]
+async fn fifteen_minute_credentials_do_not_send_every_boto3_call_to_sts() {
+    // CREDENTIAL_DURATION_SECONDS=900, STS's shortest: botocore, seeing under 15 minutes left,
+    // refreshes before every call. Before issue 12 the sidecar never cached such credentials and
+    // each of those refreshes became a broker call and an AssumeRole (20 calls: 21).
+    let w = world_with(Env::new().set("CREDENTIAL_DURATION_SECONDS", "900")).await;
+    let python = iam_broker_tests::workspace_root().join(".venv/bin/python");
+    let script = r#"
+import boto3
+sts = boto3.client("sts")
+arns = {sts.get_caller_identity()["Arn"] for _ in range(20)}
+print(len(arns), sorted(arns)[0])
+"#;
+    let out = run(&python, &w.app_env(false), &["-c", script])
+        .await
+        .unwrap();
+    assert!(out.success, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .starts_with("1 arn:aws:sts::123456789012:assumed-role/s3_reader/")
+    );
+    let served = w.server.log().matches("credentials served").count();
+    assert_eq!(
+        served, 1,
+        "20 boto3 calls, one broker call (one AssumeRole)"
+    );
+    w.assert_logs_clean(&[&out]).await;
 }
