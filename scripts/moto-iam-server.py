@@ -32,7 +32,12 @@ from moto.ssm.responses import SimpleSystemManagerResponse
 
 
 def _dynamodb_resource(self):
-    table = (self.body or {}).get("TableName") if isinstance(self.body, dict) else None
+    body = self.body if isinstance(self.body, dict) else {}
+    table = body.get("TableName")
+    if not table and isinstance(body.get("RequestItems"), dict) and len(body["RequestItems"]) == 1:
+        # BatchGetItem / BatchWriteItem of one table: authorized against that table, as IAM does
+        # (a batch over several tables would need each; iam-broker never sends one).
+        table = next(iter(body["RequestItems"]))
     if not table:
         return "*"
     return f"arn:aws:dynamodb:{self.region}:{self.current_account}:table/{table}"

@@ -36,6 +36,39 @@ async fn stores() -> (
 }
 
 #[tokio::test]
+async fn a_subjects_two_rows_come_back_from_one_batch_read() {
+    let (_moto, _client, _tables, store, _) = stores().await;
+    let app = Subject::service_account("ns", "app").unwrap();
+    assert_eq!(store.rows_for(&app).await.unwrap(), [None, None]);
+
+    store.allow(&app.wildcard(), B, None).await.unwrap();
+    let [exact, wide] = store.rows_for(&app).await.unwrap();
+    assert_eq!(exact, None);
+    assert_eq!(wide.unwrap().subject.service_account, "*");
+
+    store.allow(&app, A, Some("ext-1")).await.unwrap();
+    let [exact, wide] = store.rows_for(&app).await.unwrap();
+    let exact = exact.unwrap();
+    assert_eq!(exact.subject, app);
+    assert_eq!(exact.external_ids.get(A).map(String::as_str), Some("ext-1"));
+    assert!(wide.unwrap().allows(B));
+
+    // A cluster's rows are its own: the same names elsewhere read nothing.
+    let east = app.clone().in_cluster(Some(
+        iam_broker_core::cluster::ClusterName::parse("east").unwrap(),
+    ));
+    assert_eq!(store.rows_for(&east).await.unwrap(), [None, None]);
+    // Each row equals what a single read gives.
+    assert_eq!(
+        store.rows_for(&app).await.unwrap(),
+        [
+            store.allowance(&app).await.unwrap(),
+            store.allowance(&app.wildcard()).await.unwrap()
+        ]
+    );
+}
+
+#[tokio::test]
 async fn allowances_add_remove_and_list() {
     let (_moto, client, tables, store, _) = stores().await;
     let app = Subject::service_account("ns", "app").unwrap();

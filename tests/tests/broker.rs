@@ -160,15 +160,19 @@ async fn serves_ecs_credentials_that_sts_accepts_and_never_logs_secrets() {
         .unwrap();
     assert_eq!(bearer.status, 200);
 
-    // AND the record's last use slid forward
-    let record = w
-        .token_store()
-        .record(&iam_broker_core::Token::parse(&token).unwrap().hash())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(record.last_used.is_some());
-    assert!(record.expires > now.unix_timestamp() + 13 * 86_400);
+    // AND a use that would move the expiry by less than the slide step (an hour) does not
+    // write the record: a token just minted keeps its record as written
+    let store = w.token_store();
+    let hash = iam_broker_core::Token::parse(&token).unwrap().hash();
+    let record = store.record(&hash).await.unwrap().unwrap();
+    assert_eq!(record.last_used, None);
+    // AND once a use moves it a full step, the record slides forward
+    let behind = record.expires - 2 * 3600;
+    store.touch(&hash, record.created_at, behind).await.unwrap();
+    assert_eq!(server.get("/", Some(&token)).await.unwrap().status, 200);
+    let record = store.record(&hash).await.unwrap().unwrap();
+    assert!(record.last_used.is_some_and(|t| t >= now.unix_timestamp()));
+    assert!(record.expires > behind + 3600);
 
     // AND no log line holds the token or a secret
     let log = server.stop().await;

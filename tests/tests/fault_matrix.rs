@@ -267,7 +267,7 @@ fn inject(w: &World, call: Call, fault: WireFault, namespace: &str, hash: Option
             fault,
         )),
         Call::AllowancesRead => w.dynamo.inject(
-            DynamoCall::new("GetItem", &[allowances, &format!("\"{namespace}\"")]),
+            DynamoCall::new("BatchGetItem", &[allowances, &format!("\"{namespace}\"")]),
             fault,
         ),
         Call::SecretCreate => w.kube.inject(Fault::wire(Method::POST, &secrets, fault)),

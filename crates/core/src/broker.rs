@@ -236,17 +236,12 @@ impl Broker {
         }
 
         let subject = &record.subject;
-        let wildcard = subject.wildcard();
-        let (exact, namespace_wide) = futures::try_join!(
-            self.allowances.allowance(subject),
-            self.allowances.allowance(&wildcard),
-        )?;
-        let permitted = permit(&[exact, namespace_wide], Some(&record.role_arn)).map_err(|_| {
-            BrokerError::AllowanceRevoked {
+        let rows = self.allowances.rows_for(subject).await?;
+        let permitted =
+            permit(&rows, Some(&record.role_arn)).map_err(|_| BrokerError::AllowanceRevoked {
                 subject: subject.clone(),
                 role_arn: record.role_arn.to_string(),
-            }
-        })?;
+            })?;
         let context = SessionContext {
             subject,
             cluster: self.settings.cluster_name.as_ref().map(ClusterName::as_str),
@@ -254,28 +249,34 @@ impl Broker {
             pod_uid: None,
         };
         let request = self.assume_role_request(&record.role_arn, permitted.external_id, &context);
-        let expires = now
-            .unix_timestamp()
-            .saturating_add(ttl_seconds(self.settings.token_ttl));
-        // The slide and STS run together: one round trip instead of two. A record deleted
-        // meanwhile (revoked) wins: its credentials are dropped.
-        let (touched, issued) = futures::join!(
-            self.tokens.touch(&hash, now.unix_timestamp(), expires),
-            self.issuer.assume_role(&request),
-        );
-        match touched {
-            Ok(()) => {}
-            Err(StoreError::NotFound) => return Err(BrokerError::InvalidToken("revoked token")),
-            Err(error) => {
-                // Serving still beats failing: the token was valid a moment ago; only its
-                // expiry did not slide this time.
-                tracing::warn!(
-                    token_hash = hash.short(),
-                    error = %error,
-                    "could not slide the token's expiry"
-                );
+        let ttl = ttl_seconds(self.settings.token_ttl);
+        let expires = now.unix_timestamp().saturating_add(ttl);
+        let issued = if expires.saturating_sub(record.expires) >= slide_step(ttl) {
+            // The slide and STS run together: one round trip instead of two. A record deleted
+            // meanwhile (revoked) wins: its credentials are dropped.
+            let (touched, issued) = futures::join!(
+                self.tokens.touch(&hash, now.unix_timestamp(), expires),
+                self.issuer.assume_role(&request),
+            );
+            match touched {
+                Ok(()) => {}
+                Err(StoreError::NotFound) => {
+                    return Err(BrokerError::InvalidToken("revoked token"));
+                }
+                Err(error) => {
+                    // Serving still beats failing: the token was valid a moment ago; only its
+                    // expiry did not slide this time.
+                    tracing::warn!(
+                        token_hash = hash.short(),
+                        error = %error,
+                        "could not slide the token's expiry"
+                    );
+                }
             }
-        }
+            issued
+        } else {
+            self.issuer.assume_role(&request).await
+        };
         let credentials = issued.map_err(issue_error)?;
 
         Ok(BrokerAnswer {
@@ -312,25 +313,19 @@ impl Broker {
         let scope = (self.settings.cluster_name.as_ref() != Some(&pod.cluster))
             .then(|| pod.cluster.clone());
         let subject = pod.subject.clone().in_cluster(scope);
-        let wildcard = subject.wildcard();
-        let (exact, namespace_wide) = futures::try_join!(
-            self.allowances.allowance(&subject),
-            self.allowances.allowance(&wildcard),
-        )?;
-        let permitted = permit(&[exact, namespace_wide], requested.as_ref()).map_err(
-            |refusal| match refusal {
-                Refusal::NotAllowed => BrokerError::AllowanceRevoked {
-                    subject: subject.clone(),
-                    role_arn: requested
-                        .as_ref()
-                        .map_or_else(|| "(any)".to_owned(), ToString::to_string),
-                },
-                Refusal::Ambiguous(count) => BrokerError::RoleRequired {
-                    subject: subject.clone(),
-                    count,
-                },
+        let rows = self.allowances.rows_for(&subject).await?;
+        let permitted = permit(&rows, requested.as_ref()).map_err(|refusal| match refusal {
+            Refusal::NotAllowed => BrokerError::AllowanceRevoked {
+                subject: subject.clone(),
+                role_arn: requested
+                    .as_ref()
+                    .map_or_else(|| "(any)".to_owned(), ToString::to_string),
             },
-        )?;
+            Refusal::Ambiguous(count) => BrokerError::RoleRequired {
+                subject: subject.clone(),
+                count,
+            },
+        })?;
         let context = SessionContext {
             subject: &subject,
             cluster: Some(pod.cluster.as_str()),
@@ -414,6 +409,18 @@ fn issue_error(error: IssueError) -> BrokerError {
             source,
         },
     }
+}
+
+/// The least a use must move a token's expiry before the record is written: an hour, or a 24th
+/// of the TTL when that is shorter. A token in steady use is then written at most once an hour
+/// instead of at every fetch (one DynamoDB call of four), its `last_used` is exact to that step,
+/// and its expiry never falls more than that step behind a full TTL. Revocation is unaffected:
+/// every fetch reads the record (consistently) before STS is called, and a revoked or retracted
+/// record refuses the token at that read.
+pub const SLIDE_STEP: Duration = Duration::from_secs(3600);
+
+fn slide_step(ttl: i64) -> i64 {
+    ttl_seconds(SLIDE_STEP).min(ttl / 24)
 }
 
 fn ttl_seconds(ttl: Duration) -> i64 {
@@ -543,6 +550,41 @@ mod tests {
         let record = f.tokens.record(&token.hash()).await.unwrap().unwrap();
         assert_eq!(record.last_used, Some(NOW.unix_timestamp()));
         assert_eq!(record.expires, NOW.unix_timestamp() + 86_400);
+    }
+
+    #[tokio::test]
+    async fn a_use_writes_the_record_only_when_it_moves_the_expiry_a_full_step() {
+        // GIVEN a token minted 59 minutes ago (TTL one day: the step is an hour)
+        let f = fixture(false);
+        let subject = Subject::service_account("team-a", "app").unwrap();
+        f.allowances.allow(&subject, ROLE, None).await.unwrap();
+        let minted = NOW - time::Duration::minutes(59);
+        let token = grant(&f, &subject, minted).await;
+
+        // WHEN it fetches: served, but the record is not written (59 minutes < the step)
+        f.broker
+            .credentials(Some(token.expose()), None)
+            .await
+            .unwrap();
+        let record = f.tokens.record(&token.hash()).await.unwrap().unwrap();
+        assert_eq!(record.last_used, None);
+        assert_eq!(record.expires, minted.unix_timestamp() + 86_400);
+
+        // AND revocation still wins at the next fetch: the record is read every time
+        f.tokens.delete(&token.hash()).await.unwrap();
+        let err = f
+            .broker
+            .credentials(Some(token.expose()), None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "InvalidToken");
+        assert_eq!(
+            f.issuer.requests().len(),
+            1,
+            "STS is not called for a revoked token"
+        );
+        assert_eq!(slide_step(86_400), 3600);
+        assert_eq!(slide_step(3600), 150, "a 24th of a short TTL");
     }
 
     #[tokio::test]

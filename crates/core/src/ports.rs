@@ -65,6 +65,14 @@ impl StoreError {
 pub trait AllowanceStore: Send + Sync {
     /// The row for exactly this subject (no wildcard expansion).
     async fn allowance(&self, subject: &Subject) -> Result<Option<Allowance>, StoreError>;
+    /// The rows that decide for `subject`, in one read where the store can: its exact row and
+    /// its namespace's `*` row, in that order (what [`crate::allowance::permit`] takes).
+    async fn rows_for(&self, subject: &Subject) -> Result<[Option<Allowance>; 2], StoreError> {
+        let wildcard = subject.wildcard();
+        let (exact, namespace_wide) =
+            futures::try_join!(self.allowance(subject), self.allowance(&wildcard))?;
+        Ok([exact, namespace_wide])
+    }
     /// Adds `role_arn` to the subject's roles, creating the row if needed, in one write; with
     /// `external_id`, also sets the role's `ExternalId` (without, it clears any). Returns the
     /// new row.

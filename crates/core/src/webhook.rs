@@ -424,13 +424,11 @@ impl Webhook {
     /// inject, or the answer for a pod that gets none (`Err`, with the Event to record).
     async fn role_for(&self, c: &Creation<'_>) -> Result<Result<RoleArn, Outcome>, Failure> {
         let (request, subject) = (c.request, &c.subject);
-        let wildcard = subject.wildcard();
-        let (account, exact, any) = timeout_at(c.deadline, async {
+        let (account, rows) = timeout_at(c.deadline, async {
             futures::join!(
                 self.cluster
                     .service_account(&subject.namespace, &subject.service_account),
-                self.allowances.allowance(subject),
-                self.allowances.allowance(&wildcard),
+                self.allowances.rows_for(subject),
             )
         })
         .await
@@ -466,7 +464,7 @@ impl Webhook {
                 return Ok(Err(outcome));
             }
         };
-        if !is_allowed([&exact?, &any?], role.as_str()) {
+        if !is_allowed(&rows?, role.as_str()) {
             let why = format!(
                 "role {} is not allowed for {subject} in the Allowances table",
                 role.as_str(),
