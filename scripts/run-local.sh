@@ -61,21 +61,20 @@ KUBECONFIG="$work/kubeconfig" PROXY_IMAGE=iam-broker-proxy:local \
 pids+=($!)
 wait_http "http://127.0.0.1:$serve_port/healthz"
 
-if [ "$projected" = 1 ]; then
 log "POST / with a Pod CREATE AdmissionReview (events/admission-create.json)"
 python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["body"])' events/admission-create.json > "$work/review.json"
 curl -sS -H 'Content-Type: application/json' --data-binary @"$work/review.json" \
   "http://127.0.0.1:$serve_port/" > "$work/answer.json"
+
+if [ "$projected" = 1 ]; then
 # Apply the patch, store the pod in the stand-in (as the API server would), then act as
 # kubelet: request the pod's token (TokenRequest, bound to the pod) and write it to the file.
 python3 - "$work" <<'PY'
 import base64, json, sys
 sys.path.insert(0, "scripts")
-from standin_api import Api
+from standin_api import Api, admission_patch
 work = sys.argv[1]
-answer = json.load(open(f"{work}/answer.json"))["response"]
-assert answer.get("patch"), f"no patch: {answer}"
-patch = json.loads(base64.b64decode(answer["patch"]))
+answer, patch = admission_patch(f"{work}/answer.json")
 pod = json.load(open(f"{work}/review.json"))["request"]["object"]
 def add(doc, path, value):
     *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in path.split("/")[1:]]
@@ -148,19 +147,13 @@ kubelet_refresh
 log "aws sts get-caller-identity with the rotated token, nothing restarted"
 whoami
 else
-log "POST / with a Pod CREATE AdmissionReview (events/admission-create.json)"
-python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["body"])' events/admission-create.json > "$work/review.json"
-curl -sS -H 'Content-Type: application/json' --data-binary @"$work/review.json" \
-  "http://127.0.0.1:$serve_port/" > "$work/answer.json"
 # Decode the patch, and read the token from the Secret the webhook created (as the kubelet would).
 python3 - "$work" <<'PY'
 import base64, json, sys
 sys.path.insert(0, "scripts")
-from standin_api import Api
+from standin_api import Api, admission_patch
 work = sys.argv[1]
-answer = json.load(open(f"{work}/answer.json"))["response"]
-assert answer.get("patch"), f"no patch: {answer}"
-patch = json.loads(base64.b64decode(answer["patch"]))
+answer, patch = admission_patch(f"{work}/answer.json")
 print(f"allowed={answer['allowed']} patchType={answer['patchType']}, {len(patch)} operations:", file=sys.stderr)
 for op in patch:
     value = op["value"]

@@ -32,3 +32,11 @@ class Api:
             headers={"Authorization": "Bearer " + self.token, "Content-Type": "application/json"},
         )
         return json.load(urllib.request.urlopen(req, context=self.context))
+
+
+def admission_patch(answer_path):
+    """The AdmissionReview `response` in `answer_path` and its decoded JSON patch."""
+    answer = json.load(open(answer_path))["response"]
+    assert answer.get("patch"), f"no patch: {answer}"
+    return answer, json.loads(base64.b64decode(answer["patch"]))
+
