@@ -68,8 +68,15 @@ sleep 0.5
 
 log "load: $CLIENTS clients, ${DURATION} s, GET / with a valid token each"
 status=0
+aws_before=$(grep -c '"POST ' "$work/moto.log" || true)
+cpu_before=$(cpu "$serve_pid")
 "$BIN/load-http" "http://127.0.0.1:$port/" --concurrency "$CLIENTS" --seconds "$DURATION" \
-  --tokens-file "$work/tokens" || status=1
+  --tokens-file "$work/tokens" | tee "$work/load.txt" || status=1
+# Every AWS call (DynamoDB and STS alike) is one POST in moto's request log.
+aws_calls=$(( $(grep -c '"POST ' "$work/moto.log" || true) - aws_before ))
+answered=$(awk '/^requests +[0-9]+ answered/ {print $2}' "$work/load.txt")
+awk -v calls="$aws_calls" -v n="${answered:-0}" -v before="$cpu_before" -v after="$(cpu "$serve_pid")" \
+  'BEGIN { if (n > 0) printf "per request      %.2f AWS calls (DynamoDB and STS), %.2f ms of serve CPU\n", calls / n, (after - before) * 1000 / n }' 
 wait "$slow_pid" || status=1
 cat "$work/slow.txt"
 # The HTTP layer alone (no AWS call): GET /healthz, same clients, 5 s.
