@@ -38,6 +38,22 @@ ensure_venv() {
   echo "$want" > "$stamp"
 }
 
+# Creates .venv-bench (requirements-bench.txt: the original broker's dependencies, moto under
+# waitress) for the side-by-side benchmarks when missing or changed.
+BENCH_VENV="$ROOT/.venv-bench"
+ensure_bench_venv() {
+  local stamp="$BENCH_VENV/.requirements.sha256" want
+  want="$(sha256sum "$ROOT/requirements-bench.txt" | cut -d' ' -f1)"
+  if [ -x "$BENCH_VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return
+  fi
+  log "installing the benchmarks' Python into .venv-bench (the original broker's dependencies, moto, waitress)"
+  python3 -m venv "$BENCH_VENV"
+  "$BENCH_VENV/bin/pip" install --quiet --upgrade pip
+  "$BENCH_VENV/bin/pip" install --quiet -r "$ROOT/requirements-bench.txt"
+  echo "$want" > "$stamp"
+}
+
 # Creates .venv-sam with the AWS SAM CLI (requirements-sam.txt) when missing or changed.
 ensure_sam_venv() {
   local venv="$ROOT/.venv-sam" stamp want
@@ -97,11 +113,17 @@ stop_work() {
 }
 
 # Starts moto on a free port (log in $work/moto.log) and points the AWS SDKs and CLIs at it.
+# With MOTO_KEEPALIVE=1 (the side-by-side benchmarks), moto's app runs under waitress from
+# .venv-bench (ensure_bench_venv), which keeps connections alive as AWS does.
 start_moto() {
   local port
   port=$(free_port)
   log "starting moto (DynamoDB, STS) on 127.0.0.1:$port"
-  "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" > "$work/moto.log" 2>&1 &
+  if [ "${MOTO_KEEPALIVE:-0}" = 1 ]; then
+    "$BENCH_VENV/bin/python" "$ROOT/scripts/moto_keepalive.py" "$port" > "$work/moto.log" 2>&1 &
+  else
+    "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" > "$work/moto.log" 2>&1 &
+  fi
   pids+=($!)
   wait_http "http://127.0.0.1:$port/moto-api/"
   export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
