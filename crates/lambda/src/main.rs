@@ -8,7 +8,9 @@ use iam_broker_lambda::{CleanupEvent, Handler, report_json, service};
 use iam_broker_router::{router, telemetry};
 use lambda_http::lambda_runtime::{self, LambdaEvent, service_fn};
 
-#[tokio::main]
+/// One thread: Lambda hands an instance one invocation at a time, so worker threads would only
+/// add start-up time, memory and cross-thread wake-ups (BENCHMARKS.md, "Cold start").
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
     telemetry::init_json_logging();
     let handler = match Handler::from_setting(std::env::var("_HANDLER").ok().as_deref()) {
