@@ -8,14 +8,14 @@
 #   VARIANTS="thin-cu4 fat-cu1" RUNS=9 scripts/bench-profiles.sh
 #
 # Variants are NAME:LTO:CODEGEN_UNITS:OPT_LEVEL:PANIC, applied with CARGO_PROFILE_RELEASE_*;
-# `thin-cu4` is Cargo.toml's release profile. Builds go through `nice`; the measurements run
+# `fat-cu1` is Cargo.toml's release profile. Builds go through `nice`; the measurements run
 # after every build is done. Needs about 4 GB of disk per variant.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 no_arguments "$@"
 cd "$ROOT"
 
-ALL="thin-cu4:thin:4:3:unwind fat-cu1:fat:1:3:unwind off-cu16:off:16:3:unwind thin-cu4-s:thin:4:s:unwind thin-cu4-abort:thin:4:3:abort fat-cu1-abort:fat:1:3:abort"
+ALL="thin-cu4:thin:4:3:unwind fat-cu1:fat:1:3:unwind off-cu16:off:16:3:unwind thin-cu4-s:thin:4:s:unwind thin-cu4-abort:thin:4:3:abort"
 want=${VARIANTS:-}
 ROLE=arn:aws:iam::123456789012:role/iam-broker/s3_reader
 ensure_rust
