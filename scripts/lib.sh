@@ -22,51 +22,37 @@ no_arguments() {
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
-# Creates .venv and installs requirements-dev.txt when missing or changed.
-ensure_venv() {
-  command -v python3 >/dev/null || die "python3 is required (for moto)"
-  local stamp="$VENV/.requirements.sha256"
-  local want
-  want="$(sha256sum "$ROOT/requirements-dev.txt" | cut -d' ' -f1)"
-  if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+# Creates the virtualenv $1 from the requirements file $2 when missing or changed (a checksum of
+# $2 is kept in the venv); $3 names what it holds, for the log.
+ensure_venv_from() { # venv requirements description
+  local venv=$1 requirements=$2 stamp="$1/.requirements.sha256" want
+  command -v python3 >/dev/null || die "python3 is required"
+  want="$(sha256sum "$requirements" | cut -d' ' -f1)"
+  if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return
   fi
-  log "installing Python tools into .venv (moto, cargo-lambda, awscli)"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet -r "$ROOT/requirements-dev.txt"
-  echo "$want" > "$stamp"
-}
-
-# Creates .venv-bench (requirements-bench.txt: the original broker's dependencies, moto under
-# waitress) for the side-by-side benchmarks when missing or changed.
-BENCH_VENV="$ROOT/.venv-bench"
-ensure_bench_venv() {
-  local stamp="$BENCH_VENV/.requirements.sha256" want
-  want="$(sha256sum "$ROOT/requirements-bench.txt" | cut -d' ' -f1)"
-  if [ -x "$BENCH_VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    return
-  fi
-  log "installing the benchmarks' Python into .venv-bench (the original broker's dependencies, moto, waitress)"
-  python3 -m venv "$BENCH_VENV"
-  "$BENCH_VENV/bin/pip" install --quiet --upgrade pip
-  "$BENCH_VENV/bin/pip" install --quiet -r "$ROOT/requirements-bench.txt"
-  echo "$want" > "$stamp"
-}
-
-# Creates .venv-sam with the AWS SAM CLI (requirements-sam.txt) when missing or changed.
-ensure_sam_venv() {
-  local venv="$ROOT/.venv-sam" stamp want
-  stamp="$venv/.requirements.sha256"
-  want="$(sha256sum "$ROOT/requirements-sam.txt" | cut -d' ' -f1)"
-  if [ -x "$venv/bin/sam" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    return
-  fi
-  log "installing the AWS SAM CLI into .venv-sam"
+  log "installing $3 into ${venv#"$ROOT"/}"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip
-  "$venv/bin/pip" install --quiet -r "$ROOT/requirements-sam.txt"
+  "$venv/bin/pip" install --quiet -r "$requirements"
   echo "$want" > "$stamp"
+}
+
+# .venv: requirements-dev.txt, what the tests and the local run use.
+ensure_venv() {
+  ensure_venv_from "$VENV" "$ROOT/requirements-dev.txt" "Python tools (moto, cargo-lambda, awscli)"
+}
+
+# .venv-bench: requirements-bench.txt, the side-by-side benchmarks' Python (the original
+# broker's dependencies, moto under waitress).
+BENCH_VENV="$ROOT/.venv-bench"
+ensure_bench_venv() {
+  ensure_venv_from "$BENCH_VENV" "$ROOT/requirements-bench.txt" "the benchmarks' Python (the original broker's dependencies, moto, waitress)"
+}
+
+# .venv-sam: requirements-sam.txt, the AWS SAM CLI.
+ensure_sam_venv() {
+  ensure_venv_from "$ROOT/.venv-sam" "$ROOT/requirements-sam.txt" "the AWS SAM CLI"
 }
 
 # Installs Debian packages when a command is missing (root or sudo).
