@@ -86,6 +86,21 @@ def get(connection, token):
     return response.status, body
 
 
+def first_answer(process, port, pause):
+    """Polls until `serve` answers (connection, status, body); exits if it stops or takes 30 s."""
+    deadline = time.perf_counter() + 30
+    while time.perf_counter() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"iam-broker serve exited with {process.returncode} before answering")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            status, body = get(connection, os.environ["BROKER_TOKEN"])
+            return connection, status, body
+        except ConnectionRefusedError:
+            time.sleep(pause)
+    sys.exit("iam-broker serve did not answer within 30 s")
+
+
 def serve_process(port):
     command = [os.environ["IAM_BROKER"], "serve", "--listen", f"127.0.0.1:{port}"]
     return subprocess.Popen(command, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
@@ -96,13 +111,7 @@ def serve_first():
     started = time.perf_counter()
     process = serve_process(port)
     try:
-        while True:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                status, body = get(connection, os.environ["BROKER_TOKEN"])
-                break
-            except ConnectionRefusedError:
-                time.sleep(0.0005)
+        connection, status, body = first_answer(process, port, pause=0.0005)
         elapsed = time.perf_counter() - started
         if status != 200 or b"AccessKeyId" not in body:
             sys.exit(f"iam-broker serve answered {status}: {body[:200]!r}")
@@ -115,13 +124,7 @@ def serve_warm(requests):
     port = free_port()
     process = serve_process(port)
     try:
-        for _ in range(2000):
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                get(connection, os.environ["BROKER_TOKEN"])
-                break
-            except ConnectionRefusedError:
-                time.sleep(0.005)
+        connection, _, _ = first_answer(process, port, pause=0.005)
         cpu, wall = cpu_seconds(process.pid), time.perf_counter()
         for _ in range(requests):
             status, body = get(connection, os.environ["BROKER_TOKEN"])
@@ -192,7 +195,10 @@ class RuntimeApi:
         return f"127.0.0.1:{self.server.server_address[1]}"
 
     def answer(self):
-        at, path, body = self.answers.get(timeout=30)
+        try:
+            at, path, body = self.answers.get(timeout=30)
+        except queue.Empty:
+            sys.exit("bootstrap answered no invocation within 30 s (does it start? run it by hand)")
         if not path.endswith("/response"):
             sys.exit(f"bootstrap reported an error at {path}: {body[:300]!r}")
         answer = json.loads(body)
