@@ -5,7 +5,8 @@
 #   DURATION=30 CONNECTIONS="1 8 64" scripts/bench-proxy.sh
 #
 # Installs nginx and wrk from Debian when missing (needs root or sudo). Everything binds
-# 127.0.0.1 on free ports and is stopped on exit. Prints a Markdown table for BENCHMARKS.md.
+# 127.0.0.1 on free ports and is stopped on exit. Prints Markdown tables for BENCHMARKS.md: each
+# server's figures, the sidecar's ratios to nginx's static `return` (issue 12's anchor), peak RSS.
 #
 # Set-up: nginx #1 plays the broker (a canned ECS answer, Cache-Control max-age=3300).
 #   iam-broker-proxy  -> broker        (per-token cache; every measured request is a hit)
@@ -115,6 +116,20 @@ bench() { # name url connections
   p99=$(awk '$1=="99%" {print $2}' <<<"$out" | to_us)
   rps=$(awk '/^Requests\/sec/ {printf "%d", $2}' <<<"$out")
   printf '| %s | %s | %s | %s | %s |\n' "$1" "$3" "$rps" "$p50" "$p99"
+  printf '%s %s %s %s\n' "$1" "$3" "$rps" "$p99" >> "$WORK/figures"
+}
+
+# The sidecar as a ratio to nginx's static `return` (issue 12's anchor), per connection count.
+ratios() {
+  echo
+  echo "| connections | requests/s: proxy / nginx static | p99: proxy / nginx static |"
+  echo "|---|---|---|"
+  awk '{ name = $1; for (i = 2; i <= NF - 3; i++) name = name " " $i
+         c = $(NF - 2); rps[name, c] = $(NF - 1); p99[name, c] = $NF; seen[c] = 1 }
+       END { for (c in seen) {
+               p = "iam-broker-proxy (cached)"; n = "nginx static return"
+               printf "| %s | %.2f | %.2f |\n", c, rps[p, c] / rps[n, c], p99[p, c] / p99[n, c] } }' \
+    "$WORK/figures" | sort -t'|' -k2 -n
 }
 
 echo
@@ -127,6 +142,7 @@ for c in $CONNECTIONS; do
   bench "nginx proxy_cache sidecar" "http://127.0.0.1:$SIDECAR_PORT/" "$c"
   bench "nginx static return" "http://127.0.0.1:$STATIC_PORT/" "$c"
 done
+ratios
 echo
 worker=$(nginx_worker_pids | head -1)
 echo "| process | RSS now KiB | peak RSS KiB |"
