@@ -88,6 +88,24 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `iam-broker cluster add NAME --jwks-file JWKS --issuer ISSUER`.
+async fn add_from_file(env: &Env, name: &str, jwks: &Path, issuer: &str) -> CliOutput {
+    cli(
+        env,
+        &[
+            "cluster",
+            "add",
+            name,
+            "--jwks-file",
+            path(jwks),
+            "--issuer",
+            issuer,
+        ],
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn clusters_are_added_listed_refreshed_and_removed_from_jwks_files() {
     let (_moto, env) = env().await;
@@ -95,20 +113,7 @@ async fn clusters_are_added_listed_refreshed_and_removed_from_jwks_files() {
     let east = jwks_file(dir.path(), "east.json", &["k1"]);
 
     // GIVEN east is registered from a file
-    let added = cli(
-        &env,
-        &[
-            "cluster",
-            "add",
-            "east",
-            "--jwks-file",
-            path(&east),
-            "--issuer",
-            ISSUER,
-        ],
-    )
-    .await
-    .unwrap();
+    let added = add_from_file(&env, "east", &east, ISSUER).await;
     ok(&added);
     assert!(
         added.stdout.contains("registered cluster east: issuer") && added.stdout.contains("k1"),
@@ -117,72 +122,21 @@ async fn clusters_are_added_listed_refreshed_and_removed_from_jwks_files() {
     );
 
     // WHEN it is added again THEN it is refused, pointing at refresh
-    let again = cli(
-        &env,
-        &[
-            "cluster",
-            "add",
-            "east",
-            "--jwks-file",
-            path(&east),
-            "--issuer",
-            ISSUER,
-        ],
-    )
-    .await
-    .unwrap();
+    let again = add_from_file(&env, "east", &east, ISSUER).await;
     refused(&again, "cluster east is already registered");
     refused(&again, "iam-broker cluster refresh east");
 
     // WHEN another cluster of the same issuer brings one of east's keys THEN it is refused
     let shared = jwks_file(dir.path(), "shared.json", &["k2", "k1"]);
-    let copy = cli(
-        &env,
-        &[
-            "cluster",
-            "add",
-            "west",
-            "--jwks-file",
-            path(&shared),
-            "--issuer",
-            ISSUER,
-        ],
-    )
-    .await
-    .unwrap();
+    let copy = add_from_file(&env, "west", &shared, ISSUER).await;
     refused(&copy, "cluster east has the same issuer");
     refused(&copy, "already holds key k1");
     // (the same keys under another issuer are another cluster's business)
-    let elsewhere = cli(
-        &env,
-        &[
-            "cluster",
-            "add",
-            "elsewhere",
-            "--jwks-file",
-            path(&shared),
-            "--issuer",
-            "https://oidc.example/elsewhere",
-        ],
-    )
-    .await
-    .unwrap();
+    let elsewhere =
+        add_from_file(&env, "elsewhere", &shared, "https://oidc.example/elsewhere").await;
     ok(&elsewhere);
     let west = jwks_file(dir.path(), "west.json", &["k2"]);
-    ok(&cli(
-        &env,
-        &[
-            "cluster",
-            "add",
-            "west",
-            "--jwks-file",
-            path(&west),
-            "--issuer",
-            ISSUER,
-        ],
-    )
-    .await
-    .unwrap());
+    ok(&add_from_file(&env, "west", &west, ISSUER).await);
 
     // THEN the listing shows each with its issuer, keys, source and time
     let clusters = listed(&env).await;
