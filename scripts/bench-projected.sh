@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # STS calls per pod-hour in projected mode, token rotation included: botocore's real
-# RefreshableCredentials and ContainerProvider on a fake clock, in front of models of the
-# sidecar's cache policy and the broker (scripts/pod_hour.py says what is real and what is a
-# model). Simulates 24 hours per CREDENTIAL_DURATION_SECONDS and workload; takes a minute or
+# RefreshableCredentials and ContainerProvider on a fake clock, in front of the sidecar's own
+# cache policy (crates/proxy/examples/cache-policy.rs) and a model of the broker
+# (scripts/pod_hour.py says what is real and what is a model). Simulates 24 hours per CREDENTIAL_DURATION_SECONDS and workload; takes a minute or
 # two, no network, nothing started. Prints Markdown tables for BENCHMARKS.md.
 #
 #   scripts/bench-projected.sh                        # 900,1800,2700,3600 s; default workloads
@@ -22,4 +22,8 @@ for arg in "$@"; do
   esac
 done
 ensure_venv
+# The sidecar's policy and the defaults come from the Rust code itself (pod_hour.py's `Rust`).
+log "cargo build --example cache-policy"
+cargo build --quiet --locked -p iam-broker-proxy --example cache-policy
+export CACHE_POLICY_BIN="$ROOT/target/debug/examples/cache-policy"
 exec "$VENV/bin/python" scripts/pod_hour.py "$@"

@@ -225,6 +225,7 @@ def bootstrap_process(api):
         **os.environ,
         "AWS_LAMBDA_RUNTIME_API": api.address,
         "_HANDLER": "http",
+        "AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH": "true",
         "AWS_LAMBDA_FUNCTION_NAME": "iam-broker",
         "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
         "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "256",

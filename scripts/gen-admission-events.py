@@ -5,15 +5,22 @@ AdmissionReview, as the API server sends it. Re-run after changing a pod below:
     python3 scripts/gen-admission-events.py
 """
 import copy
-import hashlib
 import json
 import pathlib
+import subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EVENTS = ROOT / "events"
 # Not secret: this token exists only in the test fixtures.
 FIXTURE_TOKEN = "iamb_AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA"
-FIXTURE_HASH = hashlib.sha256(FIXTURE_TOKEN.encode()).hexdigest()
+# The token's hash and its Secret's name, as the webhook derives them (the Rust code, not a copy).
+_DERIVED = json.loads(subprocess.run(
+    ["cargo", "run", "--quiet", "--locked", "-p", "iam-broker-admission", "--example", "token-secret",
+     "--", FIXTURE_TOKEN],
+    cwd=ROOT, check=True, capture_output=True, text=True,
+).stdout)
+FIXTURE_HASH = _DERIVED["token_hash"]
+FIXTURE_SECRET_NAME = _DERIVED["secret_name"]
 HOST = "abcdef1234.execute-api.us-east-1.amazonaws.com"
 # Not secret: the webhook path secret of the fixtures only.
 FIXTURE_PATH_SECRET = "fixture-path-secret-0123456789abcdef"
@@ -133,7 +140,7 @@ def injected():
     """The pod as it is stored after injection (what DELETE sends as oldObject)."""
     p = pod()
     p["metadata"]["annotations"] = {
-        "iam-broker.io/secret-name": "iam-broker-token-" + FIXTURE_HASH[:16],
+        "iam-broker.io/secret-name": FIXTURE_SECRET_NAME,
         "iam-broker.io/token-hash": FIXTURE_HASH,
     }
     p["metadata"]["uid"] = "0b1c5a3e-1f2d-4c6b-9a8e-7d6c5b4a3f21"

@@ -38,16 +38,18 @@ start_moto
 "$BIN/iam-broker" allow --namespace team-a --service-account app --role "$ROLE" >&2
 start_kube_standin "$BIN/kube-api-standin" "team-a/app=$ROLE"
 
-# The fixtures' token record (their token is public; a real one is only ever minted).
+# The fixtures' token record (their token is public; a real one is only ever minted). Its hash
+# and Secret name come from the webhook's own code.
+derived=$(cargo run --quiet --locked -p iam-broker-admission --example token-secret -- "$FIXTURE_TOKEN")
 cat > "$work/seed.py" <<PY
-import hashlib, time, boto3
-token = "$FIXTURE_TOKEN"
+import json, time, boto3
+derived = json.loads('$derived')
 now = int(time.time())
 boto3.client("dynamodb").put_item(TableName="iam-broker-authorizations", Item={
-    "token_hash": {"S": hashlib.sha256(token.encode()).hexdigest()},
+    "token_hash": {"S": derived["token_hash"]},
     "namespace": {"S": "team-a"}, "service_account": {"S": "app"},
     "role_arn": {"S": "$ROLE"}, "pod_name": {"S": "web-1"},
-    "secret_name": {"S": "iam-broker-token-" + hashlib.sha256(token.encode()).hexdigest()[:16]},
+    "secret_name": {"S": derived["secret_name"]},
     "created_at": {"N": str(now)}, "expires": {"N": str(now + 14 * 86400)}})
 PY
 seed() { "$VENV/bin/python" "$work/seed.py"; }
@@ -60,7 +62,7 @@ export WEBHOOK_PATH_SECRET="$FIXTURE_PATH_SECRET" RUST_LOG=${RUST_LOG:-info}
 http_port=9000 cleanup_port=9001
 if [ "$check" = 1 ]; then http_port=$(free_port); cleanup_port=$(free_port); fi
 watch() { # port handler log
-  cargo lambda watch --quiet --bin bootstrap -A 127.0.0.1 -P "$1" --env-var "_HANDLER=$2" > "$3" 2>&1 &
+  cargo lambda watch --quiet --bin bootstrap -A 127.0.0.1 -P "$1" --env-var "_HANDLER=$2" --env-var AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH=true > "$3" 2>&1 &
   pids+=($!)
 }
 watch "$http_port" http "$work/watch-http.log"

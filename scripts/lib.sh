@@ -19,7 +19,8 @@ no_arguments() {
   done
 }
 
-log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+# Each line carries the seconds since the script started, so a slow step shows in any log.
+log() { printf '\033[1m==> %s\033[0m (%ss)\n' "$*" "$SECONDS" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # Creates the virtualenv $1 from the requirements file $2 when missing or changed (a checksum of

@@ -9,17 +9,15 @@ what is a model:
   returns (advisory refresh 15 min before expiry, mandatory 10 min before, and its check of a
   refreshed credential), with ``_time_fetcher`` set to the fake clock. Only the HTTP fetch is
   replaced: ``retrieve_full_uri`` asks the sidecar model below.
-- The sidecar is a model of ``crates/proxy/src/cache.rs`` and ``policy.rs``: a cache keyed by the
-  SHA-256 of the ``Authorization`` header as sent, ``Policy::decide`` (serve; serve and refresh in
-  the background from ``min(Expiration - min_validity - refresh_ahead, fresh_until)``; fetch
-  below ``min_validity``) and ``Policy::admit`` (reject expired; serve once, uncached, below
-  ``min_validity``; otherwise cache until ``min(now + max-age, Expiration)``). Its constants are
-  read from the Rust source at start (``DEFAULT_MIN_VALIDITY_SECONDS``,
-  ``DEFAULT_REFRESH_AHEAD_SECONDS``, ``DEFAULT_CACHE_MAX_ENTRIES`` in
-  ``crates/proxy/src/config.rs``).
+- The sidecar's decisions are its own Rust code: ``Policy::decide`` (serve; serve and refresh in
+  the background; fetch) and ``Policy::admit`` (reject; serve once, uncached; cache with a
+  window), and its defaults, answered by ``crates/proxy/examples/cache-policy.rs`` over a pipe.
+  What stays a model is the cache around them (``crates/proxy/src/cache.rs``): keyed by the
+  SHA-256 of the ``Authorization`` header as sent, one broker call per miss or background
+  refresh, at most ``DEFAULT_CACHE_MAX_ENTRIES`` entries.
 - The broker is a model of ``Broker::credentials`` in projected mode: it refuses a token past
-  its ``exp`` (plus ``PROJECTED_TOKEN_LEEWAY``), otherwise makes one STS call, and answers
-  ``Cache-Control: max-age = Expiration - CACHE_MARGIN_SECONDS`` (``crates/core/src/credentials.rs``).
+  its ``exp`` (plus ``PROJECTED_TOKEN_LEEWAY``), otherwise makes one STS call, and answers the
+  ``Cache-Control: max-age`` of the Rust ``credentials::cache_max_age``.
   STS stamps ``Expiration`` in whole seconds; the broker's answer reaches the sidecar
   ``--latency`` seconds after the request (STS half-way).
 - kubelet rewrites the token file when the token is older than 80 % of ``expirationSeconds``
@@ -47,7 +45,8 @@ import hashlib
 import heapq
 import math
 import os
-import re
+import json
+import subprocess
 import sys
 import tempfile
 
@@ -62,26 +61,40 @@ DAY = 86_400
 T0 = 1_800_000_000.25
 
 
-def rust_const(path, name):
-    """The integer value of `pub const NAME: type = value;` in a Rust file of this workspace."""
-    text = open(os.path.join(ROOT, path), encoding="utf-8").read()
-    match = re.search(
-        r"pub const " + name + r": [^=]+= (?:Duration::from_secs\()?([0-9_]+)", text
-    )
-    if not match:
-        sys.exit(f"{path}: no constant {name}; the model must be re-read against the source")
-    return int(match.group(1).replace("_", ""))
+class Rust:
+    """The Rust code of every decision the models need: the sidecar's ``Policy::admit`` and
+    ``Policy::decide``, the broker's ``cache_max_age`` and the defaults, answered by
+    ``crates/proxy/examples/cache-policy.rs`` over a pipe (one JSON line each way), so a change
+    of policy or of a default cannot leave this model behind."""
+
+    def __init__(self):
+        binary = os.environ.get("CACHE_POLICY_BIN")
+        command = [binary] if binary else [
+            "cargo", "run", "--quiet", "--locked", "-p", "iam-broker-proxy", "--example", "cache-policy",
+        ]
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+
+    def ask(self, **request):
+        self.process.stdin.write(json.dumps(request) + "\n")
+        line = self.process.stdout.readline()
+        if not line:
+            sys.exit("the cache-policy example stopped; see its output above")
+        answer = json.loads(line)
+        if "error" in answer:
+            sys.exit(f"cache-policy refused {request}: {answer['error']}")
+        return answer
 
 
-MIN_VALIDITY = rust_const("crates/proxy/src/config.rs", "DEFAULT_MIN_VALIDITY_SECONDS")
-REFRESH_AHEAD = rust_const("crates/proxy/src/config.rs", "DEFAULT_REFRESH_AHEAD_SECONDS")
-CACHE_MAX_ENTRIES = rust_const("crates/proxy/src/config.rs", "DEFAULT_CACHE_MAX_ENTRIES")
-MIN_VALIDITY_FLOOR = rust_const("crates/proxy/src/policy.rs", "MIN_VALIDITY_FLOOR")
-CACHE_MARGIN = rust_const("crates/core/src/credentials.rs", "CACHE_MARGIN_SECONDS")
-LEEWAY = rust_const("crates/core/src/config.rs", "PROJECTED_TOKEN_LEEWAY")
-TOKEN_EXPIRATION = rust_const(
-    "crates/core/src/config.rs", "DEFAULT_PROJECTED_TOKEN_EXPIRATION_SECONDS"
-)
+RUST = Rust()
+_DEFAULTS = RUST.ask(op="defaults")
+MIN_VALIDITY = _DEFAULTS["min_validity"]
+REFRESH_AHEAD = _DEFAULTS["refresh_ahead"]
+CACHE_MAX_ENTRIES = _DEFAULTS["cache_max_entries"]
+CACHE_MARGIN = _DEFAULTS["cache_margin"]
+LEEWAY = _DEFAULTS["projected_token_leeway"]
+TOKEN_EXPIRATION = _DEFAULTS["projected_token_expiration"]
 ADVISORY = botocore.credentials._DEFAULT_ADVISORY_REFRESH_TIMEOUT
 MANDATORY = botocore.credentials._DEFAULT_MANDATORY_REFRESH_TIMEOUT
 
@@ -147,7 +160,7 @@ class Broker:
         self.sts_calls += 1
         expiration = math.floor(at + self.latency / 2) + self.duration
         answered = at + self.latency
-        max_age = max(0, int(expiration - answered) - CACHE_MARGIN)
+        max_age = RUST.ask(op="max_age", expiration=expiration, now=answered)["max_age"]
         body = {
             "AccessKeyId": f"ASIASIM{self.sts_calls:09d}",
             "SecretAccessKey": "sim-secret",
@@ -171,38 +184,32 @@ class Sidecar:
         self.uncached = 0
 
     @staticmethod
-    def window(lifetime):
-        """`Policy::window`: min validity and refresh-ahead, shrunk for short lifetimes."""
-        min_validity = min(MIN_VALIDITY, max(lifetime / 3, MIN_VALIDITY_FLOOR))
-        return min_validity, min(REFRESH_AHEAD, lifetime / 6)
+    def servable(entry, now):
+        return Sidecar.decide(entry, now) != "fetch"
 
     @staticmethod
-    def servable(expiration, window, now):
-        return expiration - now >= window[0]
-
-    def decide(self, entry, now):
+    def decide(entry, now):
+        """``Policy::decide``."""
         _, expiration, fresh_until, _, window = entry
-        if not self.servable(expiration, window, now):
-            return "fetch"
-        refresh_at = min(expiration - window[0] - window[1], fresh_until)
-        return "serve-and-refresh" if now >= refresh_at else "serve"
+        return RUST.ask(op="decide", expiration=expiration, fresh_until=fresh_until,
+                        window=window, now=now)["answer"]
 
     def admit(self, key, body, expiration, max_age, now):
-        if expiration <= now:
+        """``Policy::admit``, then the cache's bound on entries (stale ones first, then LRU)."""
+        admitted = RUST.ask(op="admit", expiration=expiration, max_age=max_age, now=now)
+        if admitted["answer"] == "reject":
             return False
-        window = self.window(expiration - now)
-        if not self.servable(expiration, window, now):
+        if admitted["answer"] == "serve-once":
             self.uncached += 1
             return True
         if key not in self.entries and len(self.entries) >= CACHE_MAX_ENTRIES:
-            stale = [k for k, e in self.entries.items() if not self.servable(e[1], e[4], now)]
+            stale = [k for k, e in self.entries.items() if not self.servable(e, now)]
             for old in stale:
                 del self.entries[old]
             while len(self.entries) >= CACHE_MAX_ENTRIES:
                 del self.entries[min(self.entries, key=lambda k: self.entries[k][3])]
         self.tick += 1
-        fresh_until = min(now + max_age, expiration)
-        self.entries[key] = [body, expiration, fresh_until, self.tick, window]
+        self.entries[key] = [body, expiration, admitted["fresh_until"], self.tick, admitted["window"]]
         return True
 
     def fetch(self, authorization, key, background):

@@ -813,9 +813,9 @@ class Rehearsal:
               f"a forged projected token answered {status} {body!r}")
 
     def check_settings_reachable(self):
-        with open(os.path.join(self.root, "crates/core/src/config.rs")) as f:
+        with open(os.path.join(self.root, "crates/kernel/src/config.rs")) as f:
             names = set(re.findall(r'pub const ENV_\w+: &str = "(\w+)";', f.read()))
-        check(len(names) > 10, "found no ENV_ constants in crates/core/src/config.rs")
+        check(len(names) > 10, "found no ENV_ constants in crates/kernel/src/config.rs")
         with open(os.path.join(self.root, "README.md")) as f:
             readme = f.read()
         section = readme.split("### Settings without a template parameter", 1)

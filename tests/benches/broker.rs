@@ -20,16 +20,16 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
-use iam_broker_core::admission::{SidecarMode, SidecarSettings};
-use iam_broker_core::allowance::Subject;
-use iam_broker_core::broker::{Broker, BrokerSettings};
-use iam_broker_core::memory::{
+use iam_broker_admission::patch::{SidecarMode, SidecarSettings};
+use iam_broker_admission::webhook::{Webhook, WebhookSettings};
+use iam_broker_broker::broker::{Broker, BrokerSettings};
+use iam_broker_kernel::allowance::Subject;
+use iam_broker_kernel::ports::{AllowanceStore, ServiceAccount, TokenStore};
+use iam_broker_kernel::{Config, SystemClock, Token, TokenRecord};
+use iam_broker_router::{AppState, router};
+use iam_broker_testkit::memory::{
     MemoryAllowanceStore, MemoryCluster, MemoryIssuer, MemoryTokenStore,
 };
-use iam_broker_core::ports::{AllowanceStore, ServiceAccount, TokenStore};
-use iam_broker_core::webhook::{Webhook, WebhookSettings};
-use iam_broker_core::{Config, SystemClock, Token, TokenRecord};
-use iam_broker_router::{AppState, router};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tower::ServiceExt as _;
@@ -118,7 +118,7 @@ async fn in_memory_router() -> axum::Router {
         .insert(&TokenRecord {
             token_hash: Token::parse(TOKEN).expect("valid").hash(),
             subject,
-            role_arn: iam_broker_core::allowance::RoleArn::parse(ROLE).unwrap(),
+            role_arn: iam_broker_kernel::allowance::RoleArn::parse(ROLE).unwrap(),
             secret_name: None,
             pod_name: Some("web-1".into()),
             created_at: now,

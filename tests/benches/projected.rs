@@ -1,7 +1,7 @@
 //! Projected-mode benchmarks (run with `cargo bench -p iam-broker-tests --bench projected`):
 //! what verifying a projected ServiceAccount token costs the broker per request.
 //!
-//! 1. `cluster::identify` (parse, key lookup, signature, claims) of a token issued by the
+//! 1. `identity::identify` (parse, key lookup, signature, claims) of a token issued by the
 //!    Kubernetes API stand-in through a real TokenRequest, RS256 as kube-apiserver signs by
 //!    default, against a registry of 1 cluster and of 20 clusters sharing its issuer (the
 //!    signing cluster last, so the key lookup walks all of them);
@@ -20,16 +20,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use iam_broker_core::allowance::{RoleArn, Subject};
-use iam_broker_core::broker::{Broker, BrokerSettings};
-use iam_broker_core::cluster::{RegisteredCluster, Verification, identify};
-use iam_broker_core::memory::{
+use iam_broker_broker::broker::{Broker, BrokerSettings};
+use iam_broker_broker::identity::{Verification, identify};
+use iam_broker_broker::projected::ProjectedIdentities;
+use iam_broker_kernel::allowance::{RoleArn, Subject};
+use iam_broker_kernel::cluster::RegisteredCluster;
+use iam_broker_kernel::ports::{AllowanceStore, ClusterRegistry, TokenStore};
+use iam_broker_kernel::{Config, SystemClock, Token, TokenRecord};
+use iam_broker_testkit::kube_api::{KubeApi, SigningAlgorithm, StandinOptions};
+use iam_broker_testkit::memory::{
     MemoryAllowanceStore, MemoryClusterRegistry, MemoryIssuer, MemoryTokenStore,
 };
-use iam_broker_core::ports::{AllowanceStore, ClusterRegistry, TokenStore};
-use iam_broker_core::projected::ProjectedIdentities;
-use iam_broker_core::{Config, SystemClock, Token, TokenRecord};
-use iam_broker_tests::kube_api::{KubeApi, SigningAlgorithm, StandinOptions};
 use time::OffsetDateTime;
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
@@ -268,19 +269,19 @@ async fn main() {
 
     let cases: Vec<SyncCase> = vec![
         (
-            "`cluster::identify`, RS256, 1 cluster",
+            "`identity::identify`, RS256, 1 cluster",
             identify_case(rs_token, rs_one, &verification, now),
         ),
         (
-            "`cluster::identify`, RS256, 20 clusters of one issuer (signer last)",
+            "`identity::identify`, RS256, 20 clusters of one issuer (signer last)",
             identify_case(rs_token, rs_all, &verification, now),
         ),
         (
-            "`cluster::identify`, ES256, 1 cluster",
+            "`identity::identify`, ES256, 1 cluster",
             identify_case(es_token, es_one, &verification, now),
         ),
         (
-            "`cluster::identify`, ES256, 20 clusters of one issuer (signer last)",
+            "`identity::identify`, ES256, 20 clusters of one issuer (signer last)",
             identify_case(es_token, es_all, &verification, now),
         ),
     ];

@@ -14,10 +14,7 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
 use tokio::process::{Child, Command};
 
-pub mod kube_api;
-pub mod kubelet;
 pub mod proxy;
-pub mod wire;
 
 /// Access key moto accepts while IAM enforcement is off.
 pub const MOTO_ACCESS_KEY: &str = "testing";
@@ -201,14 +198,7 @@ pub async fn wait_http(url: &str, within: Duration) -> anyhow::Result<()> {
     wait_http_with(&client_trusting(None)?, url, within).await
 }
 
-/// A reqwest client (2 s timeout) that also trusts `ca_pem`.
-pub fn client_trusting(ca_pem: Option<&str>) -> anyhow::Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
-    if let Some(pem) = ca_pem {
-        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes())?);
-    }
-    Ok(builder.build()?)
-}
+pub use iam_broker_testkit::client_trusting;
 
 /// [`wait_http`] with a given client.
 pub async fn wait_http_with(

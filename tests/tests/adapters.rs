@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore, StsCredentialIssuer};
-use iam_broker_core::allowance::{RoleArn, Subject};
-use iam_broker_core::broker::{Grant, mint};
-use iam_broker_core::ports::{
+use iam_broker_kernel::allowance::{RoleArn, Subject};
+use iam_broker_kernel::ports::{
     AllowanceStore, AssumeRoleRequest, CredentialIssuer, StoreError, TokenStore,
 };
+use iam_broker_kernel::record::{Grant, mint};
 use iam_broker_tests::{Moto, Tables};
 use time::OffsetDateTime;
 
@@ -55,7 +55,7 @@ async fn a_subjects_two_rows_come_back_from_one_batch_read() {
 
     // A cluster's rows are its own: the same names elsewhere read nothing.
     let east = app.clone().in_cluster(Some(
-        iam_broker_core::cluster::ClusterName::parse("east").unwrap(),
+        iam_broker_kernel::cluster::ClusterName::parse("east").unwrap(),
     ));
     assert_eq!(store.rows_for(&east).await.unwrap(), [None, None]);
     // Each row equals what a single read gives.
@@ -202,7 +202,7 @@ async fn token_records_insert_once_touch_never_creates_and_delete_returns_the_ol
     assert_eq!(touched.last_used, Some(now.unix_timestamp() + 5));
     assert_eq!(touched.expires, now.unix_timestamp() + 99);
 
-    let stranger = iam_broker_core::Token::mint().unwrap().hash();
+    let stranger = iam_broker_kernel::Token::mint().unwrap().hash();
     assert!(matches!(
         store.touch(&stranger, 1, 2).await,
         Err(StoreError::NotFound)
@@ -221,7 +221,7 @@ async fn token_records_insert_once_touch_never_creates_and_delete_returns_the_ol
 #[tokio::test]
 async fn an_unreadable_record_is_reported_not_served() {
     let (_moto, client, tables, _, store) = stores().await;
-    let hash = iam_broker_core::Token::mint().unwrap().hash();
+    let hash = iam_broker_kernel::Token::mint().unwrap().hash();
     client
         .put_item()
         .table_name(&tables.authorizations)
@@ -240,7 +240,7 @@ async fn a_missing_table_is_unavailable() {
     let (moto, ..) = stores().await;
     let client = aws_sdk_dynamodb::Client::new(&moto.sdk_config().await);
     let store = DynamoTokenStore::new(client, "no-such-table");
-    let hash = iam_broker_core::Token::mint().unwrap().hash();
+    let hash = iam_broker_kernel::Token::mint().unwrap().hash();
     assert!(matches!(
         store.record(&hash).await,
         Err(StoreError::Unavailable { .. })

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use aws_config::SdkConfig;
 use iam_broker_aws::DynamoTokenStore;
-use iam_broker_core::allowance::{RoleArn, Subject};
-use iam_broker_core::broker::{Grant, mint};
-use iam_broker_core::ports::TokenStore;
+use iam_broker_kernel::allowance::{RoleArn, Subject};
+use iam_broker_kernel::ports::TokenStore;
+use iam_broker_kernel::record::{Grant, mint};
 use iam_broker_tests::{ACCOUNT_ID, Env, Moto, Server, Tables, cli, cli_with_stdin};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -163,7 +163,7 @@ async fn serves_ecs_credentials_that_sts_accepts_and_never_logs_secrets() {
     // AND a use that would move the expiry by less than the slide step (an hour) does not
     // write the record: a token just minted keeps its record as written
     let store = w.token_store();
-    let hash = iam_broker_core::Token::parse(&token).unwrap().hash();
+    let hash = iam_broker_kernel::Token::parse(&token).unwrap().hash();
     let record = store.record(&hash).await.unwrap().unwrap();
     assert_eq!(record.last_used, None);
     // AND once a use moves it a full step, the record slides forward
@@ -230,7 +230,7 @@ async fn unknown_malformed_and_expired_tokens_are_403_and_write_nothing() {
     store.insert(&record).await.unwrap();
     let before = store.list().await.unwrap();
     let server = Server::start(&w.env).await.unwrap();
-    let unknown = iam_broker_core::Token::mint().unwrap();
+    let unknown = iam_broker_kernel::Token::mint().unwrap();
 
     // WHEN each bad token is tried
     for (label, value) in [
@@ -277,7 +277,7 @@ async fn unreadable_or_retracted_records_are_403_invalid_token_never_503() {
     ];
     let mut tokens = Vec::new();
     for (label, attributes) in damaged {
-        let token = iam_broker_core::Token::mint().unwrap();
+        let token = iam_broker_kernel::Token::mint().unwrap();
         let mut item = std::collections::HashMap::from([
             (
                 "token_hash".to_owned(),
@@ -308,7 +308,7 @@ async fn unreadable_or_retracted_records_are_403_invalid_token_never_503() {
     }
     let (retracted, _) = w.token("team-a", "app", ROLE).await;
     let store = w.token_store();
-    let hash = iam_broker_core::Token::parse(&retracted).unwrap().hash();
+    let hash = iam_broker_kernel::Token::parse(&retracted).unwrap().hash();
     let record = store.record(&hash).await.unwrap().unwrap();
     store
         .retract(&record.retracted(OffsetDateTime::now_utc().unix_timestamp()))

@@ -106,7 +106,7 @@ async fn tokens_are_listed_by_hash_and_revoked_by_hash() {
     let hash = rows[0]["token_hash"].as_str().unwrap().to_owned();
     assert_eq!(
         hash,
-        iam_broker_core::Token::parse(&token)
+        iam_broker_kernel::Token::parse(&token)
             .unwrap()
             .hash()
             .as_str()
@@ -536,7 +536,7 @@ async fn token_revoke_accepts_the_hash_prefix_token_create_prints() {
     .await
     .unwrap();
     assert!(created.success, "{}", created.stderr);
-    let hash = iam_broker_core::Token::parse(created.stdout.trim())
+    let hash = iam_broker_kernel::Token::parse(created.stdout.trim())
         .unwrap()
         .hash();
     let short = hash.short().to_owned();

@@ -7,12 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use iam_broker_tests::kube_api::{DEFAULT_TOKEN, KubeApi};
+use iam_broker_testkit::Signer;
+use iam_broker_testkit::kube_api::{DEFAULT_TOKEN, KubeApi};
 use iam_broker_tests::{CliOutput, Env, Moto, Server, Tables, cli, workspace_root};
-use ring::rand::SystemRandom;
-use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
 use serde_json::{Value, json};
 
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
@@ -46,25 +43,10 @@ fn refused(out: &CliOutput, expected: &str) {
 
 /// Writes a JWKS of fresh P-256 keys with these `kid`s to `dir/file`.
 fn jwks_file(dir: &Path, file: &str, kids: &[&str]) -> PathBuf {
-    let rng = SystemRandom::new();
-    let keys: Vec<Value> = kids
-        .iter()
-        .map(|kid| {
-            let pkcs8 =
-                EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-            let pair =
-                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-                    .unwrap();
-            let point = pair.public_key().as_ref();
-            json!({
-                "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
-                "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
-                "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
-            })
-        })
-        .collect();
+    let signers: Vec<Signer> = kids.iter().map(|kid| Signer::new(kid)).collect();
+    let jwks = Signer::jwks(&signers.iter().collect::<Vec<_>>());
     let path = dir.join(file);
-    std::fs::write(&path, json!({ "keys": keys }).to_string()).unwrap();
+    std::fs::write(&path, jwks).unwrap();
     path
 }
 

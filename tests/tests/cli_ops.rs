@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use base64::Engine as _;
-use iam_broker_tests::kube_api::{DEFAULT_TOKEN, KubeApi};
+use iam_broker_testkit::kube_api::{DEFAULT_TOKEN, KubeApi};
 use iam_broker_tests::{
     CliOutput, Env, Moto, Server, Tables, allow, cli, cli_with_stdin, mint_token, workspace_root,
 };
@@ -60,7 +60,11 @@ async fn render_webhook_matches_the_committed_example_and_refuses_plain_http() {
     ok(&fail);
     assert!(fail.stdout.contains("failurePolicy: Fail"));
     assert!(fail.stdout.contains("timeoutSeconds: 5"));
-    assert!(fail.stdout.contains("values: [ops]"));
+    assert!(
+        fail.stdout.contains("values:\n            - ops\n"),
+        "{}",
+        fail.stdout
+    );
 
     let plain = cli(&Env::new(), &["render-webhook", "--url", "http://x/"])
         .await
@@ -220,14 +224,14 @@ async fn kubeconfig_is_built_from_the_service_account_secret_and_stored_in_ssm()
     )
     .await
     .unwrap();
-    assert!(stored.contains("token: \"webhook-sa-token\""));
+    assert!(stored.contains("token: webhook-sa-token\n"), "{stored}");
     assert!(stored.contains(&api.url));
     api.set_tokens(&["webhook-sa-token"]);
     let cluster = iam_broker_kube::KubeCluster::new(
         iam_broker_kube::ClientSource::Kubeconfig(stored),
         std::time::Duration::from_secs(3),
     );
-    use iam_broker_core::ports::Cluster as _;
+    use iam_broker_kernel::ports::Cluster as _;
     assert!(cluster.service_account("a", "b").await.unwrap().is_none());
 
     // AND without --store it prints; a missing source is a usage error

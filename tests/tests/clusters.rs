@@ -9,16 +9,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::AttributeValue;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use iam_broker_aws::schema::create_clusters_table;
 use iam_broker_aws::{DynamoAllowanceStore, DynamoClusterRegistry};
-use iam_broker_core::allowance::Subject;
-use iam_broker_core::cluster::{ClusterName, RegisteredCluster};
-use iam_broker_core::ports::{AllowanceStore, ClusterRegistry, StoreError};
+use iam_broker_kernel::allowance::Subject;
+use iam_broker_kernel::cluster::{ClusterName, RegisteredCluster};
+use iam_broker_kernel::ports::{AllowanceStore, ClusterRegistry, StoreError};
+use iam_broker_testkit::Signer;
 use iam_broker_tests::{Moto, Tables};
-use ring::rand::SystemRandom;
-use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
 
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const A: &str = "arn:aws:iam::123456789012:role/iam-broker/a";
@@ -26,24 +23,8 @@ const B: &str = "arn:aws:iam::210987654321:role/iam-broker/b";
 
 /// A JWKS of fresh P-256 keys with these `kid`s.
 fn jwks(kids: &[&str]) -> String {
-    let rng = SystemRandom::new();
-    let keys: Vec<_> = kids
-        .iter()
-        .map(|kid| {
-            let pkcs8 =
-                EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-            let pair =
-                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-                    .unwrap();
-            let point = pair.public_key().as_ref();
-            serde_json::json!({
-                "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
-                "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
-                "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
-            })
-        })
-        .collect();
-    serde_json::json!({ "keys": keys }).to_string()
+    let signers: Vec<Signer> = kids.iter().map(|kid| Signer::new(kid)).collect();
+    Signer::jwks(&signers.iter().collect::<Vec<_>>())
 }
 
 fn cluster(name: &str, kids: &[&str], updated_at: i64) -> RegisteredCluster {

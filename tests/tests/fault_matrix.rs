@@ -21,17 +21,17 @@ use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_credential_types::Credentials;
 use axum::http::Method;
+use iam_broker_admission::events::EVENT_BUDGET;
+use iam_broker_admission::patch::{SidecarMode, SidecarSettings};
+use iam_broker_admission::review::{self, AdmissionRequest};
+use iam_broker_admission::webhook::{Decision, Outcome, Webhook, WebhookSettings};
 use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore};
-use iam_broker_core::admission::{SidecarMode, SidecarSettings};
-use iam_broker_core::allowance::Subject;
-use iam_broker_core::events::EVENT_BUDGET;
-use iam_broker_core::ports::{AllowanceStore, TokenStore};
-use iam_broker_core::review::{self, AdmissionRequest};
-use iam_broker_core::webhook::{Decision, Outcome, Webhook, WebhookSettings};
-use iam_broker_core::{FailurePolicy, SystemClock};
+use iam_broker_kernel::allowance::Subject;
+use iam_broker_kernel::ports::{AllowanceStore, TokenStore};
+use iam_broker_kernel::{FailurePolicy, SystemClock};
 use iam_broker_kube::{ClientSource, KubeCluster};
-use iam_broker_tests::kube_api::{DEFAULT_TOKEN, Fault, KubeApi};
-use iam_broker_tests::wire::{DynamoCall, DynamoFaults, WireFault};
+use iam_broker_testkit::kube_api::{DEFAULT_TOKEN, Fault, KubeApi};
+use iam_broker_testkit::wire::{DynamoCall, DynamoFaults, WireFault};
 use iam_broker_tests::{MOTO_ACCESS_KEY, MOTO_SECRET_KEY, Moto, REGION, Tables};
 use serde_json::{Value, json};
 
@@ -148,7 +148,7 @@ async fn world() -> World {
         forward_budget: FORWARD,
         undo_budget: UNDO,
         path_secret: None,
-        identity: iam_broker_core::webhook::WebhookIdentity::Secret,
+        identity: iam_broker_admission::webhook::WebhookIdentity::Secret,
         scope: None,
     };
     let webhook = Webhook::new(

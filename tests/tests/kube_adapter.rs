@@ -8,11 +8,11 @@
 use std::time::{Duration, Instant};
 
 use axum::http::Method;
-use iam_broker_core::ports::{Cluster, ClusterError, ClusterEvent, ObjectRef, TokenSecret};
-use iam_broker_core::{Token, TokenHash};
+use iam_broker_kernel::ports::{Cluster, ClusterError, ClusterEvent, ObjectRef, TokenSecret};
+use iam_broker_kernel::{Token, TokenHash};
 use iam_broker_kube::{ClientSource, KubeCluster, store_kubeconfig_in_ssm};
+use iam_broker_testkit::kube_api::{DEFAULT_TOKEN, Fault, KubeApi};
 use iam_broker_tests::Moto;
-use iam_broker_tests::kube_api::{DEFAULT_TOKEN, Fault, KubeApi};
 
 /// Generous: CI machines are small and busy; the hung-server test only needs it below 30 s.
 const TIMEOUT: Duration = Duration::from_secs(5);

@@ -8,16 +8,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use iam_broker_aws::DynamoTokenStore;
-use iam_broker_core::allowance::Subject;
-use iam_broker_core::ports::{AllowanceStore as _, TokenStore};
-use iam_broker_core::{Config, Token, TokenRecord};
+use iam_broker_kernel::allowance::Subject;
+use iam_broker_kernel::ports::{AllowanceStore as _, TokenStore};
+use iam_broker_kernel::{Config, Token, TokenRecord};
 use std::sync::Arc;
 
 use http_body_util::BodyExt as _;
-use iam_broker_core::cleanup::Cleanup;
+use iam_broker_admission::cleanup::Cleanup;
 use iam_broker_lambda::{CleanupEvent, CleanupFailure, Handler, UnknownHandler};
 use iam_broker_router::router;
-use iam_broker_tests::kube_api::{DEFAULT_TOKEN, KubeApi};
+use iam_broker_testkit::kube_api::{DEFAULT_TOKEN, KubeApi};
 use iam_broker_tests::{Moto, Tables, workspace_root};
 use serde_json::{Value, json};
 use tower::ServiceExt as _;
@@ -157,7 +157,7 @@ async fn the_sweep_removes_orphans_on_both_sides() {
     let healthy = w.tokens.list().await.unwrap()[0].clone();
     // a Secret whose record is gone, created an hour ago
     let orphan_token = Token::mint().unwrap();
-    let orphan = iam_broker_core::admission::secret_name(orphan_token.hash().as_str());
+    let orphan = iam_broker_admission::patch::secret_name(orphan_token.hash().as_str());
     w.api.put(
         "secrets",
         "team-b",
@@ -173,8 +173,8 @@ async fn the_sweep_removes_orphans_on_both_sides() {
         .insert(&TokenRecord {
             token_hash: lost.hash(),
             subject: Subject::service_account("team-c", "app").unwrap(),
-            role_arn: iam_broker_core::allowance::RoleArn::parse(ROLE).unwrap(),
-            secret_name: Some(iam_broker_core::admission::secret_name(
+            role_arn: iam_broker_kernel::allowance::RoleArn::parse(ROLE).unwrap(),
+            secret_name: Some(iam_broker_admission::patch::secret_name(
                 lost.hash().as_str(),
             )),
             pod_name: Some("gone".into()),

@@ -10,14 +10,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use iam_broker_admission::patch::broker_url_with_role;
 use iam_broker_aws::DynamoAllowanceStore;
 use iam_broker_aws::clusters::DynamoClusterRegistry;
-use iam_broker_core::admission::broker_url_with_role;
-use iam_broker_core::allowance::Subject;
-use iam_broker_core::cluster::{ClusterName, RegisteredCluster};
-use iam_broker_core::ports::{AllowanceStore, ClusterRegistry};
-use iam_broker_tests::kube_api::KubeApi;
-use iam_broker_tests::kubelet::{ProjectedTokenFile, TokenProjection};
+use iam_broker_kernel::allowance::Subject;
+use iam_broker_kernel::cluster::{ClusterName, RegisteredCluster};
+use iam_broker_kernel::ports::{AllowanceStore, ClusterRegistry};
+use iam_broker_testkit::kube_api::KubeApi;
+use iam_broker_testkit::kubelet::{ProjectedTokenFile, TokenProjection};
 use iam_broker_tests::proxy::{Proxy, arn_of, aws_cli, container_env, run};
 use iam_broker_tests::{Env, Moto, Server, Tables, binary, workspace_root};
 
@@ -48,7 +48,7 @@ async fn register(registry: &DynamoClusterRegistry, name: &str, api: &KubeApi) {
     .unwrap();
     match registry.insert(&cluster).await {
         Ok(()) => {}
-        Err(iam_broker_core::ports::StoreError::AlreadyExists) => {
+        Err(iam_broker_kernel::ports::StoreError::AlreadyExists) => {
             registry.update(&cluster).await.unwrap()
         }
         Err(e) => panic!("{e}"),
@@ -310,7 +310,7 @@ async fn foreign_stale_and_misdirected_tokens_are_refused_with_403() {
     let foreign_key = issue(&foreign, AUDIENCE).await;
     // An issuer nobody registered.
     let elsewhere = KubeApi::start_with(
-        iam_broker_tests::kube_api::StandinOptions::default().issuer("https://elsewhere.example"),
+        iam_broker_testkit::kube_api::StandinOptions::default().issuer("https://elsewhere.example"),
     )
     .await
     .unwrap();
@@ -396,7 +396,7 @@ async fn two_clusters_with_the_same_names_get_only_their_own_allowances() {
 
 #[tokio::test]
 async fn projected_admission_through_serve_patches_the_pod_and_writes_nothing() {
-    use iam_broker_tests::kube_api::DEFAULT_TOKEN;
+    use iam_broker_testkit::kube_api::DEFAULT_TOKEN;
     let moto = Moto::start().await.unwrap();
     let sdk = moto.sdk_config().await;
     let tables = Tables::create(&sdk, "admit").await.unwrap();

@@ -161,7 +161,7 @@ async fn in_cluster_broker_over_https_with_a_private_ca() {
     allow(&env, "team-a", "app", ROLE).await.unwrap();
     let token = mint_token(&env, "team-a", "app", ROLE).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = iam_broker_tests::kube_api::test_certificates().unwrap();
+    let (ca, cert, key) = iam_broker_testkit::kube_api::test_certificates().unwrap();
     let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&cert_path, cert).unwrap();
     std::fs::write(&key_path, key).unwrap();

@@ -231,7 +231,7 @@ async fn stalled_handshakes_and_slow_heads_over_tls_are_cut_while_health_keeps_a
     // GIVEN `iam-broker serve --tls-cert --tls-key` with 1 s handshake and header-read timeouts
     let w = world(&[]).await;
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = iam_broker_tests::kube_api::test_certificates().unwrap();
+    let (ca, cert, key) = iam_broker_testkit::kube_api::test_certificates().unwrap();
     let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&cert_path, cert).unwrap();
     std::fs::write(&key_path, key).unwrap();

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use axum::http::Method;
 use base64::Engine as _;
 use iam_broker_aws::DynamoTokenStore;
-use iam_broker_core::Token;
-use iam_broker_core::ports::TokenStore;
-use iam_broker_tests::kube_api::{DEFAULT_TOKEN, Fault, KubeApi};
+use iam_broker_kernel::Token;
+use iam_broker_kernel::ports::TokenStore;
+use iam_broker_testkit::kube_api::{DEFAULT_TOKEN, Fault, KubeApi};
 use iam_broker_tests::{Env, Moto, Server, Tables, allow};
 use serde_json::{Value, json};
 

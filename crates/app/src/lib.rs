@@ -6,16 +6,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use iam_broker_admission::cleanup::Cleanup;
+use iam_broker_admission::webhook::{Webhook, WebhookSettings};
 use iam_broker_aws::{
     DynamoAllowanceStore, DynamoClusterRegistry, DynamoTokenStore, StsCredentialIssuer,
 };
-use iam_broker_core::broker::{Broker, BrokerSettings};
-use iam_broker_core::cleanup::Cleanup;
-use iam_broker_core::config::PROJECTED_TOKEN_LEEWAY;
-use iam_broker_core::ports::Cluster;
-use iam_broker_core::projected::{ProjectedIdentities, ProjectedSettings};
-use iam_broker_core::webhook::{Webhook, WebhookSettings};
-use iam_broker_core::{Config, SystemClock};
+use iam_broker_broker::broker::{Broker, BrokerSettings};
+use iam_broker_broker::projected::{ProjectedIdentities, ProjectedSettings};
+use iam_broker_kernel::config::PROJECTED_TOKEN_LEEWAY;
+use iam_broker_kernel::ports::Cluster;
+use iam_broker_kernel::{Config, SystemClock};
 use iam_broker_kube::{ClientSource, KubeCluster};
 use iam_broker_router::AppState;
 use iam_broker_router::metrics::Metrics;

@@ -11,15 +11,13 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
-use iam_broker_core::cluster::{ClusterName, RegisteredCluster};
-use iam_broker_core::ports::{ClusterRegistry, StoreError};
-use iam_broker_core::text::{MAX_ECHO, clip};
+use iam_broker_kernel::cluster::{ClusterName, RegisteredCluster};
+use iam_broker_kernel::ports::{ClusterRegistry, StoreError};
+use iam_broker_kernel::text::{MAX_ECHO, clip};
 
-use crate::dynamodb::{
-    Item, TableRole, corrupt, is_conditional_failure, number, string, unavailable,
-};
+use crate::dynamodb::{Item, Table, TableRole, is_conditional_failure, number, string};
 
 /// Attribute names of the Clusters table.
 pub mod cluster_attributes {
@@ -40,24 +38,15 @@ use cluster_attributes as ca;
 /// The Clusters table.
 #[derive(Debug, Clone)]
 pub struct DynamoClusterRegistry {
-    client: Client,
-    table: String,
+    table: Table,
 }
 
 impl DynamoClusterRegistry {
     /// Wraps a client and the table name.
     pub fn new(client: Client, table: impl Into<String>) -> Self {
         Self {
-            client,
-            table: table.into(),
+            table: Table::new(client, table, TableRole::Clusters),
         }
-    }
-
-    fn unavailable<E>(&self, error: SdkError<E, HttpResponse>) -> StoreError
-    where
-        E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
-    {
-        unavailable(&self.client, &self.table, TableRole::Clusters, error)
     }
 
     fn key(name: &ClusterName) -> Item {
@@ -110,17 +99,16 @@ impl DynamoClusterRegistry {
     /// [`Self::from_item`] as a store error.
     fn read_item(&self, item: &Item) -> Result<RegisteredCluster, StoreError> {
         Self::from_item(item).map_err(|why| {
-            corrupt(
-                &self.table,
-                format!("the row of cluster {}: {why}", row_name(item)),
-            )
+            self.table
+                .corrupt(format!("the row of cluster {}: {why}", row_name(item)))
         })
     }
 
     async fn put(&self, cluster: &RegisteredCluster, condition: &str) -> Result<(), SdkFailure> {
-        self.client
+        self.table
+            .client
             .put_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_item(Some(Self::to_item(cluster)))
             .condition_expression(condition)
             .expression_attribute_names("#cluster", ca::CLUSTER)
@@ -145,23 +133,24 @@ impl ClusterRegistry for DynamoClusterRegistry {
     async fn clusters(&self) -> Result<Vec<RegisteredCluster>, StoreError> {
         // Consistent: a cluster registered a moment ago is seen by the next unknown-key re-read.
         let items: Vec<Item> = self
+            .table
             .client
             .scan()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .consistent_read(true)
             .into_paginator()
             .items()
             .send()
             .try_collect()
             .await
-            .map_err(|e| self.unavailable(e))?;
+            .map_err(|e| self.table.unavailable(e))?;
         let mut clusters: Vec<RegisteredCluster> = items
             .iter()
             .filter_map(|item| match Self::from_item(item) {
                 Ok(cluster) => Some(cluster),
                 Err(why) => {
                     tracing::error!(
-                        table = %self.table,
+                        table = %self.table.name,
                         cluster = %row_name(item),
                         reason = %why,
                         "a row of the cluster registry cannot be read; its cluster is left out \
@@ -177,14 +166,15 @@ impl ClusterRegistry for DynamoClusterRegistry {
 
     async fn cluster(&self, name: &ClusterName) -> Result<Option<RegisteredCluster>, StoreError> {
         let output = self
+            .table
             .client
             .get_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_key(Some(Self::key(name)))
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| self.unavailable(e))?;
+            .map_err(|e| self.table.unavailable(e))?;
         output
             .item
             .as_ref()
@@ -196,7 +186,7 @@ impl ClusterRegistry for DynamoClusterRegistry {
         match self.put(cluster, "attribute_not_exists(#cluster)").await {
             Ok(()) => Ok(()),
             Err(e) if is_conditional_failure(&e) => Err(StoreError::AlreadyExists),
-            Err(e) => Err(self.unavailable(e)),
+            Err(e) => Err(self.table.unavailable(e)),
         }
     }
 
@@ -204,7 +194,7 @@ impl ClusterRegistry for DynamoClusterRegistry {
         match self.put(cluster, "attribute_exists(#cluster)").await {
             Ok(()) => Ok(()),
             Err(e) if is_conditional_failure(&e) => Err(StoreError::NotFound),
-            Err(e) => Err(self.unavailable(e)),
+            Err(e) => Err(self.table.unavailable(e)),
         }
     }
 
@@ -212,21 +202,21 @@ impl ClusterRegistry for DynamoClusterRegistry {
     /// fixed), and then answers [`StoreError::Corrupt`] saying it was removed.
     async fn remove(&self, name: &ClusterName) -> Result<Option<RegisteredCluster>, StoreError> {
         let output = self
+            .table
             .client
             .delete_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_key(Some(Self::key(name)))
             .return_values(ReturnValue::AllOld)
             .send()
             .await
-            .map_err(|e| self.unavailable(e))?;
+            .map_err(|e| self.table.unavailable(e))?;
         match output.attributes.as_ref().filter(|item| !item.is_empty()) {
             None => Ok(None),
             Some(item) => Self::from_item(item).map(Some).map_err(|why| {
-                corrupt(
-                    &self.table,
-                    format!("the row of cluster {name} was removed; it could not be read: {why}"),
-                )
+                self.table.corrupt(format!(
+                    "the row of cluster {name} was removed; it could not be read: {why}"
+                ))
             }),
         }
     }

@@ -10,11 +10,13 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnValue};
-use iam_broker_core::allowance::{Allowance, RoleArn, Subject, WILDCARD_SERVICE_ACCOUNT};
-use iam_broker_core::cluster::ClusterName;
-use iam_broker_core::config::{ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE, ENV_CLUSTERS_TABLE};
-use iam_broker_core::ports::{AllowanceStore, BoxError, StoreError, TokenStore};
-use iam_broker_core::{TokenHash, TokenRecord};
+use iam_broker_kernel::allowance::{Allowance, RoleArn, Subject, WILDCARD_SERVICE_ACCOUNT};
+use iam_broker_kernel::cluster::ClusterName;
+use iam_broker_kernel::config::{
+    ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE, ENV_CLUSTERS_TABLE,
+};
+use iam_broker_kernel::ports::{AllowanceStore, BoxError, StoreError, TokenStore};
+use iam_broker_kernel::{TokenHash, TokenRecord};
 
 use crate::sdk::{SdkFailure, Service, error_code, explain};
 
@@ -140,19 +142,39 @@ where
     Box::new(explain(Service::DynamoDb, region, error))
 }
 
-pub(crate) fn unavailable<E>(
-    client: &Client,
-    table: &str,
+/// What every DynamoDB adapter holds: the client, the table's name and which table it is, with
+/// the two ways a call on it fails (unreachable, or a row that cannot be read).
+#[derive(Debug, Clone)]
+pub(crate) struct Table {
+    pub(crate) client: Client,
+    pub(crate) name: String,
     role: TableRole,
-    error: SdkError<E, HttpResponse>,
-) -> StoreError
-where
-    E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
-{
-    StoreError::Unavailable {
-        store: format!("DynamoDB table {table}"),
-        maybe_written: may_have_written(&error),
-        source: table_error(client, table, role, error),
+}
+
+impl Table {
+    pub(crate) fn new(client: Client, name: impl Into<String>, role: TableRole) -> Self {
+        Self {
+            client,
+            name: name.into(),
+            role,
+        }
+    }
+
+    /// A failed call as [`StoreError::Unavailable`], explained ([`table_error`]).
+    pub(crate) fn unavailable<E>(&self, error: SdkError<E, HttpResponse>) -> StoreError
+    where
+        E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+    {
+        StoreError::Unavailable {
+            store: format!("DynamoDB table {}", self.name),
+            maybe_written: may_have_written(&error),
+            source: table_error(&self.client, &self.name, self.role, error),
+        }
+    }
+
+    /// A row that cannot be read, as [`StoreError::Corrupt`].
+    pub(crate) fn corrupt(&self, message: impl Into<String>) -> StoreError {
+        corrupt(&self.name, message)
     }
 }
 
@@ -199,24 +221,15 @@ pub(crate) fn number(item: &Item, name: &str) -> Option<i64> {
 /// The Allowances table.
 #[derive(Debug, Clone)]
 pub struct DynamoAllowanceStore {
-    client: Client,
-    table: String,
+    table: Table,
 }
 
 impl DynamoAllowanceStore {
     /// Wraps a client and the table name.
     pub fn new(client: Client, table: impl Into<String>) -> Self {
         Self {
-            client,
-            table: table.into(),
+            table: Table::new(client, table, TableRole::Allowances),
         }
-    }
-
-    fn unavailable<E>(&self, error: SdkError<E, HttpResponse>) -> StoreError
-    where
-        E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
-    {
-        unavailable(&self.client, &self.table, TableRole::Allowances, error)
     }
 
     fn key(subject: &Subject) -> Item {
@@ -237,13 +250,14 @@ impl DynamoAllowanceStore {
             string(item, aa::NAMESPACE),
             string(item, aa::SERVICE_ACCOUNT),
         ) else {
-            return Err(corrupt(&self.table, "an allowance without its keys"));
+            return Err(self.table.corrupt("an allowance without its keys"));
         };
         // `<cluster>/<namespace>` outside the default cluster (see `Subject::partition`).
         let (cluster, namespace) = match partition.split_once('/') {
             Some((cluster, namespace)) => (
                 Some(ClusterName::parse(cluster).map_err(|e| {
-                    corrupt(&self.table, format!("the namespace key's cluster: {e}"))
+                    self.table
+                        .corrupt(format!("the namespace key's cluster: {e}"))
                 })?),
                 namespace.to_owned(),
             ),
@@ -254,7 +268,7 @@ impl DynamoAllowanceStore {
             if let Some(role) = name.strip_prefix(aa::EXTERNAL_ID_PREFIX) {
                 let id = value
                     .as_s()
-                    .map_err(|_| corrupt(&self.table, format!("{name} is not a string")))?;
+                    .map_err(|_| self.table.corrupt(format!("{name} is not a string")))?;
                 external_ids.insert(role.to_owned(), id.clone());
             }
         }
@@ -267,7 +281,7 @@ impl DynamoAllowanceStore {
                 AttributeValue::L(list) => {
                     Ok(list.iter().filter_map(|v| v.as_s().ok().cloned()).collect())
                 }
-                _ => Err(corrupt(&self.table, "allowed_roles is not a string set")),
+                _ => Err(self.table.corrupt("allowed_roles is not a string set")),
             })
             .transpose()?
             .unwrap_or_default();
@@ -287,14 +301,15 @@ impl DynamoAllowanceStore {
 impl AllowanceStore for DynamoAllowanceStore {
     async fn allowance(&self, subject: &Subject) -> Result<Option<Allowance>, StoreError> {
         let output = self
+            .table
             .client
             .get_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_key(Some(Self::key(subject)))
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| self.unavailable(e))?;
+            .map_err(|e| self.table.unavailable(e))?;
         output
             .item
             .as_ref()
@@ -317,23 +332,24 @@ impl AllowanceStore for DynamoAllowanceStore {
             .consistent_read(true)
             .build()
             .map_err(|e| StoreError::Unavailable {
-                store: self.table.clone(),
+                store: self.table.name.clone(),
                 maybe_written: false,
                 source: Box::new(e),
             })?;
-        let mut request = HashMap::from([(self.table.clone(), keys)]);
+        let mut request = HashMap::from([(self.table.name.clone(), keys)]);
         let mut rows: [Option<Allowance>; 2] = [None, None];
         for attempt in 0..BATCH_ATTEMPTS {
             let output = self
+                .table
                 .client
                 .batch_get_item()
                 .set_request_items(Some(request))
                 .send()
                 .await
-                .map_err(|e| self.unavailable(e))?;
+                .map_err(|e| self.table.unavailable(e))?;
             for item in output
                 .responses
-                .and_then(|mut tables| tables.remove(&self.table))
+                .and_then(|mut tables| tables.remove(&self.table.name))
                 .unwrap_or_default()
             {
                 let row = self.read_item(&item)?;
@@ -349,7 +365,7 @@ impl AllowanceStore for DynamoAllowanceStore {
             }
         }
         Err(StoreError::Unavailable {
-            store: self.table.clone(),
+            store: self.table.name.clone(),
             maybe_written: false,
             source: format!(
                 "BatchGetItem left keys unprocessed {BATCH_ATTEMPTS} times (throttled)"
@@ -365,9 +381,10 @@ impl AllowanceStore for DynamoAllowanceStore {
         external_id: Option<&str>,
     ) -> Result<Allowance, StoreError> {
         let mut update = self
+            .table
             .client
             .update_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_key(Some(Self::key(subject)))
             .expression_attribute_names("#roles", aa::ALLOWED_ROLES)
             .expression_attribute_names("#ext", format!("{}{role_arn}", aa::EXTERNAL_ID_PREFIX))
@@ -382,10 +399,10 @@ impl AllowanceStore for DynamoAllowanceStore {
             .return_values(ReturnValue::AllNew)
             .send()
             .await
-            .map_err(|e| self.unavailable(e))?;
+            .map_err(|e| self.table.unavailable(e))?;
         let item = output
             .attributes
-            .ok_or_else(|| corrupt(&self.table, "UpdateItem returned no attributes"))?;
+            .ok_or_else(|| self.table.corrupt("UpdateItem returned no attributes"))?;
         self.read_item(&item)
     }
 
@@ -396,9 +413,10 @@ impl AllowanceStore for DynamoAllowanceStore {
     ) -> Result<Option<Allowance>, StoreError> {
         if let Some(role_arn) = role_arn {
             let output = self
+                .table
                 .client
                 .update_item()
-                .table_name(&self.table)
+                .table_name(&self.table.name)
                 .set_key(Some(Self::key(subject)))
                 .update_expression("DELETE #roles :role REMOVE #ext")
                 .condition_expression("attribute_exists(#ns)")
@@ -412,7 +430,7 @@ impl AllowanceStore for DynamoAllowanceStore {
             let output = match output {
                 Ok(output) => output,
                 Err(e) if is_conditional_failure(&e) => return Ok(None),
-                Err(e) => return Err(self.unavailable(e)),
+                Err(e) => return Err(self.table.unavailable(e)),
             };
             let remaining = output
                 .attributes
@@ -429,9 +447,10 @@ impl AllowanceStore for DynamoAllowanceStore {
         // Remove the row: all roles were asked for, or the last one just went. The condition
         // keeps a role that someone re-added in between.
         let mut delete = self
+            .table
             .client
             .delete_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_key(Some(Self::key(subject)));
         if role_arn.is_some() {
             delete = delete
@@ -441,16 +460,17 @@ impl AllowanceStore for DynamoAllowanceStore {
         match delete.send().await {
             Ok(_) => Ok(None),
             Err(e) if is_conditional_failure(&e) => self.allowance(subject).await,
-            Err(e) => Err(self.unavailable(e)),
+            Err(e) => Err(self.table.unavailable(e)),
         }
     }
 
     async fn list(&self, partition: Option<&str>) -> Result<Vec<Allowance>, StoreError> {
         let pages: Vec<Item> = match partition {
             Some(namespace) => self
+                .table
                 .client
                 .query()
-                .table_name(&self.table)
+                .table_name(&self.table.name)
                 .key_condition_expression("#ns = :ns")
                 .expression_attribute_names("#ns", aa::NAMESPACE)
                 .expression_attribute_values(":ns", AttributeValue::S(namespace.to_owned()))
@@ -459,17 +479,18 @@ impl AllowanceStore for DynamoAllowanceStore {
                 .send()
                 .try_collect()
                 .await
-                .map_err(|e| self.unavailable(e))?,
+                .map_err(|e| self.table.unavailable(e))?,
             None => self
+                .table
                 .client
                 .scan()
-                .table_name(&self.table)
+                .table_name(&self.table.name)
                 .into_paginator()
                 .items()
                 .send()
                 .try_collect()
                 .await
-                .map_err(|e| self.unavailable(e))?,
+                .map_err(|e| self.table.unavailable(e))?,
         };
         let mut rows = pages
             .iter()
@@ -483,24 +504,15 @@ impl AllowanceStore for DynamoAllowanceStore {
 /// The Authorizations table.
 #[derive(Debug, Clone)]
 pub struct DynamoTokenStore {
-    client: Client,
-    table: String,
+    table: Table,
 }
 
 impl DynamoTokenStore {
     /// Wraps a client and the table name.
     pub fn new(client: Client, table: impl Into<String>) -> Self {
         Self {
-            client,
-            table: table.into(),
+            table: Table::new(client, table, TableRole::Authorizations),
         }
-    }
-
-    fn unavailable<E>(&self, error: SdkError<E, HttpResponse>) -> StoreError
-    where
-        E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
-    {
-        unavailable(&self.client, &self.table, TableRole::Authorizations, error)
     }
 
     fn key(hash: &TokenHash) -> Item {
@@ -540,10 +552,12 @@ impl DynamoTokenStore {
     fn read_item(&self, item: &Item) -> Result<TokenRecord, StoreError> {
         let required = |name: &str| {
             string(item, name)
-                .ok_or_else(|| corrupt(&self.table, format!("a token record without {name}")))
+                .ok_or_else(|| self.table.corrupt(format!("a token record without {name}")))
         };
-        let token_hash = TokenHash::parse(&required(ta::TOKEN_HASH)?)
-            .ok_or_else(|| corrupt(&self.table, "token_hash is not lowercase hex SHA-256"))?;
+        let token_hash = TokenHash::parse(&required(ta::TOKEN_HASH)?).ok_or_else(|| {
+            self.table
+                .corrupt("token_hash is not lowercase hex SHA-256")
+        })?;
         Ok(TokenRecord {
             token_hash,
             subject: Subject {
@@ -552,7 +566,7 @@ impl DynamoTokenStore {
                 service_account: required(ta::SERVICE_ACCOUNT)?,
             },
             role_arn: RoleArn::parse(&required(ta::ROLE_ARN)?)
-                .map_err(|e| corrupt(&self.table, format!("role_arn: {e}")))?,
+                .map_err(|e| self.table.corrupt(format!("role_arn: {e}")))?,
             secret_name: string(item, ta::SECRET_NAME),
             pod_name: string(item, ta::POD_NAME),
             created_at: number(item, ta::CREATED_AT).unwrap_or_default(),
@@ -563,7 +577,8 @@ impl DynamoTokenStore {
             retracted_at: match item.get(ta::RETRACTED_AT) {
                 None => None,
                 Some(_) => Some(number(item, ta::RETRACTED_AT).ok_or_else(|| {
-                    corrupt(&self.table, "retracted_at is not a number of seconds")
+                    self.table
+                        .corrupt("retracted_at is not a number of seconds")
                 })?),
             },
         })
@@ -574,14 +589,15 @@ impl DynamoTokenStore {
 impl TokenStore for DynamoTokenStore {
     async fn record(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
         let output = self
+            .table
             .client
             .get_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_key(Some(Self::key(hash)))
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| self.unavailable(e))?;
+            .map_err(|e| self.table.unavailable(e))?;
         output
             .item
             .as_ref()
@@ -591,9 +607,10 @@ impl TokenStore for DynamoTokenStore {
 
     async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
         match self
+            .table
             .client
             .put_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_item(Some(Self::to_item(record)))
             .condition_expression("attribute_not_exists(#hash)")
             .expression_attribute_names("#hash", ta::TOKEN_HASH)
@@ -602,7 +619,7 @@ impl TokenStore for DynamoTokenStore {
         {
             Ok(_) => Ok(()),
             Err(e) if is_conditional_failure(&e) => Err(StoreError::AlreadyExists),
-            Err(e) => Err(self.unavailable(e)),
+            Err(e) => Err(self.table.unavailable(e)),
         }
     }
 
@@ -613,9 +630,10 @@ impl TokenStore for DynamoTokenStore {
         expires: i64,
     ) -> Result<(), StoreError> {
         match self
+            .table
             .client
             .update_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_key(Some(Self::key(hash)))
             .update_expression("SET #used = :used, #expires = :expires")
             // A tombstone is never slid forward (a broker that read the record just before the
@@ -632,33 +650,35 @@ impl TokenStore for DynamoTokenStore {
         {
             Ok(_) => Ok(()),
             Err(e) if is_conditional_failure(&e) => Err(StoreError::NotFound),
-            Err(e) => Err(self.unavailable(e)),
+            Err(e) => Err(self.table.unavailable(e)),
         }
     }
 
     async fn retract(&self, tombstone: &TokenRecord) -> Result<(), StoreError> {
         // Unconditional: whatever is under the hash (nothing, a live record, a record whose
         // insert is still in flight) becomes this tombstone.
-        self.client
+        self.table
+            .client
             .put_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_item(Some(Self::to_item(tombstone)))
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| self.unavailable(e))
+            .map_err(|e| self.table.unavailable(e))
     }
 
     async fn delete(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
         let output = self
+            .table
             .client
             .delete_item()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .set_key(Some(Self::key(hash)))
             .return_values(ReturnValue::AllOld)
             .send()
             .await
-            .map_err(|e| self.unavailable(e))?;
+            .map_err(|e| self.table.unavailable(e))?;
         output
             .attributes
             .as_ref()
@@ -668,15 +688,16 @@ impl TokenStore for DynamoTokenStore {
 
     async fn list(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let items: Vec<Item> = self
+            .table
             .client
             .scan()
-            .table_name(&self.table)
+            .table_name(&self.table.name)
             .into_paginator()
             .items()
             .send()
             .try_collect()
             .await
-            .map_err(|e| self.unavailable(e))?;
+            .map_err(|e| self.table.unavailable(e))?;
         let mut records = items
             .iter()
             .map(|item| self.read_item(item))

@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::types::{
     TimeToLiveSpecification,
 };
 
-use iam_broker_core::ports::BoxError;
+use iam_broker_kernel::ports::BoxError;
 
 use crate::clusters::cluster_attributes as ca;
 use crate::dynamodb::{TableRole, allowance_attributes as aa, table_error, token_attributes as ta};

@@ -18,7 +18,7 @@ use aws_credential_types::provider::{ProvideCredentials, future};
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
-use iam_broker_core::ports::BoxError;
+use iam_broker_kernel::ports::BoxError;
 
 /// Loads the shared SDK configuration. `call_timeout` bounds each operation, retries included.
 ///
@@ -502,14 +502,7 @@ fn answered_by_aws(raw: &HttpResponse) -> bool {
 
 /// The first error of type `T` in `error`'s source chain (itself included).
 fn find<'a, T: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Option<&'a T> {
-    let mut next = Some(error);
-    while let Some(current) = next {
-        if let Some(found) = current.downcast_ref::<T>() {
-            return Some(found);
-        }
-        next = current.source();
-    }
-    None
+    iam_broker_kernel::text::sources(error).find_map(|e| e.downcast_ref::<T>())
 }
 
 #[cfg(test)]

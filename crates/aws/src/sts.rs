@@ -7,8 +7,8 @@ use aws_sdk_sts::config::http::HttpResponse;
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::operation::assume_role::AssumeRoleError;
 use aws_sdk_sts::types::Tag;
-use iam_broker_core::Credentials;
-use iam_broker_core::ports::{AssumeRoleRequest, CredentialIssuer, IssueError};
+use iam_broker_kernel::Credentials;
+use iam_broker_kernel::ports::{AssumeRoleRequest, CredentialIssuer, IssueError};
 use time::OffsetDateTime;
 
 use crate::sdk::{AwsError, Service, explain, xml_text};

@@ -5,16 +5,16 @@ use std::io::Read as _;
 use anyhow::{Context as _, bail};
 use iam_broker_app::AwsAdapters;
 use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore};
-use iam_broker_core::allowance::{
+use iam_broker_kernel::allowance::{
     Allowance, RoleArn, Subject, WILDCARD_SERVICE_ACCOUNT, is_allowed, validate_external_id,
 };
-use iam_broker_core::broker::{Grant, mint};
-use iam_broker_core::cluster::ClusterName;
-use iam_broker_core::ports::{AllowanceStore, ClusterRegistry, TokenStore};
-use iam_broker_core::{Config, Token, TokenHash, TokenRecord};
+use iam_broker_kernel::clock::rfc3339;
+use iam_broker_kernel::cluster::ClusterName;
+use iam_broker_kernel::ports::{AllowanceStore, ClusterRegistry, TokenStore};
+use iam_broker_kernel::record::{Grant, mint};
+use iam_broker_kernel::{Config, Token, TokenHash, TokenRecord};
 use serde_json::json;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use crate::stack::Environment;
 use crate::{Command, Output, TablesCommand, TokenCommand};
@@ -368,7 +368,7 @@ async fn token(stores: &Stores, command: TokenCommand) -> anyhow::Result<()> {
                             if r.is_retracted() {
                                 "retracted".to_owned()
                             } else {
-                                epoch(r.expires)
+                                rfc3339(r.expires)
                             },
                             r.role_arn
                         );
@@ -447,14 +447,6 @@ fn short_hash_len() -> usize {
     TokenHash::parse(&"0".repeat(64)).map_or(12, |hash| hash.short().len())
 }
 
-/// Epoch seconds as RFC 3339 (the seconds themselves when out of range).
-pub(crate) fn epoch(seconds: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(seconds)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| seconds.to_string())
-}
-
 fn record_json(r: &TokenRecord) -> serde_json::Value {
     json!({
         "token_hash": r.token_hash.as_str(),
@@ -463,9 +455,9 @@ fn record_json(r: &TokenRecord) -> serde_json::Value {
         "role_arn": r.role_arn.as_str(),
         "pod_name": r.pod_name,
         "secret_name": r.secret_name,
-        "created_at": epoch(r.created_at),
-        "last_used": r.last_used.map(epoch),
-        "expires": epoch(r.expires),
-        "retracted_at": r.retracted_at.map(epoch),
+        "created_at": rfc3339(r.created_at),
+        "last_used": r.last_used.map(rfc3339),
+        "expires": rfc3339(r.expires),
+        "retracted_at": r.retracted_at.map(rfc3339),
     })
 }

@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{ArgGroup, Subcommand};
-use iam_broker_core::cluster::{ClusterName, ClusterRegistrationError, RegisteredCluster};
-use iam_broker_core::ports::{ClusterRegistry, StoreError};
+use iam_broker_kernel::cluster::{ClusterName, ClusterRegistrationError, RegisteredCluster};
+use iam_broker_kernel::ports::{ClusterRegistry, StoreError};
 use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
 use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::Output;
-use crate::admin::epoch;
+use iam_broker_kernel::clock::rfc3339;
 
 /// How long one request to a cluster's API server may take.
 const API_SERVER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -278,7 +278,7 @@ async fn list(
                         "issuer": c.issuer,
                         "kids": c.keys.kids().collect::<Vec<_>>(),
                         "source": c.source,
-                        "updated_at": epoch(c.updated_at),
+                        "updated_at": rfc3339(c.updated_at),
                         "default": default_cluster == Some(&c.name),
                     })
                 })
@@ -300,7 +300,7 @@ async fn list(
                     "{name:<20} {:<48} {:<24} {:<20} {}",
                     c.issuer,
                     kids(c),
-                    epoch(c.updated_at),
+                    rfc3339(c.updated_at),
                     c.source
                 );
             }
@@ -515,7 +515,7 @@ fn already_registered(existing: &RegisteredCluster) -> String {
         existing.name,
         existing.issuer,
         kids(existing),
-        epoch(existing.updated_at),
+        rfc3339(existing.updated_at),
         existing.name
     )
 }

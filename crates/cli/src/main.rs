@@ -204,7 +204,7 @@ enum Output {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    iam_broker_router::telemetry::init_json_logging();
+    iam_broker_kernel::telemetry::init_json_logging();
     let environment = match &cli.command {
         Command::Serve { .. } => Ok(stack::Environment::default()),
         _ => stack::Environment::load(cli.stack).await,

@@ -1,15 +1,16 @@
 //! Operations commands: render the webhook registration, check a broker with a token.
 
+use iam_broker_kernel::text::error_chain;
 use std::io::Read as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
-use iam_broker_core::config::ENV_WEBHOOK_PATH_SECRET;
-use iam_broker_core::manifest::{
+use iam_broker_admission::registration::{
     NamespaceScope, WebhookFailurePolicy, WebhookManifest, render_webhook,
 };
+use iam_broker_kernel::config::ENV_WEBHOOK_PATH_SECRET;
 
 use crate::Output;
 use crate::stack::{
@@ -32,7 +33,7 @@ pub struct RenderWebhookArgs {
     #[arg(long, value_enum, default_value_t = FailurePolicyArg::Ignore)]
     failure_policy: FailurePolicyArg,
     /// How long the API server waits for the webhook (1..=30 s; the webhook answers within 8).
-    #[arg(long, default_value_t = iam_broker_core::manifest::DEFAULT_TIMEOUT_SECONDS)]
+    #[arg(long, default_value_t = iam_broker_admission::registration::DEFAULT_TIMEOUT_SECONDS)]
     timeout_seconds: u8,
     /// PEM file of the CA that signed the webhook's certificate (in-cluster `serve --tls-*`
     /// only; API Gateway's certificate is publicly trusted).
@@ -124,8 +125,8 @@ pub fn render(args: RenderWebhookArgs, environment: &Environment) -> anyhow::Res
         timeout_seconds: args.timeout_seconds,
         namespaces,
         identity: match args.identity_mode {
-            IdentityModeArg::Secret => iam_broker_core::config::IdentityMode::Secret,
-            IdentityModeArg::Projected => iam_broker_core::config::IdentityMode::Projected,
+            IdentityModeArg::Secret => iam_broker_kernel::config::IdentityMode::Secret,
+            IdentityModeArg::Projected => iam_broker_kernel::config::IdentityMode::Projected,
         },
     })?;
     print!("{yaml}");
@@ -323,8 +324,7 @@ pub async fn kubeconfig(args: KubeconfigArgs, environment: &Environment) -> anyh
         ),
         None => ca_pem,
     };
-    let text =
-        iam_broker_core::manifest::kubeconfig(&server, ca_pem.as_deref(), &token, &args.name)?;
+    let text = iam_broker_kube::kubeconfig(&server, ca_pem.as_deref(), &token, &args.name)?;
     match &store {
         None => print!("{text}"),
         Some(parameter) => {
@@ -389,7 +389,8 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
     ];
     // The registry matters in projected mode, and a stack always has one (its output names
     // it); a Secret-only local set-up is not told to create it.
-    let registry_in_use = config.identity_mode == iam_broker_core::config::IdentityMode::Projected
+    let registry_in_use = config.identity_mode
+        == iam_broker_kernel::config::IdentityMode::Projected
         || environment
             .output(crate::stack::OUTPUT_CLUSTERS_TABLE)
             .is_some();
@@ -406,8 +407,8 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
             Err(error) => match (&error, error.aws_error()) {
                 (_, Some(aws)) => checks.aws_failure(&name, aws, &error),
                 // A missing table names itself.
-                (TableCheckError::Call(_), None) => checks.fail(&name, chain(&error)),
-                _ => checks.fail(&name, format!("table {table}: {}", chain(&error))),
+                (TableCheckError::Call(_), None) => checks.fail(&name, error_chain(&error)),
+                _ => checks.fail(&name, format!("table {table}: {}", error_chain(&error))),
             },
         }
     }
@@ -423,7 +424,7 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
                             .and_then(|s| s.downcast_ref::<iam_broker_aws::AwsError>())
                         {
                             Some(aws) => checks.aws_failure(name, aws, &error),
-                            None => checks.fail(name, chain(&error)),
+                            None => checks.fail(name, error_chain(&error)),
                         }
                         checks.shares(
                             Scope::Kubernetes,
@@ -456,7 +457,7 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
             Err(error) => {
                 checks.fail(
                     &name,
-                    format!("cannot ask the API server: {}", chain(&error)),
+                    format!("cannot ask the API server: {}", error_chain(&error)),
                 );
                 checks.shares(
                     Scope::Kubernetes,
@@ -547,7 +548,7 @@ impl Checks {
         error: &(dyn std::error::Error + 'static),
     ) {
         use iam_broker_aws::AwsError;
-        self.fail(name, chain(error));
+        self.fail(name, error_chain(error));
         let shared = match aws {
             AwsError::NoRegion(_) => Some((Scope::Aws, "no AWS region is set".to_owned())),
             AwsError::NoCredentials(_) => {
@@ -578,16 +579,4 @@ impl Checks {
             self.shares(scope, summary);
         }
     }
-}
-
-/// An error and its sources, joined as anyhow's `{:#}` does.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(source) = next {
-        text.push_str(": ");
-        text.push_str(&source.to_string());
-        next = source.source();
-    }
-    text
 }

@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, bail};
-use iam_broker_core::config::{
+use iam_broker_kernel::config::{
     ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE, ENV_CLUSTERS_TABLE, ENV_KUBECONFIG_PARAMETER,
     ENV_PROXY_IMAGE,
 };
-use iam_broker_core::{Config, ConfigError};
+use iam_broker_kernel::{Config, ConfigError};
 
 /// Environment variable naming the stack (same as `--stack`).
 pub const ENV_STACK: &str = "IAM_BROKER_STACK";

@@ -1,16 +1,16 @@
-//! The admission path: AdmissionReview bytes → `review::parse` → `admission::view` and `skip` →
-//! `admission::patch`, and the patch applied to the pod as the API server would.
+//! The admission path: AdmissionReview bytes → `review::parse` → `patch::view` and `skip` →
+//! `patch::patch`, and the patch applied to the pod as the API server would.
 
 use arbitrary::{Result, Unstructured};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use iam_broker_core::admission::{
+use iam_broker_admission::patch::{
     self, ANNOTATION_SECRET_NAME, ANNOTATION_SKIP_CONTAINERS, ANNOTATION_TOKEN_HASH,
     ENV_AUTHORIZATION_TOKEN, ENV_AUTHORIZATION_TOKEN_FILE, ENV_FULL_URI, Injection, LABEL_INJECTED,
     LABEL_INJECTED_VALUE, SIDECAR_NAME, SidecarMode, SidecarSettings, Skip, TOKEN_MOUNT_PATH,
     TOKEN_VOLUME,
 };
-use iam_broker_core::review::{self, AdmissionResponse, Operation};
+use iam_broker_admission::review::{self, AdmissionResponse, Operation};
 use serde_json::{Map, Value, json};
 
 use crate::json;
@@ -307,7 +307,7 @@ fn names<'a>(list: &'a Value, key: &str) -> Vec<&'a str> {
 /// The decision for `pod`; when it is a patch, applies it and checks what it promises. Returns
 /// the patch, if any.
 pub fn decide_and_apply(pod: &Value, settings: &SidecarSettings) -> Option<json_patch::Patch> {
-    let view = admission::view(pod).ok()?;
+    let view = patch::view(pod).ok()?;
     if let Some(skip) = view.skip() {
         // A skip writes nothing; check it is for a reason the pod has.
         match skip {
@@ -323,13 +323,13 @@ pub fn decide_and_apply(pod: &Value, settings: &SidecarSettings) -> Option<json_
         }
         return None;
     }
-    let secret = admission::secret_name(HASH);
+    let secret = patch::secret_name(HASH);
     let injection = Injection {
         secret_name: &secret,
         token_hash: HASH,
         broker_url: BROKER_URL,
     };
-    let patch = admission::patch(pod, &view, settings, &injection);
+    let patch = patch::patch(pod, &view, settings, &injection);
     let mut patched = pod.clone();
     if let Err(e) = json_patch::patch(&mut patched, &patch) {
         panic!(
@@ -370,8 +370,8 @@ pub fn decide_and_apply(pod: &Value, settings: &SidecarSettings) -> Option<json_
     };
     for target in &view.eligible {
         let list = match target.list {
-            admission::ContainerList::Init => "initContainers",
-            admission::ContainerList::Main => "containers",
+            patch::ContainerList::Init => "initContainers",
+            patch::ContainerList::Main => "containers",
         };
         let index = target.index + if list == "initContainers" { shift } else { 0 };
         let container = &patched["spec"][list][index];
@@ -407,7 +407,7 @@ pub fn decide_and_apply(pod: &Value, settings: &SidecarSettings) -> Option<json_
     );
     // A reinvocation of the webhook on the patched pod changes nothing more.
     assert_eq!(
-        admission::view(&patched).map(|v| v.skip()),
+        patch::view(&patched).map(|v| v.skip()),
         Ok(Some(Skip::AlreadyInjected))
     );
     Some(patch)

@@ -1,4 +1,4 @@
-//! Projected ServiceAccount tokens as the broker verifies them (`cluster::identify`, called by
+//! Projected ServiceAccount tokens as the broker verifies them (`identity::identify`, called by
 //! `Broker::credentials` for every JWT), against a registry of two clusters that share kubeadm's
 //! issuer and hold their own ES256 keys.
 //!
@@ -20,11 +20,9 @@
 
 use std::sync::OnceLock;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use iam_broker_core::cluster::{RegisteredCluster, Verification, identify};
-use ring::rand::SystemRandom;
-use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+use iam_broker_broker::identity::{Verification, identify};
+use iam_broker_kernel::cluster::RegisteredCluster;
+use iam_broker_testkit::Signer;
 use serde_json::{Value, json};
 
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
@@ -33,42 +31,20 @@ const AUDIENCE: &str = "iam-broker";
 const NOW: i64 = 1_900_000_000;
 const LEEWAY: i64 = 60;
 
-struct Key {
-    pair: EcdsaKeyPair,
-    kid: String,
-}
-
 struct World {
-    keys: [Key; 2],
+    keys: [Signer; 2],
     clusters: Vec<RegisteredCluster>,
 }
 
 fn world() -> &'static World {
     static WORLD: OnceLock<World> = OnceLock::new();
     WORLD.get_or_init(|| {
-        let rng = SystemRandom::new();
-        let key = |kid: &str| {
-            let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-                .expect("key generation");
-            let pair =
-                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-                    .expect("a key just generated");
-            Key {
-                pair,
-                kid: kid.to_owned(),
-            }
-        };
-        let keys = [key("east-key"), key("west-key")];
+        let keys = [Signer::new("east-key"), Signer::new("west-key")];
         let clusters = ["east", "west"]
             .iter()
             .zip(&keys)
             .map(|(name, key)| {
-                let point = key.pair.public_key().as_ref();
-                let jwks = json!({ "keys": [{ "use": "sig", "kty": "EC", "crv": "P-256",
-                    "alg": "ES256", "kid": key.kid,
-                    "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
-                    "y": URL_SAFE_NO_PAD.encode(&point[33..65]) }] });
-                RegisteredCluster::new(name, ISSUER, &jwks.to_string(), "fuzz", 0)
+                RegisteredCluster::new(name, ISSUER, &Signer::jwks(&[key]), "fuzz", 0)
                     .expect("a valid registration")
             })
             .collect();
@@ -76,17 +52,8 @@ fn world() -> &'static World {
     })
 }
 
-fn sign(key: &Key, header: &Value, claims_json: &[u8]) -> String {
-    let input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims_json)
-    );
-    let signature = key
-        .pair
-        .sign(&SystemRandom::new(), input.as_bytes())
-        .expect("signing");
-    format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()))
+fn sign(key: &Signer, header: &Value, claims_json: &[u8]) -> String {
+    key.try_sign_raw(header, claims_json).expect("signing")
 }
 
 fn verification() -> Verification {

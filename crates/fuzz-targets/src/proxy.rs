@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use arbitrary::{Result, Unstructured};
-use iam_broker_core::credentials::cache_max_age;
+use iam_broker_kernel::credentials::cache_max_age;
 use iam_broker_proxy::policy::{
     EntryTimes, MIN_VALIDITY_FLOOR, OnAnswer, OnHit, Policy, RETRY_BASE, RETRY_MAX, retry_delay,
 };

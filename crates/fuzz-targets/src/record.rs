@@ -16,9 +16,9 @@ use base64::engine::general_purpose::STANDARD;
 use iam_broker_aws::DynamoTokenStore;
 use iam_broker_aws::dynamodb::token_attributes as ta;
 use iam_broker_aws::stream::removed_records;
-use iam_broker_core::allowance::RoleArn;
-use iam_broker_core::ports::{StoreError, TokenStore};
-use iam_broker_core::{TokenHash, TokenRecord};
+use iam_broker_kernel::allowance::RoleArn;
+use iam_broker_kernel::ports::{StoreError, TokenStore};
+use iam_broker_kernel::{TokenHash, TokenRecord};
 use serde_json::{Map, Value, json};
 
 use crate::json;

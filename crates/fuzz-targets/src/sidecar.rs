@@ -16,7 +16,7 @@ use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use iam_broker_core::credentials::{cache_max_age, format_expiration};
+use iam_broker_kernel::credentials::{cache_max_age, format_expiration};
 use iam_broker_proxy::{Clock, ManualClock, ProxyConfig, ProxyHandle, serve};
 use serde_json::{Value, json};
 use time::OffsetDateTime;

@@ -1,7 +1,7 @@
 //! The `Authorization` header as the broker reads it (`Token::from_authorization`, called by
 //! `Broker::credentials`), against an independent statement of the documented shape.
 
-use iam_broker_core::token::{TOKEN_PREFIX, Token, TokenError, TokenHash};
+use iam_broker_kernel::token::{TOKEN_PREFIX, Token, TokenError, TokenHash};
 
 /// The base64url alphabet.
 const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";

@@ -85,7 +85,7 @@ proptest! {
 #[test]
 fn minted_tokens_have_the_documented_shape() {
     for _ in 0..200 {
-        let minted = match iam_broker_core::Token::mint() {
+        let minted = match iam_broker_kernel::Token::mint() {
             Ok(token) => token,
             Err(e) => panic!("{e}"),
         };

@@ -16,6 +16,10 @@
 //! | `list` (cluster-wide) | `secrets` | the sweep (metadata only is read) |
 #![forbid(unsafe_code)]
 
+mod kubeconfig;
+
+pub use kubeconfig::{KubeconfigError, kubeconfig};
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
@@ -24,7 +28,7 @@ use async_trait::async_trait;
 use aws_sdk_ssm::config::http::HttpResponse;
 use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
 use iam_broker_aws::{SdkFailure, Service, error_code, explain};
-use iam_broker_core::ports::{
+use iam_broker_kernel::ports::{
     BoxError, Cluster, ClusterError, ClusterEvent, ManagedSecret, ServiceAccount, TokenSecret,
 };
 use k8s_openapi::ByteString;
@@ -410,7 +414,7 @@ impl Cluster for KubeCluster {
             },
             type_: Some("Opaque".to_owned()),
             data: Some(BTreeMap::from([(
-                iam_broker_core::admission::SECRET_TOKEN_KEY.to_owned(),
+                iam_broker_kernel::ports::SECRET_TOKEN_KEY.to_owned(),
                 ByteString(secret.token.expose().as_bytes().to_vec()),
             )])),
             ..Secret::default()

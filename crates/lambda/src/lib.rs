@@ -3,30 +3,37 @@
 //!
 //! - `http`: the shared router under `lambda_http::run`, which turns API Gateway events into
 //!   requests and answers into API Gateway responses (REST: `multiValueHeaders` only; the body
-//!   encoded by content type). API Gateway REST events carry the stage (`/Prod`) in the path;
-//!   the routes of DESIGN.md do not include it, so [`service`] strips it before routing.
+//!   encoded by content type). With [`ENV_IGNORE_STAGE_IN_PATH`] set, the path it routes on is
+//!   the event's own, without the stage (`/Prod`); [`service`] records the stage and the request
+//!   id for the router.
 //! - `cleanup`: the Authorizations stream and the scheduled sweep, as typed events
 //!   ([`CleanupEvent`]).
 #![forbid(unsafe_code)]
 
 use axum::Router;
-use iam_broker_core::cleanup::{Cleanup, Report};
+use iam_broker_admission::cleanup::{Cleanup, Report};
 use lambda_http::request::RequestContext;
 use lambda_http::{Request, RequestExt};
 use tower::ServiceBuilder;
 use tower::util::MapRequest;
 
-/// The router, wrapped so that API Gateway's stage prefix is not part of the route.
+/// Set for every function (`template.yaml`, `Globals`): `lambda_http` then routes on the event's
+/// own path, without the API Gateway stage (`/Prod`) it would otherwise put in front. The routes
+/// of README.md do not include the stage. `bootstrap` refuses to start an `http` function
+/// without it ([`check_environment`]).
+pub const ENV_IGNORE_STAGE_IN_PATH: &str = "AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH";
+
+/// The router, with API Gateway's request context recorded for it ([`gateway_context`]).
 pub fn service(router: Router) -> MapRequest<Router, fn(Request) -> Request> {
     ServiceBuilder::new()
-        .map_request(strip_stage as fn(Request) -> Request)
+        .map_request(gateway_context as fn(Request) -> Request)
         .service(router)
 }
 
-/// Removes a leading `/<stage>` from the path when the event names a stage, and records the stage
-/// as the request's [`iam_broker_router::BasePath`] and API Gateway's request id as its
-/// [`iam_broker_router::RequestId`].
-pub fn strip_stage(mut request: Request) -> Request {
+/// Records the event's stage as the request's [`iam_broker_router::BasePath`] (the webhook tells
+/// the sidecar where the broker is: this API's URL, stage included) and API Gateway's request
+/// id as its [`iam_broker_router::RequestId`].
+pub fn gateway_context(mut request: Request) -> Request {
     let (stage, request_id) = match request.request_context_ref() {
         Some(RequestContext::ApiGatewayV1(context)) => {
             (context.stage.clone(), context.request_id.clone())
@@ -41,33 +48,33 @@ pub fn strip_stage(mut request: Request) -> Request {
             .extensions_mut()
             .insert(iam_broker_router::RequestId(id));
     }
-    let Some(stage) = stage.filter(|s| !s.is_empty() && s != "$default") else {
-        return request;
-    };
-    let prefix = format!("/{stage}");
-    // The webhook tells the sidecar where the broker is: this API's URL, stage included.
-    request
-        .extensions_mut()
-        .insert(iam_broker_router::BasePath(prefix.clone()));
-    let path = request.uri().path();
-    let rest = match path.strip_prefix(&prefix) {
-        Some("") => "/",
-        Some(rest) if rest.starts_with('/') => rest,
-        _ => return request,
-    };
-    let path_and_query = match request.uri().query() {
-        Some(query) => format!("{rest}?{query}"),
-        None => rest.to_owned(),
-    };
-    let mut parts = request.uri().clone().into_parts();
-    if let Ok(pq) = path_and_query.parse() {
-        parts.path_and_query = Some(pq);
-        if let Ok(uri) = http::Uri::from_parts(parts) {
-            *request.uri_mut() = uri;
-        }
+    if let Some(stage) = stage.filter(|s| !s.is_empty() && s != "$default") {
+        request
+            .extensions_mut()
+            .insert(iam_broker_router::BasePath(format!("/{stage}")));
     }
     request
 }
+
+/// What `bootstrap` needs from its environment beyond [`iam_broker_kernel::Config`]: an `http`
+/// function needs [`ENV_IGNORE_STAGE_IN_PATH`], or every route would answer 404.
+pub fn check_environment(
+    handler: Handler,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<(), MissingSetting> {
+    if handler == Handler::Http && lookup(ENV_IGNORE_STAGE_IN_PATH).is_none() {
+        return Err(MissingSetting(ENV_IGNORE_STAGE_IN_PATH));
+    }
+    Ok(())
+}
+
+/// A variable the function's environment lacks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0} is not set: lambda_http would route on the stage-prefixed path and every route would \
+     answer 404 (template.yaml sets it for every function; set {0}=true)"
+)]
+pub struct MissingSetting(pub &'static str);
 
 /// Which handler a function runs: its `Handler` setting in `template.yaml`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +138,7 @@ pub enum CleanupFailure {
     Incomplete(Report),
     /// The sweep could not list what it sweeps.
     #[error(transparent)]
-    Sweep(#[from] iam_broker_core::cleanup::CleanupError),
+    Sweep(#[from] iam_broker_admission::cleanup::CleanupError),
 }
 
 impl From<CleanupFailure> for lambda_http::lambda_runtime::Diagnostic {

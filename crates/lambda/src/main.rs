@@ -3,9 +3,10 @@
 //! Authorizations stream and the scheduled sweep).
 #![forbid(unsafe_code)]
 
-use iam_broker_core::Config;
-use iam_broker_lambda::{CleanupEvent, Handler, report_json, service};
-use iam_broker_router::{router, telemetry};
+use iam_broker_kernel::Config;
+use iam_broker_kernel::telemetry;
+use iam_broker_lambda::{CleanupEvent, Handler, check_environment, report_json, service};
+use iam_broker_router::router;
 use lambda_http::lambda_runtime::{self, LambdaEvent, service_fn};
 
 /// One thread: Lambda hands an instance one invocation at a time, so worker threads would only
@@ -20,6 +21,10 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             return Err(error.into());
         }
     };
+    if let Err(error) = check_environment(handler, |name| std::env::var(name).ok()) {
+        tracing::error!(variable = error.0, error = %error, "bad configuration");
+        return Err(error.into());
+    }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(error) => {

@@ -8,20 +8,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt as _;
-use iam_broker_core::admission::{SidecarMode, SidecarSettings};
-use iam_broker_core::allowance::Subject;
-use iam_broker_core::broker::{Broker, BrokerSettings};
-use iam_broker_core::clock::FixedClock;
-use iam_broker_core::memory::{
-    MemoryAllowanceStore, MemoryCluster, MemoryIssuer, MemoryTokenStore,
-};
-use iam_broker_core::ports::{
+use iam_broker_admission::patch::{SidecarMode, SidecarSettings};
+use iam_broker_admission::webhook::{Webhook, WebhookSettings};
+use iam_broker_broker::broker::{Broker, BrokerSettings};
+use iam_broker_kernel::allowance::Subject;
+use iam_broker_kernel::ports::{
     AllowanceStore, Cluster as _, ServiceAccount, TokenSecret, TokenStore,
 };
-use iam_broker_core::webhook::{Webhook, WebhookSettings};
-use iam_broker_core::{Token, TokenRecord};
+use iam_broker_kernel::{Token, TokenRecord};
 use iam_broker_router::metrics::Metrics;
 use iam_broker_router::{AppState, router};
+use iam_broker_testkit::FixedClock;
+use iam_broker_testkit::memory::{
+    MemoryAllowanceStore, MemoryCluster, MemoryIssuer, MemoryTokenStore,
+};
 use time::OffsetDateTime;
 use time::macros::datetime;
 use tower::ServiceExt as _;
@@ -39,7 +39,7 @@ struct Fixture {
 }
 
 fn fixture_secret_name() -> String {
-    iam_broker_core::admission::secret_name(Token::parse(FIXTURE_TOKEN).unwrap().hash().as_str())
+    iam_broker_admission::patch::secret_name(Token::parse(FIXTURE_TOKEN).unwrap().hash().as_str())
 }
 
 async fn fixture(mode: SidecarMode) -> Fixture {
@@ -77,7 +77,7 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
         .insert(&TokenRecord {
             token_hash: token.hash(),
             subject,
-            role_arn: iam_broker_core::allowance::RoleArn::parse(ROLE).unwrap(),
+            role_arn: iam_broker_kernel::allowance::RoleArn::parse(ROLE).unwrap(),
             secret_name: Some(fixture_secret_name()),
             pod_name: Some("web-1".into()),
             created_at: NOW.unix_timestamp(),
@@ -120,10 +120,10 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
                 broker_url: None,
                 token_ttl: Duration::from_secs(86_400),
                 failure_policy: Default::default(),
-                forward_budget: iam_broker_core::webhook::FORWARD_BUDGET,
-                undo_budget: iam_broker_core::webhook::UNDO_BUDGET,
+                forward_budget: iam_broker_admission::webhook::FORWARD_BUDGET,
+                undo_budget: iam_broker_admission::webhook::UNDO_BUDGET,
                 path_secret: path_secret.map(str::to_owned),
-                identity: iam_broker_core::webhook::WebhookIdentity::Secret,
+                identity: iam_broker_admission::webhook::WebhookIdentity::Secret,
                 scope: None,
             },
         )),
@@ -456,8 +456,10 @@ async fn every_answer_is_counted_in_emf_metrics() {
 }
 
 #[test]
-fn the_stage_is_stripped_only_when_it_leads_the_path() {
-    let strip = |path: &str, stage: &str| {
+fn the_stage_never_reaches_the_router_and_becomes_the_base_path() {
+    // lambda_http with AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH (template.yaml sets it; so does
+    // .cargo/config.toml for these in-process tests) routes on the event's own path.
+    let route = |path: &str, stage: &str| {
         let mut json: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(format!(
                 "{}/../../events/healthz.json",
@@ -469,13 +471,33 @@ fn the_stage_is_stripped_only_when_it_leads_the_path() {
         json["path"] = path.into();
         json["requestContext"]["stage"] = stage.into();
         let request = lambda_http::request::from_str(&json.to_string()).unwrap();
-        iam_broker_lambda::strip_stage(request)
-            .uri()
-            .path()
-            .to_owned()
+        let request = iam_broker_lambda::gateway_context(request);
+        let base = request
+            .extensions()
+            .get::<iam_broker_router::BasePath>()
+            .map(|b| b.0.clone());
+        (request.uri().path().to_owned(), base)
     };
-    assert_eq!(strip("/healthz", "Prod"), "/healthz");
-    assert_eq!(strip("/", "Prod"), "/");
-    assert_eq!(strip("/Production/x", "Prod"), "/Production/x");
-    assert_eq!(strip("/credentials", "$default"), "/credentials");
+    assert_eq!(
+        route("/healthz", "Prod"),
+        ("/healthz".to_owned(), Some("/Prod".to_owned()))
+    );
+    assert_eq!(
+        route("/", "Prod"),
+        ("/".to_owned(), Some("/Prod".to_owned()))
+    );
+    assert_eq!(
+        route("/credentials", "$default"),
+        ("/credentials".to_owned(), None)
+    );
+}
+
+#[test]
+fn an_http_function_without_the_stage_setting_refuses_to_start() {
+    use iam_broker_lambda::{ENV_IGNORE_STAGE_IN_PATH, Handler, check_environment};
+    let error = check_environment(Handler::Http, |_| None).unwrap_err();
+    assert!(error.to_string().contains(ENV_IGNORE_STAGE_IN_PATH));
+    assert!(check_environment(Handler::Http, |_| Some("true".to_owned())).is_ok());
+    // The cleanup function takes no HTTP events.
+    assert!(check_environment(Handler::Cleanup, |_| None).is_ok());
 }

@@ -48,7 +48,7 @@ impl Answer {
     pub(crate) fn into_response(self, now: OffsetDateTime) -> Response<Full<Bytes>> {
         match self {
             Self::Credentials { body, expiration } => {
-                let max_age = iam_broker_core::credentials::cache_max_age(expiration, now);
+                let max_age = iam_broker_kernel::credentials::cache_max_age(expiration, now);
                 let cache_control = HeaderValue::try_from(format!("max-age={max_age}"))
                     .unwrap_or(HeaderValue::from_static("no-store"));
                 json_response(StatusCode::OK, body, cache_control)

@@ -2,6 +2,7 @@
 //! with the `ring` provider and the webpki roots, so a `scratch` image needs no CA bundle) or
 //! plain HTTP, under one deadline, and the answer read into what the cache needs.
 
+use iam_broker_kernel::text::error_chain;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -146,7 +147,7 @@ impl BrokerClient {
             .client
             .request(request)
             .await
-            .map_err(|e| BrokerCallError::Unreachable(chain(&e)))?;
+            .map_err(|e| BrokerCallError::Unreachable(error_chain(&e)))?;
         let (parts, body) = response.into_parts();
         let body = Limited::new(body, MAX_ANSWER_BYTES)
             .collect()
@@ -157,7 +158,10 @@ impl BrokerClient {
                         "the body is larger than {MAX_ANSWER_BYTES} bytes"
                     ))
                 } else {
-                    BrokerCallError::Unreachable(format!("reading the answer: {}", chain(&*e)))
+                    BrokerCallError::Unreachable(format!(
+                        "reading the answer: {}",
+                        error_chain(&*e)
+                    ))
                 }
             })?
             .to_bytes();
@@ -184,7 +188,7 @@ fn read_reply(
         let expiration = OffsetDateTime::parse(&parsed.expiration, &Rfc3339).map_err(|_| {
             BrokerCallError::Invalid(format!(
                 "Expiration {:?} is not an RFC 3339 instant",
-                crate::server::truncated(&parsed.expiration, 64)
+                iam_broker_kernel::text::clip(&parsed.expiration, 64)
             ))
         })?;
         let (max_age, no_store) = cache_control(headers);
@@ -233,18 +237,6 @@ fn cache_control(headers: &HeaderMap) -> (Option<u64>, bool) {
         }
     }
     (max_age, no_store)
-}
-
-/// An error and its sources on one line, for logs and JSON messages.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-pub use iam_broker_core::clock::{Clock, SystemClock};
+pub use iam_broker_kernel::clock::{Clock, SystemClock};
 use time::OffsetDateTime;
 
 /// A clock that stands still until told to move (tests, benchmarks).

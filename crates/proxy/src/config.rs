@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::Uri;
-use iam_broker_core::env::{self, Vars};
+use iam_broker_kernel::env::{self, Vars};
 
 /// `BROKER_URL`: the broker's credentials URL (`https://` or `http://`). Required.
 pub const ENV_BROKER_URL: &str = "BROKER_URL";
@@ -45,7 +45,7 @@ pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 /// Default of [`ENV_MAX_CONNECTIONS`] (the same as `iam-broker serve`).
 pub const DEFAULT_MAX_CONNECTIONS: u64 = 1024;
 
-pub use iam_broker_core::env::ConfigError;
+pub use iam_broker_kernel::env::ConfigError;
 
 /// Everything the sidecar reads from its environment.
 #[derive(Debug, Clone, PartialEq, Eq)]

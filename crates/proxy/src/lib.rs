@@ -37,25 +37,4 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{ConfigError, ProxyConfig};
 pub use server::{HEALTH_PATH, ProxyHandle, ServeError, serve};
 
-pub mod telemetry {
-    //! Logging set-up for the binary: one JSON object per line on stderr, level from `RUST_LOG`
-    //! (default `info`). Nothing logged carries a token or a credential: requests are
-    //! identified by the first 12 hex digits of the token's SHA-256.
-
-    use tracing_subscriber::EnvFilter;
-
-    /// Installs the JSON log subscriber. Safe to call once per process.
-    pub fn init_json_logging() {
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-        // A second installation (e.g. from a test) is harmless; ignore its error.
-        let _ = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .with_target(false)
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
-}
+pub use iam_broker_kernel::telemetry;

@@ -22,6 +22,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use iam_broker_kernel::text::clip;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -146,9 +147,9 @@ impl Proxy {
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let (response, source, token_hash) = self.route(&request).await;
-        let path = truncated(request.uri().path(), MAX_LOGGED_PATH);
+        let path = clip(request.uri().path(), MAX_LOGGED_PATH);
         // An extension method is any token the client likes.
-        let method = truncated(request.method().as_str(), MAX_LOGGED_METHOD);
+        let method = clip(request.method().as_str(), MAX_LOGGED_METHOD);
         let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         // A cache hit or a probe is the steady state: at debug, so a busy pod's log stays small.
         // Misses, refreshes and errors are logged by the cache at info or warn.
@@ -226,19 +227,6 @@ fn over_limits(request: &Request<Incoming>) -> Option<ProxyError> {
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
     (header_bytes > MAX_HEADER_BYTES).then(|| ProxyError::headers_too_large(MAX_HEADER_BYTES))
-}
-
-/// At most `max` bytes of `text` (cut at a character boundary), marked with `…` when cut: for
-/// any value a client (or the broker) chooses that reaches a log line or a message.
-pub(crate) fn truncated(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if text.len() <= max {
-        return text.into();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end]).into()
 }
 
 /// How long a client may take with its request head, and how many connections are served.

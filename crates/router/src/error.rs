@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use iam_broker_core::BrokerError;
+use iam_broker_broker::BrokerError;
 use serde::Serialize;
 
 /// Seconds a client should wait before retrying a 503.

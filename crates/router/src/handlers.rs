@@ -6,8 +6,8 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use iam_broker_core::BrokerError;
-use iam_broker_core::review;
+use iam_broker_admission::review;
+use iam_broker_broker::BrokerError;
 use serde_json::json;
 
 use crate::{ApiError, AppState, BasePath};
@@ -83,13 +83,7 @@ pub(crate) async fn credentials(
 fn log_refusal(error: &BrokerError) {
     match error {
         BrokerError::Unavailable { source, .. } => {
-            let mut chain = source.to_string();
-            let mut cause = source.source();
-            while let Some(inner) = cause {
-                chain.push_str(": ");
-                chain.push_str(&inner.to_string());
-                cause = inner.source();
-            }
+            let chain = iam_broker_kernel::text::error_chain(source.as_ref());
             tracing::warn!(decision = "unavailable", code = error.code(), error = %error, cause = %chain, "credentials not served");
         }
         BrokerError::CorruptRecord { token, source } => tracing::error!(

@@ -15,8 +15,9 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse as _, Response};
 use axum::routing::get;
-use iam_broker_core::Broker;
-use iam_broker_core::webhook::Webhook;
+use iam_broker_admission::webhook::Webhook;
+use iam_broker_broker::Broker;
+use iam_broker_kernel::text::clip;
 
 pub use error::ApiError;
 
@@ -125,12 +126,12 @@ async fn access_log(request: Request, next: Next) -> Response {
 async fn logged(request: Request, next: Next) -> Response {
     let started = Instant::now();
     // An extension method is any token the client likes: log a bounded prefix of it too.
-    let method = truncated(request.method().as_str(), MAX_LOGGED_METHOD);
+    let method = clip(request.method().as_str(), MAX_LOGGED_METHOD);
     // The webhook's path carries its secret segment: never log it. Any other path is the
     // client's to choose: log a bounded prefix of it.
     let path = match request.uri().path() {
         p if p.starts_with("/mutate/") => "/mutate/<redacted>".to_owned(),
-        p => truncated(p, MAX_LOGGED_PATH),
+        p => clip(p, MAX_LOGGED_PATH),
     };
     let response = next.run(request).await;
     tracing::info!(
@@ -141,18 +142,6 @@ async fn logged(request: Request, next: Next) -> Response {
         "request"
     );
     response
-}
-
-/// At most `max` bytes of `text` (cut at a character boundary), marked with `…` when cut.
-fn truncated(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
 }
 
 /// `414` / `431` in the JSON shape, before any handler runs, for a URI or headers beyond the
@@ -208,31 +197,9 @@ async fn json_rejections(request: Request, next: Next) -> Response {
     let message = if text.is_empty() {
         status.canonical_reason().unwrap_or("refused").to_owned()
     } else {
-        truncated(&text, MAX_REJECTION_TEXT)
+        clip(&text, MAX_REJECTION_TEXT)
     };
     ApiError::from_status(status, message).into_response()
-}
-
-pub mod telemetry {
-    //! Logging set-up shared by the binaries: one JSON object per line on stderr, level from
-    //! `RUST_LOG` (default `info`).
-
-    use tracing_subscriber::EnvFilter;
-
-    /// Installs the JSON log subscriber. Safe to call once per process.
-    pub fn init_json_logging() {
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-        // A second installation (e.g. from a test) is harmless; ignore its error.
-        let _ = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .with_target(false)
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
 }
 
 #[cfg(test)]
@@ -335,14 +302,11 @@ mod tests {
 
     #[test]
     fn logged_values_are_bounded() {
-        assert_eq!(truncated("short", 10), "short");
+        assert_eq!(clip("short", 10), "short");
         let long = "é".repeat(300);
-        let cut = truncated(&long, MAX_LOGGED_PATH);
-        assert!(
-            cut.len() <= MAX_LOGGED_PATH + '…'.len_utf8(),
-            "{}",
-            cut.len()
-        );
-        assert!(cut.ends_with('…'));
+        let cut = clip(&long, MAX_LOGGED_PATH);
+        // The cut keeps at most MAX_LOGGED_PATH bytes of the value and says how long it was.
+        assert!(cut.len() <= MAX_LOGGED_PATH + 20, "{}", cut.len());
+        assert!(cut.ends_with("…(600 bytes)"), "{cut}");
     }
 }

@@ -16,14 +16,7 @@ async fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("the SDK found no credentials provider"))?;
     let credentials = provider.provide_credentials().await.map_err(|e| {
         // The provider's own message is generic; the cause chain says what went wrong.
-        let mut chain = e.to_string();
-        let mut cause = std::error::Error::source(&e);
-        while let Some(inner) = cause {
-            chain.push_str(": ");
-            chain.push_str(&inner.to_string());
-            cause = inner.source();
-        }
-        anyhow::anyhow!(chain)
+        anyhow::anyhow!(iam_broker_kernel::text::error_chain(&e))
     })?;
     let identity = aws_sdk_sts::Client::new(&config)
         .get_caller_identity()

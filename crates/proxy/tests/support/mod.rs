@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use iam_broker_core::credentials::{cache_max_age, format_expiration};
+use iam_broker_kernel::credentials::{cache_max_age, format_expiration};
 use iam_broker_proxy::{Clock, ManualClock, ProxyConfig, ProxyHandle, serve};
 use time::OffsetDateTime;
 use time::macros::datetime;

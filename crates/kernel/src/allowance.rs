@@ -1,0 +1,391 @@
+//! Allowances: which IAM roles the pods of a namespace and ServiceAccount may assume.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::name::{ClusterName, InvalidName, validate_dns_label, validate_dns_subdomain};
+
+/// The `service_account` value that allows every ServiceAccount of a namespace.
+pub const WILDCARD_SERVICE_ACCOUNT: &str = "*";
+
+/// Who asks for credentials: a ServiceAccount in a namespace, in a cluster.
+///
+/// `cluster` is `None` for the default cluster: the one the webhook serves in `secret` mode
+/// (named by `CLUSTER_NAME`), whose Allowances rows carry no cluster prefix, so rows written
+/// before clusters existed keep working. A registered cluster of another name has its own rows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Subject {
+    /// The cluster, `None` for the default cluster.
+    pub cluster: Option<ClusterName>,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// ServiceAccount name, or [`WILDCARD_SERVICE_ACCOUNT`] in an allowance.
+    pub service_account: String,
+}
+
+impl Subject {
+    /// A pod's identity: a namespace (DNS-1123 label) and a ServiceAccount (DNS-1123
+    /// subdomain), validated as Kubernetes does; `*` is not a ServiceAccount.
+    pub fn service_account(namespace: &str, service_account: &str) -> Result<Self, InvalidName> {
+        Self::checked(namespace, service_account, false)
+    }
+
+    /// A row of the Allowances table: like [`Self::service_account`], but the ServiceAccount may
+    /// be `*` (every ServiceAccount of the namespace).
+    pub fn allowance_row(namespace: &str, service_account: &str) -> Result<Self, InvalidName> {
+        Self::checked(namespace, service_account, true)
+    }
+
+    fn checked(
+        namespace: &str,
+        service_account: &str,
+        allow_wildcard: bool,
+    ) -> Result<Self, InvalidName> {
+        validate_dns_label("namespace", namespace)?;
+        if !(allow_wildcard && service_account == WILDCARD_SERVICE_ACCOUNT) {
+            validate_dns_subdomain("service account", service_account)?;
+        }
+        Ok(Self {
+            cluster: None,
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        })
+    }
+
+    /// The same subject in `cluster` (`None`: the default cluster).
+    pub fn in_cluster(self, cluster: Option<ClusterName>) -> Self {
+        Self { cluster, ..self }
+    }
+
+    /// The namespace-wide subject (`service_account = "*"`) of the same namespace and cluster.
+    pub fn wildcard(&self) -> Self {
+        Self {
+            cluster: self.cluster.clone(),
+            namespace: self.namespace.clone(),
+            service_account: WILDCARD_SERVICE_ACCOUNT.to_owned(),
+        }
+    }
+
+    /// The Allowances table's partition key for this subject: the namespace, prefixed with
+    /// `<cluster>/` outside the default cluster (a namespace never holds a `/`).
+    pub fn partition(&self) -> String {
+        partition(self.cluster.as_ref(), &self.namespace)
+    }
+
+    /// Reads a stored partition key and ServiceAccount back (see [`Self::partition`]).
+    pub fn from_partition(partition: &str, service_account: &str) -> Result<Self, InvalidName> {
+        let (cluster, namespace) = match partition.split_once('/') {
+            Some((cluster, namespace)) => (Some(ClusterName::parse(cluster)?), namespace),
+            None => (None, partition),
+        };
+        Ok(Self::allowance_row(namespace, service_account)?.in_cluster(cluster))
+    }
+}
+
+/// The Allowances partition key of a namespace in a cluster (see [`Subject::partition`]).
+pub fn partition(cluster: Option<&ClusterName>, namespace: &str) -> String {
+    match cluster {
+        Some(cluster) => format!("{cluster}/{namespace}"),
+        None => namespace.to_owned(),
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(cluster) = &self.cluster {
+            write!(f, "{cluster}/")?;
+        }
+        write!(f, "{}/{}", self.namespace, self.service_account)
+    }
+}
+
+/// One row of the Allowances table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowance {
+    /// The namespace and ServiceAccount (or `*`) the row is about.
+    pub subject: Subject,
+    /// Role ARNs the subject may assume.
+    pub allowed_roles: BTreeSet<String>,
+    /// The `ExternalId` to send with `sts:AssumeRole`, per role that needs one (a role in
+    /// another account whose trust policy requires `sts:ExternalId`).
+    pub external_ids: BTreeMap<String, String>,
+}
+
+impl Allowance {
+    /// A row without external ids.
+    pub fn new(subject: Subject, allowed_roles: BTreeSet<String>) -> Self {
+        Self {
+            subject,
+            allowed_roles,
+            external_ids: BTreeMap::new(),
+        }
+    }
+
+    /// Whether `role_arn` is allowed by this row.
+    pub fn allows(&self, role_arn: &str) -> bool {
+        self.allowed_roles.contains(role_arn)
+    }
+}
+
+/// Whether any of the given rows (the exact subject's and the namespace wildcard's) allows the role.
+pub fn is_allowed<'a>(
+    rows: impl IntoIterator<Item = &'a Option<Allowance>>,
+    role_arn: &str,
+) -> bool {
+    rows.into_iter().flatten().any(|row| row.allows(role_arn))
+}
+
+/// A role the rows allow, with what `sts:AssumeRole` needs to go with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permitted {
+    /// The role.
+    pub role_arn: RoleArn,
+    /// Its `ExternalId`, from the first row (exact before wildcard) that allows the role.
+    pub external_id: Option<String>,
+}
+
+/// Why no role could be chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The requested role (or, when none was requested, every role) is not allowed.
+    NotAllowed,
+    /// No role was requested and the rows allow several.
+    Ambiguous(usize),
+}
+
+/// Chooses the role for a request: `requested` when the rows allow it; with no request, the one
+/// role the rows allow. `rows` go exact subject first, then the namespace wildcard.
+pub fn permit(
+    rows: &[Option<Allowance>],
+    requested: Option<&RoleArn>,
+) -> Result<Permitted, Refusal> {
+    let external_id = |role: &str| {
+        rows.iter()
+            .flatten()
+            .find(|row| row.allows(role))
+            .and_then(|row| row.external_ids.get(role).cloned())
+    };
+    let role = match requested {
+        Some(role) if is_allowed(rows, role.as_str()) => role.clone(),
+        Some(_) => return Err(Refusal::NotAllowed),
+        None => {
+            let roles: BTreeSet<&String> = rows
+                .iter()
+                .flatten()
+                .flat_map(|r| &r.allowed_roles)
+                .collect();
+            let mut valid = roles.iter().filter_map(|r| RoleArn::parse(r).ok());
+            match (roles.len(), valid.next()) {
+                (0, _) | (_, None) => return Err(Refusal::NotAllowed),
+                (1, Some(role)) => role,
+                (n, Some(_)) => return Err(Refusal::Ambiguous(n)),
+            }
+        }
+    };
+    Ok(Permitted {
+        external_id: external_id(role.as_str()),
+        role_arn: role,
+    })
+}
+
+/// Checks an `ExternalId` as STS does: 2–1224 characters of `[\w+=,.@:/-]`.
+pub fn validate_external_id(value: &str) -> Result<(), InvalidName> {
+    let ok = (2..=1224).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@:/-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidName {
+            what: "external id",
+            value: value.to_owned(),
+            why: "it must be 2 to 1224 of A-Z a-z 0-9 _ + = , . @ : / -",
+        })
+    }
+}
+
+/// An IAM role ARN, `arn:<partition>:iam::<account>:role/<path><name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoleArn(String);
+
+impl RoleArn {
+    /// Validates the shape of a role ARN.
+    pub fn parse(value: &str) -> Result<Self, InvalidName> {
+        let invalid = |why| InvalidName {
+            what: "role ARN",
+            value: value.to_owned(),
+            why,
+        };
+        let mut parts = value.splitn(6, ':');
+        let (Some("arn"), Some(partition), Some("iam"), Some(""), Some(account), Some(resource)) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(invalid(
+                "expected arn:<partition>:iam::<account>:role/<name>",
+            ));
+        };
+        if !partition.starts_with("aws") {
+            return Err(invalid(
+                "the partition must be aws, aws-cn, aws-us-gov, ...",
+            ));
+        }
+        if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid("the account must be 12 digits"));
+        }
+        let Some(name) = resource.strip_prefix("role/") else {
+            return Err(invalid("the resource must start with role/"));
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 512
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b))
+            && !name.ends_with('/');
+        if !name_ok {
+            return Err(invalid("the role name holds characters IAM does not allow"));
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    /// The ARN.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The 12-digit account the role lives in.
+    pub fn account_id(&self) -> &str {
+        self.0.split(':').nth(4).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for RoleArn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_follow_kubernetes_naming() {
+        assert!(Subject::service_account("team-a", "app.sa").is_ok());
+        assert!(Subject::allowance_row("team-a", "*").is_ok());
+        assert!(Subject::service_account("team-a", "*").is_err());
+        assert!(Subject::service_account("Team", "app").is_err());
+        assert!(Subject::service_account("", "app").is_err());
+        assert!(Subject::service_account("a", "-app").is_err());
+        assert!(Subject::service_account(&"a".repeat(64), "app").is_err());
+    }
+
+    #[test]
+    fn role_arns() {
+        let arn = RoleArn::parse("arn:aws:iam::123456789012:role/path/s3_reader").unwrap();
+        assert_eq!(arn.account_id(), "123456789012");
+        assert!(RoleArn::parse("arn:aws-cn:iam::123456789012:role/x").is_ok());
+        for bad in [
+            "",
+            "arn:aws:iam::12345678901:role/x",
+            "arn:aws:iam::123456789012:user/x",
+            "arn:aws:s3:::bucket",
+            "arn:aws:iam::123456789012:role/",
+            "arn:aws:iam::123456789012:role/a b",
+            "arn:gcp:iam::123456789012:role/x",
+        ] {
+            assert!(RoleArn::parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn wildcard_or_exact_row_allows() {
+        let exact = Allowance::new(
+            Subject::service_account("ns", "sa").unwrap(),
+            ["arn:aws:iam::123456789012:role/a".to_owned()].into(),
+        );
+        let wildcard = Allowance::new(
+            Subject::allowance_row("ns", "*").unwrap(),
+            ["arn:aws:iam::123456789012:role/b".to_owned()].into(),
+        );
+        let rows = [Some(exact), Some(wildcard)];
+        assert!(is_allowed(&rows, "arn:aws:iam::123456789012:role/a"));
+        assert!(is_allowed(&rows, "arn:aws:iam::123456789012:role/b"));
+        assert!(!is_allowed(&rows, "arn:aws:iam::123456789012:role/c"));
+        assert!(!is_allowed(
+            &[None, None],
+            "arn:aws:iam::123456789012:role/a"
+        ));
+    }
+
+    const A: &str = "arn:aws:iam::123456789012:role/a";
+    const B: &str = "arn:aws:iam::210987654321:role/b";
+
+    fn row(sa: &str, roles: &[&str], external: &[(&str, &str)]) -> Option<Allowance> {
+        Some(Allowance {
+            subject: Subject::allowance_row("ns", sa).unwrap(),
+            allowed_roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            external_ids: external
+                .iter()
+                .map(|(r, e)| ((*r).to_owned(), (*e).to_owned()))
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn permit_picks_the_requested_or_the_only_role() {
+        let a = RoleArn::parse(A).unwrap();
+        let b = RoleArn::parse(B).unwrap();
+        let one = [row("sa", &[A], &[]), None];
+        assert_eq!(permit(&one, None).unwrap().role_arn, a);
+        assert_eq!(permit(&one, Some(&a)).unwrap().role_arn, a);
+        assert_eq!(permit(&one, Some(&b)), Err(Refusal::NotAllowed));
+        assert_eq!(permit(&[None, None], None), Err(Refusal::NotAllowed));
+
+        let two = [row("sa", &[A], &[]), row("*", &[B], &[(B, "ext-b")])];
+        assert_eq!(permit(&two, None), Err(Refusal::Ambiguous(2)));
+        let chosen = permit(&two, Some(&b)).unwrap();
+        assert_eq!(chosen.external_id.as_deref(), Some("ext-b"));
+        assert_eq!(permit(&two, Some(&a)).unwrap().external_id, None);
+
+        // The exact row's external id wins over the wildcard's.
+        let both = [
+            row("sa", &[B], &[(B, "exact")]),
+            row("*", &[B], &[(B, "wide")]),
+        ];
+        assert_eq!(
+            permit(&both, None).unwrap().external_id.as_deref(),
+            Some("exact")
+        );
+    }
+
+    #[test]
+    fn partitions_scope_rows_to_clusters() {
+        let plain = Subject::service_account("team", "app").unwrap();
+        assert_eq!(plain.partition(), "team");
+        assert_eq!(plain.to_string(), "team/app");
+        let scoped = plain
+            .clone()
+            .in_cluster(Some(ClusterName::parse("east").unwrap()));
+        assert_eq!(scoped.partition(), "east/team");
+        assert_eq!(scoped.to_string(), "east/team/app");
+        assert_eq!(scoped.wildcard().partition(), "east/team");
+        assert_eq!(Subject::from_partition("east/team", "app").unwrap(), scoped);
+        assert_eq!(Subject::from_partition("team", "app").unwrap(), plain);
+        assert!(Subject::from_partition("East/team", "app").is_err());
+        assert!(Subject::from_partition("east/te/am", "app").is_err());
+    }
+
+    #[test]
+    fn external_ids_follow_sts_rules() {
+        assert!(validate_external_id("tenant-42:prod/x").is_ok());
+        assert!(validate_external_id("x").is_err());
+        assert!(validate_external_id("has space").is_err());
+        assert!(validate_external_id(&"a".repeat(1225)).is_err());
+    }
+}
