@@ -24,6 +24,6 @@ done
 ensure_venv
 # The sidecar's policy and the defaults come from the Rust code itself (pod_hour.py's `Rust`).
 log "cargo build --example cache-policy"
-cargo build --quiet --locked -p iam-broker-proxy --example cache-policy
+cargo build --quiet --locked --example cache-policy
 export CACHE_POLICY_BIN="$ROOT/target/debug/examples/cache-policy"
 exec "$VENV/bin/python" scripts/pod_hour.py "$@"

@@ -15,7 +15,7 @@ EVENTS = ROOT / "events"
 FIXTURE_TOKEN = "iamb_AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA"
 # The token's hash and its Secret's name, as the webhook derives them (the Rust code, not a copy).
 _DERIVED = json.loads(subprocess.run(
-    ["cargo", "run", "--quiet", "--locked", "-p", "iam-broker-admission", "--example", "token-secret",
+    ["cargo", "run", "--quiet", "--locked", "--example", "token-secret",
      "--", FIXTURE_TOKEN],
     cwd=ROOT, check=True, capture_output=True, text=True,
 ).stdout)

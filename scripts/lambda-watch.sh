@@ -40,7 +40,7 @@ start_kube_standin "$BIN/kube-api-standin" "team-a/app=$ROLE"
 
 # The fixtures' token record (their token is public; a real one is only ever minted). Its hash
 # and Secret name come from the webhook's own code.
-derived=$(cargo run --quiet --locked -p iam-broker-admission --example token-secret -- "$FIXTURE_TOKEN")
+derived=$(cargo run --quiet --locked --example token-secret -- "$FIXTURE_TOKEN")
 cat > "$work/seed.py" <<PY
 import json, time, boto3
 derived = json.loads('$derived')

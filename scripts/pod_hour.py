@@ -70,7 +70,7 @@ class Rust:
     def __init__(self):
         binary = os.environ.get("CACHE_POLICY_BIN")
         command = [binary] if binary else [
-            "cargo", "run", "--quiet", "--locked", "-p", "iam-broker-proxy", "--example", "cache-policy",
+            "cargo", "run", "--quiet", "--locked", "--example", "cache-policy",
         ]
         self.process = subprocess.Popen(
             command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1

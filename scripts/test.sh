@@ -54,9 +54,6 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-log "build binaries and tests (one debug build for the tests and every run command)"
-cargo build --workspace --bins --locked
-cargo test --workspace --locked --no-run
 wait_for venv
 if [ "${SKIP_LAMBDA_BUILD:-0}" != 1 ]; then
   log "cargo lambda build --release: started in the background (target/setup-lambda.log)"
@@ -66,6 +63,12 @@ if [ "${SKIP_MUSL_BUILD:-0}" != 1 ]; then
   log "static (musl) build of iam-broker-proxy: started in the background (target/setup-musl.log)"
   in_background musl musl_build
 fi
+# One debug build serves the tests and every run command: no dev-dependency adds a feature to a
+# dependency, so `cargo build` and `cargo test` share every dependency's artifacts (ARCHITECTURE.md,
+# "Who may depend on whom"); the scripts run the binaries and examples built here.
+log "build binaries, examples and tests (one debug build for the tests and every run command)"
+cargo build --workspace --bins --examples --locked
+cargo test --workspace --locked --no-run
 log "cargo test"
 cargo test --workspace --locked
 log "the README's run command (scripts/run-local.sh --once)"

@@ -83,7 +83,7 @@ async fn allowances_add_remove_and_list() {
     store.allow(&all, A, None).await.unwrap();
     store.allow(&other, A, None).await.unwrap();
 
-    // The item has the shape DESIGN.md fixes: a string set named allowed_roles.
+    // The item has the shape ARCHITECTURE.md ("Data") fixes: a string set named allowed_roles.
     let item = client
         .get_item()
         .table_name(&tables.allowances)
@@ -167,7 +167,7 @@ async fn token_records_insert_once_touch_never_creates_and_delete_returns_the_ol
     ));
     assert_eq!(store.record(&token.hash()).await.unwrap().unwrap(), record);
 
-    // Stored under the hash, with the attributes of DESIGN.md and never the token.
+    // Stored under the hash, with the attributes of ARCHITECTURE.md ("Data") and never the token.
     let scan = client
         .scan()
         .table_name(&tables.authorizations)

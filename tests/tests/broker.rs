@@ -1,4 +1,4 @@
-//! End to end: moto + the real `iam-broker` binary. Every row of DESIGN.md's broker error table
+//! End to end: moto + the real `iam-broker` binary. Every row of the broker's error table (ARCHITECTURE.md, "Error contract")
 //! is pinned here, along with the success answer and what must never reach a log.
 
 // Test code: a failed set-up step should panic with its message.

@@ -30,17 +30,7 @@ pub struct OrphanSecret {
     pub name: String,
 }
 
-/// A token record the Authorizations stream reports removed (TTL expiry or a revoke), as the
-/// aws adapter decodes it from the record's old image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemovedRecord {
-    /// `token_hash`.
-    pub token_hash: String,
-    /// `namespace`.
-    pub namespace: String,
-    /// `secret_name`.
-    pub secret_name: String,
-}
+pub use iam_broker_kernel::record::RemovedRecord;
 
 /// The Secrets the removed records pointed at, and how many records were skipped (names that do
 /// not belong together). Only a Secret whose name is the one derived from the record's hash is

@@ -51,7 +51,7 @@ impl WebhookFailurePolicy {
 /// prefixes.
 pub const SYSTEM_NAMESPACE_PREFIXES: &[&str] = &["kube-", "openshift-"];
 
-/// Shortest secret path segment accepted in a webhook URL (DESIGN.md: ≥ 32 URL-safe characters).
+/// Shortest secret path segment accepted in a webhook URL (README, "Security": ≥ 32 URL-safe characters).
 pub const MIN_PATH_SECRET_LEN: usize = 32;
 
 /// Which namespaces the webhook sees.

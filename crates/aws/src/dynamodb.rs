@@ -87,7 +87,7 @@ pub struct MissingTable {
     pub source: BoxError,
 }
 
-/// Which of the tables of DESIGN.md a name stands for, and the variable that sets it.
+/// Which of the tables (ARCHITECTURE.md, "Data") a name stands for, and the variable that sets it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TableRole {
     /// The Allowances table (`ALLOWANCES_TABLE`).

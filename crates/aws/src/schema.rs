@@ -1,4 +1,4 @@
-//! The tables of DESIGN.md, for local set-ups and tests (production tables come from
+//! The tables of ARCHITECTURE.md ("Data"), for local set-ups and tests (production tables come from
 //! `template.yaml`). Creating them is idempotent.
 
 use aws_sdk_dynamodb::Client;
@@ -145,7 +145,7 @@ async fn create(
         .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
 }
 
-/// Why a table does not match DESIGN.md, for `iam-broker doctor`.
+/// Why a table does not match its design (ARCHITECTURE.md, "Data"), for `iam-broker doctor`.
 #[derive(Debug, thiserror::Error)]
 pub enum TableCheckError {
     /// `DescribeTable` failed (e.g. [`MissingTable`](crate::dynamodb::MissingTable), or an
@@ -166,7 +166,7 @@ pub enum TableCheckError {
     WrongKeys {
         /// The table's key schema, e.g. `token_hash (HASH)`.
         found: String,
-        /// DESIGN.md's key schema.
+        /// The designed key schema (ARCHITECTURE.md, "Data").
         expected: String,
     },
 }
@@ -191,7 +191,7 @@ fn describe_keys(keys: &[(String, KeyType)]) -> String {
         .join(", ")
 }
 
-/// Checks that the `role` table `table` exists with exactly the key schema of DESIGN.md
+/// Checks that the `role` table `table` exists with exactly the designed key schema (ARCHITECTURE.md, "Data")
 /// (`DescribeTable`), for `iam-broker doctor`.
 pub async fn check_table(
     client: &Client,

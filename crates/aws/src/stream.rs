@@ -4,7 +4,7 @@
 //! core never sees the wire format.
 
 use aws_lambda_events::event::dynamodb::Event;
-use iam_broker_admission::cleanup::RemovedRecord;
+use iam_broker_kernel::record::RemovedRecord;
 use serde_dynamo::AttributeValue;
 
 use crate::dynamodb::token_attributes as ta;

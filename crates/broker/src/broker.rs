@@ -27,7 +27,7 @@ use iam_broker_kernel::ports::{
 };
 use iam_broker_kernel::token::{Token, TokenError};
 
-/// Why the broker did not serve credentials. Each maps to one row of DESIGN.md's error table.
+/// Why the broker did not serve credentials. Each maps to one row of the error table (ARCHITECTURE.md, "Error contract").
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// 401 `MissingAuthorization`.

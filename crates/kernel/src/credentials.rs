@@ -6,7 +6,7 @@ use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
-/// How long before `Expiration` caches must stop reusing an answer (DESIGN.md: 5 minutes).
+/// How long before `Expiration` caches must stop reusing an answer (README, "HTTP API": 5 minutes).
 pub const CACHE_MARGIN_SECONDS: i64 = 300;
 
 /// Temporary AWS credentials from `sts:AssumeRole`.

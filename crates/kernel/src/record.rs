@@ -62,6 +62,18 @@ impl TokenRecord {
         }
     }
 }
+/// A token record the Authorizations stream reports removed (TTL expiry or a revoke), as the
+/// aws adapter decodes it from the record's old image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovedRecord {
+    /// `token_hash`.
+    pub token_hash: String,
+    /// `namespace`.
+    pub namespace: String,
+    /// `secret_name`.
+    pub secret_name: String,
+}
+
 /// What to record for a newly minted token.
 #[derive(Debug, Clone)]
 pub struct Grant {

@@ -1,4 +1,4 @@
-//! [`Answer`]: what the sidecar sends back, and [`ProxyError`], its own errors in DESIGN.md's
+//! [`Answer`]: what the sidecar sends back, and [`ProxyError`], its own errors in the broker's
 //! `{"Code","Message"}` shape.
 
 use bytes::Bytes;

@@ -30,7 +30,7 @@ pub const ENV_MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
 /// Extra CA certificates (PEM text) the broker's certificate may chain to, besides the public
 /// webpki roots: for an in-cluster broker with a private CA.
 pub const ENV_BROKER_CA_PEM: &str = "BROKER_CA_PEM";
-/// Default of [`ENV_LISTEN_ADDR`] (DESIGN.md: `PROXY_PORT` 53080 on 127.0.0.1).
+/// Default of [`ENV_LISTEN_ADDR`] (README, "Configuration": `PROXY_PORT` 53080 on 127.0.0.1).
 pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:53080";
 /// Default of [`ENV_MIN_VALIDITY_SECONDS`]: botocore refreshes 15 minutes ahead of expiry.
 pub const DEFAULT_MIN_VALIDITY_SECONDS: u64 = 900;

@@ -3,7 +3,7 @@
 //!
 //! AWS SDKs in the pod read `AWS_CONTAINER_CREDENTIALS_FULL_URI` (this proxy) and send
 //! `AWS_CONTAINER_AUTHORIZATION_TOKEN` as the raw `Authorization` header; the proxy forwards
-//! misses to `BROKER_URL` with the same header. DESIGN.md, "The sidecar proxy's promises":
+//! misses to `BROKER_URL` with the same header. README, "The sidecar proxy":
 //! per-token caching, at least [`ProxyConfig::min_validity`] left on anything served, refresh ahead
 //! in the background, still-valid credentials kept while the broker fails, never an expired
 //! credential, one broker call for concurrent misses. The rules are pure functions in

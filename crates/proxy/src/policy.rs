@@ -2,7 +2,7 @@
 //! background refresh starts, what to do with a fresh broker answer, and how long to back off
 //! after failed refreshes. Nothing here reads a clock; callers pass `now`.
 //!
-//! The rules (DESIGN.md, "The sidecar proxy's promises"):
+//! The rules (README, "The sidecar proxy"):
 //! - **Servable** means at least the entry's min validity is left before `Expiration`: the
 //!   configured `min_validity`, or a third of the credentials' lifetime when that is shorter
 //!   (see [`Policy::window`]). Nothing else is ever served from the cache, so expired

@@ -1,4 +1,4 @@
-//! The sidecar's promises (DESIGN.md), end to end over loopback HTTP: a proxy started in-process
+//! The sidecar's promises (README, "The sidecar proxy"), end to end over loopback HTTP: a proxy started in-process
 //! in front of a fake broker, both reading one manual clock.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

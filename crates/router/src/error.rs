@@ -1,4 +1,4 @@
-//! [`ApiError`]: the one mapping from failures to DESIGN.md's HTTP error contract.
+//! [`ApiError`]: the one mapping from failures to the HTTP error contract (README, "HTTP API"; ARCHITECTURE.md, "Error contract").
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};

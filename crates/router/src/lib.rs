@@ -1,4 +1,4 @@
-//! The one HTTP router of iam-broker (DESIGN.md "HTTP routes"). The Lambda binary and
+//! The one HTTP router of iam-broker (README, "HTTP API"). The Lambda binary and
 //! `iam-broker serve` both call [`router`]; no handler depends on Lambda-only extensions.
 #![forbid(unsafe_code)]
 
@@ -52,7 +52,7 @@ const MAX_LOGGED_METHOD: usize = 16;
 /// The most bytes of a rejection's plain-text body carried into its JSON `Message`.
 const MAX_REJECTION_TEXT: usize = 1024;
 
-/// The router of DESIGN.md: `GET /` and `GET /credentials` (broker), `POST /` and
+/// The router of README's "HTTP API": `GET /` and `GET /credentials` (broker), `POST /` and
 /// `POST /mutate` (admission webhook), `GET /healthz`; JSON errors for anything else, including
 /// the HTTP layer's own rejections (body, URI and header limits, malformed paths).
 pub fn router(state: AppState) -> Router {

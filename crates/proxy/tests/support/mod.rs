@@ -33,7 +33,7 @@ pub const T0: OffsetDateTime = datetime!(2026-11-22 06:00:00 UTC);
 pub enum Mode {
     /// `200` with credentials expiring `validity` after the clock's now.
     Credentials,
-    /// An error in DESIGN.md's shape.
+    /// An error in the contract's shape (`{"Code","Message"}`).
     Error {
         /// HTTP status.
         status: StatusCode,
@@ -121,7 +121,7 @@ impl FakeBroker {
         *self.state.latency.lock().unwrap() = latency;
     }
 
-    /// Sends this `max-age` instead of DESIGN.md's expiry minus five minutes.
+    /// Sends this `max-age` instead of the broker's expiry minus five minutes.
     pub fn set_max_age(&self, max_age: Option<u64>) {
         *self.state.max_age.lock().unwrap() = max_age;
     }
