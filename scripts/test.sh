@@ -9,10 +9,11 @@
 #   scripts/test.sh --help     print this text
 #
 # On two cores the order matters (README, "Development"): downloads (Python tools, SAM CLI,
-# musl-tools) run in the background from the start; the two optimised builds (the Lambda
-# artifact with fat LTO, the static sidecar) run in the background at the lowest CPU priority
-# once the debug build is done, filling what the tests (mostly waiting on I/O) and the one-unit
-# LTO link leave idle. Every background job is waited for, and its log shown if it failed.
+# musl-tools) and the two optimised builds (the Lambda artifact with fat LTO, the static
+# sidecar) run in the background from the start, the builds at the lowest CPU priority, filling
+# what the debug build's serial stretches, the tests (mostly waiting on I/O) and the one-unit LTO
+# link leave idle. clippy lints during the one debug build. Every background job is waited for,
+# and its log shown if it failed.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 no_arguments "$@"
@@ -43,32 +44,44 @@ musl_build() {
   rustup target add x86_64-unknown-linux-musl || exit 4
   nice -n 19 cargo build --profile ci --locked -p iam-broker-proxy --target x86_64-unknown-linux-musl
 }
-lambda_build() {
-  nice -n 19 cargo lambda build --release --locked --bin bootstrap
+# The Python tools first (cargo-lambda is one of them), then the Lambda artifact: fat LTO, the
+# release profile that is shipped, at the lowest CPU priority.
+venv_then_lambda() {
+  ensure_venv
+  touch target/venv.ready
+  [ "${SKIP_LAMBDA_BUILD:-0}" = 1 ] || nice -n 19 cargo lambda build --release --locked --bin bootstrap
+}
+# Waits until the Python tools are installed (the job above goes on with the Lambda build).
+wait_for_venv() {
+  until [ -e target/venv.ready ]; do
+    kill -0 "$job_lambda" 2>/dev/null || { [ -e target/venv.ready ] && break; wait_for lambda; }
+    sleep 1
+  done
 }
 
-in_background venv ensure_venv
+# Lints run where the code is compiled: clippy-driver is the compiler of the workspace's own
+# crates in every build below (what `cargo clippy` does, without its second, check-only build of
+# every dependency), and every warning is an error. Exported, so that the scripts' builds and
+# the background builds share these artifacts instead of rebuilding without them.
+export RUSTC_WORKSPACE_WRAPPER
+RUSTC_WORKSPACE_WRAPPER="$(rustup which clippy-driver)"
+export RUSTFLAGS="-D warnings"
+
+rm -f target/venv.ready
+in_background lambda venv_then_lambda
 in_background sam ensure_sam_venv
+[ "${SKIP_MUSL_BUILD:-0}" = 1 ] || in_background musl musl_build
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
-log "cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
-wait_for venv
-if [ "${SKIP_LAMBDA_BUILD:-0}" != 1 ]; then
-  log "cargo lambda build --release: started in the background (target/setup-lambda.log)"
-  in_background lambda lambda_build
-fi
-if [ "${SKIP_MUSL_BUILD:-0}" != 1 ]; then
-  log "static (musl) build of iam-broker-proxy: started in the background (target/setup-musl.log)"
-  in_background musl musl_build
-fi
-# One debug build serves the tests and every run command: no dev-dependency adds a feature to a
-# dependency, so `cargo build` and `cargo test` share every dependency's artifacts (ARCHITECTURE.md,
-# "Who may depend on whom"); the scripts run the binaries and examples built here.
-log "build binaries, examples and tests (one debug build for the tests and every run command)"
+# One debug build serves the lints, the tests and every run command: no dev-dependency adds a
+# feature to a dependency, so `cargo build` and `cargo test` share every dependency's artifacts
+# (ARCHITECTURE.md, "Who may depend on whom"); the scripts run the binaries and examples built
+# here. `--all-targets` compiles (and lints) what `cargo clippy --all-targets` checks: benches too.
+log "build and lint (clippy, -D warnings) binaries, examples, tests and benches"
 cargo build --workspace --bins --examples --locked
-cargo test --workspace --locked --no-run
+cargo test --workspace --all-targets --locked --no-run
+wait_for_venv
 log "cargo test"
 cargo test --workspace --locked
 log "the README's run command (scripts/run-local.sh --once)"
@@ -103,9 +116,9 @@ if [ "${SKIP_MUSL_BUILD:-0}" != 1 ]; then
       || die "iam-broker-proxy (musl) is not statically linked"
   fi
 fi
+log "cargo lambda build --release: waiting"
+wait_for lambda
 if [ "${SKIP_LAMBDA_BUILD:-0}" != 1 ]; then
-  log "cargo lambda build --release: waiting"
-  wait_for lambda
   test -x target/lambda/bootstrap/bootstrap || die "cargo lambda build did not produce target/lambda/bootstrap/bootstrap"
 fi
 log "all checks passed"
