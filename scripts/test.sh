@@ -61,11 +61,10 @@ wait_for_venv() {
 
 # Lints run where the code is compiled: clippy-driver is the compiler of the workspace's own
 # crates in every build below (what `cargo clippy` does, without its second, check-only build of
-# every dependency), and every warning is an error. Exported, so that the scripts' builds and
-# the background builds share these artifacts instead of rebuilding without them.
-export RUSTC_WORKSPACE_WRAPPER
-RUSTC_WORKSPACE_WRAPPER="$(rustup which clippy-driver)"
-export RUSTFLAGS="-D warnings"
+# every dependency), and every warning is an error (scripts/clippy-deny.sh). Exported, so that
+# the scripts' builds and the background builds share these artifacts.
+export CLIPPY_DRIVER RUSTC_WORKSPACE_WRAPPER="$ROOT/scripts/clippy-deny.sh"
+CLIPPY_DRIVER="$(rustup which clippy-driver)"
 
 rm -f target/venv.ready
 in_background lambda venv_then_lambda

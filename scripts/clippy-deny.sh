@@ -1,0 +1,6 @@
+#!/bin/sh
+# RUSTC_WORKSPACE_WRAPPER for scripts/test.sh: clippy-driver (CLIPPY_DRIVER) compiles the
+# workspace's own crates, with every warning an error: `cargo clippy --all-targets -- -D
+# warnings` during a real build. Dependencies are compiled by plain rustc with unchanged flags,
+# so their artifacts are the ones any other `cargo build` of the workspace uses.
+exec "${CLIPPY_DRIVER:?}" "$@" -D warnings
