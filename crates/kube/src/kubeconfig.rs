@@ -2,6 +2,8 @@
 //! from `kube`'s typed [`Kubeconfig`] and serialized, so no value needs escaping by hand. It
 //! holds a bearer token: print it to a file or an SSM SecureString, never to a log.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use kube::config::{
     AuthInfo, Cluster, Context, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext,
 };
@@ -39,7 +41,6 @@ pub fn kubeconfig(
             "the CA is not a PEM certificate".to_owned(),
         ));
     }
-    use base64::Engine as _;
     let config = Kubeconfig {
         api_version: Some("v1".to_owned()),
         kind: Some("Config".to_owned()),
@@ -47,8 +48,7 @@ pub fn kubeconfig(
             name: name.to_owned(),
             cluster: Some(Cluster {
                 server: Some(server.to_owned()),
-                certificate_authority_data: ca_pem
-                    .map(|pem| base64::engine::general_purpose::STANDARD.encode(pem)),
+                certificate_authority_data: ca_pem.map(|pem| STANDARD.encode(pem)),
                 ..Cluster::default()
             }),
             other: Default::default(),
@@ -92,7 +92,6 @@ mod tests {
         let parsed = Kubeconfig::from_yaml(&y).unwrap();
         let cluster = parsed.clusters[0].cluster.as_ref().unwrap();
         assert_eq!(cluster.server.as_deref(), Some("https://api.example:6443"));
-        use base64::Engine as _;
         let ca = cluster.certificate_authority_data.as_deref().unwrap();
         assert_eq!(
             base64::engine::general_purpose::STANDARD
