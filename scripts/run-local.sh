@@ -143,6 +143,7 @@ log "the cluster rotates its signing key; iam-broker cluster refresh local; kube
 python3 -c 'import sys; sys.path.insert(0, "scripts"); from standin_api import Api
 Api(sys.argv[1]).request("POST", "/standin/v1/rotate-signing-key")' "$work/kubeconfig"
 "$BIN/iam-broker" cluster refresh local --kubeconfig "$work/kubeconfig"
+sleep 1 # a broker re-reads the registry for an unknown key at most once a second
 kubelet_refresh
 log "aws sts get-caller-identity with the rotated token, nothing restarted"
 whoami

@@ -261,7 +261,7 @@ async fn canned_aws(headers: HeaderMap, body: Bytes) -> axum::response::Response
             (
                 [(header::CONTENT_TYPE, "text/xml")],
                 format!(
-                    r#"<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><AssumeRoleResult><Credentials><AccessKeyId>ASIABENCH</AccessKeyId><SecretAccessKey>bench-secret</SecretAccessKey><SessionToken>bench-session</SessionToken><Expiration>{expiration}</Expiration></Credentials><AssumedRoleUser><AssumedRoleId>AROABENCH:team-a.app.web-1</AssumedRoleId><Arn>arn:aws:sts::123456789012:assumed-role/s3_reader/team-a.app.web-1</Arn></AssumedRoleUser></AssumeRoleResult><ResponseMetadata><RequestId>bench</RequestId></ResponseMetadata></AssumeRoleResponse>"#
+                    r#"<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><AssumeRoleResult><Credentials><AccessKeyId>ASIABENCH</AccessKeyId><SecretAccessKey>bench-secret</SecretAccessKey><SessionToken>bench-session</SessionToken><Expiration>{expiration}</Expiration></Credentials><AssumedRoleUser><AssumedRoleId>AROABENCH:team-a_app_web-1</AssumedRoleId><Arn>arn:aws:sts::123456789012:assumed-role/s3_reader/team-a_app_web-1</Arn></AssumedRoleUser></AssumeRoleResult><ResponseMetadata><RequestId>bench</RequestId></ResponseMetadata></AssumeRoleResponse>"#
                 ),
             )
                 .into_response()

@@ -125,13 +125,56 @@ async fn fleet(algorithm: SigningAlgorithm, count: usize) -> Fleet {
     Fleet { clusters, token }
 }
 
-/// The production verification settings (audience, leeway).
+/// The production verification settings (audience, leeway, maximum lifetime).
 fn verification() -> Verification {
     let settings = iam_broker_app::projected_settings(&Config::default());
     Verification {
         audience: settings.audience,
         leeway: i64::try_from(settings.leeway.as_secs()).expect("small"),
+        max_lifetime: i64::try_from(settings.max_lifetime.as_secs()).expect("small"),
     }
+}
+
+/// Forgeries of a valid token, each refused as `InvalidToken`: another `kid` (no registered key),
+/// another issuer (no registered cluster), one bit of the signature flipped (a registered key
+/// that does not verify it). The first two spend one decoy verification, the third one real one.
+fn forgeries(token: &str) -> [(&'static str, String); 3] {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    let json = |part: &str| -> serde_json::Value {
+        serde_json::from_slice(&b64.decode(part).expect("base64url")).expect("JSON")
+    };
+    let mut header = json(parts[0]);
+    header["kid"] = serde_json::json!("forged-kid");
+    let mut claims = json(parts[1]);
+    claims["iss"] = serde_json::json!("https://forged.example");
+    let mut signature = b64.decode(parts[2]).expect("base64url");
+    signature[10] ^= 1;
+    [
+        (
+            "unknown key",
+            format!(
+                "{}.{}.{}",
+                b64.encode(header.to_string()),
+                parts[1],
+                parts[2]
+            ),
+        ),
+        (
+            "unknown issuer",
+            format!(
+                "{}.{}.{}",
+                parts[0],
+                b64.encode(claims.to_string()),
+                parts[2]
+            ),
+        ),
+        (
+            "bad signature",
+            format!("{}.{}.{}", parts[0], parts[1], b64.encode(signature)),
+        ),
+    ]
 }
 
 fn settings(cluster: &RegisteredCluster) -> BrokerSettings {
@@ -320,6 +363,44 @@ async fn main() {
     }
     let served: Vec<Stats> = broker_samples.into_iter().map(stats).collect();
 
+    // Forged tokens through the whole broker: refused at once (no registry wait), each for one
+    // signature check, so a forgery costs about what a served request's verification costs.
+    let mut forged_cases = Vec::new();
+    for (algorithm, token, broker) in [
+        ("RS256", rs_token, &brokers[1].0),
+        ("ES256", es_token, &brokers[2].0),
+    ] {
+        for (what, forged) in forgeries(token) {
+            let refused = broker.credentials(Some(&forged), Some(ROLE)).await;
+            assert_eq!(
+                refused.as_ref().map(|_| ()).map_err(|e| e.code()),
+                Err("InvalidToken"),
+                "{what}"
+            );
+            forged_cases.push((
+                format!("`Broker::credentials`, forged {algorithm} token: {what}"),
+                broker,
+                forged,
+            ));
+        }
+    }
+    let mut forged_samples: Vec<Vec<Duration>> = forged_cases.iter().map(|_| Vec::new()).collect();
+    for _ in 0..ROUNDS {
+        for ((_, broker, forged), samples) in forged_cases.iter().zip(&mut forged_samples) {
+            samples.extend(
+                time_async(
+                    move || async move {
+                        let answer = broker.credentials(Some(forged), Some(ROLE)).await;
+                        assert!(std::hint::black_box(answer).is_err());
+                    },
+                    PER_ROUND / 4,
+                )
+                .await,
+            );
+        }
+    }
+    let forged: Vec<Stats> = forged_samples.into_iter().map(stats).collect();
+
     println!("| measurement | calls | p50 | p90 | p99 | mean |");
     println!("|---|---|---|---|---|---|");
     for ((name, _), s) in cases.iter().zip(&identified) {
@@ -337,6 +418,9 @@ async fn main() {
         "`Broker::credentials`, projected ES256 token, memory ports",
         &served[2],
     );
+    for ((name, _, _), s) in forged_cases.iter().zip(&forged) {
+        row(name, s);
+    }
     // Measured apart, `identify` and the whole request drift with the machine; the difference
     // between the two modes' requests is the verification's cost inside a request.
     let extra = |projected: &Stats| micros(projected.mean) - micros(served[0].mean);

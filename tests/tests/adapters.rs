@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore, StsCredentialIssuer};
-use iam_broker_kernel::allowance::{RoleArn, Subject};
+use iam_broker_kernel::allowance::{RoleArn, Row, Subject};
 use iam_broker_kernel::ports::{
     AllowanceStore, AssumeRoleRequest, CredentialIssuer, StoreError, TokenStore,
 };
@@ -39,33 +39,131 @@ async fn stores() -> (
 async fn a_subjects_two_rows_come_back_from_one_batch_read() {
     let (_moto, _client, _tables, store, _) = stores().await;
     let app = Subject::service_account("ns", "app").unwrap();
-    assert_eq!(store.rows_for(&app).await.unwrap(), [None, None]);
+    assert_eq!(
+        store.rows_for(&app).await.unwrap(),
+        [Row::Absent, Row::Absent]
+    );
 
     store.allow(&app.wildcard(), B, None).await.unwrap();
     let [exact, wide] = store.rows_for(&app).await.unwrap();
-    assert_eq!(exact, None);
-    assert_eq!(wide.unwrap().subject.service_account, "*");
+    assert_eq!(exact, Row::Absent);
+    assert_eq!(wide.allowance().unwrap().subject.service_account, "*");
 
     store.allow(&app, A, Some("ext-1")).await.unwrap();
     let [exact, wide] = store.rows_for(&app).await.unwrap();
-    let exact = exact.unwrap();
+    let exact = exact.allowance().unwrap().clone();
     assert_eq!(exact.subject, app);
     assert_eq!(exact.external_ids.get(A).map(String::as_str), Some("ext-1"));
-    assert!(wide.unwrap().allows(B));
+    assert!(wide.allowance().unwrap().allows(B));
 
     // A cluster's rows are its own: the same names elsewhere read nothing.
     let east = app.clone().in_cluster(Some(
         iam_broker_kernel::cluster::ClusterName::parse("east").unwrap(),
     ));
-    assert_eq!(store.rows_for(&east).await.unwrap(), [None, None]);
+    assert_eq!(
+        store.rows_for(&east).await.unwrap(),
+        [Row::Absent, Row::Absent]
+    );
     // Each row equals what a single read gives.
     assert_eq!(
         store.rows_for(&app).await.unwrap(),
         [
-            store.allowance(&app).await.unwrap(),
-            store.allowance(&app.wildcard()).await.unwrap()
+            store.allowance(&app).await.unwrap().into(),
+            store.allowance(&app.wildcard()).await.unwrap().into()
         ]
     );
+}
+
+/// Writes an Allowances item as a console user might, attribute by attribute.
+async fn put_row(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    namespace: &str,
+    service_account: &str,
+    extra: &[(&str, AttributeValue)],
+) {
+    let mut item = HashMap::from([
+        (
+            "namespace".to_owned(),
+            AttributeValue::S(namespace.to_owned()),
+        ),
+        (
+            "service_account".to_owned(),
+            AttributeValue::S(service_account.to_owned()),
+        ),
+    ]);
+    for (name, value) in extra {
+        item.insert((*name).to_owned(), value.clone());
+    }
+    client
+        .put_item()
+        .table_name(table)
+        .set_item(Some(item))
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_unreadable_row_is_a_row_not_an_outage_and_its_neighbour_still_reads() {
+    // GIVEN a valid exact row, and a `*` row whose allowed_roles is a number
+    let (_moto, client, tables, store, _) = stores().await;
+    let app = Subject::service_account("ns", "app").unwrap();
+    store.allow(&app, A, None).await.unwrap();
+    put_row(
+        &client,
+        &tables.allowances,
+        "ns",
+        "*",
+        &[("allowed_roles", AttributeValue::N("7".into()))],
+    )
+    .await;
+
+    // WHEN both rows are read in one batch
+    let [exact, wide] = store.rows_for(&app).await.unwrap();
+
+    // THEN the exact row reads, and the `*` row is unreadable, named by table and key
+    assert!(exact.allowance().unwrap().allows(A));
+    let Row::Unreadable(row) = wide else {
+        panic!("{wide:?}")
+    };
+    assert_eq!(
+        (row.partition.as_str(), row.service_account.as_str()),
+        ("ns", "*")
+    );
+    assert!(row.store.contains(&tables.allowances), "{row}");
+    assert!(row.problem.contains("allowed_roles"), "{row}");
+
+    // AND an external id that is not a string makes its row unreadable too (single read)
+    let other = Subject::service_account("ns", "other").unwrap();
+    put_row(
+        &client,
+        &tables.allowances,
+        "ns",
+        "other",
+        &[
+            ("allowed_roles", AttributeValue::Ss(vec![A.to_owned()])),
+            (&format!("external_id:{A}"), AttributeValue::N("1".into())),
+        ],
+    )
+    .await;
+    let [exact, _] = store.rows_for(&other).await.unwrap();
+    assert!(
+        matches!(&exact, Row::Unreadable(row) if row.service_account == "other" && row.problem.contains("external_id")),
+        "{exact:?}"
+    );
+    assert!(matches!(
+        store.allowance(&other).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    // AND a listing that meets an unreadable row says which one
+    match store.list(Some("ns")).await {
+        Err(StoreError::Corrupt { message, .. }) => {
+            assert!(message.contains(r#"namespace "ns""#), "{message}");
+            assert!(message.contains("service_account"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -255,10 +353,10 @@ async fn sts_issues_credentials_with_the_requested_duration() {
     let creds = issuer
         .assume_role(&AssumeRoleRequest {
             role_arn: A.into(),
-            session_name: "ns.app.web-1".into(),
+            session_name: "ns_app_web-1".into(),
             duration: Duration::from_secs(900),
             tags: vec![("kubernetes-namespace", "ns".into())],
-            source_identity: Some("ns.app".into()),
+            source_identity: Some("ns_app".into()),
             external_id: Some("tenant-42".into()),
         })
         .await

@@ -146,7 +146,7 @@ async fn serves_ecs_credentials_that_sts_accepts_and_never_logs_secrets() {
     let arn = identity.arn().unwrap();
     assert_eq!(
         arn,
-        "arn:aws:sts::123456789012:assumed-role/s3_reader/team-a.app.web-1"
+        "arn:aws:sts::123456789012:assumed-role/s3_reader/team-a_app_web-1"
     );
     assert!(
         !arn.contains(&token[5..]),
@@ -346,6 +346,92 @@ async fn unreadable_or_retracted_records_are_403_invalid_token_never_503() {
         !log.contains("credentials served"),
         "nothing was served: {log}"
     );
+}
+
+#[tokio::test]
+async fn unreadable_allowance_rows_are_a_permanent_403_naming_the_row_never_503() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    // GIVEN tokens of three ServiceAccounts of one namespace, and hand-edited Allowances rows:
+    // `app` has a valid row, `ext` a row whose external id is a number, and the namespace's `*`
+    // row has an allowed_roles that is a number
+    let w = world().await;
+    w.allow("team-a", "app", ROLE).await;
+    let (app, _) = w.token("team-a", "app", ROLE).await;
+    let (ext, _) = w.token("team-a", "ext", ROLE).await;
+    let (other, _) = w.token("team-a", "other", ROLE).await;
+    let dynamodb = aws_sdk_dynamodb::Client::new(&w.sdk);
+    let rows: [(&str, Vec<(String, AttributeValue)>); 2] = [
+        (
+            "*",
+            vec![("allowed_roles".to_owned(), AttributeValue::N("7".into()))],
+        ),
+        (
+            "ext",
+            vec![
+                (
+                    "allowed_roles".to_owned(),
+                    AttributeValue::Ss(vec![ROLE.into()]),
+                ),
+                (
+                    format!("external_id:{ROLE}"),
+                    AttributeValue::N("42".into()),
+                ),
+            ],
+        ),
+    ];
+    for (service_account, attributes) in rows {
+        let mut item = std::collections::HashMap::from([
+            ("namespace".to_owned(), AttributeValue::S("team-a".into())),
+            (
+                "service_account".to_owned(),
+                AttributeValue::S(service_account.into()),
+            ),
+        ]);
+        item.extend(attributes);
+        dynamodb
+            .put_item()
+            .table_name(&w.tables.allowances)
+            .set_item(Some(item))
+            .send()
+            .await
+            .unwrap();
+    }
+    let server = Server::start(&w.env).await.unwrap();
+
+    // WHEN each token asks for credentials
+    // THEN the valid exact row still works beside the unreadable `*` row
+    let served = server.get("/credentials", Some(&app)).await.unwrap();
+    assert_eq!(served.status, 200, "{:?}", served.json);
+    // AND the others are a permanent 403 AllowanceUnreadable (no 503, no Retry-After) whose
+    // message names the table and the row
+    for (token, row) in [(&ext, "ext"), (&other, "*")] {
+        let answer = server.get("/credentials", Some(token)).await.unwrap();
+        assert_eq!(answer.status, 403, "{row}: {:?}", answer.json);
+        assert_eq!(answer.code(), "AllowanceUnreadable", "{row}");
+        assert_eq!(answer.header("retry-after"), "", "{row}");
+        let message = answer.json["Message"].as_str().unwrap();
+        assert!(message.contains(&w.tables.allowances), "{message}");
+        assert!(
+            message.contains(&format!(r#"service_account "{row}""#)),
+            "{message}"
+        );
+    }
+    // AND the log says so at ERROR level, naming the table and the row, and never the token
+    let log = server.stop().await;
+    let corrupt: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"corrupt_row\":true"))
+        .collect();
+    assert_eq!(corrupt.len(), 2, "{log}");
+    for line in &corrupt {
+        assert!(line.contains("\"level\":\"ERROR\""), "{line}");
+        assert!(line.contains(&w.tables.allowances), "{line}");
+        assert!(line.contains("\"row_namespace\":\"team-a\""), "{line}");
+    }
+    assert!(!log.contains("the token store"), "{log}");
+    for token in [&app, &ext, &other] {
+        assert!(!log.contains(&token[5..]), "a token reached the log");
+    }
 }
 
 #[tokio::test]

@@ -278,6 +278,57 @@ async fn clusters_are_added_listed_refreshed_and_removed_from_jwks_files() {
 }
 
 #[tokio::test]
+async fn keys_that_can_never_verify_safely_are_refused_at_cluster_add() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (_moto, env) = env().await;
+    let dir = tempfile::tempdir().unwrap();
+    // a 2048-bit odd modulus, and P-256's generator with its y changed by one bit
+    let mut n = vec![0xffu8; 256];
+    n[255] = 0xf1;
+    let g_x = "axfR8uEsQkf4vOblY6RA8ncDfYEt6zOg9KE5RdiYwpY";
+    let mut g_y = b64
+        .decode("T-NC4v4af5uO5-tKfA-eFivOM1drMV7Oy7ZAaDe_UfU")
+        .unwrap();
+    g_y[31] ^= 1;
+    let cases = [
+        (
+            "rsa-e1",
+            json!({ "kty": "RSA", "kid": "r1", "alg": "RS256", "n": b64.encode(&n), "e": "AQ" }),
+            "the RSA exponent is not an odd number of at least 3",
+        ),
+        (
+            "rsa-short",
+            json!({ "kty": "RSA", "kid": "r2", "alg": "RS256",
+                "n": b64.encode(&n[..128]), "e": "AQAB" }),
+            "shorter than 2048 bits",
+        ),
+        (
+            "ec-off-curve",
+            json!({ "kty": "EC", "kid": "e1", "crv": "P-256", "alg": "ES256",
+                "x": g_x, "y": b64.encode(&g_y) }),
+            "not on the P-256 curve",
+        ),
+    ];
+    for (name, key, why) in cases {
+        let file = dir.path().join(format!("{name}.json"));
+        std::fs::write(&file, json!({ "keys": [key] }).to_string()).unwrap();
+        // WHEN an operator registers a JWKS holding such a key
+        let added = add_from_file(&env, name, &file, ISSUER).await;
+        // THEN it is refused, naming the key and why
+        refused(&added, why);
+    }
+    // AND the registry holds none of them
+    assert!(listed(&env).await.is_empty());
+    // (the same generator point, unchanged, is a key the registry takes)
+    let good = dir.path().join("ec-good.json");
+    let key = json!({ "kty": "EC", "kid": "e2", "crv": "P-256", "alg": "ES256", "x": g_x,
+        "y": "T-NC4v4af5uO5-tKfA-eFivOM1drMV7Oy7ZAaDe_UfU" });
+    std::fs::write(&good, json!({ "keys": [key] }).to_string()).unwrap();
+    ok(&add_from_file(&env, "ec-good", &good, ISSUER).await);
+}
+
+#[tokio::test]
 async fn a_cluster_is_registered_from_its_api_server_and_its_pods_get_credentials() {
     let (_moto, env) = env().await;
     let api = KubeApi::start().await.unwrap();

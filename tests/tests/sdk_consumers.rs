@@ -93,7 +93,7 @@ async fn aws_cli_gets_the_assumed_role_through_the_proxy() {
     // THEN it is the assumed role, with a session naming the pod
     let arn = arn_of(&with_env);
     assert!(arn.starts_with(ASSUMED), "{arn}");
-    assert!(arn.ends_with("team-a.app.web-1"), "{arn}");
+    assert!(arn.ends_with("team-a_app_web-1"), "{arn}");
 
     // WHEN it runs with the token in a file (AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE)
     let with_file = run(&aws_cli(), &w.app_env(true), &args).await.unwrap();

@@ -120,6 +120,16 @@ async fn tls_connect(
         .unwrap()
 }
 
+/// How long a new client waits for its `GET /healthz` (in the listen backlog, when every slot
+/// is taken).
+async fn health_wait(address: SocketAddr) -> Duration {
+    let started = Instant::now();
+    health(TcpStream::connect(address).await.unwrap())
+        .await
+        .unwrap();
+    started.elapsed()
+}
+
 /// A client that sends one byte of its request head every 100 ms, forever.
 fn drip<S: AsyncWrite + Unpin + Send + 'static>(mut stream: S) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -305,17 +315,119 @@ async fn at_the_connection_limit_a_new_client_waits_for_a_slot_instead_of_failin
 
     // THEN a ninth client is not served while they hold every slot, but is served (not
     // refused) as soon as the header-read timeout frees one
-    let started = Instant::now();
-    health(TcpStream::connect(address).await.unwrap())
-        .await
-        .unwrap();
-    let waited = started.elapsed();
+    let waited = health_wait(address).await;
     eprintln!("limit 8: the ninth client waited {waited:?}");
     assert!(
         waited >= TIMEOUT / 2,
         "served after {waited:?}: no connection limit"
     );
     assert!(waited < TIMEOUT + SLACK, "waited {waited:?}");
+    server.stop().await;
+}
+
+/// A webhook request that declares a 100 kB body, sends its head and one byte of the body, then
+/// one more byte every 100 ms, forever.
+fn drip_body<S: AsyncWrite + Unpin + Send + 'static>(
+    mut stream: S,
+    path: &str,
+) -> tokio::task::JoinHandle<()> {
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: 100000\r\n\r\n{{"
+    );
+    tokio::spawn(async move {
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        while stream.write_all(b" ").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// Reads a connection to its end (or 10 s) and returns what came.
+async fn read_answer<S: AsyncRead + Unpin>(stream: &mut S) -> String {
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline.into(), stream.read(&mut buffer)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buffer[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn slow_request_bodies_are_cut_and_cannot_lock_the_server_out() {
+    // GIVEN serve with a webhook path secret, 1 s head and body deadlines, and 8 connection slots
+    let secret = "p".repeat(40);
+    let w = world(&[
+        ("WEBHOOK_PATH_SECRET", secret.as_str()),
+        ("IAM_BROKER_BODY_READ_TIMEOUT_MS", "1000"),
+        ("IAM_BROKER_MAX_CONNECTIONS", "8"),
+    ])
+    .await;
+    let server = Server::start(&w.env).await.unwrap();
+    let address = address(&server);
+
+    // WHEN a client declares a body on a path with the wrong secret (or on `POST /`) and
+    // sends it slowly
+    for path in ["/mutate/wrong-secret", "/"] {
+        let (mut read, write) = TcpStream::connect(address).await.unwrap().into_split();
+        let started = Instant::now();
+        let task = drip_body(write, path);
+        let answer = read_answer(&mut read).await;
+        task.abort();
+        // THEN it is refused 404 before the body is read: no wait for the body's deadline
+        assert!(answer.starts_with("HTTP/1.1 404"), "{path}: {answer}");
+        assert!(
+            started.elapsed() < TIMEOUT / 2,
+            "{path}: waited {:?} for a body it should not read",
+            started.elapsed()
+        );
+    }
+
+    // WHEN 8 clients (every slot) send bodies to the right path one byte every 100 ms
+    let opened = Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let (read, write) = TcpStream::connect(address).await.unwrap().into_split();
+        slow.push((read, drip_body(write, &format!("/mutate/{secret}"))));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // (a refused connection above may keep its slot until its head-read timeout, so one of
+    // these may start a deadline late: every bound below is one deadline plus the slack)
+    // THEN a ninth client is served as soon as the body deadline frees a slot
+    let waited = health_wait(address).await;
+
+    // AND every slow body is answered 408 in JSON and its connection closed, within the deadline
+    let mut slowest = Duration::ZERO;
+    for (read, task) in &mut slow {
+        let answer = read_answer(read).await;
+        slowest = slowest.max(opened.elapsed());
+        task.abort();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains(r#""Code":"RequestTimeout""#), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    eprintln!(
+        "slow bodies: a ninth client waited {waited:?}; the slowest of 8 was cut after {slowest:?}"
+    );
+    assert!(waited < TIMEOUT + SLACK, "locked out for {waited:?}");
+    assert!(
+        slowest < TIMEOUT + SLACK,
+        "a slow body held on for {slowest:?}"
+    );
+    assert!(
+        slowest >= TIMEOUT.mul_f32(0.8),
+        "cut too early: {slowest:?}"
+    );
     server.stop().await;
 }
 

@@ -127,6 +127,43 @@ async fn log_bytes_per_admission_are_bounded_even_for_huge_values() {
     let grown = server.log().len() - before;
     assert!(grown <= 20 * 2048, "{grown} bytes of log for 20 admissions");
     assert!(!server.log().contains(&"x".repeat(1000)));
+
+    // WHEN reviews carry a 100 kB pod name, request namespace, request uid or Secret annotation
+    // (mutating admission runs before validation, so such names reach the webhook)
+    let before = server.log().len();
+    let long = "n".repeat(100_000);
+    let mut reviews = Vec::new();
+    let mut named = pod(&long);
+    reviews.push(review("CREATE", &named, false));
+    named["metadata"]["namespace"] = json!(long);
+    let mut in_long_namespace = review("CREATE", &named, false);
+    in_long_namespace["request"]["namespace"] = json!(long);
+    reviews.push(in_long_namespace);
+    let mut long_uid = review("CREATE", &pod("web-u"), false);
+    long_uid["request"]["uid"] = json!(long);
+    reviews.push(long_uid);
+    let mut deleted = pod(&long);
+    deleted["metadata"]["annotations"] = json!({
+        "iam-broker.io/secret-name": long,
+        "iam-broker.io/token-hash": "0".repeat(64),
+    });
+    let mut delete = review("DELETE", &deleted, false);
+    delete["request"]["namespace"] = json!(long);
+    reviews.push(delete);
+    for body in &reviews {
+        let answer = server.post("/", body).await.unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.json);
+    }
+
+    // THEN no log line carries any of them whole: each admission costs at most 2 kB of log
+    let log = server.log();
+    let grown = log.len() - before;
+    assert!(
+        grown <= reviews.len() * 2048,
+        "{grown} bytes of log for {} admissions",
+        reviews.len()
+    );
+    assert!(!log.contains(&"n".repeat(1000)));
 }
 
 #[tokio::test]

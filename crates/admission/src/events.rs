@@ -35,6 +35,8 @@ pub struct Notice {
 
 /// `reason` when the ServiceAccount names a role that Allowances does not allow.
 pub const REASON_ROLE_NOT_ALLOWED: &str = "RoleNotAllowed";
+/// `reason` when no readable Allowances row allows the role and one of the rows is unreadable.
+pub const REASON_ALLOWANCE_UNREADABLE: &str = "AllowanceUnreadable";
 /// `reason` when the role annotation is not a role ARN.
 pub const REASON_INVALID_ROLE_ANNOTATION: &str = "InvalidRoleAnnotation";
 /// `reason` when a dependency failed and the pod was admitted without credentials.

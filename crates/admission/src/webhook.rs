@@ -16,15 +16,15 @@ use std::time::Duration;
 use tokio::time::{Instant, timeout_at};
 
 use crate::events::{
-    EVENT_BUDGET, EventLimiter, Notice, REASON_DENIED, REASON_FAILED_OPEN,
-    REASON_INVALID_ROLE_ANNOTATION, REASON_ROLE_NOT_ALLOWED, involved_object,
+    EVENT_BUDGET, EventLimiter, Notice, REASON_ALLOWANCE_UNREADABLE, REASON_DENIED,
+    REASON_FAILED_OPEN, REASON_INVALID_ROLE_ANNOTATION, REASON_ROLE_NOT_ALLOWED, involved_object,
 };
 use crate::patch::{
     self, ANNOTATION_SECRET_NAME, ANNOTATION_TOKEN_HASH, Injection, LABEL_MANAGED_BY, MANAGED_BY,
     PodView, SidecarSettings,
 };
 use crate::review::{AdmissionRequest, AdmissionResponse, Operation};
-use iam_broker_kernel::allowance::{RoleArn, Subject, is_allowed};
+use iam_broker_kernel::allowance::{RoleArn, Subject, is_allowed, unreadable};
 use iam_broker_kernel::clock::Clock;
 use iam_broker_kernel::cluster::ClusterName;
 use iam_broker_kernel::config::{Config, FailurePolicy, IdentityMode};
@@ -33,6 +33,7 @@ use iam_broker_kernel::ports::{
 };
 use iam_broker_kernel::record::TokenRecord;
 use iam_broker_kernel::record::{Grant, mint};
+use iam_broker_kernel::text::{MAX_ECHO, MAX_MESSAGE, clip};
 use iam_broker_kernel::token::{Token, TokenHash};
 
 /// Lookups and writes of one admission must finish within this. With [`UNDO_BUDGET`] and the
@@ -467,16 +468,38 @@ impl Webhook {
                 return Ok(Err(outcome));
             }
         };
-        if !is_allowed(&rows?, role.as_str()) {
-            let why = format!(
-                "role {} is not allowed for {subject} in the Allowances table",
-                role.as_str(),
-            );
+        let rows = rows?;
+        if !is_allowed(&rows, role.as_str()) {
+            let (why, reason) = match unreadable(&rows) {
+                Some(row) => {
+                    tracing::error!(
+                        corrupt_row = true,
+                        store = %row.store,
+                        row_namespace = %row.partition,
+                        row_service_account = %row.service_account,
+                        problem = %row.problem,
+                        role_arn = %role.as_str(),
+                        "an Allowances row is unreadable; pods of its ServiceAccount get no \
+                         credentials until it is fixed or rewritten with iam-broker allow"
+                    );
+                    (
+                        format!("role {} is not allowed for {subject}: {row}", role.as_str()),
+                        REASON_ALLOWANCE_UNREADABLE,
+                    )
+                }
+                None => (
+                    format!(
+                        "role {} is not allowed for {subject} in the Allowances table",
+                        role.as_str(),
+                    ),
+                    REASON_ROLE_NOT_ALLOWED,
+                ),
+            };
             let message = format!("iam-broker: no AWS credentials injected: {why}");
             let mut outcome = skipped(request, c.sa(), &why);
             outcome.response = outcome.response.warn(message.clone());
             outcome.notice = Some(Notice {
-                reason: REASON_ROLE_NOT_ALLOWED,
+                reason,
                 message,
                 service_account_uid: account.uid.clone(),
             });
@@ -635,8 +658,8 @@ impl Webhook {
             TokenHash::parse(hash).filter(|h| patch::secret_name(h.as_str()) == secret_name)
         else {
             tracing::warn!(
-                namespace,
-                secret = secret_name,
+                namespace = %clip(&namespace, MAX_ECHO),
+                secret = %clip(secret_name, MAX_ECHO),
                 "DELETE: the pod's iam-broker annotations do not match; nothing removed"
             );
             return skipped(
@@ -691,7 +714,7 @@ impl Webhook {
             },
             Ok(false) => {
                 tracing::warn!(
-                    namespace,
+                    namespace = %clip(&namespace, MAX_ECHO),
                     secret = secret_name,
                     token = hash.short(),
                     "DELETE: the token record belongs to another namespace or Secret; nothing removed"
@@ -773,7 +796,8 @@ impl Webhook {
         };
         match tokio::time::timeout(EVENT_BUDGET, self.cluster.record_event(&event)).await {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(reason = notice.reason, %error,
+            Ok(Err(error)) => tracing::warn!(reason = notice.reason,
+                error = %clip(&error.to_string(), MAX_MESSAGE),
                 "could not record the Kubernetes Event (RBAC: create events, deploy/20-rbac.yaml)"),
             Err(_) => tracing::warn!(
                 reason = notice.reason,
@@ -1379,6 +1403,46 @@ mod tests {
         p["metadata"]["ownerReferences"] = json!([{ "apiVersion": "apps/v1",
             "kind": "ReplicaSet", "name": "web-7d9f8b6c4", "uid": "rs-uid", "controller": true }]);
         p
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_allowance_row_injects_nothing_and_says_which_row() {
+        // GIVEN the annotated ServiceAccount's exact row is unreadable, and a second
+        // ServiceAccount whose exact row is valid while its namespace's `*` row is unreadable
+        let f = fixture().await;
+        let reader = Subject::service_account("team", "reader").unwrap();
+        f.allowances
+            .put_unreadable(&reader, "allowed_roles is not a string set");
+        // WHEN a pod of it is created
+        let out = create(&f, pod("reader")).await;
+        // THEN nothing is injected or written, the Event and the warning name the row
+        assert_eq!(out.decision, Decision::Skipped);
+        assert!(
+            f.tokens.inner.list().await.unwrap().is_empty(),
+            "no token record"
+        );
+        let events = f.cluster.events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].reason, REASON_ALLOWANCE_UNREADABLE);
+        assert!(
+            events[0]
+                .message
+                .contains(r#"namespace "team", service_account "reader""#),
+            "{}",
+            events[0].message
+        );
+        assert!(
+            out.reason.contains("allowed_roles is not a string set"),
+            "{}",
+            out.reason
+        );
+
+        // AND with the exact row valid again and the `*` row unreadable, pods are injected
+        f.allowances.allow(&reader, ROLE, None).await.unwrap();
+        f.allowances
+            .put_unreadable(&reader.wildcard(), "allowed_roles is not a string set");
+        let out = create(&f, pod("reader")).await;
+        assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
     }
 
     #[tokio::test]

@@ -21,10 +21,11 @@ use iam_broker_router::AppState;
 use iam_broker_router::metrics::Metrics;
 
 /// Shortest time between two re-reads of the cluster registry caused by a token whose issuer or
-/// key the broker's snapshot does not hold (capped by `CLUSTER_REGISTRY_TTL_SECONDS`). Such a
-/// request waits for the next allowed read instead of being refused, so this is also the longest
-/// a token of a just-registered key waits; a flood of forged `kid`s costs at most one Scan of the
-/// small Clusters table per second per broker instance.
+/// key the broker's snapshot does not hold (capped by `CLUSTER_REGISTRY_TTL_SECONDS`). The first
+/// such token of an interval reads the registry on its own path (a just-registered key works at
+/// once); the others are refused at once and leave the read to the background, so a flood of
+/// forged `kid`s costs at most one Scan of the small Clusters table per second per broker
+/// instance, and holds at most one request per second for it.
 pub const REGISTRY_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The AWS side, built once from one SDK configuration: the clients and the stores over them.
@@ -156,6 +157,7 @@ pub fn projected_settings(config: &Config) -> ProjectedSettings {
     ProjectedSettings {
         audience: config.projected_audience.clone(),
         leeway: PROJECTED_TOKEN_LEEWAY,
+        max_lifetime: config.projected_max_token_lifetime,
         registry_ttl: config.cluster_registry_ttl,
         refresh_interval: REGISTRY_REFRESH_INTERVAL.min(config.cluster_registry_ttl),
     }

@@ -10,12 +10,13 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnValue};
-use iam_broker_kernel::allowance::{Allowance, RoleArn, Subject, WILDCARD_SERVICE_ACCOUNT};
+use iam_broker_kernel::allowance::{Allowance, RoleArn, Row, Subject, WILDCARD_SERVICE_ACCOUNT};
 use iam_broker_kernel::cluster::ClusterName;
 use iam_broker_kernel::config::{
     ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE, ENV_CLUSTERS_TABLE,
 };
-use iam_broker_kernel::ports::{AllowanceStore, BoxError, StoreError, TokenStore};
+use iam_broker_kernel::ports::{AllowanceStore, BoxError, StoreError, TokenStore, as_row};
+use iam_broker_kernel::text::quoted;
 use iam_broker_kernel::{TokenHash, TokenRecord};
 
 use crate::sdk::{SdkFailure, Service, error_code, explain};
@@ -320,10 +321,10 @@ impl AllowanceStore for DynamoAllowanceStore {
     /// Both rows in one consistent `BatchGetItem` (one round trip and one signature instead of
     /// two). Keys DynamoDB leaves unprocessed (partial throttling) are asked again a few times,
     /// with a short backoff, within the call's deadline.
-    async fn rows_for(&self, subject: &Subject) -> Result<[Option<Allowance>; 2], StoreError> {
+    async fn rows_for(&self, subject: &Subject) -> Result<[Row; 2], StoreError> {
         let wildcard = subject.wildcard();
         if wildcard == *subject {
-            let row = self.allowance(subject).await?;
+            let row = as_row(subject, self.allowance(subject).await)?;
             return Ok([row.clone(), row]);
         }
         let keys = KeysAndAttributes::builder()
@@ -337,7 +338,7 @@ impl AllowanceStore for DynamoAllowanceStore {
                 source: Box::new(e),
             })?;
         let mut request = HashMap::from([(self.table.name.clone(), keys)]);
-        let mut rows: [Option<Allowance>; 2] = [None, None];
+        let mut rows: [Row; 2] = [Row::Absent, Row::Absent];
         for attempt in 0..BATCH_ATTEMPTS {
             let output = self
                 .table
@@ -352,9 +353,11 @@ impl AllowanceStore for DynamoAllowanceStore {
                 .and_then(|mut tables| tables.remove(&self.table.name))
                 .unwrap_or_default()
             {
-                let row = self.read_item(&item)?;
-                let slot = usize::from(row.subject.service_account == WILDCARD_SERVICE_ACCOUNT);
-                rows[slot] = Some(row);
+                // The answer holds only the two keys asked for: the sort key tells them apart.
+                let wide =
+                    string(&item, aa::SERVICE_ACCOUNT).as_deref() == Some(WILDCARD_SERVICE_ACCOUNT);
+                let key = if wide { &wildcard } else { subject };
+                rows[usize::from(wide)] = as_row(key, self.read_item(&item).map(Some))?;
             }
             match output.unprocessed_keys.filter(|keys| !keys.is_empty()) {
                 None => return Ok(rows),
@@ -492,9 +495,22 @@ impl AllowanceStore for DynamoAllowanceStore {
                 .await
                 .map_err(|e| self.table.unavailable(e))?,
         };
+        // A listing names the row it cannot read (a single read's caller knows its key).
         let mut rows = pages
             .iter()
-            .map(|item| self.read_item(item))
+            .map(|item| {
+                self.read_item(item).map_err(|error| match error {
+                    StoreError::Corrupt { store, message } => StoreError::Corrupt {
+                        store,
+                        message: format!(
+                            "the row (namespace {}, service_account {}): {message}",
+                            quoted(&string(item, aa::NAMESPACE).unwrap_or_default()),
+                            quoted(&string(item, aa::SERVICE_ACCOUNT).unwrap_or_default()),
+                        ),
+                    },
+                    other => other,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         rows.sort_by(|a, b| a.subject.cmp(&b.subject));
         Ok(rows)

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use crate::projected::{IdentifyError, ProjectedIdentities};
 use crate::session::{SessionContext, role_session_name, session_tags, source_identity};
-use iam_broker_kernel::allowance::{Refusal, RoleArn, Subject, permit};
+use iam_broker_kernel::allowance::{Refusal, RoleArn, Subject, UnreadableRow, permit};
 use iam_broker_kernel::clock::Clock;
 use iam_broker_kernel::cluster::ClusterName;
 use iam_broker_kernel::credentials::{EcsCredentials, cache_max_age};
@@ -57,6 +57,19 @@ pub enum BrokerError {
         /// The role it names (or asked for).
         role_arn: String,
     },
+    /// 403 `AllowanceUnreadable`: no readable Allowances row allows the role, and a row that
+    /// might is unreadable (an attribute of the wrong type). Permanent until an administrator
+    /// fixes or rewrites the row: retrying cannot help, so it is not a 503. Logged as an error
+    /// naming the table and the row, and counted apart (`CorruptAllowanceRows`).
+    #[error("role {role_arn} is not allowed for {subject}: {row}")]
+    AllowanceUnreadable {
+        /// Who asked.
+        subject: Subject,
+        /// The role it names (or asked for).
+        role_arn: String,
+        /// The row that cannot be read.
+        row: UnreadableRow,
+    },
     /// 400 `RoleRequired`: a projected token's ServiceAccount is allowed several roles and the
     /// request named none.
     #[error("{subject} is allowed {count} roles; name one with ?role=<role ARN>")]
@@ -95,6 +108,7 @@ impl BrokerError {
             Self::MissingAuthorization => "MissingAuthorization",
             Self::InvalidToken(_) | Self::CorruptRecord { .. } => "InvalidToken",
             Self::AllowanceRevoked { .. } => "AllowanceRevoked",
+            Self::AllowanceUnreadable { .. } => "AllowanceUnreadable",
             Self::RoleRequired { .. } => "RoleRequired",
             Self::InvalidRoleParameter(_) => "InvalidRoleParameter",
             Self::AssumeRoleFailed { .. } => "AssumeRoleFailed",
@@ -102,6 +116,23 @@ impl BrokerError {
         }
     }
 }
+
+impl BrokerError {
+    /// The `Message` of the JSON error body. Every refused token gets the same one
+    /// ([`INVALID_TOKEN_MESSAGE`]): whether an issuer or key is registered, a signature is bad
+    /// or a claim is wrong is for the broker's log (the error's `Display`), not for whoever
+    /// holds the token.
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::InvalidToken(_) | Self::CorruptRecord { .. } => INVALID_TOKEN_MESSAGE.to_owned(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// The one `Message` of every `403 InvalidToken`.
+pub const INVALID_TOKEN_MESSAGE: &str =
+    "the token is not valid for this broker; its log says why (field \"error\")";
 
 impl From<StoreError> for BrokerError {
     fn from(error: StoreError) -> Self {
@@ -111,9 +142,13 @@ impl From<StoreError> for BrokerError {
                 source,
             },
             StoreError::NotFound => Self::InvalidToken("unknown token"),
-            other @ (StoreError::AlreadyExists | StoreError::Corrupt { .. }) => Self::Unavailable {
-                what: "the token store".to_owned(),
-                source: Box::new(other),
+            StoreError::Corrupt { ref store, .. } => Self::Unavailable {
+                what: store.clone(),
+                source: Box::new(error),
+            },
+            StoreError::AlreadyExists => Self::Unavailable {
+                what: "a store".to_owned(),
+                source: Box::new(error),
             },
         }
     }
@@ -236,11 +271,8 @@ impl Broker {
 
         let subject = &record.subject;
         let rows = self.allowances.rows_for(subject).await?;
-        let permitted =
-            permit(&rows, Some(&record.role_arn)).map_err(|_| BrokerError::AllowanceRevoked {
-                subject: subject.clone(),
-                role_arn: record.role_arn.to_string(),
-            })?;
+        let permitted = permit(&rows, Some(&record.role_arn))
+            .map_err(|refusal| refused(refusal, subject, Some(&record.role_arn)))?;
         let context = SessionContext {
             subject,
             cluster: self.settings.cluster_name.as_ref().map(ClusterName::as_str),
@@ -313,18 +345,8 @@ impl Broker {
             .then(|| pod.cluster.clone());
         let subject = pod.subject.clone().in_cluster(scope);
         let rows = self.allowances.rows_for(&subject).await?;
-        let permitted = permit(&rows, requested.as_ref()).map_err(|refusal| match refusal {
-            Refusal::NotAllowed => BrokerError::AllowanceRevoked {
-                subject: subject.clone(),
-                role_arn: requested
-                    .as_ref()
-                    .map_or_else(|| "(any)".to_owned(), ToString::to_string),
-            },
-            Refusal::Ambiguous(count) => BrokerError::RoleRequired {
-                subject: subject.clone(),
-                count,
-            },
-        })?;
+        let permitted = permit(&rows, requested.as_ref())
+            .map_err(|refusal| refused(refusal, &subject, requested.as_ref()))?;
         let context = SessionContext {
             subject: &subject,
             cluster: Some(pod.cluster.as_str()),
@@ -375,6 +397,26 @@ impl Broker {
     }
 }
 
+/// The error for a role the Allowances rows do not grant.
+fn refused(refusal: Refusal, subject: &Subject, requested: Option<&RoleArn>) -> BrokerError {
+    let role_arn = requested.map_or_else(|| "(any)".to_owned(), ToString::to_string);
+    match refusal {
+        Refusal::NotAllowed => BrokerError::AllowanceRevoked {
+            subject: subject.clone(),
+            role_arn,
+        },
+        Refusal::Unreadable(row) => BrokerError::AllowanceUnreadable {
+            subject: subject.clone(),
+            role_arn,
+            row,
+        },
+        Refusal::Ambiguous(count) => BrokerError::RoleRequired {
+            subject: subject.clone(),
+            count,
+        },
+    }
+}
+
 fn jwt_reason(error: &iam_broker_kernel::jwt::JwtError) -> &'static str {
     use iam_broker_kernel::jwt::JwtError as E;
     match error {
@@ -388,6 +430,10 @@ fn jwt_reason(error: &iam_broker_kernel::jwt::JwtError) -> &'static str {
         E::NotYetValid => "ServiceAccount token not yet valid",
         E::NotAServiceAccountToken => "not a ServiceAccount token",
         E::NotPodBound => "ServiceAccount token not bound to a pod",
+        E::CriticalExtension => "critical header extensions (crit) are not understood",
+        E::LifetimeTooLong => {
+            "ServiceAccount token lifetime (exp - iat) longer than PROJECTED_MAX_TOKEN_LIFETIME_SECONDS, or no iat"
+        }
     }
 }
 
@@ -479,6 +525,14 @@ mod tests {
         token
     }
 
+    /// The broker's refusal of `token`.
+    async fn refusal(f: &Fixture, token: &Token) -> BrokerError {
+        f.broker
+            .credentials(Some(token.expose()), None)
+            .await
+            .unwrap_err()
+    }
+
     #[tokio::test]
     async fn serves_an_allowed_role_and_slides_the_record() {
         // GIVEN an allowed subject with a token minted an hour ago
@@ -501,13 +555,96 @@ mod tests {
         assert_eq!(answer.max_age, 3300);
         // AND STS heard who asked, never the token
         let request = f.issuer.requests()[0].clone();
-        assert_eq!(request.session_name, "team-a.app.web-1");
+        assert_eq!(request.session_name, "team-a_app_web-1");
         assert!(request.tags.is_empty());
         assert!(!request.session_name.contains(&token.expose()[5..]));
         // AND the record slid forward
         let record = f.tokens.record(&token.hash()).await.unwrap().unwrap();
         assert_eq!(record.last_used, Some(NOW.unix_timestamp()));
         assert_eq!(record.expires, NOW.unix_timestamp() + 86_400);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_allowance_row_is_a_permanent_refusal_naming_it_not_a_503() {
+        // GIVEN a token whose subject's only row is unreadable
+        let f = fixture(false);
+        let subject = Subject::service_account("team-a", "app").unwrap();
+        f.allowances
+            .put_unreadable(&subject, "allowed_roles is not a string set");
+        let token = grant(&f, &subject, NOW).await;
+
+        // WHEN it asks for credentials
+        let err = refusal(&f, &token).await;
+
+        // THEN the refusal is AllowanceUnreadable (403 upstream), naming the store and the row,
+        // and STS is never called
+        assert_eq!(err.code(), "AllowanceUnreadable");
+        let text = err.to_string();
+        assert!(text.contains("memory table allowances"), "{text}");
+        assert!(
+            text.contains(r#"namespace "team-a", service_account "app""#),
+            "{text}"
+        );
+        assert!(text.contains("allowed_roles"), "{text}");
+        assert!(f.issuer.requests().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_valid_exact_row_works_beside_an_unreadable_namespace_row() {
+        // GIVEN a valid exact row and an unreadable `*` row
+        let f = fixture(false);
+        let subject = Subject::service_account("team-a", "app").unwrap();
+        f.allowances.allow(&subject, ROLE, None).await.unwrap();
+        f.allowances
+            .put_unreadable(&subject.wildcard(), "external_id:x is not a string");
+        let token = grant(&f, &subject, NOW).await;
+
+        // THEN the exact row's role is served
+        let answer = f
+            .broker
+            .credentials(Some(token.expose()), None)
+            .await
+            .unwrap();
+        assert_eq!(answer.body.role_arn, ROLE);
+
+        // AND another ServiceAccount of the namespace, with only the `*` row, is refused
+        // naming the `*` row
+        let other = Subject::service_account("team-a", "other").unwrap();
+        let token = grant(&f, &other, NOW).await;
+        let err = refusal(&f, &token).await;
+        assert_eq!(err.code(), "AllowanceUnreadable");
+        assert!(err.to_string().contains(r#"service_account "*""#), "{err}");
+    }
+
+    #[tokio::test]
+    async fn every_refused_token_gets_one_public_message_and_the_log_keeps_why() {
+        let f = fixture(false);
+        let subject = Subject::service_account("team-a", "app").unwrap();
+        f.allowances.allow(&subject, ROLE, None).await.unwrap();
+        let unknown = Token::parse("iamb_AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA").unwrap();
+        let mut messages = std::collections::BTreeSet::new();
+        let mut reasons = std::collections::BTreeSet::new();
+        for presented in [
+            unknown.expose().to_owned(),
+            "iamb_malformed".to_owned(),
+            "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJ4In0.c2ln".to_owned(),
+        ] {
+            let err = f
+                .broker
+                .credentials(Some(&presented), None)
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), "InvalidToken");
+            messages.insert(err.public_message());
+            reasons.insert(err.to_string());
+        }
+        assert_eq!(messages.len(), 1, "{messages:?}");
+        assert_eq!(
+            reasons.len(),
+            3,
+            "the log still tells them apart: {reasons:?}"
+        );
+        assert!(!messages.iter().next().unwrap().contains("unknown"));
     }
 
     #[tokio::test]
@@ -530,11 +667,7 @@ mod tests {
 
         // AND revocation still wins at the next fetch: the record is read every time
         f.tokens.delete(&token.hash()).await.unwrap();
-        let err = f
-            .broker
-            .credentials(Some(token.expose()), None)
-            .await
-            .unwrap_err();
+        let err = refusal(&f, &token).await;
         assert_eq!(err.code(), "InvalidToken");
         assert_eq!(
             f.issuer.requests().len(),
@@ -629,11 +762,7 @@ mod tests {
         );
 
         f.allowances.disallow(&subject, Some(ROLE)).await.unwrap();
-        let err = f
-            .broker
-            .credentials(Some(token.expose()), None)
-            .await
-            .unwrap_err();
+        let err = refusal(&f, &token).await;
         assert_eq!(err.code(), "AllowanceRevoked");
     }
 
@@ -644,11 +773,7 @@ mod tests {
         let subject = Subject::service_account("team-a", "app").unwrap();
         f.allowances.allow(&subject, ROLE, None).await.unwrap();
         let token = grant(&f, &subject, NOW).await;
-        let err = f
-            .broker
-            .credentials(Some(token.expose()), None)
-            .await
-            .unwrap_err();
+        let err = refusal(&f, &token).await;
         assert_eq!(err.code(), "AssumeRoleFailed");
         assert!(err.to_string().contains("AccessDenied"));
     }
@@ -717,11 +842,7 @@ mod tests {
         let record = f.tokens.record(&token.hash()).await.unwrap().unwrap();
         let tombstone = record.retracted(NOW.unix_timestamp());
         f.tokens.retract(&tombstone).await.unwrap();
-        let err = f
-            .broker
-            .credentials(Some(token.expose()), None)
-            .await
-            .unwrap_err();
+        let err = refusal(&f, &token).await;
         assert_eq!(err.code(), "InvalidToken");
         assert!(err.to_string().contains("retracted"));
         assert!(f.issuer.requests().is_empty());
@@ -778,6 +899,7 @@ mod tests {
                 ProjectedSettings {
                     audience: "iam-broker".to_owned(),
                     leeway: Duration::from_secs(60),
+                    max_lifetime: Duration::from_secs(86_400),
                     registry_ttl: Duration::from_secs(60),
                     refresh_interval: Duration::from_millis(5),
                 },
@@ -826,8 +948,8 @@ mod tests {
             assert_eq!(answer.pod_name.as_deref(), Some("web-1"));
 
             let request = w.f.issuer.requests().pop().unwrap();
-            assert_eq!(request.session_name, "team.app.web-1");
-            assert_eq!(request.source_identity.as_deref(), Some("east.team.app"));
+            assert_eq!(request.session_name, "team_app_web-1");
+            assert_eq!(request.source_identity.as_deref(), Some("east_team_app"));
             assert_eq!(request.external_id, None);
             assert_eq!(
                 request.tags,
@@ -876,7 +998,7 @@ mod tests {
             assert_eq!(west.body.account_id, "210987654321", "the role's account");
             let request = w.f.issuer.requests().pop().unwrap();
             assert_eq!(request.external_id.as_deref(), Some("tenant-42"));
-            assert_eq!(request.source_identity.as_deref(), Some("west.team.app"));
+            assert_eq!(request.source_identity.as_deref(), Some("west_team_app"));
 
             // Neither cluster can name the other's role.
             for (jwt, role) in [(&from_east, OTHER), (&from_west, ROLE)] {
@@ -948,9 +1070,17 @@ mod tests {
             expired["exp"] = serde_json::json!(now - 3600);
             let mut audience = pod_claims(ISSUER, "team", "app", "web-1", now);
             audience["aud"] = serde_json::json!(["https://kubernetes.default.svc"]);
+            let mut century = pod_claims(ISSUER, "team", "app", "web-1", now);
+            century["exp"] = serde_json::json!(now + 100 * 365 * 86_400);
+            let valid = pod_claims(ISSUER, "team", "app", "web-1", now);
+            let crit = serde_json::json!({ "alg": "ES256", "kid": w.east.kid,
+                "crit": ["urn:example:must-understand"] });
             let cases = [
                 ("expired", w.east.sign(&expired)),
                 ("other audience", w.east.sign(&audience)),
+                ("a hundred years", w.east.sign(&century)),
+                ("critical extension", w.east.sign_with(&crit, &valid)),
+                ("unknown key", Signer::new("no-such-key").sign(&valid)),
                 (
                     "foreign key",
                     Signer::new("east-key").sign(&pod_claims(ISSUER, "team", "app", "p", now)),
@@ -961,11 +1091,25 @@ mod tests {
                         .sign(&pod_claims("https://other", "team", "app", "p", now)),
                 ),
             ];
+            let mut messages = std::collections::BTreeSet::new();
             for (what, jwt) in cases {
                 let err = w.f.broker.credentials(Some(&jwt), None).await.unwrap_err();
                 assert_eq!(err.code(), "InvalidToken", "{what}: {err}");
+                messages.insert(err.public_message());
             }
             assert!(w.f.issuer.requests().is_empty());
+            // One message outward: no refusal tells what is registered.
+            assert_eq!(
+                messages.into_iter().collect::<Vec<_>>(),
+                [INVALID_TOKEN_MESSAGE]
+            );
+            // The same token, signed properly, is served.
+            assert!(
+                w.f.broker
+                    .credentials(Some(&w.east.sign(&valid)), None)
+                    .await
+                    .is_ok()
+            );
         }
 
         #[tokio::test]

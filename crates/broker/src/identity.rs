@@ -7,6 +7,7 @@
 
 use iam_broker_kernel::allowance::Subject;
 use iam_broker_kernel::cluster::{ClusterName, RegisteredCluster};
+pub use iam_broker_kernel::jwt::Verification;
 use iam_broker_kernel::jwt::{JwtError, PodClaims, Unverified};
 
 /// A pod identified by a verified projected ServiceAccount token.
@@ -20,19 +21,16 @@ pub struct PodIdentity {
     pub claims: PodClaims,
 }
 
-/// Settings of token verification.
-#[derive(Debug, Clone)]
-pub struct Verification {
-    /// The audience tokens must carry (`PROJECTED_AUDIENCE`).
-    pub audience: String,
-    /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
-    pub leeway: i64,
-}
-
 /// Finds the cluster that signed `token` among `clusters`, verifies it and checks its claims.
 ///
+/// Every registered cluster of the token's issuer that holds a key for its header is tried,
+/// in registry order, until one verifies: with a `kid` that is one cluster (`cluster add`
+/// keeps the key ids of one issuer apart), without a `kid` (which kube-apiserver always sets,
+/// but other signers may not) every cluster of the issuer with a key of the algorithm.
+///
 /// [`JwtError::UnknownIssuer`] and [`JwtError::UnknownKey`] mean "not in this snapshot of the
-/// registry": the caller may re-read the registry once and try again.
+/// registry": the caller may re-read the registry. They cost one signature check all the same,
+/// like a [`JwtError::BadSignature`], so the time of a refusal does not tell what is registered.
 pub fn identify(
     token: &str,
     clusters: &[RegisteredCluster],
@@ -40,21 +38,27 @@ pub fn identify(
     now: i64,
 ) -> Result<PodIdentity, JwtError> {
     let unverified = Unverified::parse(token)?;
+    let (algorithm, kid) = (unverified.algorithm(), unverified.kid());
     let mut same_issuer = clusters
         .iter()
         .filter(|c| c.issuer == unverified.issuer())
         .peekable();
-    if same_issuer.peek().is_none() {
-        return Err(JwtError::UnknownIssuer);
+    let issuer_known = same_issuer.peek().is_some();
+    let mut candidates = same_issuer
+        .filter(|c| c.keys.has_key_for(algorithm, kid))
+        .peekable();
+    if candidates.peek().is_none() {
+        unverified.spend_one_verification();
+        return Err(if issuer_known {
+            JwtError::UnknownKey
+        } else {
+            JwtError::UnknownIssuer
+        });
     }
-    let cluster = same_issuer
-        .find(|c| c.keys.has_key_for(unverified.algorithm(), unverified.kid()))
-        .ok_or(JwtError::UnknownKey)?;
-    let claims = unverified.verify(&cluster.keys)?.check(
-        &verification.audience,
-        now,
-        verification.leeway,
-    )?;
+    let (cluster, claims) = candidates
+        .find_map(|c| unverified.verify(&c.keys).ok().map(|claims| (c, claims)))
+        .ok_or(JwtError::BadSignature)?;
+    let claims = claims.check(verification, now)?;
     let subject = Subject::service_account(&claims.namespace, &claims.service_account)
         .map_err(|_| JwtError::NotAServiceAccountToken)?;
     Ok(PodIdentity {
@@ -80,6 +84,7 @@ mod tests {
         Verification {
             audience: "iam-broker".to_owned(),
             leeway: 60,
+            max_lifetime: 86_400,
         }
     }
 
@@ -115,6 +120,35 @@ mod tests {
                 &verification(),
                 NOW
             ),
+            Err(JwtError::UnknownKey)
+        );
+    }
+
+    #[test]
+    fn a_token_without_kid_is_tried_against_every_cluster_of_its_issuer() {
+        let (a, b) = (Signer::new("ka"), Signer::new("kb"));
+        let clusters = [cluster("east", &[&a]), cluster("west", &[&b])];
+        let claims = pod_claims(ISSUER, "team", "app", "web-1", NOW);
+        // kube-apiserver always sets `kid`; another signer may not
+        let no_kid =
+            |signer: &Signer| signer.sign_with(&serde_json::json!({ "alg": "ES256" }), &claims);
+        let from_b = identify(&no_kid(&b), &clusters, &verification(), NOW).unwrap();
+        assert_eq!(
+            from_b.cluster.as_str(),
+            "west",
+            "not only the first cluster's keys"
+        );
+        let from_a = identify(&no_kid(&a), &clusters, &verification(), NOW).unwrap();
+        assert_eq!(from_a.cluster.as_str(), "east");
+        // a key of neither cluster still fails on its signature
+        assert_eq!(
+            identify(&no_kid(&Signer::new("kc")), &clusters, &verification(), NOW),
+            Err(JwtError::BadSignature)
+        );
+        // and a kid-less RS256 token finds no RS256 key in either
+        let rs = serde_json::json!({ "alg": "RS256" });
+        assert_eq!(
+            identify(&a.sign_with(&rs, &claims), &clusters, &verification(), NOW),
             Err(JwtError::UnknownKey)
         );
     }

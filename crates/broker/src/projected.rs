@@ -3,17 +3,26 @@
 //!
 //! The registry (the Clusters table) is read whole and kept in memory. The snapshot is re-read:
 //! - when it is older than [`ProjectedSettings::registry_ttl`], so a removed cluster or a
-//!   retired key stops working within that time;
+//!   retired key stops working within that time (the request that finds it stale waits for the
+//!   read, as the first request of an instance does);
 //! - when a token names an issuer or key the snapshot does not hold (a cluster just registered,
-//!   a key just rotated in), at most once per [`ProjectedSettings::refresh_interval`]: such a
-//!   request waits for the next allowed read (never longer than the interval) instead of being
-//!   refused, so a key registered a moment after the last read works at once, while a flood of
-//!   forged tokens, concurrent or not, costs at most one read per interval.
+//!   a key just rotated in). At most one such re-read runs at a time, and at most one per
+//!   [`ProjectedSettings::refresh_interval`]: when the last attempt is an interval old, the
+//!   request that found the unknown key does the read itself and is then served if the key is
+//!   registered (so a key registered a moment ago works at once); every other such request is
+//!   refused at once (`403 InvalidToken`), and, if it came within the interval, a re-read starts
+//!   in the background when the interval has passed. A flood of forged tokens, concurrent or
+//!   not, thus costs one signature check each plus at most one registry read per interval, and
+//!   holds at most one request per interval (on Lambda, one invocation) for one read, never for
+//!   the interval. On Lambda a background re-read may be frozen with the instance between
+//!   invocations; it finishes (or fails its deadline, is logged, and is started again by the
+//!   next unknown key) when the instance runs again.
 //!
 //! When a re-read fails the last good snapshot keeps serving (and the read is retried after the
 //! refresh interval); with no snapshot at all the broker answers 503.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -32,6 +41,8 @@ pub struct ProjectedSettings {
     pub audience: String,
     /// Clock skew tolerated on `exp`, `nbf`, `iat`.
     pub leeway: Duration,
+    /// The longest token lifetime (`exp - iat`) accepted.
+    pub max_lifetime: Duration,
     /// Longest a registry snapshot is used.
     pub registry_ttl: Duration,
     /// Shortest time between two re-reads caused by unknown issuers or keys.
@@ -77,12 +88,19 @@ struct View {
 
 /// Verifies projected tokens against a cached registry.
 pub struct ProjectedIdentities {
+    shared: Arc<Shared>,
+    verification: Verification,
+}
+
+/// What the background re-read shares with the requests.
+struct Shared {
     registry: Arc<dyn ClusterRegistry>,
     clock: Arc<dyn Clock>,
     settings: ProjectedSettings,
-    verification: Verification,
     snapshot: RwLock<Option<Snapshot>>,
     reading: Mutex<()>,
+    /// A background re-read is under way.
+    refreshing: AtomicBool,
 }
 
 impl ProjectedIdentities {
@@ -92,46 +110,99 @@ impl ProjectedIdentities {
         clock: Arc<dyn Clock>,
         settings: ProjectedSettings,
     ) -> Self {
+        let seconds = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
         let verification = Verification {
             audience: settings.audience.clone(),
-            leeway: i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX),
+            leeway: seconds(settings.leeway),
+            max_lifetime: seconds(settings.max_lifetime),
         };
         Self {
-            registry,
-            clock,
-            settings,
+            shared: Arc::new(Shared {
+                registry,
+                clock,
+                settings,
+                snapshot: RwLock::new(None),
+                reading: Mutex::new(()),
+                refreshing: AtomicBool::new(false),
+            }),
             verification,
-            snapshot: RwLock::new(None),
-            reading: Mutex::new(()),
         }
     }
 
     /// Verifies `token` and names the pod it is bound to.
     pub async fn identify(&self, token: &str) -> Result<PodIdentity, IdentifyError> {
-        let now = self.clock.now();
-        let view = self.fresh_snapshot(now).await?;
-        match identify(
+        let now = self.shared.clock.now();
+        let view = self.shared.fresh_snapshot(now).await?;
+        let result = identify(
             token,
             &view.clusters,
             &self.verification,
             now.unix_timestamp(),
-        ) {
-            Err(JwtError::UnknownIssuer | JwtError::UnknownKey) => {
-                let since = std::time::Duration::try_from(now - view.attempted_at)
-                    .unwrap_or(std::time::Duration::ZERO);
-                let wait = self.settings.refresh_interval.saturating_sub(since);
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                }
-                let view = self.read(view.attempts).await?;
-                let now = self.clock.now().unix_timestamp();
-                identify(token, &view.clusters, &self.verification, now)
-                    .map_err(IdentifyError::Invalid)
-            }
-            other => other.map_err(IdentifyError::Invalid),
+        );
+        if let Err(JwtError::UnknownIssuer | JwtError::UnknownKey) = result
+            && let Some(fresh) = self.refresh(&view, now).await
+        {
+            // Read on this request's path (the one request per interval allowed to): the key
+            // may have been registered a moment ago.
+            return identify(
+                token,
+                &fresh.clusters,
+                &self.verification,
+                now.unix_timestamp(),
+            )
+            .map_err(IdentifyError::Invalid);
         }
+        result.map_err(IdentifyError::Invalid)
     }
 
+    /// A token named an issuer or key that `view` lacks: re-reads the registry, unless a
+    /// re-read is under way. When the last attempt is at least a refresh interval old, the
+    /// calling request does the read and gets the new snapshot back (it is the only request of
+    /// the interval that waits, and only for one registry read); otherwise the read is started
+    /// in the background for when the interval has passed, and `None` says "refuse now".
+    async fn refresh(&self, view: &View, now: OffsetDateTime) -> Option<View> {
+        let since = std::time::Duration::try_from(now - view.attempted_at)
+            .unwrap_or(std::time::Duration::ZERO);
+        let wait = self.shared.settings.refresh_interval.saturating_sub(since);
+        let claim = Refreshing::claim(&self.shared)?;
+        if wait.is_zero() {
+            let fresh = self.shared.read(view.attempts).await.ok();
+            drop(claim);
+            return fresh;
+        }
+        let shared = Arc::clone(&self.shared);
+        let seen = view.attempts;
+        tokio::spawn(async move {
+            let _claim = claim;
+            tokio::time::sleep(wait).await;
+            // A failure is logged by `read` and leaves the last snapshot serving.
+            let _ = shared.read(seen).await;
+        });
+        None
+    }
+}
+
+/// The one re-read under way for unknown issuers or keys; released when dropped, so a
+/// request cancelled in the middle of its read does not stop every later re-read.
+struct Refreshing(Arc<Shared>);
+
+impl Refreshing {
+    fn claim(shared: &Arc<Shared>) -> Option<Self> {
+        shared
+            .refreshing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| Self(Arc::clone(shared)))
+    }
+}
+
+impl Drop for Refreshing {
+    fn drop(&mut self) {
+        self.0.refreshing.store(false, Ordering::Release);
+    }
+}
+
+impl Shared {
     async fn fresh_snapshot(&self, now: OffsetDateTime) -> Result<View, IdentifyError> {
         let seen = {
             let snapshot = self.snapshot.read().await;
@@ -209,6 +280,9 @@ mod tests {
         fn advance(&self, seconds: i64) {
             *self.0.lock().unwrap() += time::Duration::seconds(seconds);
         }
+        fn advance_by(&self, duration: Duration) {
+            *self.0.lock().unwrap() += duration;
+        }
     }
 
     /// Short, so that the waits below take real time without slowing the suite (and without
@@ -229,6 +303,7 @@ mod tests {
             ProjectedSettings {
                 audience: "iam-broker".to_owned(),
                 leeway: Duration::from_secs(60),
+                max_lifetime: Duration::from_secs(86_400),
                 registry_ttl: Duration::from_secs(60),
                 refresh_interval: INTERVAL,
             },
@@ -273,44 +348,127 @@ mod tests {
         assert_eq!(registry.reads(), 2);
     }
 
+    /// Waits (real time, bounded) until the registry has been read `reads` times.
+    async fn reads_reach(registry: &MemoryClusterRegistry, reads: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while registry.reads() < reads {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the background re-read never came: {} reads",
+                registry.reads()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     #[tokio::test]
-    async fn a_new_key_works_at_once_and_forged_kids_cost_one_read_per_interval() {
+    async fn a_key_registered_a_moment_ago_works_at_once() {
         let (registry, clock, identities) = setup();
         let old = Signer::new("old");
         register(&registry, "east", &[&old]);
         identities.identify(&token(&old, &clock)).await.unwrap();
         assert_eq!(registry.reads(), 1);
 
-        // A key registered right after the read: its first token waits for the next allowed
-        // read (here the whole interval, the wall clock being frozen) and is served.
+        // `cluster refresh` registers a rotated key; the last read is an interval old, so the
+        // first token signed with it reads the registry on its own path and is served.
+        clock.advance_by(INTERVAL);
+        let new = Signer::new("new");
+        register(&registry, "east", &[&old, &new]);
+        let pod = identities.identify(&token(&new, &clock)).await.unwrap();
+        assert_eq!(pod.cluster.as_str(), "east");
+        assert_eq!(registry.reads(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_key_within_the_interval_is_refused_at_once_and_read_in_the_background() {
+        let (registry, clock, identities) = setup();
+        let old = Signer::new("old");
+        register(&registry, "east", &[&old]);
+        identities.identify(&token(&old, &clock)).await.unwrap();
+        assert_eq!(registry.reads(), 1);
+
+        // A key registered right after the read: its first token is refused without waiting
+        // (not even for the refresh interval), and the re-read comes in the background once
+        // the interval has passed; the key's next token is served.
         let new = Signer::new("new");
         register(&registry, "east", &[&old, &new]);
         let started = std::time::Instant::now();
-        identities.identify(&token(&new, &clock)).await.unwrap();
+        assert!(matches!(
+            identities.identify(&token(&new, &clock)).await,
+            Err(IdentifyError::Invalid(JwtError::UnknownKey))
+        ));
+        assert!(started.elapsed() < INTERVAL, "the request waited");
+        assert_eq!(registry.reads(), 1, "not read on the request's path");
+        clock.advance_by(INTERVAL);
+        reads_reach(&registry, 2).await;
+        let pod = identities.identify(&token(&new, &clock)).await.unwrap();
+        assert_eq!(pod.cluster.as_str(), "east");
         assert_eq!(registry.reads(), 2);
-        assert!(started.elapsed() >= INTERVAL);
+    }
 
-        // Twenty forged kids at once share one read.
+    #[tokio::test]
+    async fn a_cancelled_read_does_not_stop_later_re_reads() {
+        let (registry, clock, identities) = setup();
+        let key = Signer::new("k1");
+        register(&registry, "east", &[&key]);
+        identities.identify(&token(&key, &clock)).await.unwrap();
+        clock.advance_by(INTERVAL);
+
+        // A forged token's request is dropped while it holds the one re-read (the registry is
+        // slow): the claim goes with it, and a later rotated-in key is still read.
+        registry.set_delay(Duration::from_secs(5));
+        let forged = token(&Signer::new("forged"), &clock);
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(20), identities.identify(&forged)).await;
+        assert!(cancelled.is_err(), "the read should still be under way");
+        registry.set_delay(Duration::ZERO);
+        let new = Signer::new("new");
+        register(&registry, "east", &[&key, &new]);
+        clock.advance_by(INTERVAL);
+        let pod = identities.identify(&token(&new, &clock)).await.unwrap();
+        assert_eq!(pod.cluster.as_str(), "east");
+    }
+
+    #[tokio::test]
+    async fn forged_kids_cost_no_wait_and_at_most_one_read_per_interval() {
+        let (registry, clock, identities) = setup();
+        let key = Signer::new("k1");
+        register(&registry, "east", &[&key]);
+        identities.identify(&token(&key, &clock)).await.unwrap();
+        clock.advance_by(INTERVAL);
+
+        // Twenty forged kids at once: all refused, with one registry read between them (done
+        // by the first, the interval having passed; the others do not wait for it).
         let forged: Vec<Signer> = (0..20)
             .map(|i| Signer::new(&format!("forged-{i}")))
             .collect();
         let tokens: Vec<String> = forged.iter().map(|s| token(s, &clock)).collect();
+        let started = std::time::Instant::now();
         let results =
             futures::future::join_all(tokens.iter().map(|t| identities.identify(t))).await;
+        assert!(started.elapsed() < INTERVAL, "forged tokens waited");
         assert!(
             results
                 .iter()
                 .all(|r| matches!(r, Err(IdentifyError::Invalid(JwtError::UnknownKey))))
         );
-        assert_eq!(registry.reads(), 3);
+        reads_reach(&registry, 2).await;
 
-        // One after the other, each waits an interval: one read per interval at most.
+        // One after the other within the interval: refused at once; the one re-read they ask
+        // for waits for the interval, in the background.
         let started = std::time::Instant::now();
-        for signer in forged.iter().take(3) {
-            assert!(identities.identify(&token(signer, &clock)).await.is_err());
+        for t in &tokens {
+            assert!(identities.identify(t).await.is_err());
         }
-        assert_eq!(registry.reads(), 6);
-        assert!(started.elapsed() >= 3 * INTERVAL);
+        assert!(started.elapsed() < INTERVAL, "forged tokens waited");
+        assert_eq!(registry.reads(), 2, "read again before the interval passed");
+        reads_reach(&registry, 3).await;
+        tokio::time::sleep(INTERVAL * 3).await;
+        assert_eq!(
+            registry.reads(),
+            3,
+            "one read for twenty tokens, not one each"
+        );
     }
 
     #[tokio::test]

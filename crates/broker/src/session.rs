@@ -2,10 +2,16 @@
 //! policies written for EKS Pod Identity must carry over, and none of it may ever hold a token.
 //!
 //! STS limits that apply (and what is done about them):
-//! - `RoleSessionName`: 2–64 characters of `[\w+=,.@-]`. Other characters become `-`; a longer
-//!   name keeps its first 55 characters, a `-` and 8 hex digits of the SHA-256 of the whole
-//!   name, so two long names that share a prefix stay apart.
-//! - `SourceIdentity`: the same alphabet and 2–64 characters, same rule.
+//! - `RoleSessionName`: 2–64 characters of `[\w+=,.@-]`. The name is
+//!   `<namespace>_<service account>[_<pod>]`: Kubernetes names never hold `_`, so the parts
+//!   cannot run into each other (ServiceAccount and pod names may hold dots; `team-s`, `app.x`,
+//!   `p` and `team-s`, `app`, `x.p` stay apart). A name that does not fit (longer than 64, or a
+//!   part that is not a Kubernetes name) keeps its first 47 characters and ends in `+` and 16 hex
+//!   digits of the SHA-256 of all of its parts: `+` is in no name of the plain form, so a
+//!   shortened name never equals a plain one, and 64 bits of digest keep two shortened names
+//!   apart against anyone choosing pod names.
+//! - `SourceIdentity`: the same alphabet, length and rule, `[<cluster>_]<namespace>_<service
+//!   account>`.
 //! - Session tags: at most 50, keys up to 128 characters, values up to 256 characters of
 //!   letters, digits, spaces and `_.:/=+-@`. Kubernetes names and uids only use `a-z0-9.-`;
 //!   values are cut to 256 characters all the same. The packed size of tags and policies is
@@ -46,56 +52,71 @@ pub struct SessionContext<'a> {
     pub pod_uid: Option<&'a str>,
 }
 
-/// Builds a `RoleSessionName` from who asked: `<namespace>.<service account>[.<pod>]`, stable
-/// for the pod's life, fitted to STS's alphabet and length (see the module docs). It is built
-/// from names only, so it can never contain the token.
+/// Builds a `RoleSessionName` from who asked: `<namespace>_<service account>[_<pod>]`, stable
+/// for the pod's life, unambiguous, fitted to STS's alphabet and length (see the module docs).
+/// It is built from names only, so it can never contain the token.
 pub fn role_session_name(context: &SessionContext<'_>) -> String {
     let subject = context.subject;
-    let mut raw = format!("{}.{}", subject.namespace, subject.service_account);
+    let mut parts = vec![subject.namespace.as_str(), subject.service_account.as_str()];
     if let Some(pod) = context.pod_name.filter(|p| !p.is_empty()) {
-        raw.push('.');
-        raw.push_str(pod);
+        parts.push(pod);
     }
-    fit_name(&raw)
+    fit_name(&parts)
 }
 
-/// The `SourceIdentity`: `[<cluster>.]<namespace>.<service account>`, fitted like the session
+/// The `SourceIdentity`: `[<cluster>_]<namespace>_<service account>`, fitted like the session
 /// name. STS keeps it through role chaining and it cannot be changed by the session's holder.
 pub fn source_identity(context: &SessionContext<'_>) -> String {
     let subject = context.subject;
-    let raw = match context.cluster {
-        Some(cluster) => format!(
-            "{cluster}.{}.{}",
-            subject.namespace, subject.service_account
-        ),
-        None => format!("{}.{}", subject.namespace, subject.service_account),
-    };
-    fit_name(&raw)
+    let mut parts = Vec::with_capacity(3);
+    if let Some(cluster) = context.cluster {
+        parts.push(cluster);
+    }
+    parts.extend([subject.namespace.as_str(), subject.service_account.as_str()]);
+    fit_name(&parts)
 }
 
-/// Fits a value to STS's `[\w+=,.@-]{2,64}`.
-fn fit_name(raw: &str) -> String {
-    let mut name: String = raw
+/// Joins the parts with `_` when each is a plain Kubernetes name (`[a-z0-9.-]+`) and the whole
+/// fits in 64; otherwise the shortened form: 47 characters of the join (other characters as
+/// `-`), `+`, 16 hex digits of the SHA-256 of the parts.
+fn fit_name(parts: &[&str]) -> String {
+    let plain = |part: &&str| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+    };
+    let joined = parts.join(SEPARATOR);
+    if joined.len() <= MAX_NAME && parts.iter().all(plain) {
+        return joined;
+    }
+    let mut digest = Sha256::new();
+    for part in parts {
+        // Length-prefixed, so the parts' boundaries are part of what is hashed.
+        digest.update((part.len() as u64).to_be_bytes());
+        digest.update(part.as_bytes());
+    }
+    let digest = hex::encode(digest.finalize());
+    let mut name: String = joined
         .chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
                 c
             } else {
                 '-'
             }
         })
+        .take(MAX_NAME - 1 - DIGEST_HEX)
         .collect();
-    if name.len() > MAX_NAME {
-        let digest = hex::encode(Sha256::digest(raw.as_bytes()));
-        name.truncate(MAX_NAME - 9);
-        name.push('-');
-        name.push_str(&digest[..8]);
-    }
-    while name.len() < 2 {
-        name.push('-');
-    }
+    name.push('+');
+    name.push_str(&digest[..DIGEST_HEX]);
     name
 }
+
+/// Between the parts of a name: in no Kubernetes name, and in STS's alphabet.
+const SEPARATOR: &str = "_";
+/// Hex digits of digest in a shortened name (64 bits).
+const DIGEST_HEX: usize = 16;
 
 pub use iam_broker_kernel::ports::SessionTag;
 
@@ -148,13 +169,70 @@ mod tests {
         let subject = Subject::service_account("team-a", "app").unwrap();
         assert_eq!(
             role_session_name(&context(&subject, Some("web-7d9f"))),
-            "team-a.app.web-7d9f"
+            "team-a_app_web-7d9f"
         );
-        assert_eq!(role_session_name(&context(&subject, None)), "team-a.app");
+        assert_eq!(role_session_name(&context(&subject, None)), "team-a_app");
         assert_eq!(
             role_session_name(&context(&subject, Some(""))),
-            "team-a.app"
+            "team-a_app"
         );
+    }
+
+    #[test]
+    fn names_with_dots_stay_apart() {
+        // the example: both were `team-s.app.x.p`
+        let dotted = Subject::service_account("team-s", "app.x").unwrap();
+        let plain = Subject::service_account("team-s", "app").unwrap();
+        let a = role_session_name(&context(&dotted, Some("p")));
+        let b = role_session_name(&context(&plain, Some("x.p")));
+        assert_eq!(a, "team-s_app.x_p");
+        assert_eq!(b, "team-s_app_x.p");
+        assert_ne!(a, b);
+        // with and without a pod, and across the cluster in SourceIdentity
+        assert_ne!(
+            role_session_name(&context(&plain, Some("x"))),
+            role_session_name(&context(
+                &Subject::service_account("team-s", "app.x").unwrap(),
+                None
+            ))
+        );
+        let mut east = context(&plain, None);
+        east.cluster = Some("east");
+        let unclustered = Subject::service_account("east", "team-s").unwrap();
+        assert_ne!(
+            source_identity(&east),
+            source_identity(&context(&unclustered, None))
+        );
+    }
+
+    #[test]
+    fn a_shortened_name_never_equals_a_plain_one_nor_another_shortened_one() {
+        let long = Subject::service_account("team", &"s".repeat(60)).unwrap();
+        let short = role_session_name(&context(&long, Some("web-1")));
+        assert_eq!(short.len(), 64);
+        assert!(short.contains('+'), "{short}");
+        // a plain name never holds `+`, whatever pod names anyone picks
+        let plain = role_session_name(&context(&long, None));
+        assert!(plain.contains('+'), "also too long: {plain}");
+        assert_ne!(short, plain);
+        // two long names that share their first 47 characters differ in their digest
+        let other = role_session_name(&context(&long, Some("web-2")));
+        assert_eq!(short[..47], other[..47]);
+        assert_ne!(short, other);
+        // parts that are not Kubernetes names take the shortened form, even when short
+        let odd = Subject {
+            cluster: None,
+            namespace: "Team".to_owned(),
+            service_account: "a_b".to_owned(),
+        };
+        let name = role_session_name(&context(&odd, None));
+        assert!(name.contains('+') && matches_sts_pattern(&name), "{name}");
+        let twin = Subject {
+            cluster: None,
+            namespace: "Team_a".to_owned(),
+            service_account: "b".to_owned(),
+        };
+        assert_ne!(name, role_session_name(&context(&twin, None)));
     }
 
     #[test]
@@ -181,6 +259,41 @@ mod tests {
         assert!(matches_sts_pattern(&source_identity(&context(
             &subject, None
         ))));
+    }
+
+    /// Kubernetes-shaped names, dots and dashes included, short and long.
+    fn k8s_name() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::string::string_regex("[a-z0-9]([a-z0-9.-]{0,40}[a-z0-9])?")
+            .expect("a valid pattern")
+    }
+
+    proptest::proptest! {
+        /// Two different (namespace, ServiceAccount, pod) triples never share a session name
+        /// or a SourceIdentity, and every name fits STS's pattern.
+        #[test]
+        fn different_requesters_never_share_a_name(
+            a in (k8s_name(), k8s_name(), proptest::option::of(k8s_name())),
+            b in (k8s_name(), k8s_name(), proptest::option::of(k8s_name())),
+        ) {
+            let subject = |(ns, sa, _): &(String, String, Option<String>)| Subject {
+                cluster: None,
+                namespace: ns.clone(),
+                service_account: sa.clone(),
+            };
+            let (sa, sb) = (subject(&a), subject(&b));
+            let name_a = role_session_name(&context(&sa, a.2.as_deref()));
+            let name_b = role_session_name(&context(&sb, b.2.as_deref()));
+            proptest::prop_assert!(matches_sts_pattern(&name_a), "{}", name_a);
+            if a != b {
+                proptest::prop_assert_ne!(&name_a, &name_b);
+            }
+            if (&a.0, &a.1) != (&b.0, &b.1) {
+                proptest::prop_assert_ne!(
+                    source_identity(&context(&sa, None)),
+                    source_identity(&context(&sb, None))
+                );
+            }
+        }
     }
 
     #[test]
@@ -216,8 +329,8 @@ mod tests {
     fn source_identity_names_the_service_account() {
         let subject = Subject::service_account("team", "app").unwrap();
         let mut ctx = context(&subject, Some("web"));
-        assert_eq!(source_identity(&ctx), "team.app");
+        assert_eq!(source_identity(&ctx), "team_app");
         ctx.cluster = Some("east");
-        assert_eq!(source_identity(&ctx), "east.team.app");
+        assert_eq!(source_identity(&ctx), "east_team_app");
     }
 }

@@ -6,7 +6,8 @@ use anyhow::{Context as _, bail};
 use iam_broker_app::AwsAdapters;
 use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore};
 use iam_broker_kernel::allowance::{
-    Allowance, RoleArn, Subject, WILDCARD_SERVICE_ACCOUNT, is_allowed, validate_external_id,
+    Allowance, RoleArn, Subject, WILDCARD_SERVICE_ACCOUNT, is_allowed, unreadable,
+    validate_external_id,
 };
 use iam_broker_kernel::clock::rfc3339;
 use iam_broker_kernel::cluster::ClusterName;
@@ -319,22 +320,24 @@ async fn token(stores: &Stores, command: TokenCommand) -> anyhow::Result<()> {
                 now,
                 stores.config.token_ttl,
             )?;
-            let wildcard_subject = subject.wildcard();
-            let (exact, wildcard) = tokio::try_join!(
-                stores.aws.allowances.allowance(&subject),
-                stores.aws.allowances.allowance(&wildcard_subject),
-            )?;
+            let rows = stores.aws.allowances.rows_for(&subject).await?;
             stores
                 .aws
                 .tokens
                 .insert(&record)
                 .await
                 .context("could not record the token")?;
-            if !is_allowed(&[exact, wildcard], role.as_str()) {
-                eprintln!(
-                    "warning: no allowance lets {subject} assume {role}; the broker will answer \
-                     AllowanceRevoked until `iam-broker allow` grants it"
-                );
+            if !is_allowed(&rows, role.as_str()) {
+                match unreadable(&rows) {
+                    Some(row) => eprintln!(
+                        "warning: {row}; the broker will answer AllowanceUnreadable until the row \
+                         is fixed or rewritten with `iam-broker allow`"
+                    ),
+                    None => eprintln!(
+                        "warning: no allowance lets {subject} assume {role}; the broker will \
+                         answer AllowanceRevoked until `iam-broker allow` grants it"
+                    ),
+                }
             }
             eprintln!(
                 "recorded token {} for {subject} and {role}; it is printed once below and never stored",

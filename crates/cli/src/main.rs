@@ -50,6 +50,12 @@ enum Command {
               default_value_t = serve::DEFAULT_HEADER_READ_TIMEOUT_MS,
               value_parser = clap::value_parser!(u64).range(100..=600_000))]
         header_read_timeout_ms: u64,
+        /// A request body not complete within this many ms of its head is answered 408 and its
+        /// connection closed; a route that takes no body never waits for one.
+        #[arg(long, env = "IAM_BROKER_BODY_READ_TIMEOUT_MS", value_name = "MS",
+              default_value_t = serve::DEFAULT_BODY_READ_TIMEOUT_MS,
+              value_parser = clap::value_parser!(u64).range(100..=600_000))]
+        body_read_timeout_ms: u64,
         /// A TLS handshake not finished within this many ms is dropped.
         #[arg(long, env = "IAM_BROKER_TLS_HANDSHAKE_TIMEOUT_MS", value_name = "MS",
               default_value_t = serve::DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS,
@@ -222,6 +228,7 @@ async fn main() -> ExitCode {
             tls_cert,
             tls_key,
             header_read_timeout_ms,
+            body_read_timeout_ms,
             tls_handshake_timeout_ms,
             max_connections,
         } => {
@@ -230,6 +237,7 @@ async fn main() -> ExitCode {
                 .map(|(cert, key)| serve::Tls { cert, key });
             let limits = serve::Limits {
                 header_read_timeout: Duration::from_millis(header_read_timeout_ms),
+                body_read_timeout: Duration::from_millis(body_read_timeout_ms),
                 tls_handshake_timeout: Duration::from_millis(tls_handshake_timeout_ms),
                 max_connections: usize::try_from(max_connections)
                     .unwrap_or(serve::DEFAULT_MAX_CONNECTIONS),

@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use iam_broker_kernel::Config;
-use iam_broker_router::router;
+use iam_broker_router::{BodyReadTimeout, router};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -34,6 +34,8 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Default of `--header-read-timeout-ms`: a client must send its whole request head in this time.
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Default of `--body-read-timeout-ms`: a client must send its whole request body in this time.
+pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 10_000;
 /// Default of `--tls-handshake-timeout-ms`: a TLS handshake slower than this is dropped.
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Default of `--max-connections`: connections served at once.
@@ -54,6 +56,10 @@ pub struct Limits {
     /// A connection whose request head is not complete this long after the server started
     /// reading it is closed (a slow or silent client cannot hold a connection).
     pub header_read_timeout: Duration,
+    /// A request body not complete this long after the handler started reading it (right after
+    /// the head, and only on routes that take a body, after the webhook's path secret is
+    /// checked) is answered `408` and its connection closed.
+    pub body_read_timeout: Duration,
     /// A TLS handshake not finished within this is dropped.
     pub tls_handshake_timeout: Duration,
     /// Connections served at once. At the limit the server stops accepting: new clients wait in
@@ -75,11 +81,13 @@ pub async fn run(listen: SocketAddr, tls: Option<Tls>, limits: Limits) -> anyhow
         address = %address,
         tls = acceptor.is_some(),
         header_read_timeout_ms = u64::try_from(limits.header_read_timeout.as_millis()).unwrap_or(u64::MAX),
+        body_read_timeout_ms = u64::try_from(limits.body_read_timeout.as_millis()).unwrap_or(u64::MAX),
         tls_handshake_timeout_ms = u64::try_from(limits.tls_handshake_timeout.as_millis()).unwrap_or(u64::MAX),
         max_connections = limits.max_connections,
         "listening"
     );
-    serve(listener, acceptor, router(state), limits).await;
+    let app = router(state).layer(axum::Extension(BodyReadTimeout(limits.body_read_timeout)));
+    serve(listener, acceptor, app, limits).await;
     tracing::info!("stopped");
     Ok(())
 }

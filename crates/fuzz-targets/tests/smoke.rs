@@ -3,7 +3,7 @@
 //! iam-broker-fuzz-targets`); the long runs are `scripts/fuzz.sh` on nightly.
 
 use arbitrary::Unstructured;
-use iam_broker_fuzz_targets::{admission, jwt, proxy, record, token};
+use iam_broker_fuzz_targets::{admission, jwks, jwt, proxy, record, token};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 
@@ -59,6 +59,21 @@ proptest! {
     }
 
     #[test]
+    fn jwks_raw(data in bytes(512)) {
+        jwks::jwks(&data);
+    }
+
+    #[test]
+    fn jwks_built(data in bytes(256)) {
+        // mode byte not 0 mod 4: a document built from the rest
+        let mut data = data;
+        if let Some(mode) = data.first_mut() {
+            *mode |= 1;
+        }
+        jwks::jwks(&data);
+    }
+
+    #[test]
     fn cache_policy(data in bytes(512)) {
         proxy::cache_policy(&data);
     }
@@ -92,6 +107,45 @@ fn minted_tokens_have_the_documented_shape() {
         assert!(token::documented_shape(minted.expose()));
         token::authorization(minted.expose().as_bytes());
     }
+}
+
+/// Each header shape of the signed-claims mode, over a valid token's claims (no bytes after
+/// the mode): with and without `kid` the token is accepted and named after the cluster that
+/// signed it (the target checks that against its oracle); with `crit`, or under the other
+/// cluster's `kid`, it is refused. These are also the seeds in `fuzz/seeds/projected_token`.
+#[test]
+fn every_header_shape_of_a_signed_token() {
+    // mode % 3 == 2; then (mode / 3) % 2 picks east or west, (mode / 6) % 4 the header.
+    for mode in [2u8, 5, 8, 11, 14, 17, 20, 23] {
+        jwt::projected_token(&[mode]);
+    }
+}
+
+/// The built key sets reach both verdicts for both key types: RSA and P-256 keys accepted
+/// (so valid moduli and on-curve points are generated, and the oracle's "must accept" is
+/// exercised), and documents refused.
+#[test]
+fn built_key_sets_are_accepted_and_refused() {
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let (mut rsa, mut ec, mut refused, mut built) = (0, 0, 0, 0);
+    for _ in 0..1000 {
+        let data = bytes(256)
+            .new_tree(&mut runner)
+            .map(|t| t.current())
+            .unwrap_or_default();
+        if let Some((r, e)) = jwks::built_and_accepted(&data) {
+            built += 1;
+            rsa += r;
+            ec += e;
+            refused += usize::from(r + e == 0);
+        }
+    }
+    assert!(
+        rsa > 20,
+        "only {rsa} RSA keys accepted in {built} documents"
+    );
+    assert!(ec > 20, "only {ec} EC keys accepted in {built} documents");
+    assert!(refused > 100, "only {refused} of {built} documents refused");
 }
 
 /// The generated inputs reach the decisions they are for, so the smoke is not vacuous.

@@ -127,12 +127,77 @@ impl Allowance {
     }
 }
 
-/// Whether any of the given rows (the exact subject's and the namespace wildcard's) allows the role.
-pub fn is_allowed<'a>(
-    rows: impl IntoIterator<Item = &'a Option<Allowance>>,
-    role_arn: &str,
-) -> bool {
-    rows.into_iter().flatten().any(|row| row.allows(role_arn))
+/// One of the rows that decide for a subject, as the store read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Row {
+    /// There is no such row.
+    Absent,
+    /// The row, read.
+    Found(Allowance),
+    /// The store holds a row it cannot read (an attribute of the wrong type, a key that is no
+    /// name). It allows nothing; when no readable row allows the role either, the refusal names
+    /// it, so an operator can fix it. A data problem, not an outage: retrying cannot help.
+    Unreadable(UnreadableRow),
+}
+
+impl Row {
+    /// The readable row, if any.
+    pub fn allowance(&self) -> Option<&Allowance> {
+        match self {
+            Self::Found(row) => Some(row),
+            Self::Absent | Self::Unreadable(_) => None,
+        }
+    }
+}
+
+impl From<Option<Allowance>> for Row {
+    fn from(row: Option<Allowance>) -> Self {
+        row.map_or(Self::Absent, Self::Found)
+    }
+}
+
+/// A row of the Allowances table that cannot be read: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the row (namespace {partition:?}, service_account {service_account:?}) of {store} cannot be read: {problem}"
+)]
+pub struct UnreadableRow {
+    /// Which store (`DynamoDB table <name>`).
+    pub store: String,
+    /// The row's partition key (`[<cluster>/]<namespace>`), clipped.
+    pub partition: String,
+    /// The row's sort key (a ServiceAccount or `*`), clipped.
+    pub service_account: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl UnreadableRow {
+    /// The unreadable row at `subject`'s key.
+    pub fn at(subject: &Subject, store: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            store: store.into(),
+            partition: crate::text::clip(&subject.partition(), crate::text::MAX_ECHO),
+            service_account: crate::text::clip(&subject.service_account, crate::text::MAX_ECHO),
+            problem: crate::text::clip(&problem.into(), crate::text::MAX_MESSAGE),
+        }
+    }
+}
+
+/// Whether any readable row among `rows` (the exact subject's and the namespace wildcard's)
+/// allows the role.
+pub fn is_allowed<'a>(rows: impl IntoIterator<Item = &'a Row>, role_arn: &str) -> bool {
+    rows.into_iter()
+        .filter_map(Row::allowance)
+        .any(|row| row.allows(role_arn))
+}
+
+/// The first unreadable row among `rows`, if any.
+pub fn unreadable<'a>(rows: impl IntoIterator<Item = &'a Row>) -> Option<&'a UnreadableRow> {
+    rows.into_iter().find_map(|row| match row {
+        Row::Unreadable(unreadable) => Some(unreadable),
+        Row::Absent | Row::Found(_) => None,
+    })
 }
 
 /// A role the rows allow, with what `sts:AssumeRole` needs to go with it.
@@ -151,32 +216,33 @@ pub enum Refusal {
     NotAllowed,
     /// No role was requested and the rows allow several.
     Ambiguous(usize),
+    /// No readable row allows the role, and a row that might is unreadable.
+    Unreadable(UnreadableRow),
 }
 
-/// Chooses the role for a request: `requested` when the rows allow it; with no request, the one
-/// role the rows allow. `rows` go exact subject first, then the namespace wildcard.
-pub fn permit(
-    rows: &[Option<Allowance>],
-    requested: Option<&RoleArn>,
-) -> Result<Permitted, Refusal> {
+/// Chooses the role for a request: `requested` when a readable row allows it; with no request,
+/// the one role the readable rows allow. `rows` go exact subject first, then the namespace
+/// wildcard. An unreadable row allows nothing, so a valid exact row keeps working beside a
+/// corrupt `*` row; a refusal that such a row might have changed is [`Refusal::Unreadable`].
+pub fn permit(rows: &[Row], requested: Option<&RoleArn>) -> Result<Permitted, Refusal> {
+    let readable = || rows.iter().filter_map(Row::allowance);
     let external_id = |role: &str| {
-        rows.iter()
-            .flatten()
+        readable()
             .find(|row| row.allows(role))
             .and_then(|row| row.external_ids.get(role).cloned())
     };
+    let not_allowed = || match unreadable(rows) {
+        Some(row) => Refusal::Unreadable(row.clone()),
+        None => Refusal::NotAllowed,
+    };
     let role = match requested {
         Some(role) if is_allowed(rows, role.as_str()) => role.clone(),
-        Some(_) => return Err(Refusal::NotAllowed),
+        Some(_) => return Err(not_allowed()),
         None => {
-            let roles: BTreeSet<&String> = rows
-                .iter()
-                .flatten()
-                .flat_map(|r| &r.allowed_roles)
-                .collect();
+            let roles: BTreeSet<&String> = readable().flat_map(|r| &r.allowed_roles).collect();
             let mut valid = roles.iter().filter_map(|r| RoleArn::parse(r).ok());
             match (roles.len(), valid.next()) {
-                (0, _) | (_, None) => return Err(Refusal::NotAllowed),
+                (0, _) | (_, None) => return Err(not_allowed()),
                 (1, Some(role)) => role,
                 (n, Some(_)) => return Err(Refusal::Ambiguous(n)),
             }
@@ -313,12 +379,12 @@ mod tests {
             Subject::allowance_row("ns", "*").unwrap(),
             ["arn:aws:iam::123456789012:role/b".to_owned()].into(),
         );
-        let rows = [Some(exact), Some(wildcard)];
+        let rows = [Row::Found(exact), Row::Found(wildcard)];
         assert!(is_allowed(&rows, "arn:aws:iam::123456789012:role/a"));
         assert!(is_allowed(&rows, "arn:aws:iam::123456789012:role/b"));
         assert!(!is_allowed(&rows, "arn:aws:iam::123456789012:role/c"));
         assert!(!is_allowed(
-            &[None, None],
+            &[Row::Absent, Row::Absent],
             "arn:aws:iam::123456789012:role/a"
         ));
     }
@@ -326,8 +392,8 @@ mod tests {
     const A: &str = "arn:aws:iam::123456789012:role/a";
     const B: &str = "arn:aws:iam::210987654321:role/b";
 
-    fn row(sa: &str, roles: &[&str], external: &[(&str, &str)]) -> Option<Allowance> {
-        Some(Allowance {
+    fn row(sa: &str, roles: &[&str], external: &[(&str, &str)]) -> Row {
+        Row::Found(Allowance {
             subject: Subject::allowance_row("ns", sa).unwrap(),
             allowed_roles: roles.iter().map(|r| (*r).to_owned()).collect(),
             external_ids: external
@@ -341,11 +407,14 @@ mod tests {
     fn permit_picks_the_requested_or_the_only_role() {
         let a = RoleArn::parse(A).unwrap();
         let b = RoleArn::parse(B).unwrap();
-        let one = [row("sa", &[A], &[]), None];
+        let one = [row("sa", &[A], &[]), Row::Absent];
         assert_eq!(permit(&one, None).unwrap().role_arn, a);
         assert_eq!(permit(&one, Some(&a)).unwrap().role_arn, a);
         assert_eq!(permit(&one, Some(&b)), Err(Refusal::NotAllowed));
-        assert_eq!(permit(&[None, None], None), Err(Refusal::NotAllowed));
+        assert_eq!(
+            permit(&[Row::Absent, Row::Absent], None),
+            Err(Refusal::NotAllowed)
+        );
 
         let two = [row("sa", &[A], &[]), row("*", &[B], &[(B, "ext-b")])];
         assert_eq!(permit(&two, None), Err(Refusal::Ambiguous(2)));
@@ -362,6 +431,62 @@ mod tests {
             permit(&both, None).unwrap().external_id.as_deref(),
             Some("exact")
         );
+    }
+
+    fn corrupt(sa: &str) -> Row {
+        let subject = Subject::allowance_row("ns", sa).unwrap();
+        Row::Unreadable(UnreadableRow::at(
+            &subject,
+            "DynamoDB table t",
+            "allowed_roles is not a string set",
+        ))
+    }
+
+    #[test]
+    fn an_unreadable_row_allows_nothing_and_is_named_when_it_might_have() {
+        let a = RoleArn::parse(A).unwrap();
+        let b = RoleArn::parse(B).unwrap();
+        // a valid exact row keeps working beside a corrupt `*` row, asked or not
+        let rows = [row("sa", &[A], &[]), corrupt("*")];
+        assert_eq!(permit(&rows, Some(&a)).unwrap().role_arn, a);
+        assert_eq!(permit(&rows, None).unwrap().role_arn, a);
+        assert!(is_allowed(&rows, A));
+        // a role only the corrupt row could allow: refused, naming that row
+        match permit(&rows, Some(&b)) {
+            Err(Refusal::Unreadable(row)) => {
+                assert_eq!(row.service_account, "*");
+                assert_eq!(row.partition, "ns");
+                let text = row.to_string();
+                assert!(text.contains("DynamoDB table t"), "{text}");
+                assert!(text.contains("allowed_roles"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // a corrupt exact row and no wildcard: refused, naming the exact row
+        let rows = [corrupt("sa"), Row::Absent];
+        assert!(matches!(
+            permit(&rows, Some(&a)),
+            Err(Refusal::Unreadable(row)) if row.service_account == "sa"
+        ));
+        assert!(matches!(permit(&rows, None), Err(Refusal::Unreadable(_))));
+        // a corrupt exact row beside a `*` row that allows the role: served
+        let rows = [corrupt("sa"), row("*", &[A], &[])];
+        assert_eq!(permit(&rows, Some(&a)).unwrap().role_arn, a);
+        assert_eq!(
+            unreadable(&rows).map(|r| r.service_account.as_str()),
+            Some("sa")
+        );
+    }
+
+    #[test]
+    fn unreadable_rows_are_named_in_bounded_text() {
+        let subject = Subject {
+            cluster: None,
+            namespace: "n".repeat(100_000),
+            service_account: "s".repeat(100_000),
+        };
+        let row = UnreadableRow::at(&subject, "DynamoDB table t", "p".repeat(100_000));
+        assert!(row.to_string().len() < 2048, "{}", row.to_string().len());
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub const ENV_IDENTITY_MODE: &str = "IDENTITY_MODE";
 pub const ENV_PROJECTED_AUDIENCE: &str = "PROJECTED_AUDIENCE";
 /// `PROJECTED_TOKEN_EXPIRATION_SECONDS`: `expirationSeconds` of the injected token volume.
 pub const ENV_PROJECTED_TOKEN_EXPIRATION_SECONDS: &str = "PROJECTED_TOKEN_EXPIRATION_SECONDS";
+/// `PROJECTED_MAX_TOKEN_LIFETIME_SECONDS`: the longest lifetime (`exp - iat`) of a projected
+/// token the broker accepts.
+pub const ENV_PROJECTED_MAX_TOKEN_LIFETIME_SECONDS: &str = "PROJECTED_MAX_TOKEN_LIFETIME_SECONDS";
 /// `CLUSTER_REGISTRY_TTL_SECONDS`: how long the broker uses a snapshot of the registry.
 pub const ENV_CLUSTER_REGISTRY_TTL_SECONDS: &str = "CLUSTER_REGISTRY_TTL_SECONDS";
 /// `STS_SOURCE_IDENTITY`: send `SourceIdentity` with `sts:AssumeRole` (`true`/`false`).
@@ -103,6 +106,9 @@ pub const DEFAULT_CLUSTERS_TABLE: &str = "iam-broker-clusters";
 pub const DEFAULT_PROJECTED_AUDIENCE: &str = "iam-broker";
 /// Default of [`ENV_PROJECTED_TOKEN_EXPIRATION_SECONDS`] (kubelet refreshes the file at 80 %).
 pub const DEFAULT_PROJECTED_TOKEN_EXPIRATION_SECONDS: u64 = 3600;
+/// Default of [`ENV_PROJECTED_MAX_TOKEN_LIFETIME_SECONDS`]: the ceiling of
+/// [`ENV_PROJECTED_TOKEN_EXPIRATION_SECONDS`], one day.
+pub const DEFAULT_PROJECTED_MAX_TOKEN_LIFETIME_SECONDS: u64 = 86_400;
 /// Default of [`ENV_CLUSTER_REGISTRY_TTL_SECONDS`]: a removed cluster or retired key stops
 /// working within a minute.
 pub const DEFAULT_CLUSTER_REGISTRY_TTL_SECONDS: u64 = 60;
@@ -172,6 +178,8 @@ pub struct Config {
     pub projected_audience: String,
     /// `expirationSeconds` of the projected token volume.
     pub projected_token_expiration: Duration,
+    /// The longest projected-token lifetime (`exp - iat`) the broker accepts.
+    pub projected_max_token_lifetime: Duration,
     /// How long the broker uses a registry snapshot.
     pub cluster_registry_ttl: Duration,
     /// Whether to send `SourceIdentity`.
@@ -219,6 +227,9 @@ impl Default for Config {
             projected_token_expiration: Duration::from_secs(
                 DEFAULT_PROJECTED_TOKEN_EXPIRATION_SECONDS,
             ),
+            projected_max_token_lifetime: Duration::from_secs(
+                DEFAULT_PROJECTED_MAX_TOKEN_LIFETIME_SECONDS,
+            ),
             cluster_registry_ttl: Duration::from_secs(DEFAULT_CLUSTER_REGISTRY_TTL_SECONDS),
             source_identity: false,
         }
@@ -244,7 +255,7 @@ impl Config {
     fn from_vars(v: &Vars<impl Fn(&str) -> Option<String>>) -> Result<Self, ConfigError> {
         use env::{boolean, http_url, integer_in, one_of};
         let seconds = Duration::from_secs;
-        Ok(Self {
+        let config = Self {
             allowances_table: v.parse_or(
                 ENV_ALLOWANCES_TABLE,
                 DEFAULT_ALLOWANCES_TABLE.to_owned(),
@@ -336,13 +347,33 @@ impl Config {
                     "seconds; Kubernetes' minimum is 600, kubelet refreshes at 80 %",
                 ),
             )?),
+            projected_max_token_lifetime: seconds(v.parse_or(
+                ENV_PROJECTED_MAX_TOKEN_LIFETIME_SECONDS,
+                DEFAULT_PROJECTED_MAX_TOKEN_LIFETIME_SECONDS,
+                integer_in(
+                    600..=2_592_000,
+                    "seconds; at least Kubernetes' minimum token lifetime (600), at most 30 days",
+                ),
+            )?),
             cluster_registry_ttl: seconds(v.parse_or(
                 ENV_CLUSTER_REGISTRY_TTL_SECONDS,
                 DEFAULT_CLUSTER_REGISTRY_TTL_SECONDS,
                 integer_in(1..=3600, "seconds"),
             )?),
             source_identity: v.parse_or(ENV_STS_SOURCE_IDENTITY, false, boolean)?,
-        })
+        };
+        if config.projected_token_expiration > config.projected_max_token_lifetime {
+            return Err(ConfigError {
+                variable: ENV_PROJECTED_MAX_TOKEN_LIFETIME_SECONDS,
+                message: format!(
+                    "{} s is shorter than {ENV_PROJECTED_TOKEN_EXPIRATION_SECONDS} ({} s): the \
+                     broker would refuse the tokens the webhook injects",
+                    config.projected_max_token_lifetime.as_secs(),
+                    config.projected_token_expiration.as_secs()
+                ),
+            });
+        }
+        Ok(config)
     }
 }
 
@@ -503,6 +534,11 @@ mod tests {
         assert_eq!(config.clusters_table, "my-clusters");
         assert_eq!(config.projected_audience, "sts.example");
         assert_eq!(config.projected_token_expiration, Duration::from_secs(7200));
+        assert_eq!(
+            config.projected_max_token_lifetime,
+            Duration::from_secs(86_400),
+            "the default maximum is the ceiling of the expiration"
+        );
         assert_eq!(config.cluster_registry_ttl, Duration::from_secs(5));
         assert!(config.source_identity);
         let defaults = Config::default();
@@ -510,6 +546,22 @@ mod tests {
         assert_eq!(defaults.projected_audience, "iam-broker");
         assert_eq!(
             defaults.projected_token_expiration,
+            Duration::from_secs(3600)
+        );
+    }
+
+    #[test]
+    fn the_maximum_lifetime_is_never_below_the_injected_expiration() {
+        let err = parse(&[
+            ("PROJECTED_TOKEN_EXPIRATION_SECONDS", "7200"),
+            ("PROJECTED_MAX_TOKEN_LIFETIME_SECONDS", "3600"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable, "PROJECTED_MAX_TOKEN_LIFETIME_SECONDS");
+        assert!(err.to_string().contains("would refuse"), "{err}");
+        let config = parse(&[("PROJECTED_MAX_TOKEN_LIFETIME_SECONDS", "3600")]).unwrap();
+        assert_eq!(
+            config.projected_max_token_lifetime,
             Duration::from_secs(3600)
         );
     }
@@ -543,6 +595,8 @@ mod tests {
             ("PROJECTED_AUDIENCE", "has space"),
             ("PROJECTED_TOKEN_EXPIRATION_SECONDS", "599"),
             ("PROJECTED_TOKEN_EXPIRATION_SECONDS", "86401"),
+            ("PROJECTED_MAX_TOKEN_LIFETIME_SECONDS", "599"),
+            ("PROJECTED_MAX_TOKEN_LIFETIME_SECONDS", "2592001"),
             ("CLUSTER_REGISTRY_TTL_SECONDS", "0"),
             ("STS_SOURCE_IDENTITY", "maybe"),
             (

@@ -13,8 +13,10 @@ use serde::Deserialize;
 
 /// Longest token accepted (kube-apiserver's are about 1 KiB; a bound keeps decoding cheap).
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
-/// Shortest RSA modulus accepted, in bytes (2048 bits, as ring requires).
-const MIN_RSA_MODULUS_BYTES: usize = 256;
+/// Shortest RSA modulus accepted, in bits (ring verifies 2048..=8192).
+const MIN_RSA_MODULUS_BITS: usize = 2048;
+/// Longest RSA modulus accepted, in bits.
+const MAX_RSA_MODULUS_BITS: usize = 8192;
 
 /// A signature algorithm kube-apiserver signs ServiceAccount tokens with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,12 +216,7 @@ fn parse_key(jwk: &RawJwk, index: usize) -> Result<Option<PublicKey>, JwksError>
         (Some("RSA"), None | Some("RS256")) => {
             let n = strip_leading_zeros(b64(&jwk.n, "n")?);
             let e = strip_leading_zeros(b64(&jwk.e, "e")?);
-            if n.len() < MIN_RSA_MODULUS_BYTES {
-                return Err(bad("the RSA modulus is shorter than 2048 bits"));
-            }
-            if e.is_empty() || e.len() > 4 {
-                return Err(bad("the RSA exponent is out of range"));
-            }
+            check_rsa(&n, &e).map_err(&bad)?;
             Ok(Some(PublicKey {
                 kid,
                 algorithm: Algorithm::Rs256,
@@ -236,6 +233,11 @@ fn parse_key(jwk: &RawJwk, index: usize) -> Result<Option<PublicKey>, JwksError>
             point.push(4);
             point.extend_from_slice(&x);
             point.extend_from_slice(&y);
+            // SEC1 public-key validation: coordinates below the field prime, the point on the
+            // curve (P-256's cofactor is 1, so that also puts it in the right subgroup).
+            if p256::PublicKey::from_sec1_bytes(&point).is_err() {
+                return Err(bad("the point (x, y) is not on the P-256 curve"));
+            }
             Ok(Some(PublicKey {
                 kid,
                 algorithm: Algorithm::Es256,
@@ -243,6 +245,38 @@ fn parse_key(jwk: &RawJwk, index: usize) -> Result<Option<PublicKey>, JwksError>
             }))
         }
         _ => Ok(None),
+    }
+}
+
+/// An RSA public key that can verify safely: a modulus of 2048..=8192 bits that is odd (an even
+/// one is no product of two large primes), and an odd exponent of at least 3 that fits in 32
+/// bits (`e = 1` would make every "signature" equal to its own padded message).
+fn check_rsa(n: &[u8], e: &[u8]) -> Result<(), &'static str> {
+    let bits = bit_length(n);
+    if bits < MIN_RSA_MODULUS_BITS {
+        return Err("the RSA modulus is shorter than 2048 bits");
+    }
+    if bits > MAX_RSA_MODULUS_BITS {
+        return Err("the RSA modulus is longer than 8192 bits");
+    }
+    if n.last().is_some_and(|b| b & 1 == 0) {
+        return Err("the RSA modulus is even");
+    }
+    if e.is_empty() || e.len() > 4 {
+        return Err("the RSA exponent is out of range (3 ..= 2^32 - 1)");
+    }
+    let exponent = e.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+    if exponent < 3 || exponent % 2 == 0 {
+        return Err("the RSA exponent is not an odd number of at least 3");
+    }
+    Ok(())
+}
+
+/// Bits of a big-endian unsigned integer without leading zero bytes.
+fn bit_length(bytes: &[u8]) -> usize {
+    match bytes.first() {
+        None => 0,
+        Some(first) => bytes.len() * 8 - first.leading_zeros() as usize,
     }
 }
 
@@ -271,6 +305,13 @@ pub enum JwtError {
     /// The signature does not verify.
     #[error("bad signature")]
     BadSignature,
+    /// The header lists critical extensions (`crit`, RFC 7515 §4.1.11): this broker
+    /// understands none, so it must refuse the token.
+    #[error("critical header extensions")]
+    CriticalExtension,
+    /// `exp - iat` is longer than the broker accepts, or the token has no `iat`.
+    #[error("lifetime too long")]
+    LifetimeTooLong,
     /// The audience is not the broker's.
     #[error("wrong audience")]
     WrongAudience,
@@ -292,6 +333,14 @@ pub enum JwtError {
 struct Header {
     alg: String,
     kid: Option<String>,
+    /// Whether `crit` is there: any value at all (even `null` or an empty list, which RFC 7515
+    /// forbids) refuses the token.
+    #[serde(default, deserialize_with = "present")]
+    crit: bool,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
 }
 
 /// A token whose signature is not checked yet. Only the fields that select the key are exposed.
@@ -330,6 +379,9 @@ impl<'a> Unverified<'a> {
         let header: Header =
             serde_json::from_slice(&decode(header)?).map_err(|_| JwtError::Malformed)?;
         let algorithm = Algorithm::parse(&header.alg).ok_or(JwtError::UnsupportedAlgorithm)?;
+        if header.crit {
+            return Err(JwtError::CriticalExtension);
+        }
         let claims: Claims =
             serde_json::from_slice(&decode(claims)?).map_err(|_| JwtError::Malformed)?;
         let signature = decode(signature)?;
@@ -363,7 +415,7 @@ impl<'a> Unverified<'a> {
     }
 
     /// Checks the signature against `keys`; the claims are trusted only after this.
-    pub fn verify(self, keys: &KeySet) -> Result<Claims, JwtError> {
+    pub fn verify(&self, keys: &KeySet) -> Result<Claims, JwtError> {
         let mut candidates = keys
             .candidates(self.algorithm, self.kid.as_deref())
             .peekable();
@@ -372,12 +424,50 @@ impl<'a> Unverified<'a> {
         }
         let message = self.signing_input.as_bytes();
         if candidates.any(|key| key.verifies(message, &self.signature)) {
-            Ok(self.claims)
+            Ok(self.claims.clone())
         } else {
             Err(JwtError::BadSignature)
         }
     }
+
+    /// Spends what checking the signature against one key costs, and throws the answer away: a
+    /// token refused because no registered key could have signed it then takes as long as one
+    /// refused for a bad signature, so timing does not tell which issuers and key ids are
+    /// registered.
+    pub fn spend_one_verification(&self) {
+        let key = match self.algorithm {
+            Algorithm::Rs256 => &DECOY_KEYS.0,
+            Algorithm::Es256 => &DECOY_KEYS.1,
+        };
+        let verified = key.verifies(self.signing_input.as_bytes(), &self.signature);
+        std::hint::black_box(verified);
+    }
 }
+
+/// Public keys no token can be signed for (an RSA modulus whose factors were thrown away; P-256's
+/// generator, whose private key is 1 and which no cluster uses), of each algorithm, for
+/// [`Unverified::spend_one_verification`].
+static DECOY_KEYS: std::sync::LazyLock<(PublicKey, PublicKey)> = std::sync::LazyLock::new(|| {
+    const N: &str = "rRjNBHYqJVY8Yry4Mxwk4Pnjv4H8bRE8obZ2EveVdb8dpufHuDo1Lj04kBlVlPk2I-ULD1uAEgykvU5PCya8a5wG_A-vq0F6SklQQPOBT2BLodMmSNvrOqLNou4-af5AnKMaK9o_mpGfxdZNhoEH6YYlWYNWKA6OurNcaR2JjDdkwGyQ8nq2FtuJkdhiv1qytdcX1PWnNpD207fbs4PhN2VrC-3Ji_iaRmm90JlYlZk87R6kbb4zyYoTk6N1jNZo9Ty1qKCkWdfUbKHczO5QOCjjd88QB83Io_ONDlIY4zKOv2bwJkl7LrT0vXq5ez6TkEH5c_E8-g3r-7gM5c74iw";
+    const G: &str =
+        "BGsX0fLhLEJH-Lzm5WOkQPJ3A32BLeszoPShOUXYmMKWT-NC4v4af5uO5-tKfA-eFivOM1drMV7Oy7ZAaDe_UfU";
+    let decode = |text: &str| URL_SAFE_NO_PAD.decode(text).unwrap_or_default();
+    (
+        PublicKey {
+            kid: None,
+            algorithm: Algorithm::Rs256,
+            material: Material::Rsa {
+                n: decode(N),
+                e: vec![1, 0, 1],
+            },
+        },
+        PublicKey {
+            kid: None,
+            algorithm: Algorithm::Es256,
+            material: Material::Ec { point: decode(G) },
+        },
+    )
+});
 
 /// The claims of a Kubernetes ServiceAccount token.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -453,13 +543,28 @@ pub struct PodClaims {
     pub expires_at: i64,
 }
 
+/// What verified claims must satisfy besides their signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// The audience tokens must carry (`PROJECTED_AUDIENCE`).
+    pub audience: String,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
+    pub leeway: i64,
+    /// The longest lifetime (`exp - iat`, seconds) accepted
+    /// (`PROJECTED_MAX_TOKEN_LIFETIME_SECONDS`): a token minted to outlive its pod by far is
+    /// refused, whoever was allowed to request it.
+    pub max_lifetime: i64,
+}
+
 impl Claims {
-    /// Checks audience, time and the `kubernetes.io` claims of verified claims: `audience` must
-    /// be among `aud`; `exp` must lie after `now - leeway`, `nbf` and `iat` before
-    /// `now + leeway`; `sub` must agree with the `kubernetes.io` namespace and ServiceAccount;
-    /// and the token must be bound to a pod.
-    pub fn check(self, audience: &str, now: i64, leeway: i64) -> Result<PodClaims, JwtError> {
-        if !self.aud.iter().any(|a| a == audience) {
+    /// Checks audience, time and the `kubernetes.io` claims of verified claims: the audience
+    /// must be among `aud`; `exp` must lie after `now - leeway`, `nbf` and `iat` before
+    /// `now + leeway`; `iat` must be present and `exp - iat` at most the maximum lifetime;
+    /// `sub` must agree with the `kubernetes.io` namespace and ServiceAccount; and the token
+    /// must be bound to a pod.
+    pub fn check(self, rules: &Verification, now: i64) -> Result<PodClaims, JwtError> {
+        let leeway = rules.leeway;
+        if !self.aud.contains(&rules.audience) {
             return Err(JwtError::WrongAudience);
         }
         if self.exp <= now.saturating_sub(leeway) {
@@ -468,6 +573,11 @@ impl Claims {
         let future = |t: Option<i64>| t.is_some_and(|t| t > now.saturating_add(leeway));
         if future(self.nbf) || future(self.iat) {
             return Err(JwtError::NotYetValid);
+        }
+        // kube-apiserver always writes `iat`; without it the lifetime cannot be bounded.
+        let issued = self.iat.ok_or(JwtError::LifetimeTooLong)?;
+        if self.exp.saturating_sub(issued) > rules.max_lifetime {
+            return Err(JwtError::LifetimeTooLong);
         }
         let k8s = self.kubernetes.ok_or(JwtError::NotAServiceAccountToken)?;
         let expected_sub = format!(
@@ -494,12 +604,20 @@ impl Claims {
 
 #[cfg(test)]
 mod tests {
-    use iam_broker_testkit::signer::{Signer, pod_claims};
+    use iam_broker_testkit::signer::{Signer, SigningAlgorithm, pod_claims};
     use serde_json::json;
 
     use super::*;
 
     const NOW: i64 = 1_800_000_000;
+
+    fn rules() -> Verification {
+        Verification {
+            audience: "iam-broker".to_owned(),
+            leeway: 60,
+            max_lifetime: 86_400,
+        }
+    }
 
     #[test]
     fn a_signed_pod_token_verifies_and_names_the_pod() {
@@ -513,7 +631,7 @@ mod tests {
         let pod = unverified
             .verify(&keys)
             .unwrap()
-            .check("iam-broker", NOW, 60)
+            .check(&rules(), NOW)
             .unwrap();
         assert_eq!(pod.namespace, "ns");
         assert_eq!(pod.service_account, "sa");
@@ -586,7 +704,7 @@ mod tests {
             }
             serde_json::from_value::<Claims>(claims)
                 .unwrap()
-                .check("iam-broker", NOW, 60)
+                .check(&rules(), NOW)
                 .map(|_| ())
         };
         assert_eq!(check(json!({})), Ok(()));
@@ -618,6 +736,166 @@ mod tests {
                 "serviceaccount": { "name": "sa", "uid": "u" } } })),
             Err(JwtError::NotPodBound)
         );
+    }
+
+    #[test]
+    fn a_lifetime_beyond_the_maximum_is_refused() {
+        let base = pod_claims("https://issuer", "ns", "sa", "web-1", NOW);
+        let check = |iat: Option<i64>, exp: i64| {
+            let mut claims = base.clone();
+            claims["exp"] = json!(exp);
+            match iat {
+                Some(iat) => claims["iat"] = json!(iat),
+                None => {
+                    claims.as_object_mut().unwrap().remove("iat");
+                }
+            }
+            serde_json::from_value::<Claims>(claims)
+                .unwrap()
+                .check(&rules(), NOW)
+                .map(|_| ())
+        };
+        // exactly the maximum, issued now or a while ago
+        assert_eq!(check(Some(NOW), NOW + 86_400), Ok(()));
+        assert_eq!(check(Some(NOW - 80_000), NOW + 6_400), Ok(()));
+        // a hundred years, or a second too many
+        let century = 100 * 365 * 86_400;
+        assert_eq!(
+            check(Some(NOW), NOW + century),
+            Err(JwtError::LifetimeTooLong)
+        );
+        assert_eq!(
+            check(Some(NOW), NOW + 86_401),
+            Err(JwtError::LifetimeTooLong)
+        );
+        // an `iat` far in the past cannot stretch a long token into the window (exp - iat
+        // only grows), and a missing `iat` cannot hide the lifetime
+        assert_eq!(
+            check(Some(NOW - century), NOW + 60),
+            Err(JwtError::LifetimeTooLong)
+        );
+        assert_eq!(check(None, NOW + 600), Err(JwtError::LifetimeTooLong));
+        // extreme values do not overflow
+        assert_eq!(
+            check(Some(i64::MIN), i64::MAX),
+            Err(JwtError::LifetimeTooLong)
+        );
+    }
+
+    #[test]
+    fn critical_header_extensions_are_refused() {
+        let signer = Signer::new("k1");
+        let keys = KeySet::from_jwks(&Signer::jwks(&[&signer])).unwrap();
+        let claims = pod_claims("https://issuer", "ns", "sa", "web-1", NOW);
+        for crit in [
+            json!(["urn:example:must-understand"]),
+            json!(["exp"]),
+            json!([]),
+            json!("b64"),
+            json!(null),
+        ] {
+            let header = json!({ "alg": "ES256", "kid": "k1", "crit": crit });
+            let token = signer.sign_with(&header, &claims);
+            assert_eq!(
+                Unverified::parse(&token).err(),
+                Some(JwtError::CriticalExtension),
+                "{crit}"
+            );
+        }
+        // the same token without `crit` verifies
+        let token = signer.sign_with(&json!({ "alg": "ES256", "kid": "k1" }), &claims);
+        assert!(Unverified::parse(&token).unwrap().verify(&keys).is_ok());
+    }
+
+    fn rsa_jwk(n: &[u8], e: &[u8]) -> String {
+        json!({ "keys": [{ "kty": "RSA", "kid": "r", "alg": "RS256", "use": "sig",
+            "n": URL_SAFE_NO_PAD.encode(n), "e": URL_SAFE_NO_PAD.encode(e) }] })
+        .to_string()
+    }
+
+    fn ec_jwk(x: &[u8], y: &[u8]) -> String {
+        json!({ "keys": [{ "kty": "EC", "kid": "e", "crv": "P-256", "alg": "ES256",
+            "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y) }] })
+        .to_string()
+    }
+
+    fn refusal(jwks: &str) -> String {
+        match KeySet::from_jwks(jwks) {
+            Err(JwksError::BadKey { why, .. }) => why,
+            other => panic!("accepted or refused for another reason: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn keys_that_cannot_verify_safely_are_refused_when_read() {
+        // a real 2048-bit modulus: odd, top bit set
+        let mut n = vec![0xffu8; 256];
+        n[255] = 0xf1;
+        assert!(KeySet::from_jwks(&rsa_jwk(&n, &[1, 0, 1])).is_ok());
+        assert!(KeySet::from_jwks(&rsa_jwk(&n, &[3])).is_ok());
+        assert!(refusal(&rsa_jwk(&n, &[1])).contains("exponent"));
+        assert!(refusal(&rsa_jwk(&n, &[2])).contains("exponent"));
+        assert!(refusal(&rsa_jwk(&n, &[1, 0, 0])).contains("exponent"));
+        assert!(refusal(&rsa_jwk(&n, &[])).contains("exponent"));
+        assert!(refusal(&rsa_jwk(&n, &[1, 0, 0, 0, 1])).contains("exponent"));
+        // 256 bytes, but only 2041 bits: too short
+        let mut short = n.clone();
+        short[0] = 0x01;
+        assert!(refusal(&rsa_jwk(&short, &[1, 0, 1])).contains("2048 bits"));
+        // leading zero bytes do not count
+        let mut padded = vec![0u8; 4];
+        padded.extend_from_slice(&n[..255]);
+        assert!(refusal(&rsa_jwk(&padded, &[1, 0, 1])).contains("2048 bits"));
+        let mut even = n.clone();
+        even[255] = 0xf0;
+        assert!(refusal(&rsa_jwk(&even, &[1, 0, 1])).contains("even"));
+        let mut huge = vec![0xffu8; 1025];
+        huge[1024] = 0x01;
+        assert!(refusal(&rsa_jwk(&huge, &[1, 0, 1])).contains("8192"));
+
+        // P-256: the generator is on the curve; (x, y + 1) is not; nor are coordinates at or
+        // beyond the field prime
+        let g_x = hex_bytes("6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296");
+        let g_y = hex_bytes("4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5");
+        assert!(KeySet::from_jwks(&ec_jwk(&g_x, &g_y)).is_ok());
+        let mut off = g_y.clone();
+        off[31] ^= 1;
+        assert!(refusal(&ec_jwk(&g_x, &off)).contains("not on the P-256 curve"));
+        let p = hex_bytes("ffffffff00000001000000000000000000000000ffffffffffffffffffffffff");
+        assert!(refusal(&ec_jwk(&p, &g_y)).contains("not on the P-256 curve"));
+        assert!(refusal(&ec_jwk(&[0; 32], &[0; 32])).contains("not on the P-256 curve"));
+        // and every key the test signer makes passes
+        for algorithm in [SigningAlgorithm::Es256, SigningAlgorithm::Rs256] {
+            let signer = Signer::generate(algorithm).unwrap();
+            assert!(KeySet::from_jwks(&Signer::jwks(&[&signer])).is_ok());
+        }
+    }
+
+    #[test]
+    fn the_decoy_keys_are_keys_a_cluster_could_hold() {
+        let (rsa, ec) = &*DECOY_KEYS;
+        match (&rsa.material, &ec.material) {
+            (Material::Rsa { n, e }, Material::Ec { point }) => {
+                assert_eq!(check_rsa(n, e), Ok(()));
+                assert!(p256::PublicKey::from_sec1_bytes(point).is_ok());
+            }
+            _ => panic!("decoys of the wrong kinds"),
+        }
+        // and spending a verification on any token never panics
+        let signer = Signer::new("k1");
+        let token = signer.sign(&pod_claims("https://issuer", "ns", "sa", "web-1", NOW));
+        Unverified::parse(&token).unwrap().spend_one_verification();
+        let rsa_header = signer.sign_with(&json!({ "alg": "RS256" }), &json!({ "iss": "x" }));
+        if let Ok(unverified) = Unverified::parse(&rsa_header) {
+            unverified.spend_one_verification();
+        }
+    }
+
+    fn hex_bytes(hex: &str) -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::allowance::{Allowance, Subject};
+use crate::allowance::{Allowance, Row, Subject, UnreadableRow};
 use crate::cluster::{ClusterName, RegisteredCluster};
 use crate::credentials::Credentials;
 use crate::record::TokenRecord;
@@ -61,18 +61,34 @@ impl StoreError {
     }
 }
 
+/// One [`AllowanceStore::allowance`] answer as a [`Row`]: an unreadable row is a value, an outage
+/// stays an error.
+pub fn as_row(
+    subject: &Subject,
+    read: Result<Option<Allowance>, StoreError>,
+) -> Result<Row, StoreError> {
+    match read {
+        Ok(row) => Ok(row.into()),
+        Err(StoreError::Corrupt { store, message }) => {
+            Ok(Row::Unreadable(UnreadableRow::at(subject, store, message)))
+        }
+        Err(other) => Err(other),
+    }
+}
+
 /// The Allowances table: which roles a namespace / ServiceAccount may assume.
 #[async_trait]
 pub trait AllowanceStore: Send + Sync {
     /// The row for exactly this subject (no wildcard expansion).
     async fn allowance(&self, subject: &Subject) -> Result<Option<Allowance>, StoreError>;
     /// The rows that decide for `subject`, in one read where the store can: its exact row and
-    /// its namespace's `*` row, in that order (what [`crate::allowance::permit`] takes).
-    async fn rows_for(&self, subject: &Subject) -> Result<[Option<Allowance>; 2], StoreError> {
+    /// its namespace's `*` row, in that order (what [`crate::allowance::permit`] takes). A row
+    /// the store holds but cannot read is [`Row::Unreadable`], not an error: only an outage is.
+    async fn rows_for(&self, subject: &Subject) -> Result<[Row; 2], StoreError> {
         let wildcard = subject.wildcard();
         let (exact, namespace_wide) =
-            futures::try_join!(self.allowance(subject), self.allowance(&wildcard))?;
-        Ok([exact, namespace_wide])
+            futures::join!(self.allowance(subject), self.allowance(&wildcard));
+        Ok([as_row(subject, exact)?, as_row(&wildcard, namespace_wide)?])
     }
     /// Adds `role_arn` to the subject's roles, creating the row if needed, in one write; with
     /// `external_id`, also sets the role's `ExternalId` (without, it clears any). Returns the

@@ -45,6 +45,7 @@ impl ApiError {
         let code = match status {
             StatusCode::BAD_REQUEST => "BadRequest",
             StatusCode::NOT_FOUND => "NotFound",
+            StatusCode::REQUEST_TIMEOUT => "RequestTimeout",
             StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
             StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLarge",
             StatusCode::URI_TOO_LONG => "UriTooLong",
@@ -65,14 +66,15 @@ impl From<&BrokerError> for ApiError {
             BrokerError::MissingAuthorization => StatusCode::UNAUTHORIZED,
             BrokerError::InvalidToken(_)
             | BrokerError::CorruptRecord { .. }
-            | BrokerError::AllowanceRevoked { .. } => StatusCode::FORBIDDEN,
+            | BrokerError::AllowanceRevoked { .. }
+            | BrokerError::AllowanceUnreadable { .. } => StatusCode::FORBIDDEN,
             BrokerError::RoleRequired { .. } | BrokerError::InvalidRoleParameter(_) => {
                 StatusCode::BAD_REQUEST
             }
             BrokerError::AssumeRoleFailed { .. } => StatusCode::BAD_GATEWAY,
             BrokerError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
-        Self::new(status, error.code(), error.to_string())
+        Self::new(status, error.code(), error.public_message())
     }
 }
 

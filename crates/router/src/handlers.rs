@@ -2,15 +2,27 @@
 
 use axum::Extension;
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use iam_broker_admission::review;
 use iam_broker_broker::BrokerError;
+use iam_broker_kernel::text::{MAX_MESSAGE, clip};
 use serde_json::json;
 
-use crate::{ApiError, AppState, BasePath};
+/// The most bytes of one client-chosen value (a name, a uid) a log line carries: the longest
+/// Kubernetes name (253) fits.
+const MAX_LOGGED_FIELD: usize = 256;
+
+/// A client-chosen value for a log field, clipped to [`MAX_LOGGED_FIELD`].
+fn field(value: &str) -> String {
+    clip(value, MAX_LOGGED_FIELD)
+}
+
+use crate::{
+    ApiError, AppState, BasePath, BodyReadTimeout, DEFAULT_BODY_READ_TIMEOUT, MAX_BODY_BYTES,
+};
 
 /// The broker's query string: `?role=<role ARN>` picks the role of a projected token (the
 /// webhook writes it into the sidecar's `BROKER_URL`). Other parameters are ignored.
@@ -42,7 +54,7 @@ pub(crate) async fn credentials(
                 cluster = answer.cluster.as_ref().map(|c| c.as_str()).unwrap_or(""),
                 namespace = %answer.subject.namespace,
                 service_account = %answer.subject.service_account,
-                pod = answer.pod_name.as_deref().unwrap_or(""),
+                pod = %field(answer.pod_name.as_deref().unwrap_or("")),
                 role_arn = %answer.body.role_arn,
                 expiration = %answer.body.expiration,
                 "credentials served"
@@ -61,13 +73,19 @@ pub(crate) async fn credentials(
         }
         Err(error) => {
             log_refusal(&error);
-            if matches!(error, BrokerError::CorruptRecord { .. }) {
-                state.metrics.record(
-                    "CorruptTokenRecords",
-                    ("Table", "Authorizations"),
-                    "BrokerLatency",
-                    started.elapsed(),
-                );
+            let corrupt_table = match error {
+                BrokerError::CorruptRecord { .. } => {
+                    Some(("CorruptTokenRecords", "Authorizations"))
+                }
+                BrokerError::AllowanceUnreadable { .. } => {
+                    Some(("CorruptAllowanceRows", "Allowances"))
+                }
+                _ => None,
+            };
+            if let Some((metric, table)) = corrupt_table {
+                state
+                    .metrics
+                    .record(metric, ("Table", table), "BrokerLatency", started.elapsed());
             }
             state.metrics.record(
                 "CredentialsDenied",
@@ -95,6 +113,25 @@ fn log_refusal(error: &BrokerError) {
             "credentials not served: the token record is unreadable; fix or revoke it \
              (iam-broker token revoke --hash)"
         ),
+        BrokerError::AllowanceUnreadable {
+            subject,
+            role_arn,
+            row,
+        } => tracing::error!(
+            decision = "denied",
+            code = error.code(),
+            corrupt_row = true,
+            store = %row.store,
+            row_namespace = %row.partition,
+            row_service_account = %row.service_account,
+            problem = %row.problem,
+            cluster = subject.cluster.as_ref().map(|c| c.as_str()).unwrap_or(""),
+            namespace = %subject.namespace,
+            service_account = %subject.service_account,
+            role_arn = %role_arn,
+            "credentials not served: an Allowances row is unreadable; fix it, or rewrite it \
+             with iam-broker allow / disallow"
+        ),
         BrokerError::AllowanceRevoked { subject, role_arn } => tracing::info!(
             decision = "denied",
             code = error.code(),
@@ -113,33 +150,89 @@ fn log_refusal(error: &BrokerError) {
 /// `POST /`, `POST /mutate`: the admission webhook. A well-formed AdmissionReview always gets
 /// `200` with a response in the request's `apiVersion`; anything else is a `400 BadRequest`.
 ///
-/// With `WEBHOOK_PATH_SECRET` set these routes answer `404` like any unknown path: the webhook
-/// is then only at `POST /mutate/<secret>` ([`admission_with_secret`]).
+/// With `WEBHOOK_PATH_SECRET` set these routes answer `404` like any unknown path, before the
+/// body is read: the webhook is then only at `POST /mutate/<secret>` ([`admission_with_secret`]).
 pub(crate) async fn admission(
     State(state): State<AppState>,
     base_path: Option<Extension<BasePath>>,
+    deadline: Option<Extension<BodyReadTimeout>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     if state.webhook.requires_path_secret() {
         return not_found().await.into_response();
     }
-    review(state, base_path, headers, body).await
+    match read_body(body, deadline).await {
+        Ok(body) => review(state, base_path, headers, body).await,
+        Err(refusal) => refusal,
+    }
 }
 
 /// `POST /mutate/{secret}`: the webhook behind its secret path segment (compared in constant
-/// time); a wrong or unconfigured secret is a plain `404`.
+/// time, before the body is read); a wrong or unconfigured secret is a plain `404`.
 pub(crate) async fn admission_with_secret(
     State(state): State<AppState>,
     Path(secret): Path<String>,
     base_path: Option<Extension<BasePath>>,
+    deadline: Option<Extension<BodyReadTimeout>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     if !state.webhook.path_secret_matches(&secret) {
         return not_found().await.into_response();
     }
-    review(state, base_path, headers, body).await
+    match read_body(body, deadline).await {
+        Ok(body) => review(state, base_path, headers, body).await,
+        Err(refusal) => refusal,
+    }
+}
+
+/// Reads a request body of at most [`MAX_BODY_BYTES`] within its deadline ([`BodyReadTimeout`],
+/// set by `iam-broker serve`; under Lambda the body is already in memory and the default never
+/// matters). Too slow is `408 RequestTimeout` with `Connection: close`; too large `413`; a body
+/// the connection broke off `400`.
+async fn read_body(
+    body: Body,
+    deadline: Option<Extension<BodyReadTimeout>>,
+) -> Result<Bytes, Response> {
+    let timeout = deadline.map_or(DEFAULT_BODY_READ_TIMEOUT, |Extension(BodyReadTimeout(t))| t);
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(error)) => {
+            let too_large = iam_broker_kernel::text::sources(&error)
+                .any(|e| e.is::<http_body_util::LengthLimitError>());
+            Err(if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "PayloadTooLarge",
+                    format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+                )
+                .into_response()
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "the request body could not be read to its end",
+                )
+                .into_response()
+            })
+        }
+        Err(_) => {
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeout",
+                format!(
+                    "the request body did not arrive within {} ms",
+                    timeout.as_millis()
+                ),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Err(response)
+        }
+    }
 }
 
 async fn review(
@@ -152,7 +245,7 @@ async fn review(
     let review = match review::parse(&body) {
         Ok(review) => review,
         Err(e) => {
-            tracing::info!(decision = "bad_request", error = %e, "admission refused");
+            tracing::info!(decision = "bad_request", error = %clip(&e.to_string(), MAX_MESSAGE), "admission refused");
             return ApiError::new(StatusCode::BAD_REQUEST, "BadRequest", e.0).into_response();
         }
     };
@@ -170,15 +263,17 @@ async fn review(
                 .or_else(|| o["metadata"]["generateName"].as_str())
         })
         .unwrap_or(&request.name);
+    // Every field is the client's to choose (mutating admission runs before validation, so a
+    // name of any length reaches the webhook): each is clipped.
     tracing::info!(
         decision = outcome.decision.as_str(),
         operation = %request.operation,
-        namespace = request.namespace.as_deref().unwrap_or(""),
-        service_account = outcome.service_account.as_deref().unwrap_or(""),
-        pod = pod,
+        namespace = %field(request.namespace.as_deref().unwrap_or("")),
+        service_account = %field(outcome.service_account.as_deref().unwrap_or("")),
+        pod = %field(pod),
         dry_run = request.dry_run,
-        uid = %request.uid,
-        reason = %outcome.reason,
+        uid = %field(&request.uid),
+        reason = %clip(&outcome.reason, MAX_MESSAGE),
         "admission"
     );
     state.metrics.record(

@@ -37,6 +37,16 @@ pub struct AppState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BasePath(pub String);
 
+/// How long a request body may take to arrive once its head has, set on the router by whoever
+/// serves it over a network (`iam-broker serve --body-read-timeout-ms`) as a request extension:
+/// a client that declares a body and sends it slowly is answered `408` and its connection
+/// closed, instead of holding a connection (and, at the connection limit, the server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyReadTimeout(pub std::time::Duration);
+
+/// [`BodyReadTimeout`] when none is set.
+pub const DEFAULT_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The largest request body read (an AdmissionReview of the largest Pod etcd stores, 1.5 MiB,
 /// fits); a larger one is `413 PayloadTooLarge`.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;

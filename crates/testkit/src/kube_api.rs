@@ -501,6 +501,13 @@ impl KubeApi {
         self.inner.signer.sign(claims)
     }
 
+    /// Signs any claims with the current key under a header of the caller's (without `kid`,
+    /// with `crit`, ...): for tokens other signers might write.
+    pub fn sign_with_header(&self, header: &Value, claims: &Value) -> anyhow::Result<String> {
+        let signer = self.inner.signer.current()?;
+        Ok(signer.try_sign_raw(header, claims.to_string().as_bytes())?)
+    }
+
     /// A new key signs from now on; the previous ones stay in the JWKS (as a second
     /// `--service-account-key-file` keeps them trusted). Answers the new key's `kid`.
     pub fn rotate_signing_key(&self) -> anyhow::Result<String> {

@@ -43,11 +43,28 @@ pub enum ClusterCall {
 #[derive(Debug, Default)]
 pub struct MemoryAllowanceStore {
     rows: Mutex<BTreeMap<Subject, Allowance>>,
+    /// Rows that read as corrupt, with what is wrong with them.
+    unreadable: Mutex<BTreeMap<Subject, String>>,
+}
+
+impl MemoryAllowanceStore {
+    /// Makes the row at `subject` unreadable (as a hand-edited row of the wrong type would be)
+    /// until `allow` or `disallow` writes it.
+    pub fn put_unreadable(&self, subject: &Subject, problem: &str) {
+        lock(&self.rows).remove(subject);
+        lock(&self.unreadable).insert(subject.clone(), problem.to_owned());
+    }
 }
 
 #[async_trait]
 impl AllowanceStore for MemoryAllowanceStore {
     async fn allowance(&self, subject: &Subject) -> Result<Option<Allowance>, StoreError> {
+        if let Some(problem) = lock(&self.unreadable).get(subject) {
+            return Err(StoreError::Corrupt {
+                store: "memory table allowances".to_owned(),
+                message: problem.clone(),
+            });
+        }
         Ok(lock(&self.rows).get(subject).cloned())
     }
 
@@ -57,6 +74,7 @@ impl AllowanceStore for MemoryAllowanceStore {
         role_arn: &str,
         external_id: Option<&str>,
     ) -> Result<Allowance, StoreError> {
+        lock(&self.unreadable).remove(subject);
         let mut rows = lock(&self.rows);
         let row = rows
             .entry(subject.clone())
@@ -74,6 +92,7 @@ impl AllowanceStore for MemoryAllowanceStore {
         subject: &Subject,
         role_arn: Option<&str>,
     ) -> Result<Option<Allowance>, StoreError> {
+        lock(&self.unreadable).remove(subject);
         let mut rows = lock(&self.rows);
         let Some(role_arn) = role_arn else {
             rows.remove(subject);
@@ -106,9 +125,16 @@ pub struct MemoryClusterRegistry {
     clusters: Mutex<BTreeMap<ClusterName, RegisteredCluster>>,
     reads: std::sync::atomic::AtomicUsize,
     down: std::sync::atomic::AtomicBool,
+    delay_ms: std::sync::atomic::AtomicU64,
 }
 
 impl MemoryClusterRegistry {
+    /// Makes every full read take `delay` (a slow registry) before answering.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.delay_ms.store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// How many times [`ClusterRegistry::clusters`] was called.
     pub fn reads(&self) -> usize {
         self.reads.load(std::sync::atomic::Ordering::SeqCst)
@@ -135,6 +161,10 @@ impl MemoryClusterRegistry {
 impl ClusterRegistry for MemoryClusterRegistry {
     async fn clusters(&self) -> Result<Vec<RegisteredCluster>, StoreError> {
         self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let delay = self.delay_ms.load(std::sync::atomic::Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         self.check()?;
         Ok(lock(&self.clusters).values().cloned().collect())
     }
