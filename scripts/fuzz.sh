@@ -5,7 +5,7 @@
 #   scripts/fuzz.sh --seconds N        each target for N seconds
 #   scripts/fuzz.sh --target NAME      only NAME (repeatable): admission_review, admission_pod,
 #                                      authorization, token_record, stream_event, cache_policy,
-#                                      proxy_request
+#                                      proxy_request, projected_token, jwks
 #   scripts/fuzz.sh --smoke            the stable smoke, even where nightly is installed
 #   scripts/fuzz.sh --help             print this text
 # New corpus entries go to fuzz/corpus/<target> (ignored by git); fuzz/seeds/<target> and
@@ -15,7 +15,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-ALL_TARGETS=(admission_review admission_pod authorization token_record stream_event cache_policy proxy_request projected_token)
+ALL_TARGETS=(admission_review admission_pod authorization token_record stream_event cache_policy proxy_request projected_token jwks)
 seconds=60
 smoke=false
 targets=()
