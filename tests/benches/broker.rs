@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
-use iam_broker_admission::patch::{SidecarMode, SidecarSettings};
+use iam_broker_admission::patch::{InjectSettings, InjectionMode, SidecarMode};
 use iam_broker_admission::webhook::{Webhook, WebhookSettings};
 use iam_broker_broker::broker::{Broker, BrokerSettings};
 use iam_broker_kernel::allowance::Subject;
@@ -167,14 +167,15 @@ fn memory_webhook(allowances: Arc<MemoryAllowanceStore>) -> Webhook {
         Arc::new(MemoryTokenStore::default()),
         Arc::new(SystemClock),
         WebhookSettings {
-            sidecar: Some(SidecarSettings {
-                image: "registry.example/iam-broker-proxy:0.1.0".into(),
+            inject: InjectSettings {
+                injection: InjectionMode::Sidecar,
+                proxy_image: Some("registry.example/iam-broker-proxy:0.1.0".to_owned()),
                 port: 53080,
                 mode: SidecarMode::Container,
                 token_file: true,
                 region: Some("us-east-1".into()),
                 broker_ca_pem: None,
-            }),
+            },
             ..WebhookSettings::from(&Config::default())
         },
     )

@@ -22,7 +22,7 @@ use aws_config::{BehaviorVersion, Region};
 use aws_credential_types::Credentials;
 use axum::http::Method;
 use iam_broker_admission::events::EVENT_BUDGET;
-use iam_broker_admission::patch::{SidecarMode, SidecarSettings};
+use iam_broker_admission::patch::{InjectSettings, InjectionMode, SidecarMode};
 use iam_broker_admission::review::{self, AdmissionRequest};
 use iam_broker_admission::webhook::{Decision, Outcome, Webhook, WebhookSettings};
 use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore};
@@ -133,14 +133,15 @@ async fn world() -> World {
         CALL,
     );
     let settings = WebhookSettings {
-        sidecar: Some(SidecarSettings {
-            image: "proxy:1".to_owned(),
+        inject: InjectSettings {
+            injection: InjectionMode::Sidecar,
+            proxy_image: Some("proxy:1".to_owned()),
             port: 53080,
             mode: SidecarMode::Container,
             token_file: false,
             region: None,
             broker_ca_pem: None,
-        }),
+        },
         role_annotation: ANNOTATION.to_owned(),
         broker_url: Some("https://broker.example/Prod/".to_owned()),
         token_ttl: Duration::from_secs(86_400),

@@ -16,7 +16,8 @@ use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use serde_json::{Map, Value, json};
 
-/// Name of the injected sidecar container; its presence means "already injected".
+/// Name of the injected sidecar container; its presence (or [`LABEL_INJECTED`]) means "already
+/// injected".
 pub const SIDECAR_NAME: &str = "iam-broker-proxy";
 /// Pod annotation naming the Secret that holds the pod's token (read back on DELETE).
 pub const ANNOTATION_SECRET_NAME: &str = "iam-broker.io/secret-name";
@@ -24,7 +25,11 @@ pub const ANNOTATION_SECRET_NAME: &str = "iam-broker.io/secret-name";
 pub const ANNOTATION_TOKEN_HASH: &str = "iam-broker.io/token-hash";
 /// Pod annotation listing containers (comma-separated) that must not get credentials.
 pub const ANNOTATION_SKIP_CONTAINERS: &str = "eks.amazonaws.com/skip-containers";
-/// Label on every injected pod; the registration sends DELETE only for pods that carry it.
+/// Pod annotation choosing how this pod reaches the broker, `direct` or `sidecar`; overrides
+/// `INJECTION`.
+pub const ANNOTATION_INJECTION: &str = "iam-broker.io/injection";
+/// Label on every injected pod; the registration sends DELETE only for pods that carry it, and
+/// a pod that carries it is not injected again (a `direct`-mode pod has no sidecar to tell).
 pub const LABEL_INJECTED: &str = "iam-broker.io/injected";
 /// Value of [`LABEL_INJECTED`].
 pub const LABEL_INJECTED_VALUE: &str = "true";
@@ -32,7 +37,7 @@ pub const LABEL_INJECTED_VALUE: &str = "true";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Value of [`LABEL_MANAGED_BY`].
 pub const MANAGED_BY: &str = "iam-broker";
-pub use iam_broker_kernel::config::SidecarMode;
+pub use iam_broker_kernel::config::{InjectionMode, SidecarMode};
 pub use iam_broker_kernel::ports::SECRET_TOKEN_KEY;
 /// Prefix of every Secret name the webhook creates.
 pub const SECRET_NAME_PREFIX: &str = "iam-broker-token-";
@@ -61,9 +66,12 @@ pub const PRESET_CREDENTIAL_ENV: &[&str] = &[
 
 /// What the webhook injects, from configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SidecarSettings {
-    /// The proxy image.
-    pub image: String,
+pub struct InjectSettings {
+    /// How pods reach the broker unless their [`ANNOTATION_INJECTION`] says otherwise.
+    pub injection: InjectionMode,
+    /// The proxy image (`PROXY_IMAGE`); `None` when not configured: then only `direct` pods can
+    /// be injected.
+    pub proxy_image: Option<String>,
     /// Port the proxy listens on at 127.0.0.1.
     pub port: u16,
     /// Regular container or native sidecar.
@@ -84,8 +92,12 @@ pub struct PodView {
     pub service_account: String,
     /// `metadata.name`, else `metadata.generateName` (at CREATE a pod may have only the prefix).
     pub name: Option<String>,
-    /// Whether a container or init container is already the sidecar (reinvocation).
+    /// Whether a container or init container is already the sidecar, or the pod carries
+    /// [`LABEL_INJECTED`] (reinvocation).
     pub already_injected: bool,
+    /// The pod's [`ANNOTATION_INJECTION`], when set: `Ok` with the mode it asks for, `Err` with
+    /// the (clipped) value when it is neither `direct` nor `sidecar`.
+    pub requested: Option<Result<InjectionMode, String>>,
     /// `spec.hostNetwork`.
     pub host_network: bool,
     /// Containers and init containers that would get credentials, in pod order.
@@ -131,8 +143,12 @@ pub enum Skip {
     /// The pod already carries the sidecar (the API server re-invoked the webhook).
     #[error("the pod already carries the {SIDECAR_NAME} sidecar")]
     AlreadyInjected,
-    /// `hostNetwork` pods share the node's loopback: the proxy port would clash across pods.
-    #[error("hostNetwork pods are not injected: the proxy's loopback port would clash on the node")]
+    /// `hostNetwork` pods share the node's loopback: the proxy port would clash across pods
+    /// (a `direct` pod has no proxy, and is injected).
+    #[error(
+        "hostNetwork pods get no sidecar: the proxy's loopback port would clash on the node \
+         (annotate the pod iam-broker.io/injection: direct)"
+    )]
     HostNetwork,
     /// Every container is skipped by annotation or already has AWS credentials configured.
     #[error(
@@ -167,9 +183,22 @@ pub fn view(pod: &Value) -> Result<PodView, NotAPod> {
         Some(m) => optional_object(m, "annotations", "metadata.")?,
         None => None,
     };
-    if let Some(m) = metadata {
-        optional_object(m, "labels", "metadata.")?;
-    }
+    let labels = match metadata {
+        Some(m) => optional_object(m, "labels", "metadata.")?,
+        None => None,
+    };
+    let labelled = labels
+        .and_then(|l| l.get(LABEL_INJECTED))
+        .and_then(Value::as_str)
+        == Some(LABEL_INJECTED_VALUE);
+    let requested = annotations
+        .and_then(|a| a.get(ANNOTATION_INJECTION))
+        .map(|v| {
+            let text = v.as_str().unwrap_or_default();
+            InjectionMode::parse(text).ok_or_else(|| {
+                iam_broker_kernel::text::clip(&v.to_string(), iam_broker_kernel::text::MAX_ECHO)
+            })
+        });
     let skip: BTreeSet<&str> = annotations
         .and_then(|a| a.get(ANNOTATION_SKIP_CONTAINERS))
         .and_then(Value::as_str)
@@ -201,7 +230,7 @@ pub fn view(pod: &Value) -> Result<PodView, NotAPod> {
         .flatten()
         .any(|v| v.get("name").and_then(Value::as_str) == Some(TOKEN_VOLUME))
         .then(|| format!("a volume named {TOKEN_VOLUME}"));
-    let mut already_injected = false;
+    let mut already_injected = labelled;
     let mut eligible = Vec::new();
     for list in [ContainerList::Init, ContainerList::Main] {
         let field = list.field();
@@ -257,6 +286,7 @@ pub fn view(pod: &Value) -> Result<PodView, NotAPod> {
         service_account,
         name,
         already_injected,
+        requested,
         host_network: spec.get("hostNetwork").and_then(Value::as_bool) == Some(true),
         eligible,
         conflict,
@@ -310,12 +340,13 @@ fn optional_array<'a>(
 }
 
 impl PodView {
-    /// Whether the pod is out of scope before any lookup: already injected, `hostNetwork`,
-    /// nothing to inject into, or a name the injection adds already in use.
-    pub fn skip(&self) -> Option<Skip> {
+    /// Whether the pod is out of scope before any lookup when injected `via`: already
+    /// injected, `hostNetwork` (with a sidecar), nothing to inject into, or a name the injection
+    /// adds already in use.
+    pub fn skip(&self, via: InjectionMode) -> Option<Skip> {
         if self.already_injected {
             Some(Skip::AlreadyInjected)
-        } else if self.host_network {
+        } else if self.host_network && via == InjectionMode::Sidecar {
             Some(Skip::HostNetwork)
         } else if self.eligible.is_empty() {
             Some(Skip::NoEligibleContainer)
@@ -356,8 +387,20 @@ pub struct Injection<'a> {
     pub secret_name: &'a str,
     /// The token's hash (annotated on the pod for DELETE).
     pub token_hash: &'a str,
-    /// The broker URL the sidecar calls.
+    /// The broker URL the sidecar (or, `direct`, the SDK) calls.
     pub broker_url: &'a str,
+}
+
+/// How the patched pod's SDKs reach the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via<'a> {
+    /// Through the sidecar of this image, on `http://127.0.0.1:<port>/`.
+    Sidecar {
+        /// The proxy image.
+        image: &'a str,
+    },
+    /// Straight to the broker's https URL: no sidecar.
+    Direct,
 }
 
 /// What the patch points a `projected`-mode pod at.
@@ -369,7 +412,7 @@ pub struct ProjectedInjection<'a> {
     pub expiration_seconds: u64,
     /// The role the ServiceAccount's annotation names: sent as `?role=` by the sidecar.
     pub role_arn: &'a str,
-    /// The broker URL the sidecar calls (without the role).
+    /// The broker URL the sidecar (or, `direct`, the SDK) calls (without the role).
     pub broker_url: &'a str,
 }
 
@@ -385,32 +428,36 @@ enum Credential<'a> {
     Projected(&'a ProjectedInjection<'a>),
 }
 
-/// The JSON patch that injects the sidecar, the environment and the annotations into `pod`.
+/// The JSON patch that injects the environment, the annotations and (`via` a sidecar) the
+/// sidecar into `pod`. `direct`, each eligible container's `AWS_CONTAINER_CREDENTIALS_FULL_URI`
+/// is the broker's URL itself and no container is added.
 ///
-/// `view` must be [`view`]`(pod)`, and [`PodView::skip`] `None`: then the patch applies to `pod`.
-/// Operations touch only what the webhook owns; arrays and maps are created whole when missing
-/// (or `null`) and appended to otherwise.
+/// `view` must be [`view`]`(pod)`, and [`PodView::skip`]`(via)` `None`: then the patch applies
+/// to `pod`. Operations touch only what the webhook owns; arrays and maps are created whole when
+/// missing (or `null`) and appended to otherwise.
 pub fn patch(
     pod: &Value,
     view: &PodView,
-    settings: &SidecarSettings,
+    settings: &InjectSettings,
     injection: &Injection<'_>,
+    via: Via<'_>,
 ) -> Patch {
-    build(pod, view, settings, &Credential::Secret(injection))
+    build(pod, view, settings, &Credential::Secret(injection), via)
 }
 
 /// The patch of `projected` mode: a projected ServiceAccount token volume (audience and
 /// expiration from `injection`) mounted into every eligible container, with
 /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` pointing at it and the credentials URI at the
-/// sidecar; the sidecar calls the broker with `?role=`. No Secret is referenced. Same
-/// preconditions and guarantees as [`patch`].
+/// sidecar, which calls the broker with `?role=` (or, `direct`, at the broker's URL with
+/// `?role=`). No Secret is referenced. Same preconditions and guarantees as [`patch`].
 pub fn patch_projected(
     pod: &Value,
     view: &PodView,
-    settings: &SidecarSettings,
+    settings: &InjectSettings,
     injection: &ProjectedInjection<'_>,
+    via: Via<'_>,
 ) -> Patch {
-    build(pod, view, settings, &Credential::Projected(injection))
+    build(pod, view, settings, &Credential::Projected(injection), via)
 }
 
 /// `broker_url` with `?role=<role ARN>` (or `&role=`), the ARN percent-encoded.
@@ -430,8 +477,9 @@ pub fn broker_url_with_role(broker_url: &str, role_arn: &str) -> String {
 fn build(
     pod: &Value,
     view: &PodView,
-    settings: &SidecarSettings,
+    settings: &InjectSettings,
     credential: &Credential<'_>,
+    via: Via<'_>,
 ) -> Patch {
     let mut ops = Vec::new();
 
@@ -471,7 +519,16 @@ fn build(
     }
 
     let token_file = settings.token_file || matches!(credential, Credential::Projected(_));
-    let full_uri = format!("http://127.0.0.1:{}/", settings.port);
+    let broker_url = match credential {
+        Credential::Secret(injection) => injection.broker_url.to_owned(),
+        Credential::Projected(injection) => {
+            broker_url_with_role(injection.broker_url, injection.role_arn)
+        }
+    };
+    let full_uri = match via {
+        Via::Sidecar { .. } => format!("http://127.0.0.1:{}/", settings.port),
+        Via::Direct => broker_url.clone(),
+    };
     let mount_file = format!("{TOKEN_MOUNT_PATH}/{SECRET_TOKEN_KEY}");
     for target in &view.eligible {
         let container = &pod["spec"][target.list.field()][target.index];
@@ -534,13 +591,10 @@ fn build(
 
     // The sidecar goes last: inserting it at the front of initContainers shifts indices, and
     // every operation above addresses containers by their index in the pod as sent.
-    let broker_url = match credential {
-        Credential::Secret(injection) => injection.broker_url.to_owned(),
-        Credential::Projected(injection) => {
-            broker_url_with_role(injection.broker_url, injection.role_arn)
-        }
+    let Via::Sidecar { image } = via else {
+        return Patch(ops);
     };
-    let sidecar = sidecar(settings, &broker_url);
+    let sidecar = sidecar(settings, image, &broker_url);
     match settings.mode {
         SidecarMode::Container => add(&mut ops, &["spec", "containers", "-"], sidecar),
         SidecarMode::Native => {
@@ -559,7 +613,7 @@ fn build(
 
 /// The sidecar container. Restricted-v2 compatible: non-root without a fixed UID, no privilege
 /// escalation, no capabilities, read-only root filesystem, RuntimeDefault seccomp.
-pub fn sidecar(settings: &SidecarSettings, broker_url: &str) -> Value {
+pub fn sidecar(settings: &InjectSettings, image: &str, broker_url: &str) -> Value {
     let mut env = vec![
         json!({ "name": "BROKER_URL", "value": broker_url }),
         json!({ "name": "LISTEN_ADDR", "value": format!("127.0.0.1:{}", settings.port) }),
@@ -569,7 +623,7 @@ pub fn sidecar(settings: &SidecarSettings, broker_url: &str) -> Value {
     }
     json!({
         "name": SIDECAR_NAME,
-        "image": settings.image,
+        "image": image,
         "imagePullPolicy": "IfNotPresent",
         "env": env,
         "resources": {
@@ -623,9 +677,10 @@ fn append_all(
 mod tests {
     use super::*;
 
-    fn settings(mode: SidecarMode, token_file: bool, region: Option<&str>) -> SidecarSettings {
-        SidecarSettings {
-            image: "registry.example/iam-broker-proxy:1".to_owned(),
+    fn settings(mode: SidecarMode, token_file: bool, region: Option<&str>) -> InjectSettings {
+        InjectSettings {
+            injection: InjectionMode::Sidecar,
+            proxy_image: Some("registry.example/iam-broker-proxy:1".to_owned()),
             port: 53080,
             mode,
             token_file,
@@ -644,10 +699,14 @@ mod tests {
         }
     }
 
-    fn apply(pod: &Value, settings: &SidecarSettings) -> Value {
+    const IMAGE: Via<'static> = Via::Sidecar {
+        image: "registry.example/iam-broker-proxy:1",
+    };
+
+    fn apply(pod: &Value, settings: &InjectSettings) -> Value {
         let view = view(pod).unwrap();
         let secret = secret_name(HASH);
-        let patch = patch(pod, &view, settings, &injection(&secret));
+        let patch = patch(pod, &view, settings, &injection(&secret), IMAGE);
         let mut patched = pod.clone();
         json_patch::patch(&mut patched, &patch).unwrap();
         patched
@@ -700,7 +759,10 @@ mod tests {
         // and the label the DELETE webhook selects on
         assert_eq!(patched["metadata"]["labels"][LABEL_INJECTED], "true");
         // and the patched pod is now "already injected"
-        assert_eq!(view(&patched).unwrap().skip(), Some(Skip::AlreadyInjected));
+        assert_eq!(
+            view(&patched).unwrap().skip(InjectionMode::Sidecar),
+            Some(Skip::AlreadyInjected)
+        );
     }
 
     #[test]
@@ -848,12 +910,18 @@ mod tests {
     #[test]
     fn skips_before_any_lookup() {
         let host = json!({ "spec": { "hostNetwork": true, "containers": [{ "name": "a" }] } });
-        assert_eq!(view(&host).unwrap().skip(), Some(Skip::HostNetwork));
+        assert_eq!(
+            view(&host).unwrap().skip(InjectionMode::Sidecar),
+            Some(Skip::HostNetwork)
+        );
         let none = json!({ "metadata": { "annotations": {
             ANNOTATION_SKIP_CONTAINERS: "a" } }, "spec": { "containers": [{ "name": "a" }] } });
-        assert_eq!(view(&none).unwrap().skip(), Some(Skip::NoEligibleContainer));
+        assert_eq!(
+            view(&none).unwrap().skip(InjectionMode::Sidecar),
+            Some(Skip::NoEligibleContainer)
+        );
         let ok = json!({ "spec": { "containers": [{ "name": "a" }] } });
-        assert_eq!(view(&ok).unwrap().skip(), None);
+        assert_eq!(view(&ok).unwrap().skip(InjectionMode::Sidecar), None);
     }
 
     #[test]
@@ -882,7 +950,7 @@ mod tests {
             let pod = json!({ "metadata": { "name": "p", "annotations": annotations },
                 "spec": { "containers": [{ "name": "app" }] } });
             // WHEN the webhook decides (view, then skip, before any lookup or write)
-            let decision = view(&pod).map(|v| v.skip());
+            let decision = view(&pod).map(|v| v.skip(InjectionMode::Sidecar));
             // THEN it is refused or skipped, so no Secret and no record are written for a patch
             // that the API server could not apply
             assert!(
@@ -921,6 +989,7 @@ mod tests {
             &v,
             &settings(SidecarMode::Container, false, None),
             &injection(&secret),
+            IMAGE,
         );
         let text = serde_json::to_string(&patch).unwrap();
         assert!(text.contains("/metadata/annotations/iam-broker.io~1secret-name"));
@@ -1062,12 +1131,20 @@ mod properties {
             select(vec![
                 ANNOTATION_SKIP_CONTAINERS,
                 ANNOTATION_SECRET_NAME,
+                ANNOTATION_INJECTION,
                 "a/b",
                 "note",
             ]),
             prop_oneof![
-                select(vec!["app", "app,web", " debug , istio-proxy", "", "old"])
-                    .prop_map(|s| json!(s)),
+                select(vec![
+                    "app",
+                    "app,web",
+                    " debug , istio-proxy",
+                    "",
+                    "old",
+                    "direct"
+                ])
+                .prop_map(|s| json!(s)),
                 Just(json!(1)),
             ],
             0..3,
@@ -1076,7 +1153,7 @@ mod properties {
         .boxed();
         let labels = prop::collection::btree_map(
             select(vec![LABEL_INJECTED, "app"]),
-            select(vec!["false", "web"]).prop_map(|s| json!(s)),
+            select(vec!["false", "web", "true"]).prop_map(|s| json!(s)),
             0..2,
         )
         .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
@@ -1159,14 +1236,22 @@ mod properties {
         )
     }
 
-    fn settings() -> impl Strategy<Value = SidecarSettings> {
+    const IMAGE: &str = "registry.example/iam-broker-proxy:1";
+
+    fn settings() -> impl Strategy<Value = InjectSettings> {
         (
             prop::bool::ANY,
             prop::bool::ANY,
             prop::option::of(select(vec!["eu-west-1", "us-east-1"])),
+            prop::bool::ANY,
         )
-            .prop_map(|(native, token_file, region)| SidecarSettings {
-                image: "registry.example/iam-broker-proxy:1".to_owned(),
+            .prop_map(|(native, token_file, region, direct)| InjectSettings {
+                injection: if direct {
+                    InjectionMode::Direct
+                } else {
+                    InjectionMode::Sidecar
+                },
+                proxy_image: Some("registry.example/iam-broker-proxy:1".to_owned()),
                 port: 53080,
                 mode: if native {
                     SidecarMode::Native
@@ -1196,8 +1281,18 @@ mod properties {
         })
     }
 
+    /// How `s` injects.
+    fn via(s: &InjectSettings) -> Via<'_> {
+        match s.injection {
+            InjectionMode::Sidecar => Via::Sidecar {
+                image: s.proxy_image.as_deref().unwrap_or(IMAGE),
+            },
+            InjectionMode::Direct => Via::Direct,
+        }
+    }
+
     /// Checks everything the patch promises on the patched pod.
-    fn check_patched(pod: &Value, view: &PodView, s: &SidecarSettings, patched: &Value) {
+    fn check_patched(pod: &Value, view: &PodView, s: &InjectSettings, patched: &Value) {
         let annotations = &patched["metadata"]["annotations"];
         assert_eq!(annotations[ANNOTATION_SECRET_NAME], SECRET);
         assert_eq!(annotations[ANNOTATION_TOKEN_HASH], HASH);
@@ -1215,9 +1310,12 @@ mod properties {
                 }
             }
         }
-        // The sidecar, exactly once, where the mode puts it.
-        let mut expected = sidecar(s, URL);
+        // The sidecar, exactly once, where the mode puts it; none at all `direct`.
+        let image = s.proxy_image.as_deref().unwrap_or(IMAGE);
+        let mut expected = sidecar(s, image, URL);
+        let direct = s.injection == InjectionMode::Direct;
         let shift = match s.mode {
+            _ if direct => 0,
             SidecarMode::Container => {
                 let last = patched["spec"]["containers"]
                     .as_array()
@@ -1242,7 +1340,7 @@ mod properties {
                     .count()
             })
             .sum();
-        assert_eq!(count, 1, "one sidecar");
+        assert_eq!(count, usize::from(!direct), "one sidecar, or none direct");
         // Every eligible container has the variables (once each) and, with a token file, the mount.
         for target in &view.eligible {
             let shift = if target.list == ContainerList::Init {
@@ -1274,13 +1372,26 @@ mod properties {
                     "{name} twice"
                 );
             }
-            let token = after["env"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|e| e["name"] == ENV_AUTHORIZATION_TOKEN)
-                .unwrap();
-            assert_eq!(token["valueFrom"]["secretKeyRef"]["name"], SECRET);
+            let value = |name: &str| {
+                after["env"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["name"] == name)
+                    .unwrap()
+                    .clone()
+            };
+            assert_eq!(
+                value(ENV_AUTHORIZATION_TOKEN)["valueFrom"]["secretKeyRef"]["name"],
+                SECRET
+            );
+            // Direct, the SDK calls the broker's https URL; else the sidecar on loopback.
+            let uri = value(ENV_FULL_URI)["value"].as_str().unwrap().to_owned();
+            if direct {
+                assert_eq!(uri, URL);
+            } else {
+                assert_eq!(uri, format!("http://127.0.0.1:{}/", s.port));
+            }
             // What the container had is kept, in front.
             if let Some(had) = before["env"].as_array() {
                 assert_eq!(&after["env"].as_array().unwrap()[..had.len()], &had[..]);
@@ -1302,18 +1413,33 @@ mod properties {
         );
         // Unknown fields are kept, and the patched pod reads as already injected.
         assert_eq!(patched["spec"]["futureField"], pod["spec"]["futureField"]);
-        assert_eq!(view_skip(patched), Ok(Some(Skip::AlreadyInjected)));
+        for mode in [InjectionMode::Sidecar, InjectionMode::Direct] {
+            assert_eq!(
+                super::view(patched).map(|v| v.skip(mode)),
+                Ok(Some(Skip::AlreadyInjected))
+            );
+        }
     }
 
     fn view_skip(pod: &Value) -> Result<Option<Skip>, NotAPod> {
-        view(pod).map(|v| v.skip())
+        view(pod).map(|v| v.skip(InjectionMode::Sidecar))
     }
 
     /// The skip is for a reason the pod really has.
-    fn check_skip(pod: &Value, view: &PodView, skip: &Skip) {
+    fn check_skip(pod: &Value, view: &PodView, skip: &Skip, mode: InjectionMode) {
         match skip {
-            Skip::AlreadyInjected => assert!(carries_sidecar(pod)),
-            Skip::HostNetwork => assert_eq!(pod["spec"]["hostNetwork"], true),
+            Skip::AlreadyInjected => assert!(
+                carries_sidecar(pod)
+                    || pod["metadata"]["labels"][LABEL_INJECTED] == LABEL_INJECTED_VALUE
+            ),
+            Skip::HostNetwork => {
+                assert_eq!(pod["spec"]["hostNetwork"], true);
+                assert_eq!(
+                    mode,
+                    InjectionMode::Sidecar,
+                    "a direct pod needs no loopback port"
+                );
+            }
             Skip::NoEligibleContainer => assert!(view.eligible.is_empty()),
             Skip::Conflict(_) => {
                 let volume = names(&pod["spec"]["volumes"], "name")
@@ -1347,12 +1473,12 @@ mod properties {
                         !generated.wrong_outside_containers,
                         "a wrong-typed metadata/annotations/labels/volumes/containers was accepted"
                     );
-                    match v.skip() {
-                        Some(skip) => check_skip(pod, &v, &skip),
+                    match v.skip(s.injection) {
+                        Some(skip) => check_skip(pod, &v, &skip, s.injection),
                         None => {
                             let p = patch(pod, &v, &s, &Injection {
                                 secret_name: SECRET, token_hash: HASH, broker_url: URL,
-                            });
+                            }, via(&s));
                             let mut patched = pod.clone();
                             let applied = json_patch::patch(&mut patched, &p);
                             prop_assert!(applied.is_ok(), "{applied:?}\npod {pod}\npatch {}",
@@ -1398,8 +1524,9 @@ mod properties {
 
     #[test]
     fn a_null_metadata_annotations_labels_or_list_is_created_whole() {
-        for s in [SidecarSettings {
-            image: "i".to_owned(),
+        for s in [InjectSettings {
+            injection: InjectionMode::Sidecar,
+            proxy_image: Some("i".to_owned()),
             port: 1,
             mode: SidecarMode::Native,
             token_file: true,
@@ -1413,7 +1540,7 @@ mod properties {
                     "containers": [{ "name": "a", "env": null, "volumeMounts": null }] } }),
             ] {
                 let v = view(&pod).unwrap();
-                assert_eq!(v.skip(), None);
+                assert_eq!(v.skip(s.injection), None);
                 let p = patch(
                     &pod,
                     &v,
@@ -1423,6 +1550,7 @@ mod properties {
                         token_hash: HASH,
                         broker_url: URL,
                     },
+                    via(&s),
                 );
                 let mut patched = pod.clone();
                 json_patch::patch(&mut patched, &p).unwrap();

@@ -20,8 +20,8 @@ use crate::events::{
     REASON_FAILED_OPEN, REASON_INVALID_ROLE_ANNOTATION, REASON_ROLE_NOT_ALLOWED, involved_object,
 };
 use crate::patch::{
-    self, ANNOTATION_SECRET_NAME, ANNOTATION_TOKEN_HASH, Injection, LABEL_MANAGED_BY, MANAGED_BY,
-    PodView, SidecarSettings,
+    self, ANNOTATION_INJECTION, ANNOTATION_SECRET_NAME, ANNOTATION_TOKEN_HASH, InjectSettings,
+    Injection, InjectionMode, LABEL_MANAGED_BY, MANAGED_BY, PodView, Via,
 };
 use crate::review::{AdmissionRequest, AdmissionResponse, Operation};
 use iam_broker_kernel::allowance::{RoleArn, Subject, is_allowed, unreadable};
@@ -47,9 +47,10 @@ pub const UNDO_BUDGET: Duration = Duration::from_millis(2000);
 /// Webhook settings, from [`Config`].
 #[derive(Debug, Clone)]
 pub struct WebhookSettings {
-    /// What to inject; `None` when `PROXY_IMAGE` is not configured (then nothing is injected and
-    /// the failure policy decides).
-    pub sidecar: Option<SidecarSettings>,
+    /// What to inject, and how pods reach the broker by default. Without `PROXY_IMAGE` only
+    /// `direct` pods can be injected (a pod that needs the sidecar then gets nothing, and the
+    /// failure policy decides).
+    pub inject: InjectSettings,
     /// ServiceAccount annotation naming the role.
     pub role_annotation: String,
     /// `BROKER_URL`; when `None`, the URL the admission request came in on.
@@ -88,14 +89,15 @@ pub enum WebhookIdentity {
 impl From<&Config> for WebhookSettings {
     fn from(config: &Config) -> Self {
         Self {
-            sidecar: config.proxy_image.as_ref().map(|image| SidecarSettings {
-                image: image.clone(),
+            inject: InjectSettings {
+                injection: config.injection,
+                proxy_image: config.proxy_image.clone(),
                 port: config.proxy_port,
                 mode: config.sidecar_mode,
                 token_file: config.inject_token_file,
                 region: config.pod_aws_region.clone(),
                 broker_ca_pem: config.proxy_broker_ca_pem.clone(),
-            }),
+            },
             role_annotation: config.role_arn_annotation.clone(),
             broker_url: config.broker_url.clone(),
             token_ttl: config.token_ttl,
@@ -181,7 +183,8 @@ struct Creation<'a> {
     pod: &'a serde_json::Value,
     view: &'a PodView,
     subject: Subject,
-    sidecar: &'a SidecarSettings,
+    inject: &'a InjectSettings,
+    via: Via<'a>,
     broker_url: &'a str,
     deadline: Instant,
 }
@@ -191,17 +194,26 @@ impl Creation<'_> {
         Some(self.view.service_account.clone())
     }
 
+    /// `", direct"` when the pod gets no sidecar, for the decision's reason.
+    fn direct_note(&self) -> &'static str {
+        match self.via {
+            Via::Direct => ", direct",
+            Via::Sidecar { .. } => "",
+        }
+    }
+
     /// The patch for this pod with its Secret and record.
     fn patch(&self, secret_name: &str, record: &TokenRecord) -> json_patch::Patch {
         patch::patch(
             self.pod,
             self.view,
-            self.sidecar,
+            self.inject,
             &Injection {
                 secret_name,
                 token_hash: record.token_hash.as_str(),
                 broker_url: self.broker_url,
             },
+            self.via,
         )
     }
 
@@ -332,24 +344,86 @@ impl Webhook {
             Ok(view) => view,
             Err(e) => return skipped(request, None, &e.to_string()),
         };
+        let broker_url = self.settings.broker_url.as_deref().or(origin);
+        let (mode, warnings) = self.injection_for(&view, broker_url);
+        let mut outcome = self.create_via(request, pod, &view, mode, broker_url).await;
+        for warning in warnings {
+            tracing::warn!(
+                namespace = %clip(&namespace_of(request, pod), MAX_ECHO),
+                pod = %clip(view.name.as_deref().unwrap_or(""), MAX_ECHO),
+                warning = %warning,
+                "injection choice"
+            );
+            outcome.response = outcome.response.warn(format!("iam-broker: {warning}"));
+        }
+        outcome
+    }
+
+    /// How this pod reaches the broker: its [`ANNOTATION_INJECTION`], else `INJECTION`; `direct`
+    /// only with an https broker URL (SDKs fetch plain http only from loopback), else the
+    /// sidecar. Each departure from what was asked is a warning for the pod's creator.
+    fn injection_for(
+        &self,
+        view: &PodView,
+        broker_url: Option<&str>,
+    ) -> (InjectionMode, Vec<String>) {
+        let mut warnings = Vec::new();
+        let asked = match &view.requested {
+            None => self.settings.inject.injection,
+            Some(Ok(mode)) => *mode,
+            Some(Err(value)) => {
+                warnings.push(format!(
+                    "the pod's {ANNOTATION_INJECTION} annotation is {value}, not \"direct\" or \
+                     \"sidecar\"; using the webhook's default, {}",
+                    self.settings.inject.injection.as_str()
+                ));
+                self.settings.inject.injection
+            }
+        };
+        match broker_url {
+            Some(url) if asked == InjectionMode::Direct && !url.starts_with("https://") => {
+                warnings.push(format!(
+                    "direct injection needs an https broker URL, and this webhook's is {}: \
+                     the pod gets the sidecar instead (set BROKER_URL to the broker's https URL)",
+                    clip(url, MAX_ECHO)
+                ));
+                (InjectionMode::Sidecar, warnings)
+            }
+            _ => (asked, warnings),
+        }
+    }
+
+    async fn create_via(
+        &self,
+        request: &AdmissionRequest,
+        pod: &serde_json::Value,
+        view: &PodView,
+        mode: InjectionMode,
+        broker_url: Option<&str>,
+    ) -> Outcome {
         let sa = Some(view.service_account.clone());
-        if let Some(skip) = view.skip() {
+        if let Some(skip) = view.skip(mode) {
             return Outcome {
                 service_account: sa,
                 ..skipped(request, None, &skip.to_string())
             };
         }
-        let Some(sidecar) = self.settings.sidecar.as_ref() else {
-            return self.fail(
-                request,
-                sa,
-                Failure::Internal(
-                    "PROXY_IMAGE is not configured, so the webhook cannot inject the sidecar"
-                        .to_owned(),
-                ),
-            );
+        let via = match (mode, self.settings.inject.proxy_image.as_deref()) {
+            (InjectionMode::Direct, _) => Via::Direct,
+            (InjectionMode::Sidecar, Some(image)) => Via::Sidecar { image },
+            (InjectionMode::Sidecar, None) => {
+                return self.fail(
+                    request,
+                    sa,
+                    Failure::Internal(
+                        "PROXY_IMAGE is not configured, so the webhook cannot inject the sidecar \
+                         (INJECTION=direct needs none)"
+                            .to_owned(),
+                    ),
+                );
+            }
         };
-        let Some(broker_url) = self.settings.broker_url.as_deref().or(origin) else {
+        let Some(broker_url) = broker_url else {
             return self.fail(
                 request,
                 sa,
@@ -367,9 +441,10 @@ impl Webhook {
         let creation = Creation {
             request,
             pod,
-            view: &view,
+            view,
             subject,
-            sidecar,
+            inject: &self.settings.inject,
+            via,
             broker_url,
             deadline: Instant::now() + self.settings.forward_budget,
         };
@@ -395,15 +470,20 @@ impl Webhook {
             let patch = patch::patch_projected(
                 c.pod,
                 c.view,
-                c.sidecar,
+                c.inject,
                 &patch::ProjectedInjection {
                     audience,
                     expiration_seconds: expiration.as_secs(),
                     role_arn: role.as_str(),
                     broker_url: c.broker_url,
                 },
+                c.via,
             );
-            let why = format!("role {} (projected token, nothing written)", role.as_str());
+            let why = format!(
+                "role {} (projected token{}, nothing written)",
+                role.as_str(),
+                c.direct_note()
+            );
             return patched(c.request, c.sa(), &patch, &why);
         }
         let (token, record) = self.mint(c, &role)?;
@@ -544,12 +624,11 @@ impl Webhook {
             Err(_) => return Err(Failure::Deadline("the Authorizations write")),
         }
         let patch = c.patch(&secret_name, &record);
-        patched(
-            c.request,
-            c.sa(),
-            &patch,
-            &format!("role {}", role.as_str()),
-        )
+        let why = match c.via {
+            Via::Direct => format!("role {} (direct)", role.as_str()),
+            Via::Sidecar { .. } => format!("role {}", role.as_str()),
+        };
+        patched(c.request, c.sa(), &patch, &why)
     }
 
     /// Creates the pod's token Secret. A name clash (another token's Secret, or a leftover) gets
@@ -926,14 +1005,15 @@ mod tests {
 
     fn settings(policy: FailurePolicy) -> WebhookSettings {
         WebhookSettings {
-            sidecar: Some(SidecarSettings {
-                image: "proxy:1".to_owned(),
+            inject: InjectSettings {
+                injection: InjectionMode::Sidecar,
+                proxy_image: Some("proxy:1".to_owned()),
                 port: 53080,
                 mode: SidecarMode::Container,
                 token_file: false,
                 region: None,
                 broker_ca_pem: None,
-            }),
+            },
             role_annotation: "eks.amazonaws.com/role-arn".to_owned(),
             broker_url: None,
             token_ttl: Duration::from_secs(86_400),
@@ -1304,7 +1384,7 @@ mod tests {
     #[tokio::test]
     async fn missing_proxy_image_follows_the_failure_policy() {
         let mut s = settings(FailurePolicy::Open);
-        s.sidecar = None;
+        s.inject.proxy_image = None;
         let f = fixture_with(s).await;
         let out = create(&f, pod("reader")).await;
         assert_eq!(out.decision, Decision::FailedOpen);
@@ -1643,5 +1723,153 @@ mod tests {
         f.allowances.allow(&west, ROLE, None).await.unwrap();
         let out = create(&f, pod("reader")).await;
         assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
+    }
+
+    fn direct(settings: WebhookSettings) -> WebhookSettings {
+        WebhookSettings {
+            inject: InjectSettings {
+                injection: InjectionMode::Direct,
+                proxy_image: None,
+                ..settings.inject
+            },
+            ..settings
+        }
+    }
+
+    fn annotated(sa: &str, injection: &str) -> Value {
+        let mut pod = pod(sa);
+        pod["metadata"]["annotations"] = json!({ patch::ANNOTATION_INJECTION: injection });
+        pod
+    }
+
+    fn env_of(container: &Value) -> BTreeMap<String, Value> {
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["name"].as_str().unwrap().to_owned(), e.clone()))
+            .collect()
+    }
+
+    fn containers(pod: &Value) -> Vec<String> {
+        ["initContainers", "containers"]
+            .iter()
+            .flat_map(|l| pod["spec"][l].as_array().cloned().unwrap_or_default())
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn direct_mode_points_the_sdks_at_the_broker_with_no_sidecar_and_no_image() {
+        // GIVEN INJECTION=direct and no PROXY_IMAGE at all
+        let f = fixture_with(direct(settings(FailurePolicy::Closed))).await;
+        // WHEN a pod of an allowed ServiceAccount is created
+        let out = create(&f, pod("reader")).await;
+        assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
+        assert!(out.reason.contains("(direct)"), "{}", out.reason);
+        assert!(out.response.warnings.is_empty());
+        // THEN the Secret and record are written as in sidecar mode
+        let secrets = f.cluster.secrets();
+        assert_eq!((secrets.len(), records(&f).await.len()), (1, 1));
+        // AND the app container calls the broker's https URL itself, with the Secret's token
+        let patched = apply(&pod("reader"), &out.response);
+        assert_eq!(containers(&patched), ["app"], "no sidecar");
+        let env = env_of(&patched["spec"]["containers"][0]);
+        assert_eq!(env[patch::ENV_FULL_URI]["value"], ORIGIN.unwrap());
+        assert_eq!(
+            env[patch::ENV_AUTHORIZATION_TOKEN]["valueFrom"]["secretKeyRef"]["name"],
+            secrets[0].name
+        );
+        assert!(patched["spec"]["volumes"].is_null(), "no volume");
+        // AND admitted again, it is not patched again (no sidecar to tell, the label does)
+        let again = create(&f, patched).await;
+        assert_eq!(again.decision, Decision::Skipped, "{}", again.reason);
+        assert_eq!(f.cluster.secrets().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn direct_projected_mode_needs_only_the_token_volume_and_two_variables() {
+        let f = fixture_with(direct(projected(None))).await;
+        let out = create(&f, pod("reader")).await;
+        assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
+        let patched = apply(&pod("reader"), &out.response);
+        assert_eq!(containers(&patched), ["app"], "no sidecar");
+        let env = env_of(&patched["spec"]["containers"][0]);
+        assert_eq!(
+            env[patch::ENV_FULL_URI]["value"],
+            "https://broker.example/Prod/?role=arn:aws:iam::123456789012:role/iam-broker/s3_reader"
+        );
+        assert_eq!(
+            env[patch::ENV_AUTHORIZATION_TOKEN_FILE]["value"],
+            "/var/run/secrets/iam-broker/token"
+        );
+        assert!(!env.contains_key(patch::ENV_AUTHORIZATION_TOKEN));
+        let volumes = patched["spec"]["volumes"].as_array().unwrap();
+        assert_eq!(volumes.len(), 1);
+        assert!(volumes[0]["projected"].is_object());
+        assert!(f.cluster.secrets().is_empty() && f.tokens.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_pod_annotation_chooses_per_pod() {
+        // A sidecar default, a pod that asks for direct: direct.
+        let f = fixture().await;
+        let out = create(&f, annotated("reader", "direct")).await;
+        let patched = apply(&annotated("reader", "direct"), &out.response);
+        assert_eq!(containers(&patched), ["app"]);
+        // A direct default, a pod that asks for the sidecar: the sidecar.
+        let mut s = direct(settings(FailurePolicy::Open));
+        s.inject.proxy_image = Some("proxy:1".to_owned());
+        let f = fixture_with(s).await;
+        let out = create(&f, annotated("reader", "sidecar")).await;
+        let patched = apply(&annotated("reader", "sidecar"), &out.response);
+        assert_eq!(containers(&patched), ["app", SIDECAR_NAME]);
+        // A value that is neither: the default, and the pod's creator is told.
+        let out = create(&f, annotated("reader", "Direct ")).await;
+        assert_eq!(out.decision, Decision::Patched);
+        let patched = apply(&annotated("reader", "Direct "), &out.response);
+        assert_eq!(containers(&patched), ["app"]);
+        assert!(
+            out.response.warnings[0].contains("iam-broker.io/injection annotation is \"Direct \""),
+            "{:?}",
+            out.response.warnings
+        );
+    }
+
+    #[tokio::test]
+    async fn direct_over_plain_http_falls_back_to_the_sidecar_with_a_warning() {
+        // The annotation asks for direct, but the broker URL is http (an in-cluster Service
+        // without TLS): SDKs would refuse it, so the pod gets the sidecar, and is told why.
+        let mut s = settings(FailurePolicy::Open);
+        s.broker_url = Some("http://iam-broker.iam-broker.svc:8080/".to_owned());
+        let f = fixture_with(s).await;
+        let out = create(&f, annotated("reader", "direct")).await;
+        assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
+        let patched = apply(&annotated("reader", "direct"), &out.response);
+        assert_eq!(containers(&patched), ["app", SIDECAR_NAME]);
+        assert_eq!(out.response.warnings.len(), 1);
+        let warning = &out.response.warnings[0];
+        assert!(warning.contains("needs an https broker URL"), "{warning}");
+        assert!(warning.contains("gets the sidecar instead"), "{warning}");
+        // And without a proxy image there is nothing to fall back to: the failure policy.
+        let mut s = direct(settings(FailurePolicy::Closed));
+        s.broker_url = Some("http://iam-broker.iam-broker.svc:8080/".to_owned());
+        let f = fixture_with(s).await;
+        let out = create(&f, pod("reader")).await;
+        assert_eq!(out.decision, Decision::FailedClosed, "{}", out.reason);
+        assert!(out.reason.contains("PROXY_IMAGE"), "{}", out.reason);
+        assert!(f.cluster.secrets().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_host_network_pod_is_injected_direct_but_never_given_a_sidecar() {
+        let mut host = pod("reader");
+        host["spec"]["hostNetwork"] = json!(true);
+        let f = fixture().await;
+        assert_eq!(create(&f, host.clone()).await.decision, Decision::Skipped);
+        let f = fixture_with(direct(settings(FailurePolicy::Open))).await;
+        let out = create(&f, host.clone()).await;
+        assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
+        assert_eq!(containers(&apply(&host, &out.response)), ["app"]);
     }
 }

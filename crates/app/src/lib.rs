@@ -12,6 +12,7 @@ use iam_broker_aws::{
     DynamoAllowanceStore, DynamoClusterRegistry, DynamoTokenStore, StsCredentialIssuer,
 };
 use iam_broker_broker::broker::{Broker, BrokerSettings};
+use iam_broker_broker::cache::CredentialCache;
 use iam_broker_broker::projected::{ProjectedIdentities, ProjectedSettings};
 use iam_broker_kernel::config::PROJECTED_TOKEN_LEEWAY;
 use iam_broker_kernel::ports::Cluster;
@@ -129,7 +130,11 @@ fn build_from(config: &Config, aws: AwsAdapters) -> App {
         clock.clone(),
         BrokerSettings::from(config),
     )
-    .with_projected(projected);
+    .with_projected(projected)
+    .with_cache(CredentialCache::new(
+        config.credential_cache_entries,
+        clock.clone(),
+    ));
     let webhook = Webhook::new(
         cluster.clone(),
         aws.allowances,

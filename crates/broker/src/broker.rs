@@ -15,12 +15,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cache::{CacheKey, CredentialCache, Holder, Lookup};
 use crate::projected::{IdentifyError, ProjectedIdentities};
 use crate::session::{SessionContext, role_session_name, session_tags, source_identity};
 use iam_broker_kernel::allowance::{Refusal, RoleArn, Subject, UnreadableRow, permit};
 use iam_broker_kernel::clock::Clock;
 use iam_broker_kernel::cluster::ClusterName;
-use iam_broker_kernel::credentials::{EcsCredentials, cache_max_age};
+use iam_broker_kernel::credentials::{Credentials, EcsCredentials, cache_max_age};
 use iam_broker_kernel::ports::{
     AllowanceStore, AssumeRoleRequest, BoxError, CredentialIssuer, IssueError, StoreError,
     TokenStore,
@@ -167,6 +168,8 @@ pub struct BrokerAnswer {
     pub pod_name: Option<String>,
     /// The registered cluster of a projected token.
     pub cluster: Option<ClusterName>,
+    /// Whether the credentials came from the broker's cache (no `AssumeRole`).
+    pub lookup: Lookup,
 }
 
 /// The broker: the ports it needs and its settings. Built once at start-up.
@@ -177,6 +180,7 @@ pub struct Broker {
     clock: Arc<dyn Clock>,
     settings: BrokerSettings,
     projected: Option<ProjectedIdentities>,
+    cache: Option<CredentialCache>,
 }
 
 /// Settings of the broker, from [`iam_broker_kernel::Config`].
@@ -223,7 +227,56 @@ impl Broker {
             clock,
             settings,
             projected: None,
+            cache: None,
         }
+    }
+
+    /// Reuses issued credentials per pod and role (see [`crate::cache`]).
+    pub fn with_cache(mut self, cache: CredentialCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// The credential cache, when there is one.
+    pub fn cache(&self) -> Option<&CredentialCache> {
+        self.cache.as_ref()
+    }
+
+    /// `AssumeRole` for `request`, or the cached answer for the same pod and request.
+    async fn issue(
+        &self,
+        subject: &Subject,
+        holder: Holder<'_>,
+        request: &AssumeRoleRequest,
+    ) -> Result<(Credentials, Lookup), IssueError> {
+        match &self.cache {
+            Some(cache) => {
+                let key = CacheKey::new(subject, holder, request);
+                cache
+                    .get_or_issue(key, || self.issuer.assume_role(request))
+                    .await
+            }
+            None => self
+                .issuer
+                .assume_role(request)
+                .await
+                .map(|c| (c, Lookup::Miss)),
+        }
+    }
+
+    /// The error for a role the Allowances rows do not grant; a revoked or unreadable
+    /// allowance also drops what the cache holds for the subject.
+    fn refused(
+        &self,
+        refusal: Refusal,
+        subject: &Subject,
+        requested: Option<&RoleArn>,
+    ) -> BrokerError {
+        if let (Some(cache), Refusal::NotAllowed | Refusal::Unreadable(_)) = (&self.cache, &refusal)
+        {
+            cache.forget(subject);
+        }
+        refused(refusal, subject, requested)
     }
 
     /// Accepts projected ServiceAccount tokens, verified against `identities`.
@@ -272,7 +325,7 @@ impl Broker {
         let subject = &record.subject;
         let rows = self.allowances.rows_for(subject).await?;
         let permitted = permit(&rows, Some(&record.role_arn))
-            .map_err(|refusal| refused(refusal, subject, Some(&record.role_arn)))?;
+            .map_err(|refusal| self.refused(refusal, subject, Some(&record.role_arn)))?;
         let context = SessionContext {
             subject,
             cluster: self.settings.cluster_name.as_ref().map(ClusterName::as_str),
@@ -280,6 +333,7 @@ impl Broker {
             pod_uid: None,
         };
         let request = self.assume_role_request(&record.role_arn, permitted.external_id, &context);
+        let holder = Holder::TokenHash(hash.as_str());
         let ttl = ttl_seconds(self.settings.token_ttl);
         let expires = now.unix_timestamp().saturating_add(ttl);
         let issued = if expires.saturating_sub(record.expires) >= slide_step(ttl) {
@@ -287,7 +341,7 @@ impl Broker {
             // meanwhile (revoked) wins: its credentials are dropped.
             let (touched, issued) = futures::join!(
                 self.tokens.touch(&hash, now.unix_timestamp(), expires),
-                self.issuer.assume_role(&request),
+                self.issue(subject, holder, &request),
             );
             match touched {
                 Ok(()) => {}
@@ -306,9 +360,9 @@ impl Broker {
             }
             issued
         } else {
-            self.issuer.assume_role(&request).await
+            self.issue(subject, holder, &request).await
         };
-        let credentials = issued.map_err(issue_error)?;
+        let (credentials, lookup) = issued.map_err(issue_error)?;
 
         Ok(BrokerAnswer {
             max_age: cache_max_age(credentials.expiration, self.clock.now()),
@@ -320,6 +374,7 @@ impl Broker {
             subject: subject.clone(),
             pod_name: record.pod_name,
             cluster: None,
+            lookup,
         })
     }
 
@@ -346,7 +401,7 @@ impl Broker {
         let subject = pod.subject.clone().in_cluster(scope);
         let rows = self.allowances.rows_for(&subject).await?;
         let permitted = permit(&rows, requested.as_ref())
-            .map_err(|refusal| refused(refusal, &subject, requested.as_ref()))?;
+            .map_err(|refusal| self.refused(refusal, &subject, requested.as_ref()))?;
         let context = SessionContext {
             subject: &subject,
             cluster: Some(pod.cluster.as_str()),
@@ -355,9 +410,8 @@ impl Broker {
         };
         let request =
             self.assume_role_request(&permitted.role_arn, permitted.external_id, &context);
-        let credentials = self
-            .issuer
-            .assume_role(&request)
+        let (credentials, lookup) = self
+            .issue(&subject, Holder::PodUid(&pod.claims.pod_uid), &request)
             .await
             .map_err(issue_error)?;
         Ok(BrokerAnswer {
@@ -370,6 +424,7 @@ impl Broker {
             subject,
             pod_name: Some(pod.claims.pod_name),
             cluster: Some(pod.cluster),
+            lookup,
         })
     }
 
@@ -468,6 +523,7 @@ mod tests {
     use time::macros::datetime;
 
     use super::*;
+    use crate::cache::CredentialCache;
     use iam_broker_kernel::record::{Grant, TokenRecord, mint};
     use iam_broker_kernel::token::TokenHash;
     use iam_broker_testkit::FixedClock;
@@ -531,6 +587,54 @@ mod tests {
             .credentials(Some(token.expose()), None)
             .await
             .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn the_cache_saves_assume_role_but_every_fetch_is_still_checked() {
+        // GIVEN a broker with a credential cache, and an allowed pod's token
+        let f = fixture(false);
+        let f = Fixture {
+            broker: f
+                .broker
+                .with_cache(CredentialCache::new(100, Arc::new(FixedClock(NOW)))),
+            ..f
+        };
+        let subject = Subject::service_account("team-a", "app").unwrap();
+        f.allowances.allow(&subject, ROLE, None).await.unwrap();
+        let token = grant(&f, &subject, NOW).await;
+        let fetch = || f.broker.credentials(Some(token.expose()), None);
+
+        // WHEN the pod fetches three times (three CLI processes)
+        let first = fetch().await.unwrap();
+        let second = fetch().await.unwrap();
+        fetch().await.unwrap();
+        // THEN STS was called once; the others were served from the cache
+        assert_eq!(first.lookup, Lookup::Miss);
+        assert_eq!(second.lookup, Lookup::Hit);
+        assert_eq!(second.body.expiration, first.body.expiration);
+        assert_eq!(f.issuer.requests().len(), 1);
+
+        // AND another pod of the same ServiceAccount gets its own credentials
+        let other_pod = grant(&f, &subject, NOW).await;
+        let answer = f
+            .broker
+            .credentials(Some(other_pod.expose()), None)
+            .await
+            .unwrap();
+        assert_eq!(answer.lookup, Lookup::Miss);
+        assert_eq!(f.issuer.requests().len(), 2);
+
+        // WHEN the allowance is revoked, cached credentials or not, the next fetch is refused
+        f.allowances.disallow(&subject, Some(ROLE)).await.unwrap();
+        assert_eq!(refusal(&f, &token).await.code(), "AllowanceRevoked");
+        // AND what was cached for the ServiceAccount is gone: allowed again, STS is called
+        f.allowances.allow(&subject, ROLE, None).await.unwrap();
+        assert_eq!(fetch().await.unwrap().lookup, Lookup::Miss);
+        assert_eq!(f.issuer.requests().len(), 3);
+
+        // AND a deleted token record (the pod was deleted) is refused with credentials cached
+        f.tokens.delete(&token.hash()).await.unwrap();
+        assert_eq!(refusal(&f, &token).await.code(), "InvalidToken");
     }
 
     #[tokio::test]

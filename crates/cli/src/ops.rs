@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use iam_broker_admission::registration::{
     NamespaceScope, WebhookFailurePolicy, WebhookManifest, render_webhook,
 };
-use iam_broker_kernel::config::ENV_WEBHOOK_PATH_SECRET;
+use iam_broker_kernel::config::{ENV_WEBHOOK_PATH_SECRET, InjectionMode};
 
 use crate::Output;
 use crate::stack::{
@@ -466,11 +466,16 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
             }
         }
     }
-    match &config.proxy_image {
-        Some(image) => checks.ok("sidecar image", image),
-        None => checks.fail(
+    match (&config.proxy_image, config.injection) {
+        (Some(image), _) => checks.ok("sidecar image", image),
+        (None, InjectionMode::Direct) => checks.ok(
             "sidecar image",
-            "PROXY_IMAGE is not set: the webhook will inject nothing",
+            "none needed: INJECTION=direct (pods annotated iam-broker.io/injection: sidecar \
+             would get nothing)",
+        ),
+        (None, InjectionMode::Sidecar) => checks.fail(
+            "sidecar image",
+            "PROXY_IMAGE is not set: the webhook will inject nothing (or set INJECTION=direct)",
         ),
     }
     Ok(checks.healthy)

@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use iam_broker_kernel::Config;
-use iam_broker_router::{BodyReadTimeout, router};
+use iam_broker_router::{BodyReadTimeout, ServedOverTls, router};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -86,7 +86,10 @@ pub async fn run(listen: SocketAddr, tls: Option<Tls>, limits: Limits) -> anyhow
         max_connections = limits.max_connections,
         "listening"
     );
-    let app = router(state).layer(axum::Extension(BodyReadTimeout(limits.body_read_timeout)));
+    let mut app = router(state).layer(axum::Extension(BodyReadTimeout(limits.body_read_timeout)));
+    if acceptor.is_some() {
+        app = app.layer(axum::Extension(ServedOverTls));
+    }
     serve(listener, acceptor, app, limits).await;
     tracing::info!("stopped");
     Ok(())

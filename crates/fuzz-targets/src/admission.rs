@@ -6,9 +6,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use iam_broker_admission::patch::{
     self, ANNOTATION_SECRET_NAME, ANNOTATION_SKIP_CONTAINERS, ANNOTATION_TOKEN_HASH,
-    ENV_AUTHORIZATION_TOKEN, ENV_AUTHORIZATION_TOKEN_FILE, ENV_FULL_URI, Injection, LABEL_INJECTED,
-    LABEL_INJECTED_VALUE, SIDECAR_NAME, SidecarMode, SidecarSettings, Skip, TOKEN_MOUNT_PATH,
-    TOKEN_VOLUME,
+    ENV_AUTHORIZATION_TOKEN, ENV_AUTHORIZATION_TOKEN_FILE, ENV_FULL_URI, InjectSettings, Injection,
+    InjectionMode, LABEL_INJECTED, LABEL_INJECTED_VALUE, SIDECAR_NAME, SidecarMode, Skip,
+    TOKEN_MOUNT_PATH, TOKEN_VOLUME, Via,
 };
 use iam_broker_admission::review::{self, AdmissionResponse, Operation};
 use serde_json::{Map, Value, json};
@@ -57,6 +57,7 @@ pub const WORDS: &[&str] = &[
     ANNOTATION_SECRET_NAME,
     ANNOTATION_TOKEN_HASH,
     LABEL_INJECTED,
+    patch::ANNOTATION_INJECTION,
     ENV_FULL_URI,
     ENV_AUTHORIZATION_TOKEN,
     ENV_AUTHORIZATION_TOKEN_FILE,
@@ -147,9 +148,12 @@ pub fn arbitrary_review(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
     Ok(serde_json::to_vec(&body).unwrap_or_default())
 }
 
-fn settings_all() -> [SidecarSettings; 2] {
-    let base = SidecarSettings {
-        image: "registry.example/iam-broker-proxy:1".to_owned(),
+const IMAGE: &str = "registry.example/iam-broker-proxy:1";
+
+fn settings_all() -> [InjectSettings; 3] {
+    let base = InjectSettings {
+        injection: InjectionMode::Sidecar,
+        proxy_image: Some(IMAGE.to_owned()),
         port: 53080,
         mode: SidecarMode::Container,
         token_file: false,
@@ -158,18 +162,28 @@ fn settings_all() -> [SidecarSettings; 2] {
     };
     [
         base.clone(),
-        SidecarSettings {
+        InjectSettings {
             mode: SidecarMode::Native,
             token_file: true,
             region: Some("eu-west-1".to_owned()),
+            ..base.clone()
+        },
+        InjectSettings {
+            injection: InjectionMode::Direct,
+            proxy_image: None,
             ..base
         },
     ]
 }
 
-fn arbitrary_settings(u: &mut Unstructured<'_>) -> Result<SidecarSettings> {
-    Ok(SidecarSettings {
-        image: "registry.example/iam-broker-proxy:1".to_owned(),
+fn arbitrary_settings(u: &mut Unstructured<'_>) -> Result<InjectSettings> {
+    Ok(InjectSettings {
+        injection: if u.arbitrary()? {
+            InjectionMode::Direct
+        } else {
+            InjectionMode::Sidecar
+        },
+        proxy_image: Some(IMAGE.to_owned()),
         port: u.arbitrary()?,
         mode: if u.arbitrary()? {
             SidecarMode::Native
@@ -193,7 +207,10 @@ fn arbitrary_pod(u: &mut Unstructured<'_>) -> Result<Value> {
             let value = if u.ratio(1u8, 8u8)? {
                 json::any(u, words, 1)?
             } else {
-                Value::String(json::string(u, &["app", "app, web", " debug ,istio", "x"])?)
+                Value::String(json::string(
+                    u,
+                    &["app", "app, web", " debug ,istio", "x", "true", "direct"],
+                )?)
             };
             map.insert(key, value);
         }
@@ -306,18 +323,23 @@ fn names<'a>(list: &'a Value, key: &str) -> Vec<&'a str> {
 
 /// The decision for `pod`; when it is a patch, applies it and checks what it promises. Returns
 /// the patch, if any.
-pub fn decide_and_apply(pod: &Value, settings: &SidecarSettings) -> Option<json_patch::Patch> {
+pub fn decide_and_apply(pod: &Value, settings: &InjectSettings) -> Option<json_patch::Patch> {
     let view = patch::view(pod).ok()?;
-    if let Some(skip) = view.skip() {
+    let direct = settings.injection == InjectionMode::Direct;
+    if let Some(skip) = view.skip(settings.injection) {
         // A skip writes nothing; check it is for a reason the pod has.
         match skip {
             Skip::AlreadyInjected => assert!(
                 ["initContainers", "containers"]
                     .iter()
-                    .any(|l| names(&pod["spec"][l], "name").contains(&SIDECAR_NAME)),
-                "already injected without a sidecar"
+                    .any(|l| names(&pod["spec"][l], "name").contains(&SIDECAR_NAME))
+                    || pod["metadata"]["labels"][LABEL_INJECTED] == LABEL_INJECTED_VALUE,
+                "already injected without a sidecar or the label"
             ),
-            Skip::HostNetwork => assert_eq!(pod["spec"]["hostNetwork"], true),
+            Skip::HostNetwork => {
+                assert_eq!(pod["spec"]["hostNetwork"], true);
+                assert!(!direct, "a direct pod has no loopback port to clash");
+            }
             Skip::NoEligibleContainer => assert!(view.eligible.is_empty()),
             Skip::Conflict(_) => assert!(view.conflict.is_some()),
         }
@@ -329,7 +351,12 @@ pub fn decide_and_apply(pod: &Value, settings: &SidecarSettings) -> Option<json_
         token_hash: HASH,
         broker_url: BROKER_URL,
     };
-    let patch = patch::patch(pod, &view, settings, &injection);
+    let via = if direct {
+        Via::Direct
+    } else {
+        Via::Sidecar { image: IMAGE }
+    };
+    let patch = patch::patch(pod, &view, settings, &injection, via);
     let mut patched = pod.clone();
     if let Err(e) = json_patch::patch(&mut patched, &patch) {
         panic!(
@@ -350,7 +377,7 @@ pub fn decide_and_apply(pod: &Value, settings: &SidecarSettings) -> Option<json_
         patched["metadata"]["labels"][LABEL_INJECTED],
         LABEL_INJECTED_VALUE
     );
-    // One sidecar, where the mode puts it.
+    // One sidecar, where the mode puts it; none direct.
     let sidecars: usize = ["initContainers", "containers"]
         .iter()
         .map(|l| {
@@ -360,8 +387,9 @@ pub fn decide_and_apply(pod: &Value, settings: &SidecarSettings) -> Option<json_
                 .count()
         })
         .sum();
-    assert_eq!(sidecars, 1, "sidecars in {patched}");
+    assert_eq!(sidecars, usize::from(!direct), "sidecars in {patched}");
     let shift = match settings.mode {
+        _ if direct => 0,
         SidecarMode::Native => {
             assert_eq!(patched["spec"]["initContainers"][0]["name"], SIDECAR_NAME);
             1
@@ -382,6 +410,19 @@ pub fn decide_and_apply(pod: &Value, settings: &SidecarSettings) -> Option<json_
                 env.iter().filter(|n| **n == name).count(),
                 1,
                 "{name} in {env:?}"
+            );
+        }
+        // Direct, the SDK calls the broker's https URL itself; else the sidecar on loopback.
+        let uri = container["env"]
+            .as_array()
+            .and_then(|e| e.iter().find(|v| v["name"] == ENV_FULL_URI))
+            .map(|v| v["value"].clone());
+        if direct {
+            assert_eq!(uri, Some(json!(BROKER_URL)));
+        } else {
+            assert_eq!(
+                uri,
+                Some(json!(format!("http://127.0.0.1:{}/", settings.port)))
             );
         }
         if settings.token_file {
@@ -406,9 +447,11 @@ pub fn decide_and_apply(pod: &Value, settings: &SidecarSettings) -> Option<json_
         "volumes {volumes:?}"
     );
     // A reinvocation of the webhook on the patched pod changes nothing more.
-    assert_eq!(
-        patch::view(&patched).map(|v| v.skip()),
-        Ok(Some(Skip::AlreadyInjected))
-    );
+    for mode in [InjectionMode::Sidecar, InjectionMode::Direct] {
+        assert_eq!(
+            patch::view(&patched).map(|v| v.skip(mode)),
+            Ok(Some(Skip::AlreadyInjected))
+        );
+    }
     Some(patch)
 }

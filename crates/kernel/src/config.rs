@@ -66,6 +66,11 @@ pub const ENV_PROJECTED_MAX_TOKEN_LIFETIME_SECONDS: &str = "PROJECTED_MAX_TOKEN_
 pub const ENV_CLUSTER_REGISTRY_TTL_SECONDS: &str = "CLUSTER_REGISTRY_TTL_SECONDS";
 /// `STS_SOURCE_IDENTITY`: send `SourceIdentity` with `sts:AssumeRole` (`true`/`false`).
 pub const ENV_STS_SOURCE_IDENTITY: &str = "STS_SOURCE_IDENTITY";
+/// `INJECTION`: how injected pods reach the broker, `sidecar` (default) or `direct`.
+pub const ENV_INJECTION: &str = "INJECTION";
+/// `CREDENTIAL_CACHE_MAX_ENTRIES`: how many pods' credentials one broker instance keeps for
+/// reuse (`0`: no cache).
+pub const ENV_CREDENTIAL_CACHE_MAX_ENTRIES: &str = "CREDENTIAL_CACHE_MAX_ENTRIES";
 /// Shortest accepted [`ENV_WEBHOOK_PATH_SECRET`].
 pub const WEBHOOK_PATH_SECRET_MIN_LEN: usize = 32;
 
@@ -82,6 +87,41 @@ pub enum SidecarMode {
     /// 1.29), so init containers get credentials too.
     Native,
 }
+
+/// How an injected pod's SDKs reach the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InjectionMode {
+    /// Through the `iam-broker-proxy` sidecar on `http://127.0.0.1:<port>/`, which caches.
+    #[default]
+    Sidecar,
+    /// Straight to the broker's https URL: no sidecar, no proxy image, nothing but two
+    /// environment variables and the token. Needs an https broker URL, since SDKs fetch over
+    /// plain http only from loopback and the ECS/EKS link-local addresses.
+    Direct,
+}
+
+impl InjectionMode {
+    /// The configuration and annotation value: `sidecar` or `direct`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sidecar => "sidecar",
+            Self::Direct => "direct",
+        }
+    }
+
+    /// Reads `sidecar` or `direct` (exactly; annotation values are case-sensitive).
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "sidecar" => Some(Self::Sidecar),
+            "direct" => Some(Self::Direct),
+            _ => None,
+        }
+    }
+}
+
+/// Default of [`ENV_CREDENTIAL_CACHE_MAX_ENTRIES`]: ten thousand pods' credentials, a few MiB
+/// (BENCHMARKS.md, "Direct mode").
+pub const DEFAULT_CREDENTIAL_CACHE_MAX_ENTRIES: u64 = 10_000;
 
 /// Default of [`ENV_ALLOWANCES_TABLE`].
 pub const DEFAULT_ALLOWANCES_TABLE: &str = "iam-broker-allowances";
@@ -184,6 +224,10 @@ pub struct Config {
     pub cluster_registry_ttl: Duration,
     /// Whether to send `SourceIdentity`.
     pub source_identity: bool,
+    /// How injected pods reach the broker (a pod annotation may override it).
+    pub injection: InjectionMode,
+    /// Entries of the broker's credential cache (`0`: none).
+    pub credential_cache_entries: usize,
 }
 
 /// The webhook's answer when a dependency (Kubernetes, DynamoDB) fails or times out.
@@ -232,6 +276,8 @@ impl Default for Config {
             ),
             cluster_registry_ttl: Duration::from_secs(DEFAULT_CLUSTER_REGISTRY_TTL_SECONDS),
             source_identity: false,
+            injection: InjectionMode::Sidecar,
+            credential_cache_entries: 10_000,
         }
     }
 }
@@ -361,7 +407,37 @@ impl Config {
                 integer_in(1..=3600, "seconds"),
             )?),
             source_identity: v.parse_or(ENV_STS_SOURCE_IDENTITY, false, boolean)?,
+            injection: v.parse_or(
+                ENV_INJECTION,
+                InjectionMode::Sidecar,
+                one_of(&[
+                    ("sidecar", InjectionMode::Sidecar),
+                    ("direct", InjectionMode::Direct),
+                ]),
+            )?,
+            credential_cache_entries: v
+                .parse_or(
+                    ENV_CREDENTIAL_CACHE_MAX_ENTRIES,
+                    DEFAULT_CREDENTIAL_CACHE_MAX_ENTRIES,
+                    integer_in(0..=1_000_000, "entries; 0 turns the cache off"),
+                )?
+                .try_into()
+                .unwrap_or(usize::MAX),
         };
+        if config.injection == InjectionMode::Direct
+            && let Some(url) = config.broker_url.as_deref()
+            && !url.starts_with("https://")
+        {
+            return Err(ConfigError {
+                variable: ENV_INJECTION,
+                message: format!(
+                    "direct needs an https {ENV_BROKER_URL} (it is {url:?}): SDKs fetch container \
+                     credentials over plain http only from loopback and the ECS/EKS link-local \
+                     addresses. Set {ENV_BROKER_URL} to the broker's https URL (API Gateway's, \
+                     or iam-broker serve --tls), or use {ENV_INJECTION}=sidecar"
+                ),
+            });
+        }
         if config.projected_token_expiration > config.projected_max_token_lifetime {
             return Err(ConfigError {
                 variable: ENV_PROJECTED_MAX_TOKEN_LIFETIME_SECONDS,
@@ -614,5 +690,44 @@ mod tests {
                     .starts_with(&format!("invalid configuration: {name}: "))
             );
         }
+    }
+
+    #[test]
+    fn direct_injection_needs_an_https_broker_url_and_says_how_to_fix_it() {
+        let direct = parse(&[
+            ("INJECTION", "direct"),
+            ("BROKER_URL", "https://x.example/Prod/"),
+        ])
+        .unwrap();
+        assert_eq!(direct.injection, InjectionMode::Direct);
+        // Unset, the request's own URL is used; the webhook checks it per admission.
+        assert_eq!(
+            parse(&[("INJECTION", "direct")]).unwrap().injection,
+            InjectionMode::Direct
+        );
+        let err = parse(&[
+            ("INJECTION", "direct"),
+            ("BROKER_URL", "http://broker.iam-broker.svc:8080/"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable, "INJECTION");
+        assert!(err.message.contains("https BROKER_URL"), "{}", err.message);
+        assert!(err.message.contains("INJECTION=sidecar"), "{}", err.message);
+        // The sidecar may call an http broker (in-cluster, through a Service).
+        assert_eq!(
+            parse(&[("BROKER_URL", "http://broker.iam-broker.svc:8080/")])
+                .unwrap()
+                .injection,
+            InjectionMode::Sidecar
+        );
+        assert!(parse(&[("INJECTION", "Direct")]).is_err());
+    }
+
+    #[test]
+    fn the_credential_cache_is_sized_by_entries_and_can_be_turned_off() {
+        assert_eq!(parse(&[]).unwrap().credential_cache_entries, 10_000);
+        let off = parse(&[("CREDENTIAL_CACHE_MAX_ENTRIES", "0")]).unwrap();
+        assert_eq!(off.credential_cache_entries, 0);
+        assert!(parse(&[("CREDENTIAL_CACHE_MAX_ENTRIES", "1000001")]).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! Temporary credentials and their ECS container-credentials JSON form.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
@@ -8,6 +9,56 @@ use time::{OffsetDateTime, UtcOffset};
 
 /// How long before `Expiration` caches must stop reusing an answer (README, "HTTP API": 5 minutes).
 pub const CACHE_MARGIN_SECONDS: i64 = 300;
+
+/// How much validity the AWS SDKs want left on container credentials: botocore's advisory
+/// refresh (and the Rust and JavaScript SDKs' buffer) starts 15 minutes before `Expiration`.
+pub const SDK_MIN_VALIDITY: Duration = Duration::from_secs(900);
+/// How long before [`SDK_MIN_VALIDITY`] the sidecar refreshes ahead, by default.
+pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(300);
+/// The least validity a window ever asks for (unless the configured minimum is smaller): a
+/// credential is never cached to be served with seconds to live, which a request in flight
+/// could outlast.
+pub const MIN_VALIDITY_FLOOR: Duration = Duration::from_secs(60);
+
+/// The timing knobs that apply to one cached credential, shrunk for short-lived credentials
+/// (see [`Window::for_lifetime`]). Used by the sidecar's cache and the broker's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The least validity left on anything served from this entry.
+    pub min_validity: Duration,
+    /// How long before the min-validity point a refresh starts.
+    pub refresh_ahead: Duration,
+}
+
+impl Window {
+    /// The window of credentials that have `lifetime` left when they arrive: `min_validity` and
+    /// `refresh_ahead` as configured, each capped (to a third and a sixth of the lifetime) so
+    /// that short-lived credentials are cached too. With 900 s and 300 s, one-hour credentials
+    /// keep 900 s / 300 s, while STS's shortest, 900 s, get 300 s / 150 s. The minimum never
+    /// drops below [`MIN_VALIDITY_FLOOR`] unless `min_validity` itself is smaller.
+    pub fn for_lifetime(
+        min_validity: Duration,
+        refresh_ahead: Duration,
+        lifetime: Duration,
+    ) -> Self {
+        Self {
+            min_validity: min_validity.min((lifetime / 3).max(MIN_VALIDITY_FLOOR)),
+            refresh_ahead: refresh_ahead.min(lifetime / 6),
+        }
+    }
+
+    /// The sidecar's default window ([`SDK_MIN_VALIDITY`], [`DEFAULT_REFRESH_AHEAD`]) for
+    /// credentials of `lifetime`.
+    pub fn sidecar_default(lifetime: Duration) -> Self {
+        Self::for_lifetime(SDK_MIN_VALIDITY, DEFAULT_REFRESH_AHEAD, lifetime)
+    }
+
+    /// The point, counted back from `Expiration`, where a refresh starts:
+    /// `min_validity + refresh_ahead`.
+    pub fn refresh_point(&self) -> Duration {
+        self.min_validity.saturating_add(self.refresh_ahead)
+    }
+}
 
 /// Temporary AWS credentials from `sts:AssumeRole`.
 #[derive(Clone, PartialEq, Eq)]

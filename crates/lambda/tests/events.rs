@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt as _;
-use iam_broker_admission::patch::{SidecarMode, SidecarSettings};
+use iam_broker_admission::patch::{InjectSettings, InjectionMode, SidecarMode};
 use iam_broker_admission::webhook::{Webhook, WebhookSettings};
 use iam_broker_broker::broker::{Broker, BrokerSettings};
 use iam_broker_kernel::allowance::Subject;
@@ -108,14 +108,15 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
             tokens.clone(),
             clock,
             WebhookSettings {
-                sidecar: Some(SidecarSettings {
-                    image: "registry.example/iam-broker-proxy:0.1.0".into(),
+                inject: InjectSettings {
+                    injection: InjectionMode::Sidecar,
+                    proxy_image: Some("registry.example/iam-broker-proxy:0.1.0".to_owned()),
                     port: 53080,
                     mode,
                     token_file: false,
                     region: None,
                     broker_ca_pem: None,
-                }),
+                },
                 role_annotation: "eks.amazonaws.com/role-arn".into(),
                 broker_url: None,
                 token_ttl: Duration::from_secs(86_400),

@@ -33,9 +33,11 @@ pub const ENV_BROKER_CA_PEM: &str = "BROKER_CA_PEM";
 /// Default of [`ENV_LISTEN_ADDR`] (README, "Configuration": `PROXY_PORT` 53080 on 127.0.0.1).
 pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:53080";
 /// Default of [`ENV_MIN_VALIDITY_SECONDS`]: botocore refreshes 15 minutes ahead of expiry.
-pub const DEFAULT_MIN_VALIDITY_SECONDS: u64 = 900;
+pub const DEFAULT_MIN_VALIDITY_SECONDS: u64 =
+    iam_broker_kernel::credentials::SDK_MIN_VALIDITY.as_secs();
 /// Default of [`ENV_REFRESH_AHEAD_SECONDS`].
-pub const DEFAULT_REFRESH_AHEAD_SECONDS: u64 = 300;
+pub const DEFAULT_REFRESH_AHEAD_SECONDS: u64 =
+    iam_broker_kernel::credentials::DEFAULT_REFRESH_AHEAD.as_secs();
 /// Default of [`ENV_BROKER_TIMEOUT_MS`].
 pub const DEFAULT_BROKER_TIMEOUT_MS: u64 = 5000;
 /// Default of [`ENV_CACHE_MAX_ENTRIES`]: a pod rarely holds more than one token.

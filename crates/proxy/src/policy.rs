@@ -30,25 +30,12 @@ use time::OffsetDateTime;
 pub const RETRY_BASE: Duration = Duration::from_secs(1);
 /// The longest wait between refresh attempts.
 pub const RETRY_MAX: Duration = Duration::from_secs(60);
-/// The least validity a window ever asks for (unless `min_validity` itself is smaller): a
-/// credential is never cached to be served with seconds to live, which a request in flight could
-/// outlast.
-pub const MIN_VALIDITY_FLOOR: Duration = Duration::from_secs(60);
+pub use iam_broker_kernel::credentials::{MIN_VALIDITY_FLOOR, Window};
 
 /// The timing knobs of the cache, from [`crate::ProxyConfig`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     /// The least validity left on anything served from the cache.
-    pub min_validity: Duration,
-    /// How long before the min-validity point a background refresh starts.
-    pub refresh_ahead: Duration,
-}
-
-/// The timing knobs that apply to one cached credential: [`Policy`]'s, shrunk for short-lived
-/// credentials (see [`Policy::window`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
-    /// The least validity left on anything served from this entry.
     pub min_validity: Duration,
     /// How long before the min-validity point a background refresh starts.
     pub refresh_ahead: Duration,
@@ -115,12 +102,7 @@ impl Policy {
     /// call and is served from the cache: a loopback round trip, not an STS call.
     /// Credentials with less than [`MIN_VALIDITY_FLOOR`] to live are not cached at all.
     pub fn window(&self, lifetime: Duration) -> Window {
-        Window {
-            min_validity: self
-                .min_validity
-                .min((lifetime / 3).max(MIN_VALIDITY_FLOOR)),
-            refresh_ahead: self.refresh_ahead.min(lifetime / 6),
-        }
+        Window::for_lifetime(self.min_validity, self.refresh_ahead, lifetime)
     }
 
     /// The instant from which a request should start a background refresh.

@@ -22,6 +22,7 @@ fn field(value: &str) -> String {
 
 use crate::{
     ApiError, AppState, BasePath, BodyReadTimeout, DEFAULT_BODY_READ_TIMEOUT, MAX_BODY_BYTES,
+    ServedOverTls,
 };
 
 /// The broker's query string: `?role=<role ARN>` picks the role of a projected token (the
@@ -57,6 +58,7 @@ pub(crate) async fn credentials(
                 pod = %field(answer.pod_name.as_deref().unwrap_or("")),
                 role_arn = %answer.body.role_arn,
                 expiration = %answer.body.expiration,
+                cache = answer.lookup.as_str(),
                 "credentials served"
             );
             state.metrics.record(
@@ -155,6 +157,7 @@ fn log_refusal(error: &BrokerError) {
 pub(crate) async fn admission(
     State(state): State<AppState>,
     base_path: Option<Extension<BasePath>>,
+    tls: Option<Extension<ServedOverTls>>,
     deadline: Option<Extension<BodyReadTimeout>>,
     headers: HeaderMap,
     body: Body,
@@ -163,7 +166,7 @@ pub(crate) async fn admission(
         return not_found().await.into_response();
     }
     match read_body(body, deadline).await {
-        Ok(body) => review(state, base_path, headers, body).await,
+        Ok(body) => review(state, base_path, tls.is_some(), headers, body).await,
         Err(refusal) => refusal,
     }
 }
@@ -174,6 +177,7 @@ pub(crate) async fn admission_with_secret(
     State(state): State<AppState>,
     Path(secret): Path<String>,
     base_path: Option<Extension<BasePath>>,
+    tls: Option<Extension<ServedOverTls>>,
     deadline: Option<Extension<BodyReadTimeout>>,
     headers: HeaderMap,
     body: Body,
@@ -182,7 +186,7 @@ pub(crate) async fn admission_with_secret(
         return not_found().await.into_response();
     }
     match read_body(body, deadline).await {
-        Ok(body) => review(state, base_path, headers, body).await,
+        Ok(body) => review(state, base_path, tls.is_some(), headers, body).await,
         Err(refusal) => refusal,
     }
 }
@@ -238,6 +242,7 @@ async fn read_body(
 async fn review(
     state: AppState,
     base_path: Option<Extension<BasePath>>,
+    tls: bool,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -249,7 +254,7 @@ async fn review(
             return ApiError::new(StatusCode::BAD_REQUEST, "BadRequest", e.0).into_response();
         }
     };
-    let origin = origin(&headers, base_path.as_ref().map(|b| b.0.0.as_str()));
+    let origin = origin(&headers, base_path.as_ref().map(|b| b.0.0.as_str()), tls);
     let request = &review.request;
     let outcome = state.webhook.admit(request, origin.as_deref()).await;
     let pod = request
@@ -287,7 +292,7 @@ async fn review(
 
 /// The URL this request came in on (`https://host/Stage/`), which the sidecar calls unless
 /// `BROKER_URL` is set. `None` when the Host header is missing or not a plain host name.
-fn origin(headers: &HeaderMap, base_path: Option<&str>) -> Option<String> {
+fn origin(headers: &HeaderMap, base_path: Option<&str>, tls: bool) -> Option<String> {
     let host = headers.get(header::HOST)?.to_str().ok()?;
     let plain = |s: &str| {
         !s.is_empty()
@@ -299,12 +304,14 @@ fn origin(headers: &HeaderMap, base_path: Option<&str>) -> Option<String> {
     }
     let scheme = match headers
         .get("x-forwarded-proto")
+        .filter(|_| !tls)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(',').next())
         .map(str::trim)
     {
         Some("https") => "https",
-        Some("http") | None => "http",
+        Some("http") | None if !tls => "http",
+        None => "https",
         Some(_) => return None,
     };
     let base = base_path.map(|p| p.trim_matches('/')).filter(|p| {
@@ -364,11 +371,11 @@ mod tests {
             ("x-forwarded-proto", "https"),
         ]);
         assert_eq!(
-            origin(&h, Some("/Prod")).as_deref(),
+            origin(&h, Some("/Prod"), false).as_deref(),
             Some("https://abc.execute-api.us-east-1.amazonaws.com/Prod/")
         );
         assert_eq!(
-            origin(&h, None).as_deref(),
+            origin(&h, None, false).as_deref(),
             Some("https://abc.execute-api.us-east-1.amazonaws.com/")
         );
         // the first of several forwarded protocols; no header means plain http (serve)
@@ -376,9 +383,15 @@ mod tests {
             ("host", "127.0.0.1:8080"),
             ("x-forwarded-proto", "http, https"),
         ]);
-        assert_eq!(origin(&h, None).as_deref(), Some("http://127.0.0.1:8080/"));
+        assert_eq!(
+            origin(&h, None, false).as_deref(),
+            Some("http://127.0.0.1:8080/")
+        );
         let h = headers(&[("host", "[::1]:8080")]);
-        assert_eq!(origin(&h, None).as_deref(), Some("http://[::1]:8080/"));
+        assert_eq!(
+            origin(&h, None, false).as_deref(),
+            Some("http://[::1]:8080/")
+        );
     }
 
     #[test]
@@ -396,18 +409,39 @@ mod tests {
             if let Ok(value) = HeaderValue::from_str(host) {
                 let mut h = HeaderMap::new();
                 h.insert(header::HOST, value);
-                assert_eq!(origin(&h, None), None, "{host:?}");
+                assert_eq!(origin(&h, None, false), None, "{host:?}");
             }
         }
-        assert_eq!(origin(&HeaderMap::new(), None), None, "no Host header");
+        assert_eq!(
+            origin(&HeaderMap::new(), None, false),
+            None,
+            "no Host header"
+        );
         let h = headers(&[("host", "ok.example"), ("x-forwarded-proto", "gopher")]);
-        assert_eq!(origin(&h, None), None);
+        assert_eq!(origin(&h, None, false), None);
         // a base path with anything but name characters is left out, not copied
         let h = headers(&[("host", "ok.example")]);
         assert_eq!(
-            origin(&h, Some("/Prod/../x?y")).as_deref(),
+            origin(&h, Some("/Prod/../x?y"), false).as_deref(),
             Some("http://ok.example/")
         );
-        assert_eq!(origin(&h, Some("/")).as_deref(), Some("http://ok.example/"));
+        assert_eq!(
+            origin(&h, Some("/"), false).as_deref(),
+            Some("http://ok.example/")
+        );
+    }
+
+    #[test]
+    fn a_server_that_terminates_tls_itself_answers_https_whatever_the_headers_say() {
+        // `serve --tls`: the sidecar, or a direct pod's SDK, must call https.
+        for forwarded in [None, Some("http"), Some("https")] {
+            let mut pairs = vec![("host", "iam-broker.iam-broker.svc")];
+            pairs.extend(forwarded.map(|f| ("x-forwarded-proto", f)));
+            assert_eq!(
+                origin(&headers(&pairs), None, true).as_deref(),
+                Some("https://iam-broker.iam-broker.svc/"),
+                "{forwarded:?}"
+            );
+        }
     }
 }

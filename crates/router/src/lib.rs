@@ -44,6 +44,12 @@ pub struct BasePath(pub String);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BodyReadTimeout(pub std::time::Duration);
 
+/// Set as a request extension by a server that terminates TLS itself (`iam-broker serve
+/// --tls-cert`): the webhook's own URL, which pods are pointed at unless `BROKER_URL` is set,
+/// is then `https://`, whatever `X-Forwarded-Proto` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServedOverTls;
+
 /// [`BodyReadTimeout`] when none is set.
 pub const DEFAULT_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
