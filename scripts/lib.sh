@@ -62,8 +62,28 @@ ensure_apt() { # command package
   local sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   log "installing $2 from Debian"
-  $sudo apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$2" >/dev/null
+  # Background jobs of one script may install at once; apt takes one at a time.
+  (
+    flock 9
+    $sudo apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$2" >/dev/null
+  ) 9>"${TMPDIR:-/tmp}/iam-broker-apt.lock"
+}
+
+# tests/js/node_modules: the AWS SDK for JavaScript v3 that tests/js/whoami.mjs runs on, exactly
+# as tests/js/package-lock.json pins it; installed again when the lock file is newer than npm's
+# record of the last install. Node.js and npm come from Debian when missing.
+ensure_node_modules() {
+  local js="$ROOT/tests/js" installed major
+  ensure_apt node nodejs
+  ensure_apt npm npm
+  major="$(node -p 'process.versions.node.split(".")[0]')"
+  # The SDK's `engines` says node >= 20 (Debian 12's own nodejs is 18): npm only warns.
+  [ "$major" -ge 20 ] || log "warning: node $(node --version) is older than the AWS SDK for JavaScript supports (20)"
+  installed="$js/node_modules/.package-lock.json"
+  [ -f "$installed" ] && [ "$installed" -nt "$js/package-lock.json" ] && return
+  log "installing the AWS SDK for JavaScript into tests/js/node_modules (npm ci)"
+  npm ci --prefix "$js" --no-audit --no-fund --loglevel=error
 }
 
 ensure_rust() {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every check and test. Installs what it needs (moto and cargo-lambda into .venv, the SAM
-# CLI into .venv-sam, Debian's musl-tools).
+# CLI into .venv-sam, the AWS SDK for JavaScript into tests/js/node_modules, Debian's musl-tools).
 #   scripts/test.sh            format, lint, unit, router, adapter and end-to-end tests,
 #                              the local run, the deploy rehearsal, the template checks, the
 #                              static sidecar build and the Lambda build
@@ -8,11 +8,11 @@
 #   SKIP_MUSL_BUILD=1 ...      leave out the static (musl) build of the sidecar
 #   scripts/test.sh --help     print this text
 #
-# On two cores the order matters (README, "Development"): downloads (Python tools, SAM CLI,
-# musl-tools) and the two optimised builds (the Lambda artifact with fat LTO, the static
-# sidecar) run in the background from the start, the builds at the lowest CPU priority, filling
-# what the debug build's serial stretches, the tests (mostly waiting on I/O) and the one-unit LTO
-# link leave idle. clippy lints during the one debug build. Every background job is waited for,
+# On two cores the order matters (README, "Development"): downloads (Python tools, SAM CLI, the
+# JavaScript SDK, musl-tools) and the two optimised builds (the Lambda artifact with fat LTO, the
+# static sidecar) run in the background from the start, the builds at the lowest CPU priority,
+# filling what the debug build's serial stretches, the tests (mostly waiting on I/O) and the
+# one-unit LTO link leave idle. clippy lints during the one debug build. Every background job is waited for,
 # and its log shown if it failed.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -69,6 +69,7 @@ CLIPPY_DRIVER="$(rustup which clippy-driver)"
 rm -f target/venv.ready
 in_background lambda venv_then_lambda
 in_background sam ensure_sam_venv
+in_background node ensure_node_modules
 [ "${SKIP_MUSL_BUILD:-0}" = 1 ] || in_background musl musl_build
 
 log "cargo fmt --check"
@@ -81,6 +82,7 @@ log "build and lint (clippy, -D warnings) binaries, examples, tests and benches"
 cargo build --workspace --bins --examples --locked
 cargo test --workspace --all-targets --locked --no-run
 wait_for_venv
+wait_for node
 log "cargo test"
 cargo test --workspace --locked
 log "the README's run command (scripts/run-local.sh --once)"

@@ -1,5 +1,6 @@
 //! The sidecar proxy as a child process, and the real SDK consumers that read credentials from
-//! it: the AWS CLI (botocore's container provider) and the AWS SDK for Rust (`sdk-whoami`).
+//! it: the AWS CLI (botocore's container provider), the AWS SDK for Rust (`sdk-whoami`) and the
+//! AWS SDK for JavaScript v3 (`tests/js/whoami.mjs` under Node.js).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -77,6 +78,36 @@ pub fn aws_cli() -> PathBuf {
     } else {
         PathBuf::from("aws")
     }
+}
+
+/// `node` (from `PATH`) and `tests/js/whoami.mjs`: an application on the AWS SDK for JavaScript
+/// v3's default chain. Run it as `run(&node, &env, &[script])`: it prints the caller identity as
+/// JSON, as `sdk-whoami` does ([`arn_of`] reads it); with the extra argument `twice` it prints
+/// `first <AccessKeyId>`, waits for a line on stdin, fetches again past the SDK's cache and prints
+/// `second <AccessKeyId>`.
+///
+/// Panics when Node.js or `tests/js/node_modules` (the SDK, as `tests/js/package-lock.json`
+/// pins it) is missing: `scripts/test.sh` installs both.
+pub fn node_whoami() -> (PathBuf, String) {
+    let js = workspace_root().join("tests/js");
+    let node = std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("node"))
+                .find(|path| path.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!("node is not on PATH: run scripts/test.sh once (it installs Node.js)")
+        });
+    for package in ["@aws-sdk/client-sts", "@aws-sdk/credential-providers"] {
+        assert!(
+            js.join("node_modules").join(package).is_dir(),
+            "{} lacks {package}: run scripts/test.sh once (it runs `npm ci --prefix tests/js`)",
+            js.join("node_modules").display()
+        );
+    }
+    let script = js.join("whoami.mjs").to_string_lossy().into_owned();
+    (node, script)
 }
 
 /// Runs a program to completion with exactly `env` (nothing else inherited but `PATH`).

@@ -1,12 +1,18 @@
 //! End to end with real SDK consumers: moto + `iam-broker serve` + `iam-broker-proxy`, and an
 //! application that knows nothing but the container-credentials variables — the AWS CLI
-//! (botocore's container provider) and the AWS SDK for Rust (`sdk-whoami`) — each reporting the
-//! assumed role through `sts:GetCallerIdentity`.
+//! (botocore's container provider), the AWS SDK for Rust (`sdk-whoami`) and the AWS SDK for
+//! JavaScript v3 (`tests/js/whoami.mjs`) — each reporting the assumed role through
+//! `sts:GetCallerIdentity`.
 
 // Test code: a failed set-up step should panic with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use iam_broker_tests::proxy::{Proxy, arn_of, aws_cli, container_env, run};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
+
+use iam_broker_tests::proxy::{Proxy, arn_of, aws_cli, container_env, node_whoami, run};
 use iam_broker_tests::{CliOutput, Env, Moto, Server, Tables, allow, binary, mint_token};
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/iam-broker/s3_reader";
@@ -228,4 +234,132 @@ print(len(arns), sorted(arns)[0])
         "20 boto3 calls, one broker call (one AssumeRole)"
     );
     w.assert_logs_clean(&[&out]).await;
+}
+
+#[tokio::test]
+async fn aws_sdk_for_js_gets_the_assumed_role_through_the_proxy() {
+    // GIVEN an allowed token, the broker and the sidecar proxy
+    let w = world().await;
+    let (node, whoami) = node_whoami();
+    let mut outputs = Vec::new();
+    for token_as_file in [false, true] {
+        // WHEN an application on the JavaScript SDK's default chain starts in the container
+        let out = run(&node, &w.app_env(token_as_file), &[whoami.as_str()])
+            .await
+            .unwrap();
+        // THEN its HTTP provider fetched credentials of the assumed role via the proxy
+        let arn = arn_of(&out);
+        assert!(arn.starts_with(ASSUMED), "{arn}");
+        let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert!(json["AccessKeyId"].as_str().unwrap().starts_with("ASIA"));
+        outputs.push(out);
+    }
+
+    // WHEN one process has fetched, its token file is replaced by a token nobody issued, and it
+    // fetches again past the SDK's cache
+    let mut command = tokio::process::Command::new(&node);
+    command.args([whoami.as_str(), "twice"]);
+    w.app_env(true).apply(&mut command);
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = next_line(&mut stdout).await;
+    assert!(first.starts_with("first ASIA"), "{first}");
+    let refusals = || {
+        w.proxy
+            .log()
+            .matches("the broker refused the token")
+            .count()
+    };
+    let refused_before = refusals();
+    std::fs::write(
+        w.dir.path().join("token"),
+        "iamb_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    )
+    .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    drop(stdin);
+    let second = next_line(&mut stdout).await;
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let twice = CliOutput {
+        success: output.status.success(),
+        stdout: format!("{first}\n{second}"),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    // THEN the second fetch read the file again and sent its token, which the broker refused
+    // (the SDK's chain reports only that no provider answered)
+    assert!(!twice.success && second.is_empty(), "{second}");
+    assert!(
+        twice.stderr.contains("Could not load credentials"),
+        "{}",
+        twice.stderr
+    );
+    // (its HTTP provider tries four times, a second apart, a 403 as any failure)
+    assert!(refusals() > refused_before, "{}", w.proxy.log());
+    outputs.push(twice);
+    w.assert_logs_clean(&outputs.iter().collect::<Vec<_>>())
+        .await;
+}
+
+#[tokio::test]
+async fn aws_sdk_for_js_fetches_from_the_broker_over_https_with_a_private_ca() {
+    // GIVEN `iam-broker serve` over HTTPS with a certificate from a private CA, and no sidecar
+    let moto = Moto::start().await.unwrap();
+    let tables = Tables::create(&moto.sdk_config().await, "js-tls")
+        .await
+        .unwrap();
+    let env = moto.env().tables(&tables);
+    allow(&env, "team-a", "app", ROLE).await.unwrap();
+    let token = mint_token(&env, "team-a", "app", ROLE).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = iam_broker_testkit::kube_api::test_certificates().unwrap();
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    std::fs::write(&ca_path, &ca).unwrap();
+    let server = Server::start_tls(&env, &cert_path, &key_path, &ca)
+        .await
+        .unwrap();
+    assert!(server.url.starts_with("https://"));
+    let (node, whoami) = node_whoami();
+    // The container-credentials variables name the broker itself: the SDK fetches over HTTPS.
+    let app =
+        container_env(&moto.endpoint, &server.url).set("AWS_CONTAINER_AUTHORIZATION_TOKEN", &token);
+
+    // WHEN the application trusts the private CA through NODE_EXTRA_CA_CERTS
+    let trusting = app
+        .clone()
+        .set("NODE_EXTRA_CA_CERTS", ca_path.to_string_lossy());
+    let out = run(&node, &trusting, &[whoami.as_str()]).await.unwrap();
+    // THEN the JavaScript SDK gets the assumed role straight from the broker
+    let arn = arn_of(&out);
+    assert!(arn.starts_with(ASSUMED), "{arn}");
+
+    // AND without the CA it refuses the broker's certificate and gets nothing
+    let refused = run(&node, &app, &[whoami.as_str()]).await.unwrap();
+    assert!(!refused.success, "{}", refused.stdout);
+    assert!(refused.stderr.contains("certificate"), "{}", refused.stderr);
+    let log = server.stop().await;
+    for text in [&log, &out.stderr, &refused.stderr] {
+        assert!(!text.contains(&token), "{text}");
+    }
+}
+
+/// The next line a child printed (empty at its end), within a minute.
+async fn next_line(lines: &mut Lines<impl AsyncBufRead + Unpin>) -> String {
+    tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_or_default()
 }
