@@ -17,7 +17,9 @@ cd "$ROOT"
 
 ensure_rust
 ensure_venv
-log "building bootstrap, iam-broker, iam-broker-proxy and the Kubernetes API stand-in"
+# the direct pod's JavaScript SDK consumer (tests/js/whoami.mjs)
+ensure_node_modules
+log "building bootstrap, iam-broker, iam-broker-proxy, sdk-whoami and the Kubernetes API stand-in"
 cargo build --quiet --locked --bins
 log "deploy rehearsal: template.yaml -> SAM translator -> moto (IAM enforced) -> README's steps"
 PYTHONPATH="$ROOT/scripts" "$VENV/bin/python" -m rehearse_deploy \

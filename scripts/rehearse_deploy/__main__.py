@@ -15,18 +15,31 @@
    cluster; this script plays the API server (it calls the registered webhook and applies the
    patch) and the kubelet (it starts the sidecar and the app container with the env the patch
    gave them). The app container is `aws sts get-caller-identity`.
-5. Projected identity: the cluster is registered from its API server with the identity of
+5. Direct injection, secret mode: a pod annotated `iam-broker.io/injection: direct` gets no
+   sidecar; its app container is pointed at the stack's BrokerUrl itself, with the token from its
+   Secret. The kubelet runs it three times, one process per SDK, each fetching over HTTPS from
+   the Lambda path: the AWS CLI (botocore), the AWS SDK for Rust (`sdk-whoami`) and the AWS SDK
+   for JavaScript v3 (`node tests/js/whoami.mjs`). Each trusts the TLS listener's CA as a pod
+   image would (`SSL_CERT_FILE`; `NODE_EXTRA_CA_CERTS`; certifi's bundle with the CA appended,
+   since botocore's container fetcher reads no variable); the BrokerFunction's log shows one
+   `"cache":"miss"` (one AssumeRole) for the pod and `"cache":"hit"` for its other fetches, and
+   the AWS CLI without the CA is refused at the handshake.
+6. Projected identity: the cluster is registered from its API server with the identity of
    deploy/25-issuer-discovery.yaml (`iam-broker cluster add --kubeconfig`), a pod's projected
    ServiceAccount token (TokenRequest, bound to the pod) gets credentials from the broker, whose
-   role reads the Clusters table with dynamodb:Scan.
-6. Least privilege, proven: every call the functions make is allowed; the broker's role cannot
+   role reads the Clusters table with dynamodb:Scan. Then direct: the token in a file, the three
+   SDKs at `BrokerUrl?role=<role>` with `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` get the role;
+   the kubelet rotates the file (a fresh TokenRequest) and the next fetches are still served.
+7. Least privilege, proven: every call the functions make is allowed; the broker's role cannot
    read SSM or write Allowances or the Clusters table; the webhook's and the cleanup's roles
    cannot read the Clusters table; the webhook's role cannot call STS; a role outside
    AllowedRoleArnPattern gets 502 AssumeRoleFailed.
 
-Two translations stand in for the network only: the stack's https://<api>.execute-api... URLs
-reach the API Gateway emulator on 127.0.0.1, and the pod's 127.0.0.1:<ProxyPort> is a free
-port on this machine.
+Three translations stand in for the network only: the stack's https://<api>.execute-api... URLs
+reach the API Gateway emulator on 127.0.0.1, over plain http for the rehearsal and the sidecar
+(`local_url`) and over TLS, with a certificate from a CA made for the run, for the SDKs of a
+direct pod (`local_tls_url`: the stand-in for DNS and API Gateway's public certificate); and the
+pod's 127.0.0.1:<ProxyPort> is a free port on this machine.
 """
 
 import argparse
@@ -43,6 +56,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import boto3
@@ -57,6 +71,8 @@ REGION = "us-east-1"
 STACK = "iam-broker"
 NAMESPACE = "app1"
 ALLOWED_ROLE_NAME = "s3_reader"
+ASSUMED_ROLE = f":assumed-role/{ALLOWED_ROLE_NAME}/"
+DIRECT = {"iam-broker.io/injection": "direct"}
 OUTSIDE_ROLE_NAME = "legacy_reader"  # created at / (no path): outside AllowedRoleArnPattern
 
 
@@ -457,9 +473,10 @@ class Rehearsal:
         return selector_matches(hook.get("objectSelector", {}),
                                 (obj or {}).get("metadata", {}).get("labels", {}) or {})
 
-    def create_pod(self, name, service_account, owner=None):
+    def create_pod(self, name, service_account, owner=None, annotations=None):
         pod = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": name},
+                            **({"annotations": dict(annotations)} if annotations else {}),
                             **({"ownerReferences": [owner]} if owner else {})},
                "spec": {"serviceAccountName": service_account, "containers": [
                    {"name": "app", "image": "public.ecr.aws/aws-cli/aws-cli:latest",
@@ -524,6 +541,146 @@ class Rehearsal:
             return result
         finally:
             proxy.terminate()
+
+    # ------------------------------------------------------------------ direct injection
+    def sdk_trust(self):
+        """The private CA of the API Gateway emulator's TLS listener, trusted as a pod image
+        would trust a broker's CA: the env each SDK reads it from. The AWS SDK for Rust takes the
+        platform's roots (`SSL_CERT_FILE`), Node.js adds `NODE_EXTRA_CA_CERTS`; botocore's
+        container fetcher verifies against certifi's bundle and reads no variable (not
+        AWS_CA_BUNDLE), so the CA is appended to a copy of the CLI's certifi put first on
+        PYTHONPATH (in an image: `cat ca.pem >> "$(python -m certifi)"`)."""
+        if getattr(self, "_sdk_trust", None) is None:
+            folder = os.path.join(self.work, "pod-trust")
+            os.makedirs(folder)
+            ca = os.path.join(folder, "ca.pem")
+            with open(ca, "w") as f:
+                f.write(self.api.tls_ca_pem)
+            # the AWS CLI's own Python (its script's interpreter) is whose certifi counts
+            with open(shutil.which(self.args.aws) or self.args.aws, "rb") as f:
+                shebang = f.readline()
+            python = shebang[2:].decode().split() if shebang.startswith(b"#!") else [sys.executable]
+            located = subprocess.run(
+                [*python, "-c", "import certifi, os; print(os.path.dirname(certifi.__file__))"],
+                capture_output=True, text=True, timeout=30)
+            check(located.returncode == 0, f"the AWS CLI's Python has no certifi: {located.stderr}")
+            certifi = os.path.join(folder, "python", "certifi")
+            shutil.copytree(located.stdout.strip(), certifi,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            with open(os.path.join(certifi, "cacert.pem"), "a") as f:
+                f.write("\n" + self.api.tls_ca_pem)
+            self._sdk_trust = {"SSL_CERT_FILE": ca, "NODE_EXTRA_CA_CERTS": ca,
+                               "PYTHONPATH": os.path.join(folder, "python")}
+        return dict(self._sdk_trust)
+
+    def direct_env(self, app_env, uri, trust=True):
+        """The kubelet's env for a direct pod's app container: what the patch gave it, its
+        FULL_URI (the stack's https URL) translated to the TLS listener, and nothing of this
+        machine's environment but PATH (no keys, no profile, no CA settings)."""
+        env = dict(app_env)
+        home = os.path.join(self.work, "pod-home")
+        os.makedirs(home, exist_ok=True)
+        env.update({
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI": self.api.local_tls_url(uri),
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": home,
+            "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_ENDPOINT_URL": self.endpoint,
+        })
+        env.setdefault("AWS_REGION", env.get("AWS_DEFAULT_REGION", REGION))
+        env.setdefault("AWS_DEFAULT_REGION", env["AWS_REGION"])
+        if trust:
+            env.update(self.sdk_trust())
+        return env
+
+    def sdk_programs(self):
+        """(name, argv) of the three SDK consumers: each prints its caller identity as JSON."""
+        script = os.path.join(self.root, "tests", "js", "whoami.mjs")
+        node_modules = os.path.join(self.root, "tests", "js", "node_modules")
+        check(os.path.isdir(os.path.join(node_modules, "@aws-sdk", "credential-providers")),
+              f"{node_modules} lacks the AWS SDK for JavaScript: npm ci --prefix tests/js "
+              "(scripts/rehearse-deploy.sh runs it)")
+        node = shutil.which("node")
+        check(node is not None, "node is not on PATH (scripts/rehearse-deploy.sh installs it)")
+        whoami = os.path.join(self.bin, "sdk-whoami")
+        check(os.path.isfile(whoami), f"{whoami} is missing: cargo build -p iam-broker-tests --bins")
+        return [("AWS CLI", [self.args.aws, "sts", "get-caller-identity", "--output", "json"]),
+                ("AWS SDK for Rust", [whoami]),
+                ("AWS SDK for JavaScript v3", [node, script])]
+
+    def three_sdks(self, env):
+        """Runs each SDK consumer once, a process each, with `env`: their caller ARNs."""
+        arns = []
+        for sdk, argv in self.sdk_programs():
+            result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+            check(result.returncode == 0,
+                  f"{sdk} got no credentials (exit {result.returncode}):\n{result.stderr[-2000:]}")
+            arn = json.loads(result.stdout)["Arn"]
+            check(ASSUMED_ROLE in arn, f"{sdk} is {arn}, not a session of {ALLOWED_ROLE_NAME}")
+            print(f"    {sdk}: {arn}", file=sys.stderr)
+            arns.append(arn)
+        return arns
+
+    def served(self, pod_name):
+        """The BrokerFunction's `credentials served` lines for pod `pod_name`: their `cache`."""
+        lines = []
+        with open(os.path.join(self.work, "BrokerFunction.log"), errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("message") == "credentials served" and entry.get("pod") == pod_name:
+                    lines.append(entry.get("cache"))
+        return lines
+
+    def direct_pod(self):
+        step("a direct pod (iam-broker.io/injection: direct): no sidecar; the AWS CLI, the Rust "
+             "and the JavaScript SDK at the stack's https URL")
+        name = "direct-reader"
+        pod, hooks = self.create_pod(name, "app-sa", annotations=DIRECT)
+        check(hooks, "no webhook of the registration matched the direct pod's CREATE")
+        containers = pod["spec"]["containers"] + pod["spec"].get("initContainers", [])
+        check(not any(c["name"] == "iam-broker-proxy" for c in containers),
+              f"the direct pod got a sidecar: {[c['name'] for c in containers]}")
+        check(pod["metadata"].get("labels", {}).get("iam-broker.io/injected") == "true",
+              f"the direct pod is not labelled injected: {pod['metadata'].get('labels')}")
+        app = next(c for c in pod["spec"]["containers"] if c["name"] == "app")
+        declared = {e["name"]: e for e in app.get("env", [])}
+        uri = declared.get("AWS_CONTAINER_CREDENTIALS_FULL_URI", {}).get("value")
+        check(uri == self.outputs["BrokerUrl"],
+              f"the direct pod is pointed at {uri}, the stack's BrokerUrl is "
+              f"{self.outputs['BrokerUrl']}")
+        reference = declared.get("AWS_CONTAINER_AUTHORIZATION_TOKEN", {}).get(
+            "valueFrom", {}).get("secretKeyRef", {})
+        secret_name = pod["metadata"].get("annotations", {}).get("iam-broker.io/secret-name")
+        check(reference.get("name") and reference["name"] == secret_name,
+              f"the direct pod's token is not from its Secret {secret_name}: "
+              f"{declared.get('AWS_CONTAINER_AUTHORIZATION_TOKEN')}")
+        print(f"    containers {[c['name'] for c in containers]}, FULL_URI = BrokerUrl, token from "
+              f"Secret {secret_name}", file=sys.stderr)
+        app_env = self.container_env(app)
+        env = self.direct_env(app_env, uri)
+        self.three_sdks(env)
+        caches = self.served(name)
+        check(len(caches) >= 3 and caches[0] == "miss" and set(caches[1:]) == {"hit"},
+              f"expected the direct pod's first fetch to miss the broker's cache and the others "
+              f"to hit it, got {caches}")
+        print(f"    BrokerFunction cache: {', '.join(caches)} ({len(caches)} fetches, one "
+              "AssumeRole)", file=sys.stderr)
+        # The AWS CLI with certifi's own bundle (the one SDK of the three that fails at once:
+        # the Rust and the JavaScript SDK retry for seconds before giving up)
+        refused = subprocess.run([self.args.aws, "sts", "get-caller-identity", "--output", "json"],
+                                 env=self.direct_env(app_env, uri, trust=False),
+                                 capture_output=True, text=True, timeout=60)
+        check(refused.returncode != 0,
+              f"the AWS CLI got credentials without trusting the CA: {refused.stdout}")
+        check("certificate verify failed" in refused.stderr,
+              f"the AWS CLI without the CA failed, but not at the handshake: {refused.stderr}")
+        check(self.served(name) == caches, "a fetch without the CA reached the broker")
+        print("    without the CA, the AWS CLI is refused at the handshake: certificate verify "
+              "failed, nothing served", file=sys.stderr)
 
     # ------------------------------------------------------------------ the rehearsal
     def run(self):
@@ -598,8 +755,10 @@ class Rehearsal:
         result = self.run_pod(pod)
         check(result.returncode == 0, f"aws sts get-caller-identity failed:\n{result.stderr}")
         identity = json.loads(result.stdout)
-        check(f":assumed-role/{ALLOWED_ROLE_NAME}/" in identity["Arn"], f"wrong identity {identity}")
+        check(ASSUMED_ROLE in identity["Arn"], f"wrong identity {identity}")
         print(f"    the pod is {identity['Arn']}", file=sys.stderr)
+
+        self.direct_pod()
 
         step("a Deployment whose role is not allowed: no credentials, and an Event says why")
         status, _ = self.kube("POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts", {
@@ -811,6 +970,39 @@ class Rehearsal:
             "Authorization": f"Bearer {token[:-4]}AAAA"})
         check(status == 403 and json.loads(body)["Code"] == "InvalidToken",
               f"a forged projected token answered {status} {body!r}")
+
+        step("projected identity, direct: the token file, the three SDKs at BrokerUrl?role=, "
+             "the kubelet rotates the file")
+        token_file = os.path.join(self.work, "projected-1-token")
+
+        def kubelet_writes(value):
+            # the kubelet swaps the projected file whole; readers never see half a token
+            with open(token_file + ".new", "w", opener=lambda p, f: os.open(p, f, 0o600)) as f:
+                f.write(value)
+            os.replace(token_file + ".new", token_file)
+
+        kubelet_writes(token)
+        uri = f"{self.outputs['BrokerUrl']}?role={urllib.parse.quote(role, safe=':/@,-._~')}"
+        env = self.direct_env({"AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": token_file}, uri)
+        before = len(self.served("projected-1"))
+        self.three_sdks(env)
+        status, answer = self.kube(
+            "POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/app-sa/token", {
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": [audience], "expirationSeconds": 3600,
+                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
+                                            "name": "projected-1",
+                                            "uid": pod["metadata"]["uid"]}}})
+        check(status == 201, f"the kubelet's second TokenRequest: {status} {answer}")
+        rotated = answer["status"]["token"]
+        check(rotated != token, "the kubelet's second TokenRequest returned the same token")
+        kubelet_writes(rotated)
+        print("    the kubelet rotated the token file", file=sys.stderr)
+        self.three_sdks(env)
+        caches = self.served("projected-1")[before:]
+        check(len(caches) >= 6, f"the projected pod's direct fetches logged {caches}")
+        print(f"    BrokerFunction cache for projected-1's direct fetches: {', '.join(caches)}",
+              file=sys.stderr)
 
     def check_settings_reachable(self):
         with open(os.path.join(self.root, "crates/kernel/src/config.rs")) as f:

@@ -9,20 +9,38 @@
 - `RestApi` is API Gateway's REST proxy integration: it routes by the expanded template's
   swagger `paths` (method + path template), strips the stage, builds the REST v1 event, invokes
   the function and turns its answer back into HTTP. Unknown routes get API Gateway's own 403
-  `Missing Authentication Token`.
+  `Missing Authentication Token`. It answers on two listeners on 127.0.0.1, the same routes on
+  each: plain http (`local_url`), where the rehearsal itself and the sidecar call it, and TLS
+  (`local_tls_url`), where an SDK that calls the stack's https URL itself (direct injection)
+  does. The TLS listener's certificate, for `127.0.0.1`, is signed by a private CA made at start
+  (`tls_ca_pem`): trusting that CA, and mapping `https://<api>.execute-api.<region>.amazonaws.com`
+  to `https://127.0.0.1:<port>`, is the rehearsal's stand-in for DNS and API Gateway's public
+  certificate. An SDK that does not trust the CA is refused at the handshake, as it would be by
+  a broker whose certificate it cannot verify.
 """
 
 import base64
+import datetime
 import http.client
+import ipaddress
 import json
+import os
 import queue
 import re
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 RUNTIME = "/2018-06-01/runtime"
 
@@ -31,11 +49,80 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def handle_error(self, request, client_address):
-        # a client that hung up (the sidecar stopped, a timed-out SDK) is not the rehearsal's
-        # concern; anything else is printed as usual
-        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+        # a client that hung up (the sidecar stopped, a timed-out SDK) or refused the TLS
+        # listener's certificate is not the rehearsal's concern; anything else is printed as usual
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, ssl.SSLError)):
             return
         super().handle_error(request, client_address)
+
+
+class _TlsServer(_Server):
+    """`_Server` over TLS: the listening socket is wrapped server-side; each connection's
+    handshake runs on its own thread (in `finish_request`), so a client that stalls or refuses
+    the certificate holds up no other."""
+
+    def __init__(self, address, handler, context):
+        super().__init__(address, handler)
+        self.socket = context.wrap_socket(self.socket, server_side=True,
+                                          do_handshake_on_connect=False)
+
+    def finish_request(self, request, client_address):
+        request.settimeout(30)
+        request.do_handshake()
+        super().finish_request(request, client_address)
+
+
+def _private_ca(host):
+    """A CA made for this run and a server certificate for `host` (an IP address) it signed:
+    (CA PEM, certificate PEM, key PEM)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iam-broker rehearsal CA")])
+    ca = (x509.CertificateBuilder()
+          .subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(start).not_valid_after(end)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    return (ca.public_bytes(pem).decode(), leaf.public_bytes(pem).decode(),
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode())
+
+
+def _server_context(certificate_pem, key_pem):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # load_cert_chain reads files only: they live as long as this call
+    with tempfile.TemporaryDirectory(prefix="rehearsal-tls-") as folder:
+        certificate, key = os.path.join(folder, "tls.crt"), os.path.join(folder, "tls.key")
+        with open(certificate, "w") as f:
+            f.write(certificate_pem)
+        with open(key, "w", opener=lambda path, flags: os.open(path, flags, 0o600)) as f:
+            f.write(key_pem)
+        context.load_cert_chain(certificate, key)
+    return context
 
 
 class InvocationError(Exception):
@@ -158,6 +245,12 @@ class RestApi:
         self._server = _Server(("127.0.0.1", 0), self._handler())
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         self.local_origin = f"http://127.0.0.1:{self._server.server_address[1]}"
+        # the same routes over TLS, with a certificate for 127.0.0.1 from a CA made for this run
+        self.tls_ca_pem, certificate, key = _private_ca("127.0.0.1")
+        self._tls_server = _TlsServer(("127.0.0.1", 0), self._handler(),
+                                      _server_context(certificate, key))
+        threading.Thread(target=self._tls_server.serve_forever, daemon=True).start()
+        self.local_tls_origin = f"https://127.0.0.1:{self._tls_server.server_address[1]}"
 
     @property
     def public_origin(self):
@@ -165,12 +258,22 @@ class RestApi:
 
     def local_url(self, public_url):
         """The rehearsal's stand-in for DNS + TLS: the stack's https URL → this emulator."""
+        return self.local_origin + self._path_of(public_url)
+
+    def local_tls_url(self, public_url):
+        """The rehearsal's stand-in for DNS + a public certificate: the stack's https URL → this
+        emulator's TLS listener (`https://127.0.0.1:<port>/...`), which a client reaches only
+        when it trusts `tls_ca_pem`."""
+        return self.local_tls_origin + self._path_of(public_url)
+
+    def _path_of(self, public_url):
         if not public_url.startswith(self.public_origin):
             raise ValueError(f"{public_url} is not on {self.public_origin}")
-        return self.local_origin + public_url[len(self.public_origin):]
+        return public_url[len(self.public_origin):]
 
     def stop(self):
         self._server.shutdown()
+        self._tls_server.shutdown()
 
     @staticmethod
     def _pattern(path):
@@ -243,7 +346,9 @@ class RestApi:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 raw_path, _, raw_query = self.path.partition("?")
-                query = [tuple(p.split("=", 1)) for p in raw_query.split("&") if "=" in p]
+                # API Gateway hands the function the query string decoded
+                query = [tuple(urllib.parse.unquote(x) for x in p.split("=", 1))
+                         for p in raw_query.split("&") if "=" in p]
                 prefix = f"/{api.stage}"
                 if not (raw_path == prefix or raw_path.startswith(prefix + "/")):
                     return self._reply(403, [("Content-Type", "application/json")],
