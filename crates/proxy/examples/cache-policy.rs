@@ -1,6 +1,7 @@
-//! The sidecar's cache policy and the broker's `max-age`, as a line-oriented JSON service for the
-//! models in `scripts/` (`scripts/pod_hour.py`): the Rust code answers every decision, so a change
-//! of policy or of a default cannot leave a model behind.
+//! The sidecar's cache policy, the broker's `max-age` and the broker's credential-cache reuse
+//! rule, as a line-oriented JSON service for the models in `scripts/` (`scripts/pod_hour.py`):
+//! the Rust code answers every decision, so a change of policy or of a default cannot leave a
+//! model behind.
 //!
 //! One JSON object per line on stdin, one answer per line on stdout. Times are Unix seconds
 //! (fractions allowed); durations are seconds.
@@ -15,7 +16,18 @@
 //!   -> {"answer":"serve"} | {"answer":"serve-and-refresh"} | {"answer":"fetch"}
 //! {"op":"max_age","expiration":E,"now":T}
 //!   -> {"max_age":S}          (the broker's Cache-Control: max-age)
+//! {"op":"broker_reusable","expiration":E,"issued":I,"now":T}
+//!   -> {"answer":true|false,"refresh_point":R}
 //! ```
+//!
+//! `broker_reusable` is the rule of the broker's credential cache (`crates/broker/src/cache.rs`,
+//! `Cached::reusable`): credentials that arrived at the broker at `I` (lifetime `E - I`, as the
+//! cache measures it when `AssumeRole` returns) may be handed out again at `T` while
+//! `E - T > R`, strictly, where `R` is
+//! [`Window::sidecar_default`](iam_broker_kernel::credentials::Window::sidecar_default)`(E - I).refresh_point()`
+//! (1200 s for one-hour credentials, 450 s for 900 s ones). `Cached` is private to the broker
+//! crate and this crate does not depend on it, so the example applies the same kernel `Window`
+//! with the same comparison; the broker's cache tests pin the rule on its side.
 //!
 //! Run: `cargo run -q -p iam-broker-proxy --example cache-policy`.
 #![forbid(unsafe_code)]
@@ -111,6 +123,21 @@ fn answer(policy: &Policy, request: &Value) -> Result<Value, String> {
         Some("max_age") => Ok(json!({
             "max_age": cache_max_age(instant(request, "expiration")?, instant(request, "now")?),
         })),
+        Some("broker_reusable") => {
+            let expiration = instant(request, "expiration")?;
+            let issued = instant(request, "issued")?;
+            let now = instant(request, "now")?;
+            // As `CredentialCache::get_or_issue`: the lifetime left when the credentials arrive
+            // (none if already past), and `Cached::reusable`'s strict comparison.
+            let lifetime = Duration::try_from(expiration - issued).unwrap_or(Duration::ZERO);
+            let refresh_point =
+                iam_broker_kernel::credentials::Window::sidecar_default(lifetime).refresh_point();
+            let span = time::Duration::try_from(refresh_point).unwrap_or(time::Duration::MAX);
+            Ok(json!({
+                "answer": expiration - now > span,
+                "refresh_point": refresh_point.as_secs_f64(),
+            }))
+        }
         _ => Err(format!("unknown op in {request}")),
     }
 }
