@@ -36,6 +36,30 @@ async fn stores() -> (
 }
 
 #[tokio::test]
+async fn several_subjects_rows_come_back_from_one_batch_read_in_order() {
+    let (_moto, _client, _tables, store, _) = stores().await;
+    let app = Subject::service_account("ns", "app").unwrap();
+    let east = app.clone().in_cluster(Some(
+        iam_broker_kernel::cluster::ClusterName::parse("east").unwrap(),
+    ));
+    store.allow(&east, A, None).await.unwrap();
+    store.allow(&app.wildcard(), B, None).await.unwrap();
+    let rows = store
+        .rows_for_all(&[east.clone(), app.clone(), app.clone()])
+        .await
+        .unwrap();
+    // east's exact and `*`, then the default cluster's exact and `*`, twice (each distinct key
+    // is asked once, in one BatchGetItem)
+    assert_eq!(rows.len(), 6);
+    assert_eq!(rows[0].allowance().unwrap().subject, east);
+    assert_eq!(rows[1], Row::Absent);
+    assert_eq!(rows[2], Row::Absent);
+    assert!(rows[3].allowance().unwrap().allows(B));
+    assert_eq!(rows[4..], rows[2..4]);
+    assert_eq!(store.rows_for_all(&[]).await.unwrap(), []);
+}
+
+#[tokio::test]
 async fn a_subjects_two_rows_come_back_from_one_batch_read() {
     let (_moto, _client, _tables, store, _) = stores().await;
     let app = Subject::service_account("ns", "app").unwrap();

@@ -677,3 +677,102 @@ async fn the_projected_registration_example_is_what_render_webhook_prints() {
     );
     assert!(body.contains("sideEffects: None\n") && !body.contains("DELETE"));
 }
+
+#[tokio::test]
+async fn a_cluster_name_means_the_same_rows_whatever_cluster_name_is() {
+    // GIVEN a stack whose default cluster is named alpha (its functions run with
+    // CLUSTER_NAME=alpha) and an operator's shell that does not know that name
+    let (_moto, shell) = env().await;
+    let stack = shell.clone().set("CLUSTER_NAME", "alpha");
+    let rule = |verb: &'static str, sa: &'static str, cluster: Option<&'static str>| {
+        let mut args = vec![
+            verb,
+            "--namespace",
+            "team",
+            "--service-account",
+            sa,
+            "--role",
+            ROLE,
+        ];
+        args.extend(cluster.iter().flat_map(|c| ["--cluster", *c]));
+        args
+    };
+
+    // WHEN the operator allows with --cluster alpha (rows alpha/team), and, as before clusters
+    // had names, another ServiceAccount without --cluster (unprefixed rows)
+    ok(&cli(&shell, &rule("allow", "app", Some("alpha")))
+        .await
+        .unwrap());
+    ok(&cli(&shell, &rule("allow", "old", None)).await.unwrap());
+
+    // THEN the stack's broker serves both: alpha's pods read alpha's rows and the unprefixed
+    // ones (before, the first answered 403 AllowanceRevoked)
+    let server = Server::start(&stack).await.unwrap();
+    let app = iam_broker_tests::mint_token(&stack, "team", "app", ROLE)
+        .await
+        .unwrap();
+    let old = iam_broker_tests::mint_token(&stack, "team", "old", ROLE)
+        .await
+        .unwrap();
+    for token in [&app, &old] {
+        let answer = server.get("/", Some(token)).await.unwrap();
+        assert_eq!(answer.status, 200, "{:?}\n{}", answer.json, server.log());
+    }
+    // AND token create, which checks the allowance, does not warn
+    let created = cli(
+        &stack,
+        &[
+            "token",
+            "create",
+            "--namespace",
+            "team",
+            "--service-account",
+            "app",
+            "--role",
+            ROLE,
+        ],
+    )
+    .await
+    .unwrap();
+    ok(&created);
+    assert!(!created.stderr.contains("warning"), "{}", created.stderr);
+    // AND the listing of alpha shows both kinds of rows
+    let listed = cli(
+        &stack,
+        &["allowances", "--cluster", "alpha", "--output", "json"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&listed.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "{}",
+        listed.stdout
+    );
+
+    // WHEN the role is granted both ways and then withdrawn with the name known (CLUSTER_NAME,
+    // or --stack's ClusterName output)
+    ok(&cli(&shell, &rule("allow", "app", None)).await.unwrap());
+    let withdrawn = cli(&stack, &rule("disallow", "app", Some("alpha")))
+        .await
+        .unwrap();
+    ok(&withdrawn);
+    // THEN both rows lose it, and the next fetch is refused
+    assert!(
+        withdrawn
+            .stdout
+            .contains("alpha/team/app may no longer assume")
+            && withdrawn.stdout.contains("\nteam/app may no longer assume"),
+        "{}",
+        withdrawn.stdout
+    );
+    let answer = server.get("/", Some(&app)).await.unwrap();
+    assert_eq!(answer.status, 403);
+    assert_eq!(answer.code(), "AllowanceRevoked");
+    // AND the other ServiceAccount's unprefixed row is untouched
+    assert_eq!(server.get("/", Some(&old)).await.unwrap().status, 200);
+}

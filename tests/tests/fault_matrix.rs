@@ -151,6 +151,7 @@ async fn world() -> World {
         path_secret: None,
         identity: iam_broker_admission::webhook::WebhookIdentity::Secret,
         scope: None,
+        default_cluster: None,
     };
     let webhook = Webhook::new(
         Arc::new(cluster),

@@ -24,7 +24,7 @@ use crate::patch::{
     Injection, InjectionMode, LABEL_MANAGED_BY, MANAGED_BY, PodView, Via,
 };
 use crate::review::{AdmissionRequest, AdmissionResponse, Operation};
-use iam_broker_kernel::allowance::{RoleArn, Subject, is_allowed, unreadable};
+use iam_broker_kernel::allowance::{RoleArn, Subject, deciding_subjects, is_allowed, unreadable};
 use iam_broker_kernel::clock::Clock;
 use iam_broker_kernel::cluster::ClusterName;
 use iam_broker_kernel::config::{Config, FailurePolicy, IdentityMode};
@@ -70,6 +70,9 @@ pub struct WebhookSettings {
     /// The cluster scope of this webhook's pods in the Allowances table (`None`: the default
     /// cluster's unprefixed rows).
     pub scope: Option<ClusterName>,
+    /// The default cluster's name (`CLUSTER_NAME`): its pods are also covered by the rows
+    /// written under that name (`allowance::deciding_subjects`).
+    pub default_cluster: Option<ClusterName>,
 }
 
 /// What the webhook gives pods.
@@ -116,6 +119,7 @@ impl From<&Config> for WebhookSettings {
                 .webhook_cluster
                 .clone()
                 .filter(|served| Some(served) != config.cluster_name.as_ref()),
+            default_cluster: config.cluster_name.clone(),
         }
     }
 }
@@ -508,11 +512,12 @@ impl Webhook {
     /// inject, or the answer for a pod that gets none (`Err`, with the Event to record).
     async fn role_for(&self, c: &Creation<'_>) -> Result<Result<RoleArn, Outcome>, Failure> {
         let (request, subject) = (c.request, &c.subject);
+        let deciding = deciding_subjects(subject, self.settings.default_cluster.as_ref());
         let (account, rows) = timeout_at(c.deadline, async {
             futures::join!(
                 self.cluster
                     .service_account(&subject.namespace, &subject.service_account),
-                self.allowances.rows_for(subject),
+                self.allowances.rows_for_all(&deciding),
             )
         })
         .await
@@ -1023,6 +1028,7 @@ mod tests {
             path_secret: None,
             identity: WebhookIdentity::Secret,
             scope: None,
+            default_cluster: None,
         }
     }
 
@@ -1177,6 +1183,42 @@ mod tests {
         assert!(out.response.patch.is_some());
         assert!(f.cluster.secrets().is_empty());
         assert!(records(&f).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn rows_written_under_the_default_clusters_name_admit_its_pods() {
+        // GIVEN CLUSTER_NAME=east and the only allowance written with `allow --cluster east`
+        let f = fixture_with(WebhookSettings {
+            default_cluster: Some(ClusterName::parse("east").unwrap()),
+            ..settings(FailurePolicy::Closed)
+        })
+        .await;
+        let subject = Subject::service_account("team", "reader").unwrap();
+        f.allowances.disallow(&subject, None).await.unwrap();
+        f.allowances
+            .allow(
+                &subject.in_cluster(Some(ClusterName::parse("east").unwrap())),
+                ROLE,
+                None,
+            )
+            .await
+            .unwrap();
+        // THEN the pod is injected
+        let out = create(&f, pod("reader")).await;
+        assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
+        // AND without the name, those rows are another cluster's: skipped
+        let f = fixture().await;
+        let subject = Subject::service_account("team", "reader").unwrap();
+        f.allowances.disallow(&subject, None).await.unwrap();
+        f.allowances
+            .allow(
+                &subject.in_cluster(Some(ClusterName::parse("east").unwrap())),
+                ROLE,
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(create(&f, pod("reader")).await.decision, Decision::Skipped);
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnValue};
-use iam_broker_kernel::allowance::{Allowance, RoleArn, Row, Subject, WILDCARD_SERVICE_ACCOUNT};
+use iam_broker_kernel::allowance::{Allowance, RoleArn, Row, Subject};
 use iam_broker_kernel::cluster::ClusterName;
 use iam_broker_kernel::config::{
     ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE, ENV_CLUSTERS_TABLE,
@@ -319,26 +319,49 @@ impl AllowanceStore for DynamoAllowanceStore {
     }
 
     /// Both rows in one consistent `BatchGetItem` (one round trip and one signature instead of
-    /// two). Keys DynamoDB leaves unprocessed (partial throttling) are asked again a few times,
-    /// with a short backoff, within the call's deadline.
+    /// two); see [`Self::rows_for_all`].
     async fn rows_for(&self, subject: &Subject) -> Result<[Row; 2], StoreError> {
-        let wildcard = subject.wildcard();
-        if wildcard == *subject {
-            let row = as_row(subject, self.allowance(subject).await)?;
-            return Ok([row.clone(), row]);
-        }
-        let keys = KeysAndAttributes::builder()
-            .keys(Self::key(subject))
-            .keys(Self::key(&wildcard))
-            .consistent_read(true)
-            .build()
-            .map_err(|e| StoreError::Unavailable {
+        let rows = self.rows_for_all(std::slice::from_ref(subject)).await?;
+        match <[Row; 2]>::try_from(rows) {
+            Ok(rows) => Ok(rows),
+            Err(rows) => Err(StoreError::Unavailable {
                 store: self.table.name.clone(),
                 maybe_written: false,
-                source: Box::new(e),
-            })?;
+                source: format!("{} rows read for one subject", rows.len()).into(),
+            }),
+        }
+    }
+
+    /// Every subject's exact and `*` rows in one consistent `BatchGetItem` (one round trip and
+    /// one signature however many subjects; each distinct key asked once). Keys DynamoDB leaves
+    /// unprocessed (partial throttling) are asked again a few times, with a short backoff,
+    /// within the call's deadline.
+    async fn rows_for_all(&self, subjects: &[Subject]) -> Result<Vec<Row>, StoreError> {
+        // The rows in answer order: each subject's exact row, then its namespace's `*` row.
+        let wanted: Vec<Subject> = subjects
+            .iter()
+            .flat_map(|s| [s.clone(), s.wildcard()])
+            .collect();
+        let mut distinct: Vec<&Subject> = Vec::new();
+        for subject in &wanted {
+            if !distinct.contains(&subject) {
+                distinct.push(subject);
+            }
+        }
+        if distinct.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut keys = KeysAndAttributes::builder().consistent_read(true);
+        for subject in &distinct {
+            keys = keys.keys(Self::key(subject));
+        }
+        let keys = keys.build().map_err(|e| StoreError::Unavailable {
+            store: self.table.name.clone(),
+            maybe_written: false,
+            source: Box::new(e),
+        })?;
         let mut request = HashMap::from([(self.table.name.clone(), keys)]);
-        let mut rows: [Row; 2] = [Row::Absent, Row::Absent];
+        let mut found: HashMap<(String, String), Row> = HashMap::new();
         for attempt in 0..BATCH_ATTEMPTS {
             let output = self
                 .table
@@ -353,14 +376,31 @@ impl AllowanceStore for DynamoAllowanceStore {
                 .and_then(|mut tables| tables.remove(&self.table.name))
                 .unwrap_or_default()
             {
-                // The answer holds only the two keys asked for: the sort key tells them apart.
-                let wide =
-                    string(&item, aa::SERVICE_ACCOUNT).as_deref() == Some(WILDCARD_SERVICE_ACCOUNT);
-                let key = if wide { &wildcard } else { subject };
-                rows[usize::from(wide)] = as_row(key, self.read_item(&item).map(Some))?;
+                // The answer holds only keys asked for: its two key attributes say which.
+                let key = (
+                    string(&item, aa::NAMESPACE).unwrap_or_default(),
+                    string(&item, aa::SERVICE_ACCOUNT).unwrap_or_default(),
+                );
+                let Some(subject) = distinct
+                    .iter()
+                    .find(|s| (s.partition(), s.service_account.clone()) == key)
+                else {
+                    continue;
+                };
+                found.insert(key, as_row(subject, self.read_item(&item).map(Some))?);
             }
             match output.unprocessed_keys.filter(|keys| !keys.is_empty()) {
-                None => return Ok(rows),
+                None => {
+                    return Ok(wanted
+                        .iter()
+                        .map(|s| {
+                            found
+                                .get(&(s.partition(), s.service_account.clone()))
+                                .cloned()
+                                .unwrap_or(Row::Absent)
+                        })
+                        .collect());
+                }
                 Some(unprocessed) => {
                     request = unprocessed;
                     tokio::time::sleep(BATCH_BACKOFF * 2u32.pow(attempt)).await;

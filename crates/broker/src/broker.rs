@@ -18,7 +18,9 @@ use std::time::Duration;
 use crate::cache::{CacheKey, CredentialCache, Holder, Lookup};
 use crate::projected::{IdentifyError, ProjectedIdentities};
 use crate::session::{SessionContext, role_session_name, session_tags, source_identity};
-use iam_broker_kernel::allowance::{Refusal, RoleArn, Subject, UnreadableRow, permit};
+use iam_broker_kernel::allowance::{
+    Refusal, RoleArn, Row, Subject, UnreadableRow, deciding_subjects, permit,
+};
 use iam_broker_kernel::clock::Clock;
 use iam_broker_kernel::cluster::ClusterName;
 use iam_broker_kernel::credentials::{Credentials, EcsCredentials, cache_max_age};
@@ -242,6 +244,13 @@ impl Broker {
         self.cache.as_ref()
     }
 
+    /// The Allowances rows that decide for `subject`: its own, and for the default cluster also
+    /// those written under its name (`allowance::deciding_subjects`), in one read.
+    async fn rows_deciding(&self, subject: &Subject) -> Result<Vec<Row>, StoreError> {
+        let subjects = deciding_subjects(subject, self.settings.cluster_name.as_ref());
+        self.allowances.rows_for_all(&subjects).await
+    }
+
     /// `AssumeRole` for `request`, or the cached answer for the same pod and request.
     async fn issue(
         &self,
@@ -323,7 +332,7 @@ impl Broker {
         }
 
         let subject = &record.subject;
-        let rows = self.allowances.rows_for(subject).await?;
+        let rows = self.rows_deciding(subject).await?;
         let permitted = permit(&rows, Some(&record.role_arn))
             .map_err(|refusal| self.refused(refusal, subject, Some(&record.role_arn)))?;
         let context = SessionContext {
@@ -399,7 +408,7 @@ impl Broker {
         let scope = (self.settings.cluster_name.as_ref() != Some(&pod.cluster))
             .then(|| pod.cluster.clone());
         let subject = pod.subject.clone().in_cluster(scope);
-        let rows = self.allowances.rows_for(&subject).await?;
+        let rows = self.rows_deciding(&subject).await?;
         let permitted = permit(&rows, requested.as_ref())
             .map_err(|refusal| self.refused(refusal, &subject, requested.as_ref()))?;
         let context = SessionContext {
@@ -587,6 +596,63 @@ mod tests {
             .credentials(Some(token.expose()), None)
             .await
             .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn the_default_clusters_named_rows_and_its_unprefixed_rows_both_decide() {
+        // GIVEN CLUSTER_NAME=east, and a row written with `allow --cluster east`
+        let f = fixture(false);
+        let east = ClusterName::parse("east").unwrap();
+        let f = Fixture {
+            broker: Broker::new(
+                f.allowances.clone(),
+                f.tokens.clone(),
+                f.issuer.clone(),
+                Arc::new(FixedClock(NOW)),
+                BrokerSettings {
+                    cluster_name: Some(east.clone()),
+                    ..f.broker.settings.clone()
+                },
+            ),
+            ..f
+        };
+        let subject = Subject::service_account("team-a", "app").unwrap();
+        f.allowances
+            .allow(&subject.clone().in_cluster(Some(east)), ROLE, Some("named"))
+            .await
+            .unwrap();
+        // WHEN a pod of the default cluster (its record unprefixed) asks
+        let token = grant(&f, &subject, NOW).await;
+        let answer = f
+            .broker
+            .credentials(Some(token.expose()), None)
+            .await
+            .unwrap();
+        // THEN the named row grants it, with its ExternalId
+        assert_eq!(answer.body.role_arn, ROLE);
+        assert_eq!(f.issuer.requests()[0].external_id.as_deref(), Some("named"));
+        // AND an unprefixed row alone grants it too (rows written before the name existed)
+        let other = Subject::service_account("team-a", "other").unwrap();
+        f.allowances.allow(&other, ROLE, None).await.unwrap();
+        let token = grant(&f, &other, NOW).await;
+        f.broker
+            .credentials(Some(token.expose()), None)
+            .await
+            .unwrap();
+        // AND another cluster's rows never do
+        let west = Subject::service_account("team-a", "west-only").unwrap();
+        f.allowances
+            .allow(
+                &west
+                    .clone()
+                    .in_cluster(Some(ClusterName::parse("west").unwrap())),
+                ROLE,
+                None,
+            )
+            .await
+            .unwrap();
+        let token = grant(&f, &west, NOW).await;
+        assert_eq!(refusal(&f, &token).await.code(), "AllowanceRevoked");
     }
 
     #[tokio::test]

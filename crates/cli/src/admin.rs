@@ -6,8 +6,8 @@ use anyhow::{Context as _, bail};
 use iam_broker_app::AwsAdapters;
 use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore};
 use iam_broker_kernel::allowance::{
-    Allowance, RoleArn, Subject, WILDCARD_SERVICE_ACCOUNT, is_allowed, unreadable,
-    validate_external_id,
+    Allowance, RoleArn, Subject, WILDCARD_SERVICE_ACCOUNT, deciding_subjects, is_allowed,
+    unreadable, validate_external_id,
 };
 use iam_broker_kernel::clock::rfc3339;
 use iam_broker_kernel::cluster::ClusterName;
@@ -43,7 +43,7 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
         | Command::Kubeconfig(_)
         | Command::Doctor => unreachable_serve(),
         Command::Allow(args) => {
-            let scope = cluster_scope(&stores.config, args.cluster.as_deref())?;
+            let scope = cluster_scope(args.cluster.as_deref())?;
             let subject =
                 Subject::allowance_row(&args.namespace, &args.service_account)?.in_cluster(scope);
             let role = RoleArn::parse(&args.role)?;
@@ -72,25 +72,38 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
             Ok(())
         }
         Command::Disallow(args) => {
-            let scope = cluster_scope(&stores.config, args.cluster.as_deref())?;
+            let scope = cluster_scope(args.cluster.as_deref())?;
             let subject =
                 Subject::allowance_row(&args.namespace, &args.service_account)?.in_cluster(scope);
             let role = args.role.as_deref().map(RoleArn::parse).transpose()?;
-            refuse_what_is_not_allowed(&stores.aws.allowances, &subject, role.as_ref()).await?;
-            let row = stores
-                .aws
-                .allowances
-                .disallow(&subject, role.as_ref().map(RoleArn::as_str))
-                .await?;
-            match (&role, &row) {
-                (Some(role), Some(row)) => {
-                    println!("{subject} may no longer assume {role}");
-                    print_roles(row);
+            // The default cluster's pods read both its named and its unprefixed rows: a
+            // revocation must reach both, or the other one keeps granting.
+            let subjects = same_pods_rows(&subject, stores.config.cluster_name.as_ref());
+            let mut granting = Vec::new();
+            for candidate in &subjects {
+                if grants(&stores.aws.allowances, candidate, role.as_ref()).await? {
+                    granting.push(candidate.clone());
                 }
-                (Some(role), None) => {
-                    println!("{subject} may no longer assume {role}; it has no roles left")
+            }
+            if granting.is_empty() {
+                refuse_what_is_not_allowed(&stores.aws.allowances, &subject, role.as_ref()).await?;
+            }
+            for subject in &granting {
+                let row = stores
+                    .aws
+                    .allowances
+                    .disallow(subject, role.as_ref().map(RoleArn::as_str))
+                    .await?;
+                match (&role, &row) {
+                    (Some(role), Some(row)) => {
+                        println!("{subject} may no longer assume {role}");
+                        print_roles(row);
+                    }
+                    (Some(role), None) => {
+                        println!("{subject} may no longer assume {role}; it has no roles left")
+                    }
+                    (None, _) => println!("{subject} may no longer assume any role"),
                 }
-                (None, _) => println!("{subject} may no longer assume any role"),
             }
             Ok(())
         }
@@ -101,19 +114,34 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
         } => {
             let scope = cluster
                 .as_deref()
-                .map(|name| cluster_scope(&stores.config, Some(name)))
+                .map(|name| cluster_scope(Some(name)))
                 .transpose()?;
+            // The rows of a cluster: its named rows, and for the default cluster (named by
+            // CLUSTER_NAME) also the unprefixed ones: both grant its pods.
+            let default = stores.config.cluster_name.as_ref();
+            let of_cluster = |row_cluster: &Option<ClusterName>, scope: &Option<ClusterName>| {
+                row_cluster == scope
+                    || (row_cluster.is_none() && scope.is_some() && scope.as_ref() == default)
+            };
             let rows = match (&namespace, &scope) {
                 (Some(namespace), scope) => {
                     let scope = scope.clone().flatten();
                     // Validated like a row, so a typo is an error rather than an empty list.
                     let subject = Subject::allowance_row(namespace, WILDCARD_SERVICE_ACCOUNT)?
-                        .in_cluster(scope);
-                    stores
-                        .aws
-                        .allowances
-                        .list(Some(&subject.partition()))
-                        .await?
+                        .in_cluster(scope.clone());
+                    let mut rows = Vec::new();
+                    for subject in same_pods_rows(&subject, default) {
+                        if subject.cluster == scope || scope.is_some() {
+                            rows.extend(
+                                stores
+                                    .aws
+                                    .allowances
+                                    .list(Some(&subject.partition()))
+                                    .await?,
+                            );
+                        }
+                    }
+                    rows
                 }
                 (None, Some(scope)) => stores
                     .aws
@@ -121,7 +149,7 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
                     .list(None)
                     .await?
                     .into_iter()
-                    .filter(|row| &row.subject.cluster == scope)
+                    .filter(|row| of_cluster(&row.subject.cluster, scope))
                     .collect(),
                 (None, None) => stores.aws.allowances.list(None).await?,
             };
@@ -216,14 +244,42 @@ fn print_roles(row: &Allowance) {
     }
 }
 
-/// The cluster scope of an allowance: `None` (no prefix) for the default cluster, which is the
-/// one left out or named by CLUSTER_NAME, as the broker reads them.
-fn cluster_scope(config: &Config, cluster: Option<&str>) -> anyhow::Result<Option<ClusterName>> {
-    let Some(name) = cluster else {
-        return Ok(None);
-    };
-    let name = ClusterName::parse(name)?;
-    Ok((config.cluster_name.as_ref() != Some(&name)).then_some(name))
+/// The cluster of an allowance row: `--cluster NAME` means NAME's rows (partition
+/// `NAME/<namespace>`) whatever `CLUSTER_NAME` is; without it, the default cluster's unprefixed
+/// rows. The broker and the webhook read both for the default cluster when it has a name
+/// (`allowance::deciding_subjects`), so either way of writing reaches its pods.
+fn cluster_scope(cluster: Option<&str>) -> anyhow::Result<Option<ClusterName>> {
+    cluster
+        .map(ClusterName::parse)
+        .transpose()
+        .map_err(Into::into)
+}
+
+/// The rows that grant `subject`'s pods what `subject`'s row grants: for the default cluster
+/// (named by `default`), its named and its unprefixed rows, whichever `subject` names.
+fn same_pods_rows(subject: &Subject, default: Option<&ClusterName>) -> Vec<Subject> {
+    match (&subject.cluster, default) {
+        (None, Some(_)) => deciding_subjects(subject, default),
+        (Some(cluster), Some(name)) if cluster == name => {
+            vec![subject.clone(), subject.clone().in_cluster(None)]
+        }
+        _ => vec![subject.clone()],
+    }
+}
+
+/// Whether `subject`'s own row grants `role` (any role when `None`).
+async fn grants(
+    allowances: &DynamoAllowanceStore,
+    subject: &Subject,
+    role: Option<&RoleArn>,
+) -> anyhow::Result<bool> {
+    Ok(allowances
+        .allowance(subject)
+        .await?
+        .is_some_and(|row| match role {
+            Some(role) => row.allowed_roles.contains(role.as_str()),
+            None => true,
+        }))
 }
 
 /// An allowance for a cluster nobody registered is allowed (it may be registered next), but
@@ -320,7 +376,14 @@ async fn token(stores: &Stores, command: TokenCommand) -> anyhow::Result<()> {
                 now,
                 stores.config.token_ttl,
             )?;
-            let rows = stores.aws.allowances.rows_for(&subject).await?;
+            let rows = stores
+                .aws
+                .allowances
+                .rows_for_all(&deciding_subjects(
+                    &subject,
+                    stores.config.cluster_name.as_ref(),
+                ))
+                .await?;
             stores
                 .aws
                 .tokens

@@ -254,6 +254,22 @@ pub fn permit(rows: &[Row], requested: Option<&RoleArn>) -> Result<Permitted, Re
     })
 }
 
+/// The subjects whose Allowances rows decide for `subject`: its own rows and, for a subject of
+/// the default cluster (no prefix) when that cluster has a name (`CLUSTER_NAME`), also the rows
+/// written under that name (`iam-broker allow --cluster <name>`), first. A cluster name thus
+/// means the same rows whatever `CLUSTER_NAME` is, and the unprefixed rows written before the
+/// default cluster had a name keep working. The named rows come first, so their `ExternalId`
+/// wins when both allow a role.
+pub fn deciding_subjects(subject: &Subject, default_cluster: Option<&ClusterName>) -> Vec<Subject> {
+    match (&subject.cluster, default_cluster) {
+        (None, Some(name)) => vec![
+            subject.clone().in_cluster(Some(name.clone())),
+            subject.clone(),
+        ],
+        _ => vec![subject.clone()],
+    }
+}
+
 /// Checks an `ExternalId` as STS does: 2–1224 characters of `[\w+=,.@:/-]`.
 pub fn validate_external_id(value: &str) -> Result<(), InvalidName> {
     let ok = (2..=1224).contains(&value.len())
@@ -512,5 +528,45 @@ mod tests {
         assert!(validate_external_id("x").is_err());
         assert!(validate_external_id("has space").is_err());
         assert!(validate_external_id(&"a".repeat(1225)).is_err());
+    }
+
+    #[test]
+    fn the_default_clusters_name_means_its_named_rows_too() {
+        let east = ClusterName::parse("east").unwrap();
+        let pod = Subject::service_account("team", "app").unwrap();
+        // The default cluster, named east: east's rows first, then the unprefixed ones.
+        assert_eq!(
+            deciding_subjects(&pod, Some(&east)),
+            [pod.clone().in_cluster(Some(east.clone())), pod.clone()]
+        );
+        // No name: the unprefixed rows only.
+        assert_eq!(deciding_subjects(&pod, None), std::slice::from_ref(&pod));
+        // Another cluster: its own rows only, never the default cluster's.
+        let west = pod
+            .clone()
+            .in_cluster(Some(ClusterName::parse("west").unwrap()));
+        assert_eq!(
+            deciding_subjects(&west, Some(&east)),
+            std::slice::from_ref(&west)
+        );
+        // The named row's ExternalId wins when both rows allow the role.
+        let role = "arn:aws:iam::123456789012:role/a";
+        let mut named =
+            Allowance::new(pod.clone().in_cluster(Some(east)), [role.to_owned()].into());
+        named
+            .external_ids
+            .insert(role.to_owned(), "named".to_owned());
+        let mut plain = Allowance::new(pod, [role.to_owned()].into());
+        plain
+            .external_ids
+            .insert(role.to_owned(), "plain".to_owned());
+        let rows = [
+            Row::Found(named),
+            Row::Absent,
+            Row::Found(plain),
+            Row::Absent,
+        ];
+        let permitted = permit(&rows, Some(&RoleArn::parse(role).unwrap())).unwrap();
+        assert_eq!(permitted.external_id.as_deref(), Some("named"));
     }
 }

@@ -90,6 +90,13 @@ pub trait AllowanceStore: Send + Sync {
             futures::join!(self.allowance(subject), self.allowance(&wildcard));
         Ok([as_row(subject, exact)?, as_row(&wildcard, namespace_wide)?])
     }
+    /// [`Self::rows_for`] of each subject, in order (exact, `*`, exact, `*`, ...), in one read
+    /// where the store can: what decides for a pod covered by several subjects
+    /// ([`crate::allowance::deciding_subjects`]).
+    async fn rows_for_all(&self, subjects: &[Subject]) -> Result<Vec<Row>, StoreError> {
+        let all = futures::future::try_join_all(subjects.iter().map(|s| self.rows_for(s))).await?;
+        Ok(all.into_iter().flatten().collect())
+    }
     /// Adds `role_arn` to the subject's roles, creating the row if needed, in one write; with
     /// `external_id`, also sets the role's `ExternalId` (without, it clears any). Returns the
     /// new row.

@@ -126,6 +126,7 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
                 path_secret: path_secret.map(str::to_owned),
                 identity: iam_broker_admission::webhook::WebhookIdentity::Secret,
                 scope: None,
+                default_cluster: None,
             },
         )),
         metrics: Metrics::off(),
