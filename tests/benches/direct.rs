@@ -54,6 +54,7 @@ fn request(pod: usize, tags: bool) -> AssumeRoleRequest {
         },
         source_identity: tags.then(|| "team-a_app".to_owned()),
         external_id: None,
+        policy: None,
     }
 }
 

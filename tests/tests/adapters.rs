@@ -129,6 +129,56 @@ async fn put_row(
 }
 
 #[tokio::test]
+async fn a_session_policy_is_written_with_its_role_in_one_write_and_read_back() {
+    let (_moto, client, tables, store, _) = stores().await;
+    let app = Subject::service_account("ns", "app").unwrap();
+    let policy = iam_broker_kernel::allowance::SessionPolicy::parse(
+        r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:GetObject","Resource":"*"}]}"#,
+    )
+    .unwrap();
+    let terms = iam_broker_kernel::allowance::RoleTerms {
+        external_id: Some("ext-1".into()),
+        session_policy: Some(policy.clone()),
+    };
+    let row = store.allow_with(&app, A, &terms).await.unwrap();
+    assert_eq!(
+        row.session_policies.get(A).map(String::as_str),
+        Some(policy.as_str())
+    );
+    let [exact, _] = store.rows_for(&app).await.unwrap();
+    let permitted =
+        iam_broker_kernel::allowance::permit(&[exact], Some(&RoleArn::parse(A).unwrap())).unwrap();
+    assert_eq!(permitted.session_policy.as_deref(), Some(policy.as_str()));
+    assert_eq!(permitted.external_id.as_deref(), Some("ext-1"));
+    // Allowed again without one: the policy is gone (as the ExternalId is).
+    let row = store.allow(&app, A, None).await.unwrap();
+    assert!(row.session_policies.is_empty() && row.external_ids.is_empty());
+    // Disallowing the role takes its policy along.
+    store.allow_with(&app, A, &terms).await.unwrap();
+    store.allow(&app, B, None).await.unwrap();
+    let row = store.disallow(&app, Some(A)).await.unwrap().unwrap();
+    assert!(row.session_policies.is_empty());
+    // A session policy that is not a string makes its row unreadable, never a 503.
+    put_row(
+        &client,
+        &tables.allowances,
+        "ns",
+        "bad",
+        &[
+            ("allowed_roles", AttributeValue::Ss(vec![A.into()])),
+            (
+                &format!("session_policy:{A}"),
+                AttributeValue::N("1".into()),
+            ),
+        ],
+    )
+    .await;
+    let bad = Subject::service_account("ns", "bad").unwrap();
+    let [row, _] = store.rows_for(&bad).await.unwrap();
+    assert!(matches!(row, Row::Unreadable(_)), "{row:?}");
+}
+
+#[tokio::test]
 async fn an_unreadable_row_is_a_row_not_an_outage_and_its_neighbour_still_reads() {
     // GIVEN a valid exact row, and a `*` row whose allowed_roles is a number
     let (_moto, client, tables, store, _) = stores().await;
@@ -382,6 +432,10 @@ async fn sts_issues_credentials_with_the_requested_duration() {
             tags: vec![("kubernetes-namespace", "ns".into())],
             source_identity: Some("ns_app".into()),
             external_id: Some("tenant-42".into()),
+            policy: Some(
+                r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:GetObject","Resource":"*"}]}"#
+                    .into(),
+            ),
         })
         .await
         .unwrap();

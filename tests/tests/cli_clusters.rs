@@ -776,3 +776,103 @@ async fn a_cluster_name_means_the_same_rows_whatever_cluster_name_is() {
     // AND the other ServiceAccount's unprefixed row is untouched
     assert_eq!(server.get("/", Some(&old)).await.unwrap().status, 200);
 }
+
+#[tokio::test]
+async fn a_session_policy_is_checked_when_written_listed_and_sent_to_sts() {
+    let (_moto, env) = env().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let allow = |policy: String| {
+        let env = env.clone();
+        async move {
+            cli(
+                &env,
+                &[
+                    "allow",
+                    "--namespace",
+                    "team",
+                    "--service-account",
+                    "app",
+                    "--role",
+                    ROLE,
+                    "--session-policy",
+                    &policy,
+                ],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // A policy that is not one, or too long for STS, is refused before anything is written.
+    refused(
+        &allow(file("bad.json", "{\"Statement\": 1}")).await,
+        "Version",
+    );
+    let long = format!(
+        r#"{{"Version":"2012-10-17","Statement":{{"Effect":"Allow","Action":"s3:*","Resource":"arn:aws:s3:::{}"}}}}"#,
+        "b".repeat(2100)
+    );
+    refused(&allow(file("long.json", &long)).await, "at most 2048");
+    let listed = cli(&env, &["allowances", "--output", "json"])
+        .await
+        .unwrap();
+    assert_eq!(listed.stdout.trim(), "[]", "nothing was written");
+
+    // A valid one is stored compact with the role, and listed.
+    let policy = r#"{
+      "Version": "2012-10-17",
+      "Statement": [{ "Effect": "Allow", "Action": "s3:GetObject", "Resource": "*" }]
+    }"#;
+    let out = allow(file("ok.json", policy)).await;
+    ok(&out);
+    assert!(
+        out.stdout.contains("with a session policy of"),
+        "{}",
+        out.stdout
+    );
+    let listed = cli(&env, &["allowances", "--output", "json"])
+        .await
+        .unwrap();
+    let rows: Value = serde_json::from_str(&listed.stdout).unwrap();
+    let stored = rows[0]["session_policies"][ROLE].as_str().unwrap();
+    assert!(
+        !stored.contains('\n') && stored.contains("s3:GetObject"),
+        "{stored}"
+    );
+    let table = cli(&env, &["allowances"]).await.unwrap();
+    assert!(table.stdout.contains("SESSION POLICY") && table.stdout.contains(" chars "));
+
+    // The broker sends it with AssumeRole (moto accepts Policy) and serves the credentials.
+    let server = Server::start(&env).await.unwrap();
+    let token = iam_broker_tests::mint_token(&env, "team", "app", ROLE)
+        .await
+        .unwrap();
+    let answer = server.get("/", Some(&token)).await.unwrap();
+    assert_eq!(answer.status, 200, "{:?}", answer.json);
+
+    // Allowed again without it: removed, and said so.
+    let out = cli(
+        &env,
+        &[
+            "allow",
+            "--namespace",
+            "team",
+            "--service-account",
+            "app",
+            "--role",
+            ROLE,
+        ],
+    )
+    .await
+    .unwrap();
+    ok(&out);
+    assert!(
+        out.stdout.contains("session policy was removed"),
+        "{}",
+        out.stdout
+    );
+}

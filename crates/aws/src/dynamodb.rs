@@ -10,7 +10,7 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnValue};
-use iam_broker_kernel::allowance::{Allowance, RoleArn, Row, Subject};
+use iam_broker_kernel::allowance::{Allowance, RoleArn, RoleTerms, Row, Subject};
 use iam_broker_kernel::cluster::ClusterName;
 use iam_broker_kernel::config::{
     ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE, ENV_CLUSTERS_TABLE,
@@ -39,6 +39,8 @@ pub mod allowance_attributes {
     /// Prefix of the attributes holding a role's `ExternalId`: `external_id:<role ARN>` (one
     /// top-level attribute per role, so one `UpdateItem` adds a role and sets its id).
     pub const EXTERNAL_ID_PREFIX: &str = "external_id:";
+    /// Prefix of the per-role session policy attributes (`session_policy:<role ARN>`).
+    pub const SESSION_POLICY_PREFIX: &str = "session_policy:";
 }
 
 /// Attribute names of the Authorizations table.
@@ -265,13 +267,19 @@ impl DynamoAllowanceStore {
             None => (None, partition),
         };
         let mut external_ids = BTreeMap::new();
+        let mut session_policies = BTreeMap::new();
         for (name, value) in item {
-            if let Some(role) = name.strip_prefix(aa::EXTERNAL_ID_PREFIX) {
-                let id = value
-                    .as_s()
-                    .map_err(|_| self.table.corrupt(format!("{name} is not a string")))?;
-                external_ids.insert(role.to_owned(), id.clone());
-            }
+            let (map, role) = if let Some(role) = name.strip_prefix(aa::EXTERNAL_ID_PREFIX) {
+                (&mut external_ids, role)
+            } else if let Some(role) = name.strip_prefix(aa::SESSION_POLICY_PREFIX) {
+                (&mut session_policies, role)
+            } else {
+                continue;
+            };
+            let text = value
+                .as_s()
+                .map_err(|_| self.table.corrupt(format!("{name} is not a string")))?;
+            map.insert(role.to_owned(), text.clone());
         }
         let allowed_roles = item
             .get(aa::ALLOWED_ROLES)
@@ -294,6 +302,7 @@ impl DynamoAllowanceStore {
             },
             allowed_roles,
             external_ids,
+            session_policies,
         })
     }
 }
@@ -417,11 +426,11 @@ impl AllowanceStore for DynamoAllowanceStore {
         })
     }
 
-    async fn allow(
+    async fn allow_with(
         &self,
         subject: &Subject,
         role_arn: &str,
-        external_id: Option<&str>,
+        terms: &RoleTerms,
     ) -> Result<Allowance, StoreError> {
         let mut update = self
             .table
@@ -431,13 +440,35 @@ impl AllowanceStore for DynamoAllowanceStore {
             .set_key(Some(Self::key(subject)))
             .expression_attribute_names("#roles", aa::ALLOWED_ROLES)
             .expression_attribute_names("#ext", format!("{}{role_arn}", aa::EXTERNAL_ID_PREFIX))
+            .expression_attribute_names("#pol", format!("{}{role_arn}", aa::SESSION_POLICY_PREFIX))
             .expression_attribute_values(":role", AttributeValue::Ss(vec![role_arn.to_owned()]));
-        update = match external_id {
-            Some(id) => update
-                .update_expression("ADD #roles :role SET #ext = :ext")
-                .expression_attribute_values(":ext", AttributeValue::S(id.to_owned())),
-            None => update.update_expression("ADD #roles :role REMOVE #ext"),
-        };
+        // One write: the role, its ExternalId and its session policy land together or not at all.
+        let (mut set, mut remove) = (Vec::new(), Vec::new());
+        match &terms.external_id {
+            Some(id) => {
+                set.push("#ext = :ext");
+                update = update.expression_attribute_values(":ext", AttributeValue::S(id.clone()));
+            }
+            None => remove.push("#ext"),
+        }
+        match &terms.session_policy {
+            Some(policy) => {
+                set.push("#pol = :pol");
+                update = update.expression_attribute_values(
+                    ":pol",
+                    AttributeValue::S(policy.as_str().to_owned()),
+                );
+            }
+            None => remove.push("#pol"),
+        }
+        let mut expression = "ADD #roles :role".to_owned();
+        if !set.is_empty() {
+            expression.push_str(&format!(" SET {}", set.join(", ")));
+        }
+        if !remove.is_empty() {
+            expression.push_str(&format!(" REMOVE {}", remove.join(", ")));
+        }
+        update = update.update_expression(expression);
         let output = update
             .return_values(ReturnValue::AllNew)
             .send()
@@ -461,10 +492,14 @@ impl AllowanceStore for DynamoAllowanceStore {
                 .update_item()
                 .table_name(&self.table.name)
                 .set_key(Some(Self::key(subject)))
-                .update_expression("DELETE #roles :role REMOVE #ext")
+                .update_expression("DELETE #roles :role REMOVE #ext, #pol")
                 .condition_expression("attribute_exists(#ns)")
                 .expression_attribute_names("#roles", aa::ALLOWED_ROLES)
                 .expression_attribute_names("#ext", format!("{}{role_arn}", aa::EXTERNAL_ID_PREFIX))
+                .expression_attribute_names(
+                    "#pol",
+                    format!("{}{role_arn}", aa::SESSION_POLICY_PREFIX),
+                )
                 .expression_attribute_names("#ns", aa::NAMESPACE)
                 .expression_attribute_values(":role", AttributeValue::Ss(vec![role_arn.to_owned()]))
                 .return_values(ReturnValue::AllNew)

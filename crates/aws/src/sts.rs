@@ -54,6 +54,7 @@ impl CredentialIssuer for StsCredentialIssuer {
             .set_tags((!tags.is_empty()).then_some(tags))
             .set_source_identity(request.source_identity.clone())
             .set_external_id(request.external_id.clone())
+            .set_policy(request.policy.clone())
             .send()
             .await
             .map_err(|e| classify(self.client.config().region(), e))?;

@@ -19,7 +19,7 @@ use crate::cache::{CacheKey, CredentialCache, Holder, Lookup};
 use crate::projected::{IdentifyError, ProjectedIdentities};
 use crate::session::{SessionContext, role_session_name, session_tags, source_identity};
 use iam_broker_kernel::allowance::{
-    Refusal, RoleArn, Row, Subject, UnreadableRow, deciding_subjects, permit,
+    Permitted, Refusal, RoleArn, Row, Subject, UnreadableRow, deciding_subjects, permit,
 };
 use iam_broker_kernel::clock::Clock;
 use iam_broker_kernel::cluster::ClusterName;
@@ -341,7 +341,7 @@ impl Broker {
             pod_name: record.pod_name.as_deref(),
             pod_uid: None,
         };
-        let request = self.assume_role_request(&record.role_arn, permitted.external_id, &context);
+        let request = self.assume_role_request(&record.role_arn, permitted, &context);
         let holder = Holder::TokenHash(hash.as_str());
         let ttl = ttl_seconds(self.settings.token_ttl);
         let expires = now.unix_timestamp().saturating_add(ttl);
@@ -417,19 +417,15 @@ impl Broker {
             pod_name: Some(&pod.claims.pod_name),
             pod_uid: Some(&pod.claims.pod_uid),
         };
-        let request =
-            self.assume_role_request(&permitted.role_arn, permitted.external_id, &context);
+        let role_arn = permitted.role_arn.clone();
+        let request = self.assume_role_request(&role_arn, permitted, &context);
         let (credentials, lookup) = self
             .issue(&subject, Holder::PodUid(&pod.claims.pod_uid), &request)
             .await
             .map_err(issue_error)?;
         Ok(BrokerAnswer {
             max_age: cache_max_age(credentials.expiration, self.clock.now()),
-            body: EcsCredentials::new(
-                &credentials,
-                permitted.role_arn.as_str(),
-                permitted.role_arn.account_id(),
-            ),
+            body: EcsCredentials::new(&credentials, role_arn.as_str(), role_arn.account_id()),
             subject,
             pod_name: Some(pod.claims.pod_name),
             cluster: Some(pod.cluster),
@@ -440,7 +436,7 @@ impl Broker {
     fn assume_role_request(
         &self,
         role_arn: &RoleArn,
-        external_id: Option<String>,
+        permitted: Permitted,
         context: &SessionContext<'_>,
     ) -> AssumeRoleRequest {
         AssumeRoleRequest {
@@ -456,7 +452,8 @@ impl Broker {
                 .settings
                 .source_identity
                 .then(|| source_identity(context)),
-            external_id,
+            external_id: permitted.external_id,
+            policy: permitted.session_policy,
         }
     }
 }
@@ -596,6 +593,41 @@ mod tests {
             .credentials(Some(token.expose()), None)
             .await
             .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn the_allowances_session_policy_goes_to_sts_and_into_the_cache_key() {
+        let f = fixture(false);
+        let f = Fixture {
+            broker: f
+                .broker
+                .with_cache(CredentialCache::new(100, Arc::new(FixedClock(NOW)))),
+            ..f
+        };
+        let subject = Subject::service_account("team-a", "app").unwrap();
+        let policy = iam_broker_kernel::allowance::SessionPolicy::parse(
+            r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"s3:GetObject","Resource":"*"}}"#,
+        )
+        .unwrap();
+        let terms = iam_broker_kernel::allowance::RoleTerms {
+            external_id: None,
+            session_policy: Some(policy.clone()),
+        };
+        f.allowances
+            .allow_with(&subject, ROLE, &terms)
+            .await
+            .unwrap();
+        let token = grant(&f, &subject, NOW).await;
+        let fetch = || f.broker.credentials(Some(token.expose()), None);
+        fetch().await.unwrap();
+        assert_eq!(
+            f.issuer.requests()[0].policy.as_deref(),
+            Some(policy.as_str())
+        );
+        // The policy changed: what was cached under the old one is not served.
+        f.allowances.allow(&subject, ROLE, None).await.unwrap();
+        assert_eq!(fetch().await.unwrap().lookup, Lookup::Miss);
+        assert_eq!(f.issuer.requests()[1].policy, None);
     }
 
     #[tokio::test]

@@ -90,7 +90,11 @@ impl CacheKey {
             field(key.as_bytes());
             field(value.as_bytes());
         }
-        for optional in [&request.source_identity, &request.external_id] {
+        for optional in [
+            &request.source_identity,
+            &request.external_id,
+            &request.policy,
+        ] {
             match optional {
                 Some(value) => {
                     field(b"some");
@@ -431,6 +435,7 @@ mod tests {
             tags: Vec::new(),
             source_identity: None,
             external_id: external_id.map(str::to_owned),
+            policy: None,
         }
     }
 

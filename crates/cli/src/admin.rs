@@ -6,8 +6,8 @@ use anyhow::{Context as _, bail};
 use iam_broker_app::AwsAdapters;
 use iam_broker_aws::{DynamoAllowanceStore, DynamoTokenStore};
 use iam_broker_kernel::allowance::{
-    Allowance, RoleArn, Subject, WILDCARD_SERVICE_ACCOUNT, deciding_subjects, is_allowed,
-    unreadable, validate_external_id,
+    Allowance, RoleArn, RoleTerms, SessionPolicy, Subject, WILDCARD_SERVICE_ACCOUNT,
+    deciding_subjects, is_allowed, unreadable, validate_external_id,
 };
 use iam_broker_kernel::clock::rfc3339;
 use iam_broker_kernel::cluster::ClusterName;
@@ -50,16 +50,31 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
             if let Some(id) = &args.external_id {
                 validate_external_id(id)?;
             }
+            let session_policy = args
+                .session_policy
+                .as_deref()
+                .map(read_session_policy)
+                .transpose()?;
             warn_unless_registered(&stores, subject.cluster.as_ref()).await;
             let before = stores.aws.allowances.allowance(&subject).await?;
+            let terms = RoleTerms {
+                external_id: args.external_id.clone(),
+                session_policy,
+            };
             let row = stores
                 .aws
                 .allowances
-                .allow(&subject, role.as_str(), args.external_id.as_deref())
+                .allow_with(&subject, role.as_str(), &terms)
                 .await?;
             match &args.external_id {
                 Some(id) => println!("allowed {subject} to assume {role} with ExternalId {id}"),
                 None => println!("allowed {subject} to assume {role}"),
+            }
+            if let Some(policy) = &terms.session_policy {
+                println!(
+                    "  with a session policy of {} characters",
+                    policy.as_str().chars().count()
+                );
             }
             let cleared = before
                 .as_ref()
@@ -67,6 +82,13 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
                 .filter(|_| args.external_id.is_none());
             if let Some(old) = cleared {
                 println!("  (its ExternalId {old} was removed: pass --external-id to keep one)");
+            }
+            let dropped = before
+                .as_ref()
+                .is_some_and(|b| b.session_policies.contains_key(role.as_str()))
+                && terms.session_policy.is_none();
+            if dropped {
+                println!("  (its session policy was removed: pass --session-policy to keep one)");
             }
             print_roles(&row);
             Ok(())
@@ -300,9 +322,20 @@ async fn warn_unless_registered(stores: &Stores, cluster: Option<&ClusterName>) 
     }
 }
 
-/// The allowances listing. JSON rows carry `cluster` only outside the default cluster and
-/// `external_ids` only when a role has one, so rows written before either existed read as they
-/// always did.
+/// Reads and checks a session policy file (`-`: standard input).
+fn read_session_policy(path: &std::path::Path) -> anyhow::Result<SessionPolicy> {
+    let text = if path == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("could not read the session policy")?
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("could not read the session policy {}", path.display()))?
+    };
+    SessionPolicy::parse(&text).with_context(|| format!("--session-policy {}", path.display()))
+}
+
+/// The allowances listing. JSON rows carry `cluster` only outside the default cluster, and
+/// `external_ids` and `session_policies` only when a role has one, so rows written before
+/// either existed read as they always did.
 fn print_allowances(
     rows: &[Allowance],
     default_cluster: Option<&ClusterName>,
@@ -324,6 +357,9 @@ fn print_allowances(
                     if !row.external_ids.is_empty() {
                         value["external_ids"] = json!(row.external_ids);
                     }
+                    if !row.session_policies.is_empty() {
+                        value["session_policies"] = json!(row.session_policies);
+                    }
                     value
                 })
                 .collect();
@@ -332,8 +368,8 @@ fn print_allowances(
         Output::Table => {
             let default = default_cluster.map_or("(default)", ClusterName::as_str);
             println!(
-                "{:<16} {:<24} {:<24} {:<64} EXTERNAL ID",
-                "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "ROLE"
+                "{:<16} {:<24} {:<24} {:<64} {:<14} EXTERNAL ID",
+                "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "ROLE", "SESSION POLICY"
             );
             for row in rows {
                 let cluster = row
@@ -342,8 +378,12 @@ fn print_allowances(
                     .as_ref()
                     .map_or(default, ClusterName::as_str);
                 for role in &row.allowed_roles {
+                    let policy = row.session_policies.get(role).map_or_else(
+                        || "-".to_owned(),
+                        |p| format!("{} chars", p.chars().count()),
+                    );
                     println!(
-                        "{cluster:<16} {:<24} {:<24} {role:<64} {}",
+                        "{cluster:<16} {:<24} {:<24} {role:<64} {policy:<14} {}",
                         row.subject.namespace,
                         row.subject.service_account,
                         row.external_ids.get(role).map_or("-", String::as_str)

@@ -124,14 +124,20 @@ struct AllowanceArgs {
     /// IAM role ARN.
     #[arg(long)]
     role: String,
-    /// The registered cluster whose pods this allows (`cluster add`); left out, or CLUSTER_NAME:
-    /// the default cluster.
+    /// The registered cluster whose pods this allows (`cluster add`): NAME's rows; left out, the
+    /// default cluster's unprefixed rows (the default cluster, named by CLUSTER_NAME, reads both).
     #[arg(long, value_name = "NAME")]
     cluster: Option<String>,
     /// The ExternalId to send when assuming this role (a role in another account whose trust
     /// policy requires sts:ExternalId). Left out, any ExternalId stored for the role is removed.
     #[arg(long, value_name = "ID")]
     external_id: Option<String>,
+    /// A session policy (a JSON IAM policy file, or - for stdin) sent as Policy with
+    /// sts:AssumeRole: the pods' sessions get the intersection of the role's permissions and
+    /// this. At most 2,048 characters once compacted; checked before anything is written. Left
+    /// out, any session policy stored for the role is removed.
+    #[arg(long, value_name = "FILE")]
+    session_policy: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

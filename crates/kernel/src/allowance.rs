@@ -109,15 +109,20 @@ pub struct Allowance {
     /// The `ExternalId` to send with `sts:AssumeRole`, per role that needs one (a role in
     /// another account whose trust policy requires `sts:ExternalId`).
     pub external_ids: BTreeMap<String, String>,
+    /// The session policy to send as `Policy` with `sts:AssumeRole`, per role that has one
+    /// (compact JSON, validated by [`SessionPolicy::parse`] when written): the session gets
+    /// the intersection of the role's permissions and this policy.
+    pub session_policies: BTreeMap<String, String>,
 }
 
 impl Allowance {
-    /// A row without external ids.
+    /// A row without external ids or session policies.
     pub fn new(subject: Subject, allowed_roles: BTreeSet<String>) -> Self {
         Self {
             subject,
             allowed_roles,
             external_ids: BTreeMap::new(),
+            session_policies: BTreeMap::new(),
         }
     }
 
@@ -207,6 +212,80 @@ pub struct Permitted {
     pub role_arn: RoleArn,
     /// Its `ExternalId`, from the first row (exact before wildcard) that allows the role.
     pub external_id: Option<String>,
+    /// Its session policy, from the same row.
+    pub session_policy: Option<String>,
+}
+
+/// What an allowance of one role carries besides the role: written together, in one write.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoleTerms {
+    /// The `ExternalId` to send (`None`: none, and any earlier one is removed).
+    pub external_id: Option<String>,
+    /// The session policy to send (`None`: none, and any earlier one is removed).
+    pub session_policy: Option<SessionPolicy>,
+}
+
+/// STS's limit on a session policy's plaintext, in characters.
+pub const MAX_SESSION_POLICY_CHARS: usize = 2048;
+
+/// A session policy as STS takes it: a JSON IAM policy document, kept compact (whitespace
+/// counts against STS's 2,048 characters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionPolicy(String);
+
+/// Why a text is not a session policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the session policy is not valid: {0}")]
+pub struct InvalidSessionPolicy(pub String);
+
+impl SessionPolicy {
+    /// Reads a policy document: a JSON object with a `Version` string and a `Statement` (an
+    /// object or a non-empty array of objects, each with an `Effect` of `Allow` or `Deny`),
+    /// at most [`MAX_SESSION_POLICY_CHARS`] characters once compacted.
+    pub fn parse(text: &str) -> Result<Self, InvalidSessionPolicy> {
+        let invalid = |why: &str| InvalidSessionPolicy(why.to_owned());
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| InvalidSessionPolicy(format!("not JSON ({e})")))?;
+        let document = value
+            .as_object()
+            .ok_or_else(|| invalid("it is not a JSON object"))?;
+        if !document
+            .get("Version")
+            .is_some_and(serde_json::Value::is_string)
+        {
+            return Err(invalid("it has no \"Version\" string (\"2012-10-17\")"));
+        }
+        let statements: Vec<&serde_json::Value> = match document.get("Statement") {
+            Some(serde_json::Value::Array(list)) if !list.is_empty() => list.iter().collect(),
+            Some(statement @ serde_json::Value::Object(_)) => vec![statement],
+            _ => {
+                return Err(invalid(
+                    "it has no \"Statement\" (an object or a non-empty array)",
+                ));
+            }
+        };
+        for statement in statements {
+            let effect = statement.get("Effect").and_then(serde_json::Value::as_str);
+            if !matches!(effect, Some("Allow" | "Deny")) {
+                return Err(invalid(
+                    "a statement's \"Effect\" is not \"Allow\" or \"Deny\"",
+                ));
+            }
+        }
+        let compact = value.to_string();
+        let chars = compact.chars().count();
+        if chars > MAX_SESSION_POLICY_CHARS {
+            return Err(InvalidSessionPolicy(format!(
+                "it is {chars} characters compacted; STS takes at most {MAX_SESSION_POLICY_CHARS}"
+            )));
+        }
+        Ok(Self(compact))
+    }
+
+    /// The compact JSON.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// Why no role could be chosen.
@@ -226,10 +305,16 @@ pub enum Refusal {
 /// corrupt `*` row; a refusal that such a row might have changed is [`Refusal::Unreadable`].
 pub fn permit(rows: &[Row], requested: Option<&RoleArn>) -> Result<Permitted, Refusal> {
     let readable = || rows.iter().filter_map(Row::allowance);
-    let external_id = |role: &str| {
+    let terms = |role: &str| {
         readable()
             .find(|row| row.allows(role))
-            .and_then(|row| row.external_ids.get(role).cloned())
+            .map(|row| {
+                (
+                    row.external_ids.get(role).cloned(),
+                    row.session_policies.get(role).cloned(),
+                )
+            })
+            .unwrap_or_default()
     };
     let not_allowed = || match unreadable(rows) {
         Some(row) => Refusal::Unreadable(row.clone()),
@@ -248,8 +333,10 @@ pub fn permit(rows: &[Row], requested: Option<&RoleArn>) -> Result<Permitted, Re
             }
         }
     };
+    let (external_id, session_policy) = terms(role.as_str());
     Ok(Permitted {
-        external_id: external_id(role.as_str()),
+        external_id,
+        session_policy,
         role_arn: role,
     })
 }
@@ -416,6 +503,7 @@ mod tests {
                 .iter()
                 .map(|(r, e)| ((*r).to_owned(), (*e).to_owned()))
                 .collect(),
+            session_policies: BTreeMap::new(),
         })
     }
 
@@ -568,5 +656,82 @@ mod tests {
         ];
         let permitted = permit(&rows, Some(&RoleArn::parse(role).unwrap())).unwrap();
         assert_eq!(permitted.external_id.as_deref(), Some("named"));
+    }
+
+    const POLICY: &str = r#"{
+        "Version": "2012-10-17",
+        "Statement": [{ "Effect": "Allow", "Action": "s3:GetObject", "Resource": "*" }]
+    }"#;
+
+    #[test]
+    fn session_policies_are_checked_and_kept_compact() {
+        let policy = SessionPolicy::parse(POLICY).unwrap();
+        // Compact (the key order is serde_json's, which depends on its features): the same
+        // document, without a byte of whitespace.
+        assert!(
+            !policy.as_str().contains([' ', '\n']),
+            "{}",
+            policy.as_str()
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(policy.as_str()).unwrap(),
+            serde_json::from_str::<serde_json::Value>(POLICY).unwrap()
+        );
+        assert_eq!(policy.as_str().len(), 96);
+        // A single statement object is a policy too.
+        SessionPolicy::parse(
+            r#"{"Version":"2012-10-17","Statement":{"Effect":"Deny","Action":"*","Resource":"*"}}"#,
+        )
+        .unwrap();
+        for (text, why) in [
+            ("not json", "not JSON"),
+            ("[]", "not a JSON object"),
+            (r#"{"Statement":[{"Effect":"Allow"}]}"#, "Version"),
+            (r#"{"Version":"2012-10-17"}"#, "Statement"),
+            (r#"{"Version":"2012-10-17","Statement":[]}"#, "Statement"),
+            (
+                r#"{"Version":"2012-10-17","Statement":[{"Effect":"Maybe"}]}"#,
+                "Effect",
+            ),
+        ] {
+            let err = SessionPolicy::parse(text).unwrap_err();
+            assert!(err.to_string().contains(why), "{text}: {err}");
+        }
+        // 2,048 characters once compacted: whitespace does not count, content does.
+        let padded = format!(
+            r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Action":"s3:GetObject","Resource":"arn:aws:s3:::{}"}}]}}"#,
+            "b".repeat(1900)
+        );
+        assert!(SessionPolicy::parse(&padded).is_ok());
+        let spaced = padded.replace(',', ",          ");
+        assert!(SessionPolicy::parse(&spaced).is_ok());
+        let long = padded.replace(&"b".repeat(1900), &"b".repeat(2000));
+        let err = SessionPolicy::parse(&long).unwrap_err();
+        assert!(err.to_string().contains("at most 2048"), "{err}");
+    }
+
+    #[test]
+    fn the_session_policy_comes_with_the_row_that_allows_the_role() {
+        let role = "arn:aws:iam::123456789012:role/a";
+        let mut exact = Allowance::new(
+            Subject::service_account("ns", "sa").unwrap(),
+            [role.to_owned()].into(),
+        );
+        exact.session_policies.insert(
+            role.to_owned(),
+            SessionPolicy::parse(POLICY).unwrap().as_str().to_owned(),
+        );
+        let wide = Allowance::new(
+            Subject::allowance_row("ns", "*").unwrap(),
+            [role.to_owned()].into(),
+        );
+        let permitted = permit(
+            &[Row::Found(exact), Row::Found(wide.clone())],
+            Some(&RoleArn::parse(role).unwrap()),
+        )
+        .unwrap();
+        assert!(permitted.session_policy.unwrap().contains("s3:GetObject"));
+        let permitted = permit(&[Row::Absent, Row::Found(wide)], None).unwrap();
+        assert_eq!(permitted.session_policy, None);
     }
 }

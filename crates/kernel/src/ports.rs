@@ -98,13 +98,28 @@ pub trait AllowanceStore: Send + Sync {
         Ok(all.into_iter().flatten().collect())
     }
     /// Adds `role_arn` to the subject's roles, creating the row if needed, in one write; with
-    /// `external_id`, also sets the role's `ExternalId` (without, it clears any). Returns the
-    /// new row.
+    /// `external_id`, also sets the role's `ExternalId` (without, it clears any), and clears
+    /// any session policy of the role. Returns the new row.
     async fn allow(
         &self,
         subject: &Subject,
         role_arn: &str,
         external_id: Option<&str>,
+    ) -> Result<Allowance, StoreError> {
+        let terms = crate::allowance::RoleTerms {
+            external_id: external_id.map(str::to_owned),
+            session_policy: None,
+        };
+        self.allow_with(subject, role_arn, &terms).await
+    }
+    /// Adds `role_arn` to the subject's roles with its terms (its `ExternalId` and session
+    /// policy, each set or cleared), creating the row if needed, in one write. Returns the new
+    /// row.
+    async fn allow_with(
+        &self,
+        subject: &Subject,
+        role_arn: &str,
+        terms: &crate::allowance::RoleTerms,
     ) -> Result<Allowance, StoreError>;
     /// Removes `role_arn` from the subject's roles (the whole row when `None` or when no role is
     /// left); returns the row as it now stands, `None` when it is gone.
@@ -171,6 +186,8 @@ pub struct AssumeRoleRequest {
     pub source_identity: Option<String>,
     /// `ExternalId`, when the allowance names one for the role.
     pub external_id: Option<String>,
+    /// `Policy`: the allowance's session policy for the role, when it has one.
+    pub policy: Option<String>,
 }
 
 /// Why credentials could not be issued.

@@ -68,11 +68,11 @@ impl AllowanceStore for MemoryAllowanceStore {
         Ok(lock(&self.rows).get(subject).cloned())
     }
 
-    async fn allow(
+    async fn allow_with(
         &self,
         subject: &Subject,
         role_arn: &str,
-        external_id: Option<&str>,
+        terms: &iam_broker_kernel::allowance::RoleTerms,
     ) -> Result<Allowance, StoreError> {
         lock(&self.unreadable).remove(subject);
         let mut rows = lock(&self.rows);
@@ -80,9 +80,15 @@ impl AllowanceStore for MemoryAllowanceStore {
             .entry(subject.clone())
             .or_insert_with(|| Allowance::new(subject.clone(), BTreeSet::new()));
         row.allowed_roles.insert(role_arn.to_owned());
-        match external_id {
-            Some(id) => row.external_ids.insert(role_arn.to_owned(), id.to_owned()),
+        match &terms.external_id {
+            Some(id) => row.external_ids.insert(role_arn.to_owned(), id.clone()),
             None => row.external_ids.remove(role_arn),
+        };
+        match &terms.session_policy {
+            Some(policy) => row
+                .session_policies
+                .insert(role_arn.to_owned(), policy.as_str().to_owned()),
+            None => row.session_policies.remove(role_arn),
         };
         Ok(row.clone())
     }
@@ -103,6 +109,7 @@ impl AllowanceStore for MemoryAllowanceStore {
         };
         row.allowed_roles.remove(role_arn);
         row.external_ids.remove(role_arn);
+        row.session_policies.remove(role_arn);
         if row.allowed_roles.is_empty() {
             rows.remove(subject);
             return Ok(None);
