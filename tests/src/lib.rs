@@ -297,6 +297,8 @@ pub struct CliOutput {
     pub stdout: String,
     /// Standard error.
     pub stderr: String,
+    /// The exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
 }
 
 /// Runs `iam-broker <args>` to completion.
@@ -345,6 +347,7 @@ pub async fn run_program(
         success: output.status.success(),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        code: output.status.code(),
     })
 }
 

@@ -493,6 +493,7 @@ where
             success: output.status.success(),
             stdout: rest.join("\n"),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            code: output.status.code(),
         },
         token,
     )

@@ -294,6 +294,7 @@ async fn aws_sdk_for_js_gets_the_assumed_role_through_the_proxy() {
         success: output.status.success(),
         stdout: format!("{first}\n{second}"),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        code: output.status.code(),
     };
     // THEN the second fetch read the file again and sent its token, which the broker refused
     // (the SDK's chain reports only that no provider answered)

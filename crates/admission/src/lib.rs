@@ -6,7 +6,8 @@
 //!   their undo;
 //! - [`events`]: Kubernetes Events that tell an application team why;
 //! - [`cleanup`]: pod `DELETE`, the table stream and the sweep;
-//! - [`registration`]: the `MutatingWebhookConfiguration` that registers the webhook.
+//! - [`registration`]: the `MutatingWebhookConfiguration` that registers the webhook;
+//! - [`scope`]: whether a registration sends a given pod to the webhook at all.
 #![forbid(unsafe_code)]
 
 pub mod cleanup;
@@ -14,6 +15,7 @@ pub mod events;
 pub mod patch;
 pub mod registration;
 pub mod review;
+pub mod scope;
 pub mod webhook;
 
 pub use webhook::Webhook;

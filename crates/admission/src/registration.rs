@@ -79,6 +79,16 @@ impl Default for NamespaceScope {
     }
 }
 
+/// The `matchConditions` expression that leaves out [`SYSTEM_NAMESPACE_PREFIXES`] (what
+/// [`render_webhook`] writes, and what `iam-broker explain` recognises and evaluates).
+pub fn system_namespace_condition() -> String {
+    SYSTEM_NAMESPACE_PREFIXES
+        .iter()
+        .map(|p| format!("!request.namespace.startsWith('{p}')"))
+        .collect::<Vec<_>>()
+        .join(" && ")
+}
+
 /// Options of [`render_webhook`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookManifest {
@@ -265,14 +275,9 @@ fn webhook(
         }]
     });
     let match_conditions = m.namespaces.skip_system_prefixes.then(|| {
-        let expression = SYSTEM_NAMESPACE_PREFIXES
-            .iter()
-            .map(|p| format!("!request.namespace.startsWith('{p}')"))
-            .collect::<Vec<_>>()
-            .join(" && ");
         vec![MatchCondition {
             name: "not-a-system-namespace".to_owned(),
-            expression,
+            expression: system_namespace_condition(),
         }]
     });
     MutatingWebhook {

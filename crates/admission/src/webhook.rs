@@ -366,7 +366,7 @@ impl Webhook {
     /// How this pod reaches the broker: its [`ANNOTATION_INJECTION`], else `INJECTION`; `direct`
     /// only with an https broker URL (SDKs fetch plain http only from loopback), else the
     /// sidecar. Each departure from what was asked is a warning for the pod's creator.
-    fn injection_for(
+    pub fn injection_for(
         &self,
         view: &PodView,
         broker_url: Option<&str>,

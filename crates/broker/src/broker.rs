@@ -174,6 +174,44 @@ pub struct BrokerAnswer {
     pub lookup: Lookup,
 }
 
+/// What the broker decided for one credential, before STS ([`Broker::authorize`]).
+#[derive(Debug, Clone)]
+pub struct Authorized {
+    /// Whose credential it is (in the scope whose Allowances rows decide).
+    pub subject: Subject,
+    /// The role it gets.
+    pub role_arn: RoleArn,
+    /// The `sts:AssumeRole` request that would be (or was) sent.
+    pub request: AssumeRoleRequest,
+    /// The registered cluster of a projected token.
+    pub cluster: Option<ClusterName>,
+    /// The pod named by the token record or the projected token, if any.
+    pub pod_name: Option<String>,
+    /// What kind of credential it was.
+    pub credential: Credential,
+    /// The Allowances rows that decided, in [`deciding_subjects`] order (exact, `*`, ...).
+    pub rows: Vec<Row>,
+}
+
+/// The credential a request presented.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// A Secret-mode token, known by its hash.
+    Secret {
+        /// The token's hash (its record's key).
+        hash: iam_broker_kernel::token::TokenHash,
+        /// When its record expires (Unix seconds), before this use slides it.
+        expires: i64,
+    },
+    /// A projected ServiceAccount token.
+    Projected {
+        /// The pod's uid (claim `kubernetes.io.pod.uid`).
+        pod_uid: String,
+        /// The token's `exp` (Unix seconds).
+        expires: i64,
+    },
+}
+
 /// The broker: the ports it needs and its settings. Built once at start-up.
 pub struct Broker {
     allowances: Arc<dyn AllowanceStore>,
@@ -301,10 +339,72 @@ impl Broker {
         authorization: Option<&str>,
         role: Option<&str>,
     ) -> Result<BrokerAnswer, BrokerError> {
+        let authorized = self.authorize(authorization, role).await?;
+        let subject = &authorized.subject;
+        let issued = match &authorized.credential {
+            Credential::Projected { pod_uid, .. } => {
+                self.issue(subject, Holder::PodUid(pod_uid), &authorized.request)
+                    .await
+            }
+            Credential::Secret { hash, expires } => {
+                let holder = Holder::TokenHash(hash.as_str());
+                let now = self.clock.now();
+                let ttl = ttl_seconds(self.settings.token_ttl);
+                let slid = now.unix_timestamp().saturating_add(ttl);
+                if slid.saturating_sub(*expires) >= slide_step(ttl) {
+                    // The slide and STS run together: one round trip instead of two. A record
+                    // deleted meanwhile (revoked) wins: its credentials are dropped.
+                    let (touched, issued) = futures::join!(
+                        self.tokens.touch(hash, now.unix_timestamp(), slid),
+                        self.issue(subject, holder, &authorized.request),
+                    );
+                    match touched {
+                        Ok(()) => {}
+                        Err(StoreError::NotFound) => {
+                            return Err(BrokerError::InvalidToken("revoked token"));
+                        }
+                        Err(error) => {
+                            // Serving still beats failing: the token was valid a moment ago;
+                            // only its expiry did not slide this time.
+                            tracing::warn!(
+                                token_hash = hash.short(),
+                                error = %error,
+                                "could not slide the token's expiry"
+                            );
+                        }
+                    }
+                    issued
+                } else {
+                    self.issue(subject, holder, &authorized.request).await
+                }
+            }
+        };
+        let (credentials, lookup) = issued.map_err(issue_error)?;
+        let role_arn = &authorized.role_arn;
+        Ok(BrokerAnswer {
+            max_age: cache_max_age(credentials.expiration, self.clock.now()),
+            body: EcsCredentials::new(&credentials, role_arn.as_str(), role_arn.account_id()),
+            subject: authorized.subject,
+            pod_name: authorized.pod_name,
+            cluster: authorized.cluster,
+            lookup,
+        })
+    }
+
+    /// Everything the broker decides before STS, for the credential in an `Authorization`
+    /// header value and the request's `?role=`: whose it is, which role, and the exact
+    /// `AssumeRole` request. Only reads (the token record, the registry, the Allowances rows):
+    /// no slide, no STS, no cache. [`Self::credentials`] runs it first; `iam-broker explain`
+    /// runs it alone.
+    pub async fn authorize(
+        &self,
+        authorization: Option<&str>,
+        role: Option<&str>,
+    ) -> Result<Authorized, BrokerError> {
         if let Some(jwt) = iam_broker_kernel::token::bearer(authorization)
             .filter(|v| iam_broker_kernel::jwt::looks_like_jwt(v))
         {
-            return self.projected(jwt, role).await;
+            return self.authorize_projected(jwt, role).await;
         }
         let token = Token::from_authorization(authorization).map_err(|e| match e {
             TokenError::Missing => BrokerError::MissingAuthorization,
@@ -331,65 +431,38 @@ impl Broker {
             return Err(BrokerError::InvalidToken("expired token"));
         }
 
-        let subject = &record.subject;
-        let rows = self.rows_deciding(subject).await?;
+        let subject = record.subject;
+        let rows = self.rows_deciding(&subject).await?;
         let permitted = permit(&rows, Some(&record.role_arn))
-            .map_err(|refusal| self.refused(refusal, subject, Some(&record.role_arn)))?;
+            .map_err(|refusal| self.refused(refusal, &subject, Some(&record.role_arn)))?;
         let context = SessionContext {
-            subject,
+            subject: &subject,
             cluster: self.settings.cluster_name.as_ref().map(ClusterName::as_str),
             pod_name: record.pod_name.as_deref(),
             pod_uid: None,
         };
         let request = self.assume_role_request(&record.role_arn, permitted, &context);
-        let holder = Holder::TokenHash(hash.as_str());
-        let ttl = ttl_seconds(self.settings.token_ttl);
-        let expires = now.unix_timestamp().saturating_add(ttl);
-        let issued = if expires.saturating_sub(record.expires) >= slide_step(ttl) {
-            // The slide and STS run together: one round trip instead of two. A record deleted
-            // meanwhile (revoked) wins: its credentials are dropped.
-            let (touched, issued) = futures::join!(
-                self.tokens.touch(&hash, now.unix_timestamp(), expires),
-                self.issue(subject, holder, &request),
-            );
-            match touched {
-                Ok(()) => {}
-                Err(StoreError::NotFound) => {
-                    return Err(BrokerError::InvalidToken("revoked token"));
-                }
-                Err(error) => {
-                    // Serving still beats failing: the token was valid a moment ago; only its
-                    // expiry did not slide this time.
-                    tracing::warn!(
-                        token_hash = hash.short(),
-                        error = %error,
-                        "could not slide the token's expiry"
-                    );
-                }
-            }
-            issued
-        } else {
-            self.issue(subject, holder, &request).await
-        };
-        let (credentials, lookup) = issued.map_err(issue_error)?;
-
-        Ok(BrokerAnswer {
-            max_age: cache_max_age(credentials.expiration, self.clock.now()),
-            body: EcsCredentials::new(
-                &credentials,
-                record.role_arn.as_str(),
-                record.role_arn.account_id(),
-            ),
-            subject: subject.clone(),
-            pod_name: record.pod_name,
+        Ok(Authorized {
+            role_arn: record.role_arn,
+            request,
             cluster: None,
-            lookup,
+            pod_name: record.pod_name,
+            credential: Credential::Secret {
+                hash,
+                expires: record.expires,
+            },
+            rows,
+            subject,
         })
     }
 
     /// A projected ServiceAccount token: verify, find the pod's allowances in its cluster,
-    /// choose the role, assume it. Nothing is written.
-    async fn projected(&self, jwt: &str, role: Option<&str>) -> Result<BrokerAnswer, BrokerError> {
+    /// choose the role. Nothing is written.
+    async fn authorize_projected(
+        &self,
+        jwt: &str,
+        role: Option<&str>,
+    ) -> Result<Authorized, BrokerError> {
         let identities = self.projected.as_ref().ok_or(BrokerError::InvalidToken(
             "projected ServiceAccount tokens are not accepted by this broker",
         ))?;
@@ -419,17 +492,17 @@ impl Broker {
         };
         let role_arn = permitted.role_arn.clone();
         let request = self.assume_role_request(&role_arn, permitted, &context);
-        let (credentials, lookup) = self
-            .issue(&subject, Holder::PodUid(&pod.claims.pod_uid), &request)
-            .await
-            .map_err(issue_error)?;
-        Ok(BrokerAnswer {
-            max_age: cache_max_age(credentials.expiration, self.clock.now()),
-            body: EcsCredentials::new(&credentials, role_arn.as_str(), role_arn.account_id()),
+        Ok(Authorized {
             subject,
+            role_arn,
+            request,
             pod_name: Some(pod.claims.pod_name),
+            credential: Credential::Projected {
+                pod_uid: pod.claims.pod_uid,
+                expires: pod.claims.expires_at,
+            },
             cluster: Some(pod.cluster),
-            lookup,
+            rows,
         })
     }
 

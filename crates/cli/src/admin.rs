@@ -41,6 +41,7 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
         | Command::Credentials(_)
         | Command::Sweep(_)
         | Command::Kubeconfig(_)
+        | Command::Explain(_)
         | Command::Doctor => unreachable_serve(),
         Command::Allow(args) => {
             let scope = cluster_scope(args.cluster.as_deref())?;

@@ -3,6 +3,7 @@
 
 mod admin;
 mod clusters;
+mod explain;
 mod ops;
 mod serve;
 mod stack;
@@ -107,6 +108,12 @@ enum Command {
     /// Build the webhook's kubeconfig from a ServiceAccount token, and print it or store it in
     /// SSM (replaces `oc sa create-kubeconfig` + the Parameter Store console).
     Kubeconfig(ops::KubeconfigArgs),
+    /// Say what the webhook and the broker would do for a pod, a ServiceAccount or a token, and
+    /// why, step by step (the registration's selectors, the pod checks, the ServiceAccount's
+    /// annotation, the Allowances rows, the webhook's dry-run answer, the broker's decision).
+    /// Writes nothing and calls no STS. Exits 0 when credentials would be given, 2 when not,
+    /// 1 when it cannot tell.
+    Explain(explain::ExplainArgs),
     /// Check the configuration end to end: tables and their keys, STS, the kubeconfig
     /// parameter, Kubernetes reachability and RBAC (SelfSubjectAccessReview), the sidecar image.
     /// Exits 1 when a check fails.
@@ -254,6 +261,10 @@ async fn main() -> ExitCode {
         Command::Credentials(args) => ops::credentials(args, &environment).await,
         Command::Sweep(args) => ops::sweep(args, &environment).await,
         Command::Kubeconfig(args) => ops::kubeconfig(args, &environment).await,
+        Command::Explain(args) => match explain::explain(args, &environment).await {
+            Ok(code) => return ExitCode::from(code),
+            Err(error) => Err(error),
+        },
         Command::Doctor => match ops::doctor(&environment).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

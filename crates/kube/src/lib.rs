@@ -583,6 +583,41 @@ impl KubeCluster {
         Ok(answer.status.is_some_and(|s| s.allowed))
     }
 
+    /// A namespace's labels (`None`: no such namespace), for `iam-broker explain` (RBAC: get
+    /// namespaces; the API server labels each with `kubernetes.io/metadata.name`).
+    pub async fn namespace_labels(
+        &self,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, ClusterError> {
+        let found = self
+            .run(|client| async move {
+                Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
+                    .get_opt(name)
+                    .await
+            })
+            .await?;
+        Ok(found.map(|ns| ns.metadata.labels.unwrap_or_default()))
+    }
+
+    /// A `MutatingWebhookConfiguration` by name (`None`: not registered), for `iam-broker
+    /// explain` (RBAC: get mutatingwebhookconfigurations).
+    pub async fn mutating_webhook_configuration(
+        &self,
+        name: &str,
+    ) -> Result<
+        Option<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>,
+        ClusterError,
+    > {
+        self.run(|client| async move {
+            Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+                client,
+            )
+            .get_opt(name)
+            .await
+        })
+        .await
+    }
+
     /// The API server URL, the token and the CA (PEM) held by a
     /// `kubernetes.io/service-account-token` Secret, for `iam-broker kubeconfig --from-secret`.
     /// The server is the one this client talks to.

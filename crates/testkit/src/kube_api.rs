@@ -272,6 +272,11 @@ impl KubeApi {
                 post(create_subresource),
             )
             .route("/api/v1/{resource}", get(list_all))
+            .route("/api/v1/namespaces/{namespace}", get(read_namespace))
+            .route(
+                "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}",
+                get(read_mutating_webhook_configuration),
+            )
             .route(
                 "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
                 post(access_review),
@@ -432,6 +437,37 @@ impl KubeApi {
         stamp(&self.inner, &mut object, namespace, name);
         lock(&self.inner.objects).insert(
             (resource.to_owned(), namespace.to_owned(), name.to_owned()),
+            object,
+        );
+    }
+
+    /// Stores a namespace with these labels, plus `kubernetes.io/metadata.name` as the API
+    /// server adds it to every namespace.
+    pub fn put_namespace(&self, name: &str, labels: &[(&str, &str)]) {
+        let mut labels: serde_json::Map<String, Value> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect();
+        labels.insert("kubernetes.io/metadata.name".to_owned(), json!(name));
+        let object = json!({ "apiVersion": "v1", "kind": "Namespace",
+            "metadata": { "labels": labels } });
+        self.put_cluster_scoped("namespaces", name, object);
+    }
+
+    /// Stores a `MutatingWebhookConfiguration` (JSON, e.g. `render-webhook`'s output parsed),
+    /// under its `metadata.name`.
+    pub fn put_mutating_webhook_configuration(&self, object: Value) {
+        let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        self.put_cluster_scoped("mutatingwebhookconfigurations", &name, object);
+    }
+
+    fn put_cluster_scoped(&self, resource: &str, name: &str, mut object: Value) {
+        stamp(&self.inner, &mut object, "", name);
+        if let Some(metadata) = object["metadata"].as_object_mut() {
+            metadata.remove("namespace");
+        }
+        lock(&self.inner.objects).insert(
+            (resource.to_owned(), String::new(), name.to_owned()),
             object,
         );
     }
@@ -792,6 +828,31 @@ async fn read(
         Some(object) => axum::Json(object.clone()).into_response(),
         None => status(404, "NotFound", &format!("{resource} \"{name}\" not found")),
     }
+}
+
+/// Cluster-scoped objects are kept under namespace `""`.
+fn read_cluster_scoped(inner: &Inner, resource: &str, name: &str) -> Response {
+    match lock(&inner.objects).get(&(resource.to_owned(), String::new(), name.to_owned())) {
+        Some(object) => axum::Json(object.clone()).into_response(),
+        None => status(404, "NotFound", &format!("{resource} \"{name}\" not found")),
+    }
+}
+
+/// `GET /api/v1/namespaces/{name}`: a namespace put with [`KubeApi::put_namespace`].
+async fn read_namespace(
+    State(inner): State<Arc<Inner>>,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    read_cluster_scoped(&inner, "namespaces", &name)
+}
+
+/// `GET .../mutatingwebhookconfigurations/{name}`: one put with
+/// [`KubeApi::put_mutating_webhook_configuration`].
+async fn read_mutating_webhook_configuration(
+    State(inner): State<Arc<Inner>>,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    read_cluster_scoped(&inner, "mutatingwebhookconfigurations", &name)
 }
 
 async fn create(
