@@ -20,6 +20,7 @@ use iam_broker_kernel::{Config, SystemClock};
 use iam_broker_kube::{ClientSource, KubeCluster};
 use iam_broker_router::AppState;
 use iam_broker_router::metrics::Metrics;
+use iam_broker_router::prometheus::Prometheus;
 
 /// Shortest time between two re-reads of the cluster registry caused by a token whose issuer or
 /// key the broker's snapshot does not hold (capped by `CLUSTER_REGISTRY_TTL_SECONDS`). The first
@@ -102,15 +103,21 @@ pub struct App {
 /// parameter `KUBECONFIG_PARAMETER`, else the standard kubeconfig / in-cluster inference), so
 /// a broker-only function starts fast and never needs Kubernetes access.
 pub async fn build(config: &Config) -> App {
-    build_from(config, AwsAdapters::load(config).await)
+    build_from(config, AwsAdapters::load(config).await, None)
+}
+
+/// [`build`], counting requests and timing each stage in `prometheus` as well (`serve
+/// --metrics-listen`).
+pub async fn build_with_prometheus(config: &Config, prometheus: Arc<Prometheus>) -> App {
+    build_from(config, AwsAdapters::load(config).await, Some(prometheus))
 }
 
 /// [`build`] with a given AWS configuration (tests point it at moto).
 pub fn build_with(config: &Config, sdk: &aws_config::SdkConfig) -> App {
-    build_from(config, AwsAdapters::new(config, sdk))
+    build_from(config, AwsAdapters::new(config, sdk), None)
 }
 
-fn build_from(config: &Config, aws: AwsAdapters) -> App {
+fn build_from(config: &Config, aws: AwsAdapters, prometheus: Option<Arc<Prometheus>>) -> App {
     let cluster: Arc<dyn Cluster> = Arc::new(KubeCluster::new(
         aws.cluster_source(config),
         config.aws_call_timeout,
@@ -135,6 +142,15 @@ fn build_from(config: &Config, aws: AwsAdapters) -> App {
         config.credential_cache_entries,
         clock.clone(),
     ));
+    let broker = match &prometheus {
+        Some(p) => broker.with_observer(p.clone()),
+        None => broker,
+    };
+    let metrics = if config.emf_metrics {
+        Metrics::stdout()
+    } else {
+        Metrics::off()
+    };
     let webhook = Webhook::new(
         cluster.clone(),
         aws.allowances,
@@ -147,10 +163,9 @@ fn build_from(config: &Config, aws: AwsAdapters) -> App {
         state: AppState {
             broker: Arc::new(broker),
             webhook: Arc::new(webhook),
-            metrics: if config.emf_metrics {
-                Metrics::stdout()
-            } else {
-                Metrics::off()
+            metrics: match prometheus {
+                Some(p) => metrics.with_prometheus(p),
+                None => metrics,
             },
         },
         cleanup: Arc::new(cleanup),

@@ -8,7 +8,7 @@ use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::operation::assume_role::AssumeRoleError;
 use aws_sdk_sts::types::Tag;
 use iam_broker_kernel::Credentials;
-use iam_broker_kernel::ports::{AssumeRoleRequest, CredentialIssuer, IssueError};
+use iam_broker_kernel::ports::{AssumeRoleRequest, CredentialIssuer, IssueError, StsRetryable};
 use time::OffsetDateTime;
 
 use crate::sdk::{AwsError, Service, explain, xml_text};
@@ -91,7 +91,10 @@ fn classify(region: Option<&Region>, error: SdkError<AssumeRoleError, HttpRespon
                 .or_else(|| raw.and_then(|body| xml_text(body, "Code")))
                 .unwrap_or_else(|| format!("HTTP{}", service.raw().status().as_u16()));
             if RETRYABLE_CODES.contains(&code.as_str()) {
-                return IssueError::Unavailable(Box::new(explain(Service::Sts, region, error)));
+                return IssueError::Unavailable(Box::new(StsRetryable {
+                    code,
+                    source: Box::new(explain(Service::Sts, region, error)),
+                }));
             }
             let message = service
                 .err()

@@ -25,8 +25,8 @@ use iam_broker_kernel::clock::Clock;
 use iam_broker_kernel::cluster::ClusterName;
 use iam_broker_kernel::credentials::{Credentials, EcsCredentials, cache_max_age};
 use iam_broker_kernel::ports::{
-    AllowanceStore, AssumeRoleRequest, BoxError, CredentialIssuer, IssueError, StoreError,
-    TokenStore,
+    AllowanceStore, AssumeRoleRequest, BoxError, CredentialIssuer, IssueError, Stage,
+    StageObserver, StoreError, StsRetryable, TokenStore,
 };
 use iam_broker_kernel::token::{Token, TokenError};
 
@@ -121,6 +121,21 @@ impl BrokerError {
 }
 
 impl BrokerError {
+    /// The STS error code behind this error, for metrics: STS's own code (`AccessDenied`,
+    /// `Throttling`, ...), or `Unreachable` when STS did not answer; `None` when STS was not
+    /// called.
+    pub fn sts_error_code(&self) -> Option<&str> {
+        match self {
+            Self::AssumeRoleFailed { code, .. } => Some(code),
+            Self::Unavailable { what, source } if what == STS => Some(
+                source
+                    .downcast_ref::<StsRetryable>()
+                    .map_or("Unreachable", |r| r.code.as_str()),
+            ),
+            _ => None,
+        }
+    }
+
     /// The `Message` of the JSON error body. Every refused token gets the same one
     /// ([`INVALID_TOKEN_MESSAGE`]): whether an issuer or key is registered, a signature is bad
     /// or a claim is wrong is for the broker's log (the error's `Display`), not for whoever
@@ -221,7 +236,11 @@ pub struct Broker {
     settings: BrokerSettings,
     projected: Option<ProjectedIdentities>,
     cache: Option<CredentialCache>,
+    observer: Option<Arc<dyn StageObserver>>,
 }
+
+/// `what` of a [`BrokerError::Unavailable`] caused by STS.
+const STS: &str = "STS";
 
 /// Settings of the broker, from [`iam_broker_kernel::Config`].
 #[derive(Debug, Clone)]
@@ -268,6 +287,7 @@ impl Broker {
             settings,
             projected: None,
             cache: None,
+            observer: None,
         }
     }
 
@@ -275,6 +295,27 @@ impl Broker {
     pub fn with_cache(mut self, cache: CredentialCache) -> Self {
         self.cache = Some(cache);
         self
+    }
+
+    /// Tells `observer` how long each stage of each request takes.
+    pub fn with_observer(mut self, observer: Arc<dyn StageObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// The projected-token verifier, when projected tokens are accepted.
+    pub fn projected_identities(&self) -> Option<&ProjectedIdentities> {
+        self.projected.as_ref()
+    }
+
+    /// Runs `work` as one `stage` for the observer.
+    async fn timed<T>(&self, stage: Stage, work: impl Future<Output = T>) -> T {
+        let started = std::time::Instant::now();
+        let result = work.await;
+        if let Some(observer) = &self.observer {
+            observer.observe(stage, started.elapsed());
+        }
+        result
     }
 
     /// The credential cache, when there is one.
@@ -286,7 +327,8 @@ impl Broker {
     /// those written under its name (`allowance::deciding_subjects`), in one read.
     async fn rows_deciding(&self, subject: &Subject) -> Result<Vec<Row>, StoreError> {
         let subjects = deciding_subjects(subject, self.settings.cluster_name.as_ref());
-        self.allowances.rows_for_all(&subjects).await
+        self.timed(Stage::DynamoDb, self.allowances.rows_for_all(&subjects))
+            .await
     }
 
     /// `AssumeRole` for `request`, or the cached answer for the same pod and request.
@@ -300,12 +342,13 @@ impl Broker {
             Some(cache) => {
                 let key = CacheKey::new(subject, holder, request);
                 cache
-                    .get_or_issue(key, || self.issuer.assume_role(request))
+                    .get_or_issue(key, || {
+                        self.timed(Stage::Sts, self.issuer.assume_role(request))
+                    })
                     .await
             }
             None => self
-                .issuer
-                .assume_role(request)
+                .timed(Stage::Sts, self.issuer.assume_role(request))
                 .await
                 .map(|c| (c, Lookup::Miss)),
         }
@@ -355,7 +398,10 @@ impl Broker {
                     // The slide and STS run together: one round trip instead of two. A record
                     // deleted meanwhile (revoked) wins: its credentials are dropped.
                     let (touched, issued) = futures::join!(
-                        self.tokens.touch(hash, now.unix_timestamp(), slid),
+                        self.timed(
+                            Stage::DynamoDb,
+                            self.tokens.touch(hash, now.unix_timestamp(), slid)
+                        ),
                         self.issue(subject, holder, &authorized.request),
                     );
                     match touched {
@@ -414,7 +460,7 @@ impl Broker {
         })?;
         let hash = token.hash();
         let now = self.clock.now();
-        let record = match self.tokens.record(&hash).await {
+        let record = match self.timed(Stage::DynamoDb, self.tokens.record(&hash)).await {
             Ok(record) => record.ok_or(BrokerError::InvalidToken("unknown token"))?,
             Err(source @ StoreError::Corrupt { .. }) => {
                 return Err(BrokerError::CorruptRecord {
@@ -471,13 +517,16 @@ impl Broker {
             .map(RoleArn::parse)
             .transpose()
             .map_err(|e| BrokerError::InvalidRoleParameter(e.to_string()))?;
-        let pod = identities.identify(jwt).await.map_err(|e| match e {
-            IdentifyError::Invalid(reason) => BrokerError::InvalidToken(jwt_reason(&reason)),
-            IdentifyError::Unavailable(source) => BrokerError::Unavailable {
-                what: "the cluster registry".to_owned(),
-                source: Box::new(source),
-            },
-        })?;
+        let pod = self
+            .timed(Stage::TokenVerification, identities.identify(jwt))
+            .await
+            .map_err(|e| match e {
+                IdentifyError::Invalid(reason) => BrokerError::InvalidToken(jwt_reason(&reason)),
+                IdentifyError::Unavailable(source) => BrokerError::Unavailable {
+                    what: "the cluster registry".to_owned(),
+                    source: Box::new(source),
+                },
+            })?;
         let scope = (self.settings.cluster_name.as_ref() != Some(&pod.cluster))
             .then(|| pod.cluster.clone());
         let subject = pod.subject.clone().in_cluster(scope);
@@ -575,7 +624,7 @@ fn issue_error(error: IssueError) -> BrokerError {
     match error {
         IssueError::Refused { code, message } => BrokerError::AssumeRoleFailed { code, message },
         IssueError::Unavailable(source) => BrokerError::Unavailable {
-            what: "STS".to_owned(),
+            what: STS.to_owned(),
             source,
         },
     }

@@ -22,7 +22,7 @@
 //! refresh interval); with no snapshot at all the broker answers 503.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -101,6 +101,22 @@ struct Shared {
     reading: Mutex<()>,
     /// A background re-read is under way.
     refreshing: AtomicBool,
+    /// Registry reads that succeeded, and that failed (for metrics).
+    reads_ok: AtomicU64,
+    reads_failed: AtomicU64,
+}
+
+/// How the registry snapshot fares, for metrics ([`ProjectedIdentities::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryStats {
+    /// Reads of the Clusters table that succeeded since start.
+    pub reads_ok: u64,
+    /// Reads that failed (the last snapshot kept serving, or there was none).
+    pub reads_failed: u64,
+    /// Seconds since the snapshot was last read successfully; `None` before the first read.
+    pub snapshot_age_seconds: Option<i64>,
+    /// Registered clusters in the snapshot.
+    pub clusters: usize,
 }
 
 impl ProjectedIdentities {
@@ -124,8 +140,22 @@ impl ProjectedIdentities {
                 snapshot: RwLock::new(None),
                 reading: Mutex::new(()),
                 refreshing: AtomicBool::new(false),
+                reads_ok: AtomicU64::new(0),
+                reads_failed: AtomicU64::new(0),
             }),
             verification,
+        }
+    }
+
+    /// Reads of the registry so far and the snapshot's age, for metrics. Reads nothing.
+    pub async fn stats(&self) -> RegistryStats {
+        let now = self.shared.clock.now();
+        let snapshot = self.shared.snapshot.read().await;
+        RegistryStats {
+            reads_ok: self.shared.reads_ok.load(Ordering::Relaxed),
+            reads_failed: self.shared.reads_failed.load(Ordering::Relaxed),
+            snapshot_age_seconds: snapshot.as_ref().map(|s| (now - s.read_at).whole_seconds()),
+            clusters: snapshot.as_ref().map_or(0, |s| s.clusters.len()),
         }
     }
 
@@ -229,6 +259,12 @@ impl Shared {
             return Ok(s.view());
         }
         let result = self.registry.clusters().await;
+        let counter = if result.is_ok() {
+            &self.reads_ok
+        } else {
+            &self.reads_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         let now = self.clock.now();
         let mut snapshot = self.snapshot.write().await;
         match (result, snapshot.as_mut()) {

@@ -385,10 +385,7 @@ async fn explain_pod(
         "sidecar": patched.as_ref().is_some_and(has_sidecar),
     }));
 
-    let webhook_role = patched
-        .as_ref()
-        .and_then(injected_role)
-        .or(annotation_role);
+    let webhook_role = patched.as_ref().and_then(injected_role).or(annotation_role);
     let broker_ok = match (outcome.decision, token) {
         (Decision::Patched, Some(token)) => {
             explain_token(

@@ -67,6 +67,11 @@ enum Command {
               default_value_t = serve::DEFAULT_MAX_CONNECTIONS as u64,
               value_parser = clap::value_parser!(u64).range(1..=65_536))]
         max_connections: u64,
+        /// Serve Prometheus metrics (OpenMetrics text at GET /metrics) on this address, plain
+        /// HTTP, apart from the broker's port: requests by route and outcome, latency per
+        /// stage, STS errors by code, the registry and the credential cache.
+        #[arg(long, env = "IAM_BROKER_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Allow a ServiceAccount (or `*`, every ServiceAccount of the namespace) to assume a role.
     Allow(AllowanceArgs),
@@ -244,6 +249,7 @@ async fn main() -> ExitCode {
             body_read_timeout_ms,
             tls_handshake_timeout_ms,
             max_connections,
+            metrics_listen,
         } => {
             let tls = tls_cert
                 .zip(tls_key)
@@ -255,7 +261,7 @@ async fn main() -> ExitCode {
                 max_connections: usize::try_from(max_connections)
                     .unwrap_or(serve::DEFAULT_MAX_CONNECTIONS),
             };
-            serve::run(listen, tls, limits).await
+            serve::run(listen, tls, limits, metrics_listen).await
         }
         Command::RenderWebhook(args) => ops::render(args, &environment),
         Command::Credentials(args) => ops::credentials(args, &environment).await,

@@ -69,13 +69,36 @@ pub struct Limits {
 }
 
 /// Serves until SIGINT or SIGTERM.
-pub async fn run(listen: SocketAddr, tls: Option<Tls>, limits: Limits) -> anyhow::Result<()> {
+pub async fn run(
+    listen: SocketAddr,
+    tls: Option<Tls>,
+    limits: Limits,
+    metrics_listen: Option<SocketAddr>,
+) -> anyhow::Result<()> {
     let config = Config::from_env()?;
     let acceptor = tls.as_ref().map(tls_acceptor).transpose()?;
-    let state = iam_broker_app::build(&config).await.state;
+    let state = match metrics_listen {
+        Some(_) => {
+            let prometheus = Arc::new(iam_broker_router::prometheus::Prometheus::new());
+            iam_broker_app::build_with_prometheus(&config, prometheus)
+                .await
+                .state
+        }
+        None => iam_broker_app::build(&config).await.state,
+    };
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    if let Some(metrics_listen) = metrics_listen {
+        // Plain HTTP on a port of its own (what Prometheus scrapes), with the same connection
+        // limits and deadlines; it stops with the process.
+        let metrics = TcpListener::bind(metrics_listen)
+            .await
+            .with_context(|| format!("--metrics-listen: cannot listen on {metrics_listen}"))?;
+        tracing::info!(address = %metrics.local_addr()?, "metrics listening");
+        let app = iam_broker_router::metrics_router(state.clone());
+        tokio::spawn(serve(metrics, None, app, limits));
+    }
     let address = listener.local_addr()?;
     tracing::info!(
         address = %address,

@@ -206,6 +206,46 @@ pub enum IssueError {
     Unavailable(#[source] BoxError),
 }
 
+/// The source of an [`IssueError::Unavailable`] when STS answered, with an error code that
+/// means "later" (throttling, its own outage): the code is kept for metrics and alarms.
+#[derive(Debug, thiserror::Error)]
+#[error("STS answered {code}")]
+pub struct StsRetryable {
+    /// STS's error code, e.g. `Throttling`.
+    pub code: String,
+    /// The SDK's error, explained.
+    #[source]
+    pub source: BoxError,
+}
+
+/// A stage of serving credentials, timed for metrics ([`StageObserver`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// Verifying a projected ServiceAccount token (registry snapshot, signature, claims).
+    TokenVerification,
+    /// A DynamoDB read or write (the token record, the Allowances rows).
+    DynamoDb,
+    /// `sts:AssumeRole` (a cache miss).
+    Sts,
+}
+
+impl Stage {
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TokenVerification => "token_verification",
+            Self::DynamoDb => "dynamodb",
+            Self::Sts => "sts",
+        }
+    }
+}
+
+/// Told how long each stage of a request took (Prometheus histograms in `serve`).
+pub trait StageObserver: Send + Sync {
+    /// One stage finished after `elapsed`.
+    fn observe(&self, stage: Stage, elapsed: Duration);
+}
+
 /// Issues temporary credentials for a role.
 #[async_trait]
 pub trait CredentialIssuer: Send + Sync {

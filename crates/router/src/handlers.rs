@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use iam_broker_admission::review;
 use iam_broker_broker::BrokerError;
-use iam_broker_kernel::text::{MAX_MESSAGE, clip};
+use iam_broker_kernel::text::{MAX_ECHO, MAX_MESSAGE, clip};
 use serde_json::json;
 
 /// The most bytes of one client-chosen value (a name, a uid) a log line carries: the longest
@@ -67,6 +67,10 @@ pub(crate) async fn credentials(
                 "BrokerLatency",
                 started.elapsed(),
             );
+            if let Some(p) = state.metrics.prometheus() {
+                p.request("credentials", "served", started.elapsed());
+                p.cache_lookup(answer.lookup.as_str());
+            }
             let mut response = Json(answer.body).into_response();
             if let Ok(value) = HeaderValue::from_str(&format!("max-age={}", answer.max_age)) {
                 response.headers_mut().insert(header::CACHE_CONTROL, value);
@@ -89,12 +93,26 @@ pub(crate) async fn credentials(
                     .metrics
                     .record(metric, ("Table", table), "BrokerLatency", started.elapsed());
             }
+            if let Some(code) = error.sts_error_code() {
+                state.metrics.record(
+                    "StsErrors",
+                    ("AwsCode", &clip(code, MAX_ECHO)),
+                    "BrokerLatency",
+                    started.elapsed(),
+                );
+                if let Some(p) = state.metrics.prometheus() {
+                    p.sts_error(&clip(code, MAX_ECHO));
+                }
+            }
             state.metrics.record(
                 "CredentialsDenied",
                 ("Code", error.code()),
                 "BrokerLatency",
                 started.elapsed(),
             );
+            if let Some(p) = state.metrics.prometheus() {
+                p.request("credentials", error.code(), started.elapsed());
+            }
             ApiError::from(&error).into_response()
         }
     }
@@ -287,6 +305,9 @@ async fn review(
         "AdmissionLatency",
         started.elapsed(),
     );
+    if let Some(p) = state.metrics.prometheus() {
+        p.request("admission", outcome.decision.as_str(), started.elapsed());
+    }
     Json(outcome.response.into_review(review.api_version)).into_response()
 }
 
@@ -350,6 +371,21 @@ pub(crate) async fn method_not_allowed() -> ApiError {
         "MethodNotAllowed",
         "this route does not take that method",
     )
+}
+
+/// `GET /metrics` of the metrics listener: the Prometheus exposition.
+pub(crate) async fn prometheus_metrics(State(state): State<AppState>) -> Response {
+    let Some(prometheus) = state.metrics.prometheus() else {
+        return not_found().await.into_response();
+    };
+    match prometheus.encode(&state.broker).await {
+        Ok(text) => (
+            [(header::CONTENT_TYPE, crate::prometheus::CONTENT_TYPE)],
+            text,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 #[cfg(test)]

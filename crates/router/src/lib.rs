@@ -5,6 +5,7 @@
 mod error;
 mod handlers;
 pub mod metrics;
+pub mod prometheus;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -84,6 +85,15 @@ pub fn router(state: AppState) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed);
     http_layers(routes).with_state(state)
+}
+
+/// The metrics listener's router (`serve --metrics-listen`): `GET /metrics`, the Prometheus
+/// exposition, and nothing else; 404 when the state keeps no Prometheus metrics.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(handlers::prometheus_metrics))
+        .fallback(handlers::not_found)
+        .with_state(state)
 }
 
 /// What wraps every route, innermost first: the body limit, JSON for the HTTP layer's own

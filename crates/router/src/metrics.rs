@@ -1,8 +1,10 @@
 //! CloudWatch metrics in Embedded Metric Format: one JSON object per line on stdout, which
 //! CloudWatch Logs turns into metrics without any API call (no extra latency, no extra IAM).
 //!
-//! Namespace `iam-broker`; metrics `CredentialsServed`, `CredentialsDenied` (dimension `Code`),
-//! `Admissions` (dimension `Decision`), and the latencies `BrokerLatency` / `AdmissionLatency`.
+//! Namespace `iam-broker`; metrics `CredentialsServed` (dimension `Outcome`), `CredentialsDenied`
+//! (dimension `Code`), `StsErrors` (dimension `AwsCode`: STS's error code, or `Unreachable`),
+//! `CorruptTokenRecords` / `CorruptAllowanceRows` (dimension `Table`), `Admissions` (dimension
+//! `Decision`), and the latencies `BrokerLatency` / `AdmissionLatency` (with each count).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,16 +16,19 @@ pub const NAMESPACE: &str = "iam-broker";
 
 type Sink = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// Where metric lines go: nowhere (the default for `serve`), stdout (Lambda), or a test's sink.
+/// Where metric lines go: nowhere (the default for `serve`), stdout (Lambda), or a test's sink;
+/// and, with [`Metrics::with_prometheus`], Prometheus counters and histograms too.
 #[derive(Clone, Default)]
 pub struct Metrics {
     sink: Option<Sink>,
+    prometheus: Option<Arc<crate::prometheus::Prometheus>>,
 }
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics")
             .field("enabled", &self.sink.is_some())
+            .field("prometheus", &self.prometheus.is_some())
             .finish()
     }
 }
@@ -43,7 +48,19 @@ impl Metrics {
     pub fn to(sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
         Self {
             sink: Some(Arc::new(sink)),
+            prometheus: None,
         }
+    }
+
+    /// These metrics, counted in `prometheus` as well.
+    pub fn with_prometheus(mut self, prometheus: Arc<crate::prometheus::Prometheus>) -> Self {
+        self.prometheus = Some(prometheus);
+        self
+    }
+
+    /// The Prometheus metrics, when kept.
+    pub fn prometheus(&self) -> Option<&crate::prometheus::Prometheus> {
+        self.prometheus.as_deref()
     }
 
     /// One count (and the latency) under one dimension.
