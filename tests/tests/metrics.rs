@@ -292,3 +292,102 @@ fn count_of(samples: &[Sample], outcome: &str) -> Option<f64> {
         &[("route", "credentials"), ("outcome", outcome)],
     )
 }
+
+#[tokio::test]
+async fn the_sidecar_exposes_its_requests_and_cache_when_metrics_addr_is_set() {
+    use iam_broker_tests::proxy::Proxy;
+    let moto = Moto::start().await.unwrap();
+    let tables = Tables::create(&moto.sdk_config().await, "pmetrics")
+        .await
+        .unwrap();
+    let env = moto.env().tables(&tables);
+    allow(&env, "team-a", "app", ROLE).await.unwrap();
+    let token = mint_token(&env, "team-a", "app", ROLE).await.unwrap();
+    let server = Server::start(&env).await.unwrap();
+    let port = free_port().unwrap();
+    let proxy = Proxy::start_with(
+        &format!("{}/", server.url),
+        iam_broker_tests::Env::new().set("METRICS_ADDR", format!("127.0.0.1:{port}")),
+    )
+    .await
+    .unwrap();
+
+    // GIVEN a miss, a hit, and a request without a token
+    let client = reqwest::Client::new();
+    for _ in 0..2 {
+        let answer = client
+            .get(&proxy.url)
+            .header("authorization", &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    assert_eq!(client.get(&proxy.url).send().await.unwrap().status(), 401);
+    // The credentials port does not serve metrics.
+    let on_loopback = client
+        .get(format!("{}metrics", proxy.url))
+        .header("authorization", &token)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        !on_loopback
+            .text()
+            .await
+            .unwrap()
+            .contains("iam_broker_proxy_")
+    );
+
+    // WHEN Prometheus scrapes METRICS_ADDR
+    let (content_type, text) = scrape(port).await;
+    assert!(content_type.starts_with("application/openmetrics-text"));
+    let samples = parse(&text).await;
+    let count = |source: &str, status: &str| {
+        value(
+            &samples,
+            "iam_broker_proxy_requests_total",
+            &[("source", source), ("status", status)],
+        )
+    };
+    // THEN the miss, the hit and the refusal are counted where they were answered
+    assert_eq!(count("broker", "200"), Some(1.0), "{text}");
+    assert_eq!(
+        count("cache", "200"),
+        Some(2.0),
+        "the hit and the /metrics probe: {text}"
+    );
+    assert_eq!(count("proxy", "401"), Some(1.0), "{text}");
+    assert_eq!(
+        value(
+            &samples,
+            "iam_broker_proxy_request_duration_seconds_count",
+            &[("source", "cache")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&samples, "iam_broker_proxy_cache_entries", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&samples, "iam_broker_proxy_broker_calls_in_flight", &[]),
+        Some(0.0)
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_sidecar_keeps_no_metrics_unless_asked() {
+    let moto = Moto::start().await.unwrap();
+    let tables = Tables::create(&moto.sdk_config().await, "pnometrics")
+        .await
+        .unwrap();
+    let server = Server::start(&moto.env().tables(&tables)).await.unwrap();
+    let proxy = iam_broker_tests::proxy::Proxy::start(&format!("{}/", server.url))
+        .await
+        .unwrap();
+    let log = proxy.stop().await;
+    assert!(log.contains("iam-broker-proxy listening"), "{log}");
+    assert!(!log.contains("metrics listening"), "{log}");
+}

@@ -133,6 +133,15 @@ impl ProxyError {
         )
     }
 
+    /// Anything but `GET /metrics` on the metrics listener.
+    pub(crate) fn not_found() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the metrics listener only answers GET /metrics",
+        )
+    }
+
     /// Anything but `GET`.
     pub(crate) fn method_not_allowed() -> Self {
         Self::new(

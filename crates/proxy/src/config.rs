@@ -27,6 +27,10 @@ pub const ENV_HEADER_READ_TIMEOUT_MS: &str = "HEADER_READ_TIMEOUT_MS";
 /// `MAX_CONNECTIONS`: connections served at once.
 pub const ENV_MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
 
+/// `METRICS_ADDR`: where to serve Prometheus metrics (`GET /metrics`), e.g. `0.0.0.0:9464`;
+/// unset, no metrics are kept or served. Any address: Prometheus scrapes the pod's IP.
+pub const ENV_METRICS_ADDR: &str = "METRICS_ADDR";
+
 /// Extra CA certificates (PEM text) the broker's certificate may chain to, besides the public
 /// webpki roots: for an in-cluster broker with a private CA.
 pub const ENV_BROKER_CA_PEM: &str = "BROKER_CA_PEM";
@@ -70,6 +74,8 @@ pub struct ProxyConfig {
     pub header_read_timeout: Duration,
     /// Connections served at once; at the limit new clients wait in the listen backlog.
     pub max_connections: usize,
+    /// Where Prometheus metrics are served, when they are ([`ENV_METRICS_ADDR`]).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl ProxyConfig {
@@ -133,6 +139,11 @@ impl ProxyConfig {
                 integer_in(1..=65_536, "connections"),
             )?)
             .unwrap_or(usize::MAX),
+            metrics_addr: v.parse(ENV_METRICS_ADDR, |value: &str| {
+                value
+                    .parse::<SocketAddr>()
+                    .map_err(|_| format!("{value:?} is not an IP:port address"))
+            })?,
         })
     }
 }

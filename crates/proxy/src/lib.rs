@@ -29,12 +29,13 @@ mod broker;
 mod cache;
 pub mod clock;
 pub mod config;
+pub mod metrics;
 pub mod policy;
 mod server;
 
 pub use cache::CacheStats;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{ConfigError, ProxyConfig};
-pub use server::{HEALTH_PATH, ProxyHandle, ServeError, serve};
+pub use server::{HEALTH_PATH, ProxyHandle, ServeError, serve, serve_with_metrics};
 
 pub use iam_broker_kernel::telemetry;

@@ -11,9 +11,9 @@ use iam_broker_proxy::config::{
     DEFAULT_LISTEN_ADDR, DEFAULT_MAX_CONNECTIONS, DEFAULT_MIN_VALIDITY_SECONDS,
     DEFAULT_REFRESH_AHEAD_SECONDS, ENV_BROKER_CA_PEM, ENV_BROKER_TIMEOUT_MS, ENV_BROKER_URL,
     ENV_CACHE_MAX_ENTRIES, ENV_HEADER_READ_TIMEOUT_MS, ENV_LISTEN_ADDR, ENV_MAX_CONNECTIONS,
-    ENV_MIN_VALIDITY_SECONDS, ENV_REFRESH_AHEAD_SECONDS,
+    ENV_METRICS_ADDR, ENV_MIN_VALIDITY_SECONDS, ENV_REFRESH_AHEAD_SECONDS,
 };
-use iam_broker_proxy::{ProxyConfig, SystemClock, serve, telemetry};
+use iam_broker_proxy::{ProxyConfig, SystemClock, serve_with_metrics, telemetry};
 
 /// Exit status of a bad command line (as clap and most Unix tools use).
 const USAGE_ERROR: u8 = 2;
@@ -55,6 +55,7 @@ Configured by environment variables only:
   {ENV_HEADER_READ_TIMEOUT_MS:<22} ms a client has to send its request head, 100..=600000 (default {DEFAULT_HEADER_READ_TIMEOUT_MS})
   {ENV_MAX_CONNECTIONS:<22} connections served at once; more wait, 1..=65536 (default {DEFAULT_MAX_CONNECTIONS})
   {ENV_BROKER_CA_PEM:<22} extra PEM CA certificates for the broker's TLS (default: public roots only)
+  {ENV_METRICS_ADDR:<22} IP:port to serve Prometheus metrics on (GET /metrics), apart from LISTEN_ADDR (default: none)
   {:<22} log level (default info); logs are JSON lines on stderr
 
 It serves until SIGTERM or SIGINT. GET /healthz answers without a token or a broker call.
@@ -117,9 +118,17 @@ async fn run(config: ProxyConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("listening on {}", config.listen_addr))?;
+    let metrics = match config.metrics_addr {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening for metrics on {address}"))?,
+        ),
+        None => None,
+    };
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let proxy = serve(listener, config, Arc::new(SystemClock))?;
+    let proxy = serve_with_metrics(listener, metrics, config, Arc::new(SystemClock))?;
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),

@@ -67,8 +67,10 @@ pub enum ServeError {
 /// waits for open connections to finish.
 pub struct ProxyHandle {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<()>,
     task: JoinHandle<()>,
+    metrics_task: Option<JoinHandle<()>>,
     cache: Arc<Cache>,
 }
 
@@ -78,6 +80,11 @@ impl ProxyHandle {
         self.local_addr
     }
 
+    /// The address metrics are served on, when they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// Cache counts (entries, broker calls under way).
     pub fn stats(&self) -> CacheStats {
         self.cache.stats()
@@ -85,10 +92,17 @@ impl ProxyHandle {
 
     /// Stops accepting connections and waits (up to a few seconds) for open ones to finish.
     pub async fn shutdown(self) {
-        let Self { stop, task, .. } = self;
+        let Self {
+            stop,
+            task,
+            metrics_task,
+            ..
+        } = self;
         drop(stop);
-        if let Err(error) = task.await {
-            warn!(%error, "the accept loop ended abnormally");
+        for task in std::iter::once(task).chain(metrics_task) {
+            if let Err(error) = task.await {
+                warn!(%error, "the accept loop ended abnormally");
+            }
         }
     }
 }
@@ -98,6 +112,17 @@ impl ProxyHandle {
 /// `clock` is the wall clock the cache policy reads (tests pass a manual one).
 pub fn serve(
     listener: TcpListener,
+    config: ProxyConfig,
+    clock: Arc<dyn Clock>,
+) -> Result<ProxyHandle, ServeError> {
+    serve_with_metrics(listener, None, config, clock)
+}
+
+/// [`serve`], with Prometheus metrics kept and served on `metrics` (bound from
+/// `config.metrics_addr`) when it is given.
+pub fn serve_with_metrics(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
     config: ProxyConfig,
     clock: Arc<dyn Clock>,
 ) -> Result<ProxyHandle, ServeError> {
@@ -118,35 +143,74 @@ pub fn serve(
         Arc::clone(&clock),
         broker,
     ));
+    let kept = metrics
+        .as_ref()
+        .map(|_| Arc::new(crate::metrics::ProxyMetrics::new()));
     let proxy = Arc::new(Proxy {
         cache: Arc::clone(&cache),
-        clock,
+        clock: Arc::clone(&clock),
+        metrics: kept.clone(),
+        serves: Serves::Credentials,
     });
     let (stop, stopped) = watch::channel(());
     let limits = Limits {
         header_read_timeout: config.header_read_timeout,
         max_connections: config.max_connections,
     };
+    let (metrics_addr, metrics_task) = match metrics {
+        Some(listener) => {
+            let address = listener.local_addr().map_err(ServeError::LocalAddr)?;
+            let scraped = Arc::new(Proxy {
+                cache: Arc::clone(&cache),
+                clock,
+                metrics: kept,
+                serves: Serves::Metrics,
+            });
+            info!(metrics_addr = %address, "metrics listening");
+            let task = tokio::spawn(accept_loop(listener, scraped, limits, stopped.clone()));
+            (Some(address), Some(task))
+        }
+        None => (None, None),
+    };
     let task = tokio::spawn(accept_loop(listener, proxy, limits, stopped));
     info!(%local_addr, broker_url = %config.broker_url, "iam-broker-proxy listening");
     Ok(ProxyHandle {
         local_addr,
+        metrics_addr,
         stop,
         task,
+        metrics_task,
         cache,
     })
+}
+
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Serves {
+    /// Credentials (and `/healthz`): the loopback port SDKs call.
+    Credentials,
+    /// `GET /metrics` only: the metrics port Prometheus scrapes.
+    Metrics,
 }
 
 /// What every connection shares.
 struct Proxy {
     cache: Arc<Cache>,
     clock: Arc<dyn Clock>,
+    metrics: Option<Arc<crate::metrics::ProxyMetrics>>,
+    serves: Serves,
 }
 
 impl Proxy {
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        if self.serves == Serves::Metrics {
+            return self.metrics(&request);
+        }
         let started = Instant::now();
         let (response, source, token_hash) = self.route(&request).await;
+        if let Some(metrics) = &self.metrics {
+            metrics.request(source, response.status().as_u16(), started.elapsed());
+        }
         let path = clip(request.uri().path(), MAX_LOGGED_PATH);
         // An extension method is any token the client likes.
         let method = clip(request.method().as_str(), MAX_LOGGED_METHOD);
@@ -172,6 +236,26 @@ impl Proxy {
             request_line!(info);
         }
         response
+    }
+
+    /// The metrics listener's one route.
+    fn metrics(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let now = self.clock.now();
+        let text = match (&self.metrics, request.method(), request.uri().path()) {
+            (Some(metrics), &Method::GET, "/metrics") => metrics.encode(self.cache.stats()).ok(),
+            _ => None,
+        };
+        match text {
+            Some(text) => {
+                let mut response = Response::new(Full::new(Bytes::from(text)));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+                );
+                response
+            }
+            None => ProxyError::not_found().into_answer().into_response(now),
+        }
     }
 
     async fn route(
