@@ -514,8 +514,8 @@ async fn a_revoked_token_is_403() {
 async fn sts_refusal_is_502_with_its_code() {
     // GIVEN moto enforcing IAM and a broker identity that may use DynamoDB but not sts:AssumeRole
     let w = world().await;
-    let iam = aws_sdk_iam_free::Iam::new(&w.moto.endpoint);
-    let (access_key, secret_key) = iam.user_without_assume_role("broker").await.unwrap();
+    let iam = iam_broker_tests::moto_iam::MotoIam::new(&w.moto.endpoint);
+    let (access_key, secret_key) = iam.user("broker", &["dynamodb:*"]).await.unwrap();
     w.allow("team-a", "app", ROLE).await;
     let (token, _) = w.token("team-a", "app", ROLE).await;
     w.moto.enforce_iam().await.unwrap();
@@ -617,76 +617,4 @@ async fn other_routes_answer_json_errors() {
     assert_eq!(put.status().as_u16(), 405);
     let body: serde_json::Value = put.json().await.unwrap();
     assert_eq!(body["Code"], "MethodNotAllowed");
-}
-
-/// Just enough IAM (over moto's query API) to make a user whose policy leaves out
-/// `sts:AssumeRole`; the workspace does not otherwise need the IAM SDK.
-mod aws_sdk_iam_free {
-    pub struct Iam {
-        endpoint: String,
-        client: reqwest::Client,
-    }
-
-    impl Iam {
-        pub fn new(endpoint: &str) -> Self {
-            Self {
-                endpoint: endpoint.to_owned(),
-                client: reqwest::Client::new(),
-            }
-        }
-
-        async fn call(&self, params: &[(&str, &str)]) -> anyhow::Result<String> {
-            let mut form = vec![("Version", "2010-05-08")];
-            form.extend_from_slice(params);
-            let response = self
-                .client
-                .post(format!("{}/", self.endpoint))
-                .header(
-                    "Authorization",
-                    "AWS4-HMAC-SHA256 Credential=testing/20261122/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=x",
-                )
-                .form(&form)
-                .send()
-                .await?;
-            let status = response.status();
-            let text = response.text().await?;
-            anyhow::ensure!(status.is_success(), "IAM call failed: {status}: {text}");
-            Ok(text)
-        }
-
-        fn between<'a>(text: &'a str, open: &str, close: &str) -> anyhow::Result<&'a str> {
-            let start = text
-                .find(open)
-                .ok_or_else(|| anyhow::anyhow!("no {open} in {text}"))?
-                + open.len();
-            let end = text[start..]
-                .find(close)
-                .ok_or_else(|| anyhow::anyhow!("no {close} in {text}"))?;
-            Ok(&text[start..start + end])
-        }
-
-        /// Creates a user allowed `dynamodb:*` only and returns its access key.
-        pub async fn user_without_assume_role(
-            &self,
-            name: &str,
-        ) -> anyhow::Result<(String, String)> {
-            self.call(&[("Action", "CreateUser"), ("UserName", name)])
-                .await?;
-            let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"dynamodb:*","Resource":"*"}]}"#;
-            self.call(&[
-                ("Action", "PutUserPolicy"),
-                ("UserName", name),
-                ("PolicyName", "tables-only"),
-                ("PolicyDocument", policy),
-            ])
-            .await?;
-            let created = self
-                .call(&[("Action", "CreateAccessKey"), ("UserName", name)])
-                .await?;
-            Ok((
-                Self::between(&created, "<AccessKeyId>", "</AccessKeyId>")?.to_owned(),
-                Self::between(&created, "<SecretAccessKey>", "</SecretAccessKey>")?.to_owned(),
-            ))
-        }
-    }
 }

@@ -377,59 +377,6 @@ async fn doctor_says_an_unreachable_aws_once_and_skips_what_depends_on_it() {
     assert!(out.stdout.contains("ok    sidecar image"), "{}", out.stdout);
 }
 
-/// moto's IAM, called without an SDK: a user allowed only `actions`, and its access key.
-async fn iam_user(moto: &Moto, name: &str, actions: &[&str]) -> (String, String) {
-    let client = reqwest::Client::new();
-    let call = |params: Vec<(&'static str, String)>| {
-        let client = client.clone();
-        let url = format!("{}/", moto.endpoint);
-        async move {
-            let mut form = vec![("Version", "2010-05-08".to_owned())];
-            form.extend(params);
-            let response = client
-                .post(url)
-                .header(
-                    "Authorization",
-                    "AWS4-HMAC-SHA256 Credential=testing/20261122/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=x",
-                )
-                .form(&form)
-                .send()
-                .await
-                .unwrap();
-            assert!(response.status().is_success(), "IAM call failed");
-            response.text().await.unwrap()
-        }
-    };
-    call(vec![
-        ("Action", "CreateUser".into()),
-        ("UserName", name.into()),
-    ])
-    .await;
-    let policy = json!({"Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]});
-    call(vec![
-        ("Action", "PutUserPolicy".into()),
-        ("UserName", name.into()),
-        ("PolicyName", "doctor".into()),
-        ("PolicyDocument", policy.to_string()),
-    ])
-    .await;
-    let created = call(vec![
-        ("Action", "CreateAccessKey".into()),
-        ("UserName", name.into()),
-    ])
-    .await;
-    let between = |open: &str, close: &str| {
-        let start = created.find(open).unwrap() + open.len();
-        let end = created[start..].find(close).unwrap();
-        created[start..start + end].to_owned()
-    };
-    (
-        between("<AccessKeyId>", "</AccessKeyId>"),
-        between("<SecretAccessKey>", "</SecretAccessKey>"),
-    )
-}
-
 #[tokio::test]
 async fn doctor_tells_a_missing_kubeconfig_parameter_from_a_denied_one() {
     let moto = Moto::start().await.unwrap();
@@ -477,7 +424,10 @@ async fn doctor_tells_a_missing_kubeconfig_parameter_from_a_denied_one() {
         .send()
         .await
         .unwrap();
-    let (key, secret) = iam_user(&moto, "doctor", &["dynamodb:*", "sts:GetCallerIdentity"]).await;
+    let (key, secret) = iam_broker_tests::moto_iam::MotoIam::new(&moto.endpoint)
+        .user("doctor", &["dynamodb:*", "sts:GetCallerIdentity"])
+        .await
+        .unwrap();
     moto.enforce_iam().await.unwrap();
     let denied = cli(
         &env.clone()
