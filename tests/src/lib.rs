@@ -14,6 +14,7 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
 use tokio::process::{Child, Command};
 
+pub mod moto_iam;
 pub mod proxy;
 
 /// Access key moto accepts while IAM enforcement is off.

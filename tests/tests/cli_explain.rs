@@ -58,6 +58,7 @@ async fn world() -> World {
     api.put_service_account("team-a", "bad-arn", &[(ANNOTATION, "s3_reader")]);
     api.put_service_account("team-a", "denied", &[(ANNOTATION, OTHER)]);
     api.put_service_account("team-a", "broken", &[(ANNOTATION, ROLE)]);
+    api.put_service_account("team-a", "revoked", &[(ANNOTATION, ROLE)]);
     api.put_service_account("kube-system", "app", &[(ANNOTATION, ROLE)]);
     allow(&env, "team-a", "app", ROLE).await.unwrap();
     allow(&env, "kube-system", "app", ROLE).await.unwrap();
@@ -110,6 +111,28 @@ async fn explain_answers_every_skip_reason_of_the_webhook() {
                 AttributeValue::S("broken".into()),
             ),
             ("allowed_roles".to_owned(), AttributeValue::N("7".into())),
+        ])))
+        .send()
+        .await
+        .unwrap();
+    // A ServiceAccount allowed the role whose sessions an operator revoked (`sessions revoke`).
+    w.dynamodb
+        .put_item()
+        .table_name(&w.tables.allowances)
+        .set_item(Some(std::collections::HashMap::from([
+            ("namespace".to_owned(), AttributeValue::S("team-a".into())),
+            (
+                "service_account".to_owned(),
+                AttributeValue::S("revoked".into()),
+            ),
+            (
+                "allowed_roles".to_owned(),
+                AttributeValue::Ss(vec![ROLE.into()]),
+            ),
+            (
+                "revoked_at".to_owned(),
+                AttributeValue::N("1764930000".into()),
+            ),
         ])))
         .send()
         .await
@@ -188,6 +211,11 @@ async fn explain_answers_every_skip_reason_of_the_webhook() {
             "an unreadable row",
             pod("team-a", "broken"),
             "cannot be read",
+        ),
+        (
+            "revoked sessions",
+            pod("team-a", "revoked"),
+            "sessions of team-a/revoked are revoked by an operator",
         ),
         (
             "a system namespace",

@@ -24,7 +24,9 @@ use crate::patch::{
     Injection, InjectionMode, LABEL_MANAGED_BY, MANAGED_BY, PodView, Via,
 };
 use crate::review::{AdmissionRequest, AdmissionResponse, Operation};
-use iam_broker_kernel::allowance::{RoleArn, Subject, deciding_subjects, is_allowed, unreadable};
+use iam_broker_kernel::allowance::{
+    RoleArn, Subject, deciding_subjects, is_allowed, revoked, unreadable,
+};
 use iam_broker_kernel::clock::Clock;
 use iam_broker_kernel::cluster::ClusterName;
 use iam_broker_kernel::config::{Config, FailurePolicy, IdentityMode};
@@ -588,6 +590,15 @@ impl Webhook {
                 message,
                 service_account_uid: account.uid.clone(),
             });
+            return Ok(Err(outcome));
+        }
+        if let Some(revoked) = revoked(&rows, c.view.name.as_deref()) {
+            // No credentials would be served: say so instead of injecting a pod that fails.
+            let why = revoked.to_string();
+            let mut outcome = skipped(request, c.sa(), &why);
+            outcome.response = outcome
+                .response
+                .warn(format!("iam-broker: no AWS credentials injected: {why}"));
             return Ok(Err(outcome));
         }
         Ok(Ok(role))

@@ -10,12 +10,14 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnValue};
-use iam_broker_kernel::allowance::{Allowance, RoleArn, RoleTerms, Row, Subject};
+use iam_broker_kernel::allowance::{Allowance, Revocation, RoleArn, RoleTerms, Row, Subject};
 use iam_broker_kernel::cluster::ClusterName;
 use iam_broker_kernel::config::{
     ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE, ENV_CLUSTERS_TABLE,
 };
-use iam_broker_kernel::ports::{AllowanceStore, BoxError, StoreError, TokenStore, as_row};
+use iam_broker_kernel::ports::{
+    AllowanceStore, BoxError, RevocationChange, StoreError, TokenStore, as_row,
+};
 use iam_broker_kernel::text::quoted;
 use iam_broker_kernel::{TokenHash, TokenRecord};
 
@@ -41,6 +43,12 @@ pub mod allowance_attributes {
     pub const EXTERNAL_ID_PREFIX: &str = "external_id:";
     /// Prefix of the per-role session policy attributes (`session_policy:<role ARN>`).
     pub const SESSION_POLICY_PREFIX: &str = "session_policy:";
+    /// Number: when the row's whole scope was revoked (`iam-broker sessions revoke`).
+    pub const REVOKED_AT: &str = "revoked_at";
+    /// String set: pods of the row's ServiceAccount revoked one by one.
+    pub const REVOKED_PODS: &str = "revoked_pods";
+    /// String set: roles whose inline deny holds a statement of this row's scope.
+    pub const DENIED_ROLES: &str = "denied_roles";
 }
 
 /// Attribute names of the Authorizations table.
@@ -294,6 +302,28 @@ impl DynamoAllowanceStore {
             })
             .transpose()?
             .unwrap_or_default();
+        let string_set = |name: &str| {
+            item.get(name)
+                .map(|v| match v {
+                    AttributeValue::Ss(values) => Ok(values.iter().cloned().collect()),
+                    _ => Err(self.table.corrupt(format!("{name} is not a string set"))),
+                })
+                .transpose()
+                .map(Option::unwrap_or_default)
+        };
+        let revocation = Revocation {
+            at: item
+                .get(aa::REVOKED_AT)
+                .map(|v| {
+                    v.as_n()
+                        .ok()
+                        .and_then(|n| n.parse::<i64>().ok())
+                        .ok_or_else(|| self.table.corrupt("revoked_at is not a number"))
+                })
+                .transpose()?,
+            pods: string_set(aa::REVOKED_PODS)?,
+            denied_roles: string_set(aa::DENIED_ROLES)?,
+        };
         Ok(Allowance {
             subject: Subject {
                 cluster,
@@ -303,7 +333,50 @@ impl DynamoAllowanceStore {
             allowed_roles,
             external_ids,
             session_policies,
+            revocation,
         })
+    }
+}
+
+impl DynamoAllowanceStore {
+    /// Removes `row`'s roles (with their `ExternalId`s and session policies), keeping the rest.
+    async fn remove_roles(
+        &self,
+        subject: &Subject,
+        row: &Allowance,
+    ) -> Result<Option<Allowance>, StoreError> {
+        let mut update = self
+            .table
+            .client
+            .update_item()
+            .table_name(&self.table.name)
+            .set_key(Some(Self::key(subject)))
+            .expression_attribute_names("#roles", aa::ALLOWED_ROLES)
+            .return_values(ReturnValue::AllNew);
+        let mut names = vec!["#roles".to_owned()];
+        for (i, role) in row.allowed_roles.iter().enumerate() {
+            update = update
+                .expression_attribute_names(
+                    format!("#e{i}"),
+                    format!("{}{role}", aa::EXTERNAL_ID_PREFIX),
+                )
+                .expression_attribute_names(
+                    format!("#p{i}"),
+                    format!("{}{role}", aa::SESSION_POLICY_PREFIX),
+                );
+            names.push(format!("#e{i}"));
+            names.push(format!("#p{i}"));
+        }
+        let output = update
+            .update_expression(format!("REMOVE {}", names.join(", ")))
+            .send()
+            .await
+            .map_err(|e| self.table.unavailable(e))?;
+        output
+            .attributes
+            .as_ref()
+            .map(|item| self.read_item(item))
+            .transpose()
     }
 }
 
@@ -523,22 +596,148 @@ impl AllowanceStore for DynamoAllowanceStore {
             }
         }
         // Remove the row: all roles were asked for, or the last one just went. The condition
-        // keeps a role that someone re-added in between.
+        // keeps a role that someone re-added in between, and a row that carries a revocation
+        // (`sessions revoke`), which must outlive its roles.
+        let mut condition = "attribute_not_exists(#rev) AND attribute_not_exists(#pods) AND \
+                             attribute_not_exists(#denied)"
+            .to_owned();
+        if role_arn.is_some() {
+            condition.push_str(" AND attribute_not_exists(#roles)");
+        }
         let mut delete = self
             .table
             .client
             .delete_item()
             .table_name(&self.table.name)
-            .set_key(Some(Self::key(subject)));
+            .set_key(Some(Self::key(subject)))
+            .condition_expression(condition)
+            .expression_attribute_names("#rev", aa::REVOKED_AT)
+            .expression_attribute_names("#pods", aa::REVOKED_PODS)
+            .expression_attribute_names("#denied", aa::DENIED_ROLES);
         if role_arn.is_some() {
-            delete = delete
-                .condition_expression("attribute_not_exists(#roles)")
-                .expression_attribute_names("#roles", aa::ALLOWED_ROLES);
+            delete = delete.expression_attribute_names("#roles", aa::ALLOWED_ROLES);
         }
         match delete.send().await {
             Ok(_) => Ok(None),
-            Err(e) if is_conditional_failure(&e) => self.allowance(subject).await,
+            Err(e) if is_conditional_failure(&e) => {
+                match (role_arn, self.allowance(subject).await?) {
+                    // Every role withdrawn from a revoked row: the roles go, the revocation stays.
+                    (None, Some(row)) if !row.allowed_roles.is_empty() => {
+                        self.remove_roles(subject, &row).await
+                    }
+                    (_, row) => Ok(row),
+                }
+            }
             Err(e) => Err(self.table.unavailable(e)),
+        }
+    }
+
+    async fn revise(
+        &self,
+        subject: &Subject,
+        change: &RevocationChange,
+    ) -> Result<Option<Allowance>, StoreError> {
+        use RevocationChange as C;
+        let set = |values: &[String]| AttributeValue::Ss(values.to_vec());
+        let mut update = self
+            .table
+            .client
+            .update_item()
+            .table_name(&self.table.name)
+            .set_key(Some(Self::key(subject)))
+            .return_values(ReturnValue::AllNew);
+        let with_roles = |expression: &str, roles: &[String]| {
+            if roles.is_empty() {
+                expression.to_owned()
+            } else {
+                format!("{expression} ADD #denied :roles")
+            }
+        };
+        let (expression, roles): (String, &[String]) = match change {
+            C::Scope { at, denied_roles } => {
+                update = update
+                    .expression_attribute_names("#rev", aa::REVOKED_AT)
+                    .expression_attribute_values(":at", AttributeValue::N(at.to_string()));
+                (with_roles("SET #rev = :at", denied_roles), denied_roles)
+            }
+            C::Pod { pod, denied_roles } => {
+                update = update
+                    .expression_attribute_names("#pods", aa::REVOKED_PODS)
+                    .expression_attribute_values(":pod", set(std::slice::from_ref(pod)));
+                let expression = if denied_roles.is_empty() {
+                    "ADD #pods :pod".to_owned()
+                } else {
+                    "ADD #pods :pod, #denied :roles".to_owned()
+                };
+                (expression, denied_roles)
+            }
+            C::LiftScope => {
+                update = update
+                    .expression_attribute_names("#rev", aa::REVOKED_AT)
+                    .condition_expression("attribute_exists(#ns)")
+                    .expression_attribute_names("#ns", aa::NAMESPACE);
+                ("REMOVE #rev".to_owned(), &[][..])
+            }
+            C::LiftPod(pod) => {
+                update = update
+                    .expression_attribute_names("#pods", aa::REVOKED_PODS)
+                    .expression_attribute_values(":pod", set(std::slice::from_ref(pod)))
+                    .condition_expression("attribute_exists(#ns)")
+                    .expression_attribute_names("#ns", aa::NAMESPACE);
+                ("DELETE #pods :pod".to_owned(), &[][..])
+            }
+            C::Undenied(roles) if roles.is_empty() => return self.allowance(subject).await,
+            C::Undenied(roles) => {
+                update = update
+                    .expression_attribute_names("#denied", aa::DENIED_ROLES)
+                    .expression_attribute_values(":roles", set(roles))
+                    .condition_expression("attribute_exists(#ns)")
+                    .expression_attribute_names("#ns", aa::NAMESPACE);
+                ("DELETE #denied :roles".to_owned(), &[][..])
+            }
+        };
+        if !roles.is_empty() {
+            update = update
+                .expression_attribute_names("#denied", aa::DENIED_ROLES)
+                .expression_attribute_values(":roles", set(roles));
+        }
+        let output = match update.update_expression(expression).send().await {
+            Ok(output) => output,
+            Err(e) if is_conditional_failure(&e) => return Ok(None),
+            Err(e) => return Err(self.table.unavailable(e)),
+        };
+        let row = output
+            .attributes
+            .as_ref()
+            .map(|item| self.read_item(item))
+            .transpose()?;
+        // A row that only held a lifted revocation goes, as `disallow` leaves none behind; the
+        // condition keeps one that got roles or a revocation meanwhile.
+        match row {
+            Some(row) if row.allowed_roles.is_empty() && row.revocation.is_empty() => {
+                let deleted = self
+                    .table
+                    .client
+                    .delete_item()
+                    .table_name(&self.table.name)
+                    .set_key(Some(Self::key(subject)))
+                    .condition_expression(
+                        "attribute_not_exists(#roles) AND attribute_not_exists(#rev) AND \
+                         attribute_not_exists(#pods) AND attribute_not_exists(#denied)",
+                    )
+                    .expression_attribute_names("#roles", aa::ALLOWED_ROLES)
+                    .expression_attribute_names("#rev", aa::REVOKED_AT)
+                    .expression_attribute_names("#pods", aa::REVOKED_PODS)
+                    .expression_attribute_names("#denied", aa::DENIED_ROLES)
+                    .send()
+                    .await;
+                match deleted {
+                    Ok(_) => Ok(None),
+                    Err(e) if is_conditional_failure(&e) => self.allowance(subject).await,
+                    Err(e) => Err(self.table.unavailable(e)),
+                }
+            }
+            other => Ok(other),
         }
     }
 

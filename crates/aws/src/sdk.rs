@@ -90,6 +90,8 @@ pub enum Service {
     Ssm,
     /// The stack's outputs (`--stack`).
     CloudFormation,
+    /// The roles' inline deny policies (`iam-broker sessions`).
+    Iam,
 }
 
 impl Service {
@@ -100,6 +102,7 @@ impl Service {
             Self::Sts => "STS",
             Self::Ssm => "SSM",
             Self::CloudFormation => "CloudFormation",
+            Self::Iam => "IAM",
         }
     }
 
@@ -110,6 +113,7 @@ impl Service {
             Self::Sts => "AWS_ENDPOINT_URL_STS",
             Self::Ssm => "AWS_ENDPOINT_URL_SSM",
             Self::CloudFormation => "AWS_ENDPOINT_URL_CLOUDFORMATION",
+            Self::Iam => "AWS_ENDPOINT_URL_IAM",
         }
     }
 
@@ -119,6 +123,7 @@ impl Service {
             Self::Sts => "sts",
             Self::Ssm => "ssm",
             Self::CloudFormation => "cloudformation",
+            Self::Iam => "iam",
         }
     }
 }

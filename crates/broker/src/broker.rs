@@ -19,7 +19,8 @@ use crate::cache::{CacheKey, CredentialCache, Holder, Lookup};
 use crate::projected::{IdentifyError, ProjectedIdentities};
 use crate::session::{SessionContext, role_session_name, session_tags, source_identity};
 use iam_broker_kernel::allowance::{
-    Permitted, Refusal, RoleArn, Row, Subject, UnreadableRow, deciding_subjects, permit,
+    Permitted, Refusal, Revoked, RoleArn, Row, Subject, UnreadableRow, deciding_subjects, permit,
+    revoked,
 };
 use iam_broker_kernel::clock::Clock;
 use iam_broker_kernel::cluster::ClusterName;
@@ -73,6 +74,15 @@ pub enum BrokerError {
         /// The row that cannot be read.
         row: UnreadableRow,
     },
+    /// 403 `AllowanceRevoked` as well: the rows allow the role, but an operator revoked the
+    /// sessions of the pod, its ServiceAccount or its namespace (`iam-broker sessions revoke`).
+    #[error("{revoked}")]
+    SessionsRevoked {
+        /// Who asked.
+        subject: Subject,
+        /// The revocation that applies.
+        revoked: Revoked,
+    },
     /// 400 `RoleRequired`: a projected token's ServiceAccount is allowed several roles and the
     /// request named none.
     #[error("{subject} is allowed {count} roles; name one with ?role=<role ARN>")]
@@ -110,7 +120,7 @@ impl BrokerError {
         match self {
             Self::MissingAuthorization => "MissingAuthorization",
             Self::InvalidToken(_) | Self::CorruptRecord { .. } => "InvalidToken",
-            Self::AllowanceRevoked { .. } => "AllowanceRevoked",
+            Self::AllowanceRevoked { .. } | Self::SessionsRevoked { .. } => "AllowanceRevoked",
             Self::AllowanceUnreadable { .. } => "AllowanceUnreadable",
             Self::RoleRequired { .. } => "RoleRequired",
             Self::InvalidRoleParameter(_) => "InvalidRoleParameter",
@@ -369,6 +379,24 @@ impl Broker {
         refused(refusal, subject, requested)
     }
 
+    /// The refusal of a pod whose sessions an operator revoked (dropping what the cache holds
+    /// for it); `None` when nothing is revoked.
+    fn revocation(
+        &self,
+        rows: &[Row],
+        subject: &Subject,
+        pod: Option<&str>,
+    ) -> Option<BrokerError> {
+        let revoked = revoked(rows, pod)?;
+        if let Some(cache) = &self.cache {
+            cache.forget(subject);
+        }
+        Some(BrokerError::SessionsRevoked {
+            subject: subject.clone(),
+            revoked,
+        })
+    }
+
     /// Accepts projected ServiceAccount tokens, verified against `identities`.
     pub fn with_projected(mut self, identities: ProjectedIdentities) -> Self {
         self.projected = Some(identities);
@@ -481,6 +509,9 @@ impl Broker {
         let rows = self.rows_deciding(&subject).await?;
         let permitted = permit(&rows, Some(&record.role_arn))
             .map_err(|refusal| self.refused(refusal, &subject, Some(&record.role_arn)))?;
+        if let Some(refusal) = self.revocation(&rows, &subject, record.pod_name.as_deref()) {
+            return Err(refusal);
+        }
         let context = SessionContext {
             subject: &subject,
             cluster: self.settings.cluster_name.as_ref().map(ClusterName::as_str),
@@ -533,6 +564,9 @@ impl Broker {
         let rows = self.rows_deciding(&subject).await?;
         let permitted = permit(&rows, requested.as_ref())
             .map_err(|refusal| self.refused(refusal, &subject, requested.as_ref()))?;
+        if let Some(refusal) = self.revocation(&rows, &subject, Some(&pod.claims.pod_name)) {
+            return Err(refusal);
+        }
         let context = SessionContext {
             subject: &subject,
             cluster: Some(pod.cluster.as_str()),

@@ -14,6 +14,7 @@ pub mod broker;
 pub mod cache;
 pub mod identity;
 pub mod projected;
+pub mod revocation;
 pub mod session;
 
 pub use broker::{Broker, BrokerAnswer, BrokerError, BrokerSettings, SLIDE_STEP};

@@ -113,6 +113,43 @@ fn fit_name(parts: &[&str]) -> String {
     name
 }
 
+/// The name [`role_session_name`] or [`source_identity`] gives these parts.
+pub fn fitted_name(parts: &[&str]) -> String {
+    fit_name(parts)
+}
+
+/// An IAM `StringLike` pattern matching every name [`fitted_name`] gives parts that start with
+/// `prefix` followed by at least one more part: `<prefix joined>_*`. Exact when the prefix is
+/// plain and at most 47 characters long (a shortened name keeps its first 47 characters);
+/// otherwise it matches on the first 47 characters and may cover other names sharing them.
+/// Returns the pattern and whether it is exact.
+pub fn name_prefix_pattern(prefix: &[&str]) -> (String, bool) {
+    let plain = prefix.iter().all(|part| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+    });
+    let keep = MAX_NAME - 1 - DIGEST_HEX;
+    let mut joined = prefix.join(SEPARATOR);
+    joined.push_str(SEPARATOR);
+    if plain && joined.len() <= keep {
+        return (format!("{joined}*"), true);
+    }
+    let shortened: String = joined
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(keep)
+        .collect();
+    (format!("{shortened}*"), false)
+}
+
 /// Between the parts of a name: in no Kubernetes name, and in STS's alphabet.
 const SEPARATOR: &str = "_";
 /// Hex digits of digest in a shortened name (64 bits).

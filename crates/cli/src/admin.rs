@@ -42,6 +42,7 @@ pub async fn run(command: Command, environment: &Environment) -> anyhow::Result<
         | Command::Sweep(_)
         | Command::Kubeconfig(_)
         | Command::Explain(_)
+        | Command::Sessions(_)
         | Command::Doctor => unreachable_serve(),
         Command::Allow(args) => {
             let scope = cluster_scope(args.cluster.as_deref())?;

@@ -860,28 +860,8 @@ fn injected_role(pod: &Value) -> Option<String> {
         .find_map(|url| {
             let (_, query) = url.split_once("?role=")?;
             let encoded = query.split('&').next()?;
-            Some(percent_decode(encoded))
+            Some(iam_broker_kernel::text::percent_decode(encoded))
         })
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(byte) = text
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(byte);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn print(explanation: &Explanation, output: crate::Output) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@ mod clusters;
 mod explain;
 mod ops;
 mod serve;
+mod sessions;
 mod stack;
 
 use std::net::SocketAddr;
@@ -113,6 +114,10 @@ enum Command {
     /// Build the webhook's kubeconfig from a ServiceAccount token, and print it or store it in
     /// SSM (replaces `oc sa create-kubeconfig` + the Parameter Store console).
     Kubeconfig(ops::KubeconfigArgs),
+    /// The kill switch: revoke the sessions of a namespace, a ServiceAccount or a pod (no new
+    /// credentials, and a deny at AWS on those already issued), list and restore.
+    #[command(subcommand)]
+    Sessions(sessions::SessionsCommand),
     /// Say what the webhook and the broker would do for a pod, a ServiceAccount or a token, and
     /// why, step by step (the registration's selectors, the pod checks, the ServiceAccount's
     /// annotation, the Allowances rows, the webhook's dry-run answer, the broker's decision).
@@ -267,6 +272,7 @@ async fn main() -> ExitCode {
         Command::Credentials(args) => ops::credentials(args, &environment).await,
         Command::Sweep(args) => ops::sweep(args, &environment).await,
         Command::Kubeconfig(args) => ops::kubeconfig(args, &environment).await,
+        Command::Sessions(command) => sessions::run(command, &environment).await,
         Command::Explain(args) => match explain::explain(args, &environment).await {
             Ok(code) => return ExitCode::from(code),
             Err(error) => Err(error),

@@ -113,16 +113,95 @@ pub struct Allowance {
     /// (compact JSON, validated by [`SessionPolicy::parse`] when written): the session gets
     /// the intersection of the role's permissions and this policy.
     pub session_policies: BTreeMap<String, String>,
+    /// What an operator revoked on this row's scope (`iam-broker sessions revoke`).
+    pub revocation: Revocation,
+}
+
+/// Sessions revoked on one Allowances row's scope: its ServiceAccount (or, on a `*` row, the
+/// whole namespace), or single pods of its ServiceAccount. While set, the broker serves no new
+/// credentials there and the webhook injects no pod there; what was issued before is denied at
+/// AWS by an inline policy on each role in `denied_roles` (see `iam-broker sessions`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revocation {
+    /// When the whole scope was revoked (Unix seconds), if it is.
+    pub at: Option<i64>,
+    /// Pods of the row's ServiceAccount revoked one by one (by name).
+    pub pods: BTreeSet<String>,
+    /// Roles whose inline deny holds a statement of this row's scope. Kept after `sessions
+    /// restore` until the deny has outlived every session it covers, so it can be removed.
+    pub denied_roles: BTreeSet<String>,
+}
+
+impl Revocation {
+    /// Nothing revoked and no deny to remove.
+    pub fn is_empty(&self) -> bool {
+        self.at.is_none() && self.pods.is_empty() && self.denied_roles.is_empty()
+    }
+}
+
+/// Why new credentials are refused although a row allows the role: an operator revoked the
+/// scope ([`revoked`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// The row that carries the revocation (`*` for a whole namespace).
+    pub row: Subject,
+    /// The pod, when one pod was revoked.
+    pub pod: Option<String>,
+    /// When the scope was revoked (Unix seconds); `None` for a pod.
+    pub at: Option<i64>,
+}
+
+impl fmt::Display for Revoked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scope = if self.row.service_account == WILDCARD_SERVICE_ACCOUNT {
+            let cluster = self
+                .row
+                .cluster
+                .as_ref()
+                .map(|c| format!("{c}/"))
+                .unwrap_or_default();
+            format!("namespace {cluster}{}", self.row.namespace)
+        } else {
+            self.row.to_string()
+        };
+        match &self.pod {
+            Some(pod) => write!(f, "sessions of pod {pod} of {scope} are revoked"),
+            None => write!(f, "sessions of {scope} are revoked"),
+        }?;
+        f.write_str(" by an operator (iam-broker sessions restore lifts it)")
+    }
+}
+
+/// The revocation that stops new credentials for a pod (named `pod`, when known) decided by
+/// `rows`, if any: its ServiceAccount's or its namespace's scope, or the pod itself.
+pub fn revoked(rows: &[Row], pod: Option<&str>) -> Option<Revoked> {
+    rows.iter().filter_map(Row::allowance).find_map(|row| {
+        let revocation = &row.revocation;
+        if revocation.at.is_some() {
+            return Some(Revoked {
+                row: row.subject.clone(),
+                pod: None,
+                at: revocation.at,
+            });
+        }
+        let pod = pod.filter(|p| revocation.pods.contains(*p))?;
+        Some(Revoked {
+            row: row.subject.clone(),
+            pod: Some(pod.to_owned()),
+            at: None,
+        })
+    })
 }
 
 impl Allowance {
-    /// A row without external ids or session policies.
+    /// A row without external ids, session policies or revocations.
     pub fn new(subject: Subject, allowed_roles: BTreeSet<String>) -> Self {
         Self {
             subject,
             allowed_roles,
             external_ids: BTreeMap::new(),
             session_policies: BTreeMap::new(),
+            revocation: Revocation::default(),
         }
     }
 
@@ -504,7 +583,52 @@ mod tests {
                 .map(|(r, e)| ((*r).to_owned(), (*e).to_owned()))
                 .collect(),
             session_policies: BTreeMap::new(),
+            revocation: Revocation::default(),
         })
+    }
+
+    #[test]
+    fn a_revocation_on_either_row_stops_the_subject_and_a_pod_only_itself() {
+        let revoke = |row: Row, at: Option<i64>, pods: &[&str]| match row {
+            Row::Found(mut a) => {
+                a.revocation.at = at;
+                a.revocation.pods = pods.iter().map(|p| (*p).to_owned()).collect();
+                Row::Found(a)
+            }
+            other => other,
+        };
+        let exact = row("app", &[A], &[]);
+        let star = row("*", &[B], &[]);
+        assert_eq!(revoked(&[exact.clone(), star.clone()], Some("web-1")), None);
+        let by_sa = revoked(&[revoke(exact.clone(), Some(7), &[]), star.clone()], None).unwrap();
+        assert_eq!(
+            (by_sa.row.service_account.as_str(), by_sa.at),
+            ("app", Some(7))
+        );
+        assert!(
+            by_sa
+                .to_string()
+                .starts_with("sessions of ns/app are revoked"),
+            "{by_sa}"
+        );
+        let by_ns = revoked(
+            &[exact.clone(), revoke(star.clone(), Some(9), &[])],
+            Some("x"),
+        )
+        .unwrap();
+        assert!(
+            by_ns
+                .to_string()
+                .starts_with("sessions of namespace ns are revoked"),
+            "{by_ns}"
+        );
+        let pods = [revoke(exact, None, &["web-1"]), star];
+        assert_eq!(revoked(&pods, Some("web-2")), None);
+        assert_eq!(revoked(&pods, None), None);
+        let pod = revoked(&pods, Some("web-1")).unwrap();
+        assert_eq!(pod.pod.as_deref(), Some("web-1"));
+        // A revocation is not an allowance: the role stays granted by the rows, refused by this.
+        assert!(is_allowed(&pods, A));
     }
 
     #[test]

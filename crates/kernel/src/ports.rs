@@ -131,6 +131,39 @@ pub trait AllowanceStore: Send + Sync {
     /// All rows, or those of one partition ([`Subject::partition`]: a namespace, or
     /// `<cluster>/<namespace>`), sorted by subject.
     async fn list(&self, partition: Option<&str>) -> Result<Vec<Allowance>, StoreError>;
+    /// Changes the row's [`crate::allowance::Revocation`] in one write, creating the row (with
+    /// no roles) when a revocation needs one, and leaving its roles alone; returns the row as it
+    /// now stands (`None` when it is gone or never was).
+    async fn revise(
+        &self,
+        row: &Subject,
+        change: &RevocationChange,
+    ) -> Result<Option<Allowance>, StoreError>;
+}
+
+/// A change to one Allowances row's [`crate::allowance::Revocation`] (`iam-broker sessions`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevocationChange {
+    /// Revoke the row's whole scope at `at` (Unix seconds); `denied_roles` got a deny.
+    Scope {
+        /// When.
+        at: i64,
+        /// Roles given a deny statement for it.
+        denied_roles: Vec<String>,
+    },
+    /// Revoke one pod of the row's ServiceAccount; `denied_roles` got a deny.
+    Pod {
+        /// The pod's name.
+        pod: String,
+        /// Roles given a deny statement for it.
+        denied_roles: Vec<String>,
+    },
+    /// Lift the scope's revocation (new credentials flow again).
+    LiftScope,
+    /// Lift one pod's revocation.
+    LiftPod(String),
+    /// These roles no longer hold a deny statement of the row's scope.
+    Undenied(Vec<String>),
 }
 
 /// The Clusters table: the registered clusters whose projected tokens the broker accepts.

@@ -67,6 +67,7 @@ impl From<&BrokerError> for ApiError {
             BrokerError::InvalidToken(_)
             | BrokerError::CorruptRecord { .. }
             | BrokerError::AllowanceRevoked { .. }
+            | BrokerError::SessionsRevoked { .. }
             | BrokerError::AllowanceUnreadable { .. } => StatusCode::FORBIDDEN,
             BrokerError::RoleRequired { .. } | BrokerError::InvalidRoleParameter(_) => {
                 StatusCode::BAD_REQUEST

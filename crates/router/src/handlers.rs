@@ -161,6 +161,16 @@ fn log_refusal(error: &BrokerError) {
             role_arn = %role_arn,
             "credentials not served"
         ),
+        BrokerError::SessionsRevoked { subject, revoked } => tracing::warn!(
+            decision = "denied",
+            code = error.code(),
+            cluster = subject.cluster.as_ref().map(|c| c.as_str()).unwrap_or(""),
+            namespace = %subject.namespace,
+            service_account = %subject.service_account,
+            revoked_row = %revoked.row,
+            revoked_pod = revoked.pod.as_deref().unwrap_or(""),
+            "credentials not served: sessions revoked by an operator"
+        ),
         _ => {
             tracing::info!(decision = "denied", code = error.code(), error = %error, "credentials not served")
         }

@@ -101,6 +101,14 @@ impl AllowanceStore for MemoryAllowanceStore {
         lock(&self.unreadable).remove(subject);
         let mut rows = lock(&self.rows);
         let Some(role_arn) = role_arn else {
+            if let Some(row) = rows.get_mut(subject)
+                && !row.revocation.is_empty()
+            {
+                row.allowed_roles.clear();
+                row.external_ids.clear();
+                row.session_policies.clear();
+                return Ok(Some(row.clone()));
+            }
             rows.remove(subject);
             return Ok(None);
         };
@@ -110,7 +118,7 @@ impl AllowanceStore for MemoryAllowanceStore {
         row.allowed_roles.remove(role_arn);
         row.external_ids.remove(role_arn);
         row.session_policies.remove(role_arn);
-        if row.allowed_roles.is_empty() {
+        if row.allowed_roles.is_empty() && row.revocation.is_empty() {
             rows.remove(subject);
             return Ok(None);
         }
@@ -123,6 +131,44 @@ impl AllowanceStore for MemoryAllowanceStore {
             .filter(|row| partition.is_none_or(|p| row.subject.partition() == p))
             .cloned()
             .collect())
+    }
+
+    async fn revise(
+        &self,
+        subject: &Subject,
+        change: &iam_broker_kernel::ports::RevocationChange,
+    ) -> Result<Option<Allowance>, StoreError> {
+        use iam_broker_kernel::ports::RevocationChange as C;
+        let mut rows = lock(&self.rows);
+        let creates = matches!(change, C::Scope { .. } | C::Pod { .. });
+        if !creates && !rows.contains_key(subject) {
+            return Ok(None);
+        }
+        let row = rows
+            .entry(subject.clone())
+            .or_insert_with(|| Allowance::new(subject.clone(), BTreeSet::new()));
+        let r = &mut row.revocation;
+        match change {
+            C::Scope { at, denied_roles } => {
+                r.at = Some(*at);
+                r.denied_roles.extend(denied_roles.iter().cloned());
+            }
+            C::Pod { pod, denied_roles } => {
+                r.pods.insert(pod.clone());
+                r.denied_roles.extend(denied_roles.iter().cloned());
+            }
+            C::LiftScope => r.at = None,
+            C::LiftPod(pod) => {
+                r.pods.remove(pod);
+            }
+            C::Undenied(roles) => r.denied_roles.retain(|d| !roles.contains(d)),
+        }
+        let row = row.clone();
+        if row.allowed_roles.is_empty() && row.revocation.is_empty() {
+            rows.remove(subject);
+            return Ok(None);
+        }
+        Ok(Some(row))
     }
 }
 
