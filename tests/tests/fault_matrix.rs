@@ -152,6 +152,7 @@ async fn world() -> World {
         identity: iam_broker_admission::webhook::WebhookIdentity::Secret,
         scope: None,
         default_cluster: None,
+        service_account_lookup: true,
     };
     let webhook = Webhook::new(
         Arc::new(cluster),

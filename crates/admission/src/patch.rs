@@ -98,6 +98,9 @@ pub struct PodView {
     /// The pod's [`ANNOTATION_INJECTION`], when set: `Ok` with the mode it asks for, `Err` with
     /// the (clipped) value when it is neither `direct` nor `sidecar`.
     pub requested: Option<Result<InjectionMode, String>>,
+    /// The pod's [`ANNOTATION_ROLE_ARN`], when set (clipped; a non-string value as its JSON):
+    /// in `projected` mode, the role the pod asks for among those its ServiceAccount is allowed.
+    pub requested_role: Option<String>,
     /// `spec.hostNetwork`.
     pub host_network: bool,
     /// Containers and init containers that would get credentials, in pod order.
@@ -199,6 +202,12 @@ pub fn view(pod: &Value) -> Result<PodView, NotAPod> {
                 iam_broker_kernel::text::clip(&v.to_string(), iam_broker_kernel::text::MAX_ECHO)
             })
         });
+    let requested_role = annotations
+        .and_then(|a| a.get(ANNOTATION_ROLE_ARN))
+        .map(|v| {
+            let text = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+            iam_broker_kernel::text::clip(&text, iam_broker_kernel::text::MAX_ECHO)
+        });
     let skip: BTreeSet<&str> = annotations
         .and_then(|a| a.get(ANNOTATION_SKIP_CONTAINERS))
         .and_then(Value::as_str)
@@ -287,6 +296,7 @@ pub fn view(pod: &Value) -> Result<PodView, NotAPod> {
         name,
         already_injected,
         requested,
+        requested_role,
         host_network: spec.get("hostNetwork").and_then(Value::as_bool) == Some(true),
         eligible,
         conflict,
@@ -416,8 +426,9 @@ pub struct ProjectedInjection<'a> {
     pub broker_url: &'a str,
 }
 
-/// Pod annotation naming the role a `projected`-mode pod was given (for people; the sidecar's
-/// `BROKER_URL` carries it to the broker).
+/// Pod annotation naming the role of a `projected`-mode pod. Set by the pod's author, it chooses
+/// among the roles the ServiceAccount is allowed; the webhook writes (or keeps) it with the role
+/// it gave (for people; the credentials URL's `?role=` carries it to the broker).
 pub const ANNOTATION_ROLE_ARN: &str = "iam-broker.io/role-arn";
 
 /// How a pod's containers get their credential.

@@ -75,6 +75,9 @@ pub struct WebhookSettings {
     /// The default cluster's name (`CLUSTER_NAME`): its pods are also covered by the rows
     /// written under that name (`allowance::deciding_subjects`).
     pub default_cluster: Option<ClusterName>,
+    /// Whether the ServiceAccount is read from the cluster (`SERVICE_ACCOUNT_LOOKUP`); without,
+    /// a `projected` webhook never calls the cluster ([`Webhook::admit`]).
+    pub service_account_lookup: bool,
 }
 
 /// What the webhook gives pods.
@@ -122,6 +125,7 @@ impl From<&Config> for WebhookSettings {
                 .clone()
                 .filter(|served| Some(served) != config.cluster_name.as_ref()),
             default_cluster: config.cluster_name.clone(),
+            service_account_lookup: config.service_account_lookup,
         }
     }
 }
@@ -510,87 +514,123 @@ impl Webhook {
         result
     }
 
-    /// Reads the ServiceAccount and both Allowances rows (concurrently) and decides: the role to
-    /// inject, or the answer for a pod that gets none (`Err`, with the Event to record).
+    /// Reads the Allowances rows and (when it must) the ServiceAccount, concurrently, and
+    /// decides: the role to inject, or the answer for a pod that gets none (`Err`, with the Event
+    /// to record).
+    ///
+    /// The role is, in this order: in `projected` mode the pod's own [`patch::ANNOTATION_ROLE_ARN`];
+    /// the ServiceAccount's role annotation (read from the cluster, which `secret` mode always
+    /// does and `projected` mode only with `SERVICE_ACCOUNT_LOOKUP`); in `projected` mode, the one
+    /// role the Allowances rows allow the ServiceAccount. Whichever names it, the rows must allow
+    /// it. So a `projected` webhook can decide without calling the cluster at all.
     async fn role_for(&self, c: &Creation<'_>) -> Result<Result<RoleArn, Outcome>, Failure> {
         let (request, subject) = (c.request, &c.subject);
+        let projected = matches!(self.settings.identity, WebhookIdentity::Projected { .. });
+        let pod_role = c.view.requested_role.as_deref().filter(|_| projected);
+        let lookup = self.settings.service_account_lookup && pod_role.is_none();
         let deciding = deciding_subjects(subject, self.settings.default_cluster.as_ref());
         let (account, rows) = timeout_at(c.deadline, async {
             futures::join!(
-                self.cluster
-                    .service_account(&subject.namespace, &subject.service_account),
+                async {
+                    if lookup {
+                        self.cluster
+                            .service_account(&subject.namespace, &subject.service_account)
+                            .await
+                            .map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                },
                 self.allowances.rows_for_all(&deciding),
             )
         })
         .await
         .map_err(|_| Failure::Deadline("the ServiceAccount and Allowances lookups"))?;
-        let Some(account) = account? else {
-            return Ok(Err(skipped(
-                request,
-                c.sa(),
-                "the ServiceAccount does not exist",
-            )));
-        };
-        let Some(role) = account.annotations.get(&self.settings.role_annotation) else {
-            return Ok(Err(skipped(
-                request,
-                c.sa(),
-                "the ServiceAccount has no role annotation",
-            )));
-        };
-        let role = match RoleArn::parse(role) {
-            Ok(role) => role,
-            Err(e) => {
-                let why = format!(
-                    "the ServiceAccount's {} annotation is not a role ARN: {e}",
-                    self.settings.role_annotation
-                );
-                let mut outcome = skipped(request, c.sa(), &why);
-                outcome.response = outcome.response.warn(format!("iam-broker: {why}"));
-                outcome.notice = Some(Notice {
-                    reason: REASON_INVALID_ROLE_ANNOTATION,
-                    message: format!("iam-broker: no AWS credentials injected: {why}"),
-                    service_account_uid: account.uid.clone(),
-                });
-                return Ok(Err(outcome));
+        // `None`: not read; `Some(None)`: read, and there is none.
+        let account = account?;
+        let uid = account
+            .as_ref()
+            .and_then(|a| a.as_ref())
+            .and_then(|a| a.uid.clone());
+        let named = match (pod_role, &account) {
+            (Some(role), _) => Some((role.to_owned(), patch::ANNOTATION_ROLE_ARN.to_owned())),
+            (None, Some(None)) if !projected => {
+                return Ok(Err(skipped(
+                    request,
+                    c.sa(),
+                    "the ServiceAccount does not exist",
+                )));
             }
+            (None, Some(Some(account))) => {
+                match account.annotations.get(&self.settings.role_annotation) {
+                    Some(role) => Some((
+                        role.clone(),
+                        format!("the ServiceAccount's {}", self.settings.role_annotation),
+                    )),
+                    None if !projected => {
+                        return Ok(Err(skipped(
+                            request,
+                            c.sa(),
+                            "the ServiceAccount has no role annotation",
+                        )));
+                    }
+                    None => None,
+                }
+            }
+            (None, _) => None,
         };
         let rows = rows?;
-        if !is_allowed(&rows, role.as_str()) {
-            let (why, reason) = match unreadable(&rows) {
-                Some(row) => {
-                    tracing::error!(
-                        corrupt_row = true,
-                        store = %row.store,
-                        row_namespace = %row.partition,
-                        row_service_account = %row.service_account,
-                        problem = %row.problem,
-                        role_arn = %role.as_str(),
-                        "an Allowances row is unreadable; pods of its ServiceAccount get no \
-                         credentials until it is fixed or rewritten with iam-broker allow"
-                    );
-                    (
-                        format!("role {} is not allowed for {subject}: {row}", role.as_str()),
-                        REASON_ALLOWANCE_UNREADABLE,
-                    )
+        let role = match named {
+            Some((text, source)) => match RoleArn::parse(&text) {
+                Ok(role) => role,
+                Err(e) => {
+                    let why = format!("{source} annotation is not a role ARN: {e}");
+                    let mut outcome = skipped(request, c.sa(), &why);
+                    outcome.response = outcome.response.warn(format!("iam-broker: {why}"));
+                    outcome.notice = Some(Notice {
+                        reason: REASON_INVALID_ROLE_ANNOTATION,
+                        message: format!("iam-broker: no AWS credentials injected: {why}"),
+                        service_account_uid: uid,
+                    });
+                    return Ok(Err(outcome));
                 }
-                None => (
-                    format!(
-                        "role {} is not allowed for {subject} in the Allowances table",
-                        role.as_str(),
-                    ),
-                    REASON_ROLE_NOT_ALLOWED,
-                ),
-            };
-            let message = format!("iam-broker: no AWS credentials injected: {why}");
-            let mut outcome = skipped(request, c.sa(), &why);
-            outcome.response = outcome.response.warn(message.clone());
-            outcome.notice = Some(Notice {
-                reason,
-                message,
-                service_account_uid: account.uid.clone(),
-            });
-            return Ok(Err(outcome));
+            },
+            // No role named: the one the rows allow (projected mode only).
+            None => {
+                let allowed: std::collections::BTreeSet<&String> = rows
+                    .iter()
+                    .filter_map(iam_broker_kernel::allowance::Row::allowance)
+                    .flat_map(|a| a.allowed_roles.iter())
+                    .collect();
+                match allowed.into_iter().collect::<Vec<_>>().as_slice() {
+                    [only] => match RoleArn::parse(only) {
+                        Ok(role) => role,
+                        Err(_) => return Ok(Err(self.not_allowed(c, &rows, None, uid))),
+                    },
+                    [] => return Ok(Err(self.not_allowed(c, &rows, None, uid))),
+                    several => {
+                        let why = format!(
+                            "{subject} is allowed {} roles ({}): name one with the pod \
+                             annotation {}: <role ARN>",
+                            several.len(),
+                            several
+                                .iter()
+                                .map(|r| r.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            patch::ANNOTATION_ROLE_ARN
+                        );
+                        let mut outcome = skipped(request, c.sa(), &why);
+                        outcome.response = outcome
+                            .response
+                            .warn(format!("iam-broker: no AWS credentials injected: {why}"));
+                        return Ok(Err(outcome));
+                    }
+                }
+            }
+        };
+        if !is_allowed(&rows, role.as_str()) {
+            return Ok(Err(self.not_allowed(c, &rows, Some(&role), uid)));
         }
         if let Some(revoked) = revoked(&rows, c.view.name.as_deref()) {
             // No credentials would be served: say so instead of injecting a pod that fails.
@@ -602,6 +642,56 @@ impl Webhook {
             return Ok(Err(outcome));
         }
         Ok(Ok(role))
+    }
+
+    /// The answer for a pod whose role (`None`: any role) the rows do not allow, naming an
+    /// unreadable row when one may be why.
+    fn not_allowed(
+        &self,
+        c: &Creation<'_>,
+        rows: &[iam_broker_kernel::allowance::Row],
+        role: Option<&RoleArn>,
+        service_account_uid: Option<String>,
+    ) -> Outcome {
+        let (request, subject) = (c.request, &c.subject);
+        let role_text = role.map_or("no role", RoleArn::as_str);
+        let (why, reason) = match unreadable(rows) {
+            Some(row) => {
+                tracing::error!(
+                    corrupt_row = true,
+                    store = %row.store,
+                    row_namespace = %row.partition,
+                    row_service_account = %row.service_account,
+                    problem = %row.problem,
+                    role_arn = %role_text,
+                    "an Allowances row is unreadable; pods of its ServiceAccount get no \
+                     credentials until it is fixed or rewritten with iam-broker allow"
+                );
+                (
+                    format!("role {role_text} is not allowed for {subject}: {row}"),
+                    REASON_ALLOWANCE_UNREADABLE,
+                )
+            }
+            None => (
+                match role {
+                    Some(role) => format!(
+                        "role {} is not allowed for {subject} in the Allowances table",
+                        role.as_str(),
+                    ),
+                    None => format!("no role is allowed for {subject} in the Allowances table"),
+                },
+                REASON_ROLE_NOT_ALLOWED,
+            ),
+        };
+        let message = format!("iam-broker: no AWS credentials injected: {why}");
+        let mut outcome = skipped(request, c.sa(), &why);
+        outcome.response = outcome.response.warn(message.clone());
+        outcome.notice = Some(Notice {
+            reason,
+            message,
+            service_account_uid,
+        });
+        outcome
     }
 
     /// A fresh token and its record for this pod.
@@ -1040,6 +1130,7 @@ mod tests {
             identity: WebhookIdentity::Secret,
             scope: None,
             default_cluster: None,
+            service_account_lookup: true,
         }
     }
 
@@ -1776,6 +1867,112 @@ mod tests {
         f.allowances.allow(&west, ROLE, None).await.unwrap();
         let out = create(&f, pod("reader")).await;
         assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
+    }
+
+    /// A `projected` webhook that never reads the cluster (`SERVICE_ACCOUNT_LOOKUP=false`).
+    fn cluster_free() -> WebhookSettings {
+        WebhookSettings {
+            service_account_lookup: false,
+            ..projected(None)
+        }
+    }
+
+    fn pod_asking(sa: &str, role: &str) -> Value {
+        let mut pod = pod(sa);
+        pod["metadata"]["annotations"] = json!({ patch::ANNOTATION_ROLE_ARN: role });
+        pod
+    }
+
+    fn injected_role(out: &Outcome, pod: &Value) -> String {
+        let patched = apply(pod, &out.response);
+        patched["metadata"]["annotations"][patch::ANNOTATION_ROLE_ARN]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_cluster_free_projected_webhook_decides_from_the_pod_and_the_rows_alone() {
+        let f = fixture_with(cluster_free()).await;
+        // Every call to the cluster fails: any call would make the admission fail open.
+        for call in [ClusterCall::ServiceAccount, ClusterCall::RecordEvent] {
+            f.cluster.fail(call);
+        }
+        let other = "arn:aws:iam::123456789012:role/iam-broker/other";
+        // A ServiceAccount the cluster does not even know, with one allowed role: that role.
+        let ghost = Subject::service_account("team", "ghost").unwrap();
+        f.allowances.allow(&ghost, ROLE, None).await.unwrap();
+        let out = create(&f, pod("ghost")).await;
+        assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
+        assert_eq!(injected_role(&out, &pod("ghost")), ROLE);
+
+        // Two allowed roles: the pod names one, else it is told to.
+        f.allowances.allow(&ghost, other, None).await.unwrap();
+        let out = create(&f, pod("ghost")).await;
+        assert_eq!(out.decision, Decision::Skipped);
+        assert!(out.reason.contains("is allowed 2 roles"), "{}", out.reason);
+        assert!(
+            out.reason.contains(patch::ANNOTATION_ROLE_ARN),
+            "{}",
+            out.reason
+        );
+        assert!(!out.response.warnings.is_empty());
+        let asking = pod_asking("ghost", other);
+        let out = create(&f, asking.clone()).await;
+        assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
+        assert_eq!(injected_role(&out, &asking), other);
+
+        // A role the rows do not allow, or no ARN at all: refused, and the pod is told why.
+        let out = create(
+            &f,
+            pod_asking("ghost", "arn:aws:iam::123456789012:role/nope"),
+        )
+        .await;
+        assert_eq!(out.decision, Decision::Skipped);
+        assert!(
+            out.reason.contains("is not allowed for team/ghost"),
+            "{}",
+            out.reason
+        );
+        let out = create(&f, pod_asking("ghost", "s3_reader")).await;
+        assert_eq!(out.decision, Decision::Skipped);
+        assert!(
+            out.reason.contains("annotation is not a role ARN"),
+            "{}",
+            out.reason
+        );
+        // No row at all.
+        let out = create(&f, pod("nobody")).await;
+        assert_eq!(out.decision, Decision::Skipped);
+        assert!(
+            out.reason.contains("no role is allowed for team/nobody"),
+            "{}",
+            out.reason
+        );
+        assert!(f.cluster.events().is_empty());
+    }
+
+    #[tokio::test]
+    async fn with_lookup_the_service_accounts_annotation_still_chooses_and_the_pods_wins() {
+        let f = fixture_with(projected(None)).await;
+        let reader = Subject::service_account("team", "reader").unwrap();
+        let other = "arn:aws:iam::123456789012:role/iam-broker/other";
+        f.allowances.allow(&reader, other, None).await.unwrap();
+        // Two roles allowed; the ServiceAccount's annotation names ROLE.
+        let out = create(&f, pod("reader")).await;
+        assert_eq!(injected_role(&out, &pod("reader")), ROLE, "{}", out.reason);
+        // The pod's own annotation wins, and then the cluster is not asked.
+        f.cluster.fail(ClusterCall::ServiceAccount);
+        let asking = pod_asking("reader", other);
+        let out = create(&f, asking.clone()).await;
+        assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
+        assert_eq!(injected_role(&out, &asking), other);
+        // Secret mode ignores the pod's annotation: the ServiceAccount decides there.
+        let f = fixture().await;
+        let out = create(&f, pod_asking("reader", other)).await;
+        assert_eq!(out.decision, Decision::Patched, "{}", out.reason);
+        let records = records(&f).await;
+        assert_eq!(records[0].role_arn.as_str(), ROLE);
     }
 
     fn direct(settings: WebhookSettings) -> WebhookSettings {

@@ -319,11 +319,36 @@ async fn explain_pod(
 
     let subject = Subject::service_account(&namespace, &view.service_account)
         .map(|s| s.in_cluster(webhook_scope(&world.config)));
+    let projected = world.config.identity_mode == IdentityMode::Projected;
+    if projected && let Some(role) = &view.requested_role {
+        out.step(
+            "pod annotation",
+            Verdict::Info,
+            format!(
+                "{}: {role} (chooses among the allowed roles)",
+                patch::ANNOTATION_ROLE_ARN
+            ),
+        );
+    }
     let annotation_role = match &subject {
-        Ok(subject) => {
+        Ok(subject) if world.config.service_account_lookup => {
             let role = service_account_step(world, subject, out).await;
             allowance_steps(world, subject, out).await;
             role
+        }
+        Ok(subject) => {
+            out.step(
+                "service account",
+                Verdict::Info,
+                format!(
+                    "not read (SERVICE_ACCOUNT_LOOKUP is off): the webhook never calls the \
+                     cluster; the role is the pod's {} annotation, else the one role the rows \
+                     allow",
+                    patch::ANNOTATION_ROLE_ARN
+                ),
+            );
+            allowance_steps(world, subject, out).await;
+            None
         }
         Err(e) => {
             out.step("service account", Verdict::Fail, e.to_string());

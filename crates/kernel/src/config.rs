@@ -68,6 +68,11 @@ pub const ENV_CLUSTER_REGISTRY_TTL_SECONDS: &str = "CLUSTER_REGISTRY_TTL_SECONDS
 pub const ENV_STS_SOURCE_IDENTITY: &str = "STS_SOURCE_IDENTITY";
 /// `INJECTION`: how injected pods reach the broker, `sidecar` (default) or `direct`.
 pub const ENV_INJECTION: &str = "INJECTION";
+/// `SERVICE_ACCOUNT_LOOKUP`: whether the webhook reads the pod's ServiceAccount (its role
+/// annotation) from the cluster (`true`/`false`). `secret` mode always does; in `projected`
+/// mode it defaults to whether `KUBECONFIG_PARAMETER` is set: without it the webhook never calls
+/// the cluster and decides from the pod and the Allowances rows alone.
+pub const ENV_SERVICE_ACCOUNT_LOOKUP: &str = "SERVICE_ACCOUNT_LOOKUP";
 /// `CREDENTIAL_CACHE_MAX_ENTRIES`: how many pods' credentials one broker instance keeps for
 /// reuse (`0`: no cache).
 pub const ENV_CREDENTIAL_CACHE_MAX_ENTRIES: &str = "CREDENTIAL_CACHE_MAX_ENTRIES";
@@ -228,6 +233,9 @@ pub struct Config {
     pub injection: InjectionMode,
     /// Entries of the broker's credential cache (`0`: none).
     pub credential_cache_entries: usize,
+    /// Whether the webhook reads the pod's ServiceAccount from the cluster
+    /// ([`ENV_SERVICE_ACCOUNT_LOOKUP`]).
+    pub service_account_lookup: bool,
 }
 
 /// The webhook's answer when a dependency (Kubernetes, DynamoDB) fails or times out.
@@ -278,6 +286,7 @@ impl Default for Config {
             source_identity: false,
             injection: InjectionMode::Sidecar,
             credential_cache_entries: 10_000,
+            service_account_lookup: true,
         }
     }
 }
@@ -423,7 +432,22 @@ impl Config {
                 )?
                 .try_into()
                 .unwrap_or(usize::MAX),
+            service_account_lookup: false,
         };
+        let mut config = config;
+        let lookup_default =
+            config.identity_mode == IdentityMode::Secret || config.kubeconfig_parameter.is_some();
+        config.service_account_lookup =
+            v.parse_or(ENV_SERVICE_ACCOUNT_LOOKUP, lookup_default, boolean)?;
+        if config.identity_mode == IdentityMode::Secret && !config.service_account_lookup {
+            return Err(ConfigError {
+                variable: ENV_SERVICE_ACCOUNT_LOOKUP,
+                message: "secret mode reads the ServiceAccount's role annotation and writes \
+                          Secrets in the cluster: it cannot be false there (IDENTITY_MODE=projected \
+                          decides without the cluster)"
+                    .to_owned(),
+            });
+        }
         if config.injection == InjectionMode::Direct
             && let Some(url) = config.broker_url.as_deref()
             && !url.starts_with("https://")

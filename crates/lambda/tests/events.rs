@@ -127,6 +127,7 @@ async fn fixture_with(mode: SidecarMode, path_secret: Option<&str>) -> Fixture {
                 identity: iam_broker_admission::webhook::WebhookIdentity::Secret,
                 scope: None,
                 default_cluster: None,
+                service_account_lookup: true,
             },
         )),
         metrics: Metrics::off(),
