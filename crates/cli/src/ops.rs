@@ -52,9 +52,11 @@ pub struct RenderWebhookArgs {
     #[arg(long)]
     no_match_conditions: bool,
     /// The webhook's IDENTITY_MODE: projected registers Pod CREATE only, with
-    /// `sideEffects: None` (admission writes nothing); secret adds the DELETE cleanup webhook.
-    #[arg(long, value_enum, default_value_t = IdentityModeArg::Secret)]
-    identity_mode: IdentityModeArg,
+    /// `sideEffects: None` (admission writes nothing); secret adds the DELETE cleanup webhook
+    /// (keep it while moving from secret to projected, until no secret-mode pod is left). Left
+    /// out: IDENTITY_MODE, or the stack's IdentityMode output (--stack), else secret.
+    #[arg(long, value_enum)]
+    identity_mode: Option<IdentityModeArg>,
 }
 
 /// `--identity-mode`.
@@ -125,8 +127,18 @@ pub fn render(args: RenderWebhookArgs, environment: &Environment) -> anyhow::Res
         timeout_seconds: args.timeout_seconds,
         namespaces,
         identity: match args.identity_mode {
-            IdentityModeArg::Secret => iam_broker_kernel::config::IdentityMode::Secret,
-            IdentityModeArg::Projected => iam_broker_kernel::config::IdentityMode::Projected,
+            Some(IdentityModeArg::Secret) => iam_broker_kernel::config::IdentityMode::Secret,
+            Some(IdentityModeArg::Projected) => iam_broker_kernel::config::IdentityMode::Projected,
+            None => match environment
+                .var(iam_broker_kernel::config::ENV_IDENTITY_MODE)
+                .as_deref()
+            {
+                None | Some("secret") => iam_broker_kernel::config::IdentityMode::Secret,
+                Some("projected") => iam_broker_kernel::config::IdentityMode::Projected,
+                Some(other) => bail!(
+                    "IDENTITY_MODE is {other:?}, not secret or projected; pass --identity-mode"
+                ),
+            },
         },
     })?;
     print!("{yaml}");

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, bail};
 use iam_broker_kernel::config::{
     ENV_ALLOWANCES_TABLE, ENV_AUTHORIZATIONS_TABLE, ENV_CLUSTER_NAME, ENV_CLUSTERS_TABLE,
-    ENV_INJECTION, ENV_KUBECONFIG_PARAMETER, ENV_PROXY_IMAGE,
+    ENV_IDENTITY_MODE, ENV_INJECTION, ENV_KUBECONFIG_PARAMETER, ENV_PROXY_IMAGE,
 };
 use iam_broker_kernel::{Config, ConfigError};
 
@@ -23,6 +23,7 @@ const OUTPUT_VARIABLES: &[(&str, &str)] = &[
     (OUTPUT_PROXY_IMAGE, ENV_PROXY_IMAGE),
     (OUTPUT_INJECTION, ENV_INJECTION),
     (OUTPUT_CLUSTER_NAME, ENV_CLUSTER_NAME),
+    (OUTPUT_IDENTITY_MODE, ENV_IDENTITY_MODE),
 ];
 
 /// Output: the Allowances table's name.
@@ -37,6 +38,8 @@ pub const OUTPUT_KUBECONFIG_PARAMETER: &str = "KubeconfigParameterName";
 pub const OUTPUT_PROXY_IMAGE: &str = "ProxyImage";
 /// Output: the default cluster's registered name (`CLUSTER_NAME`), when the stack has one.
 pub const OUTPUT_CLUSTER_NAME: &str = "ClusterName";
+/// Output: what the webhook gives pods (`secret` or `projected`).
+pub const OUTPUT_IDENTITY_MODE: &str = "IdentityMode";
 /// Output: how injected pods reach the broker (`sidecar` or `direct`).
 pub const OUTPUT_INJECTION: &str = "Injection";
 /// Output: the broker's URL (what sidecars call).
