@@ -876,3 +876,86 @@ async fn a_session_policy_is_checked_when_written_listed_and_sent_to_sts() {
         out.stdout
     );
 }
+
+#[tokio::test]
+async fn doctor_in_projected_mode_checks_the_registration_and_no_rbac_without_a_lookup() {
+    let (_moto, env) = env().await;
+    // A projected stack without a kubeconfig: the webhook never calls the cluster.
+    let projected = env
+        .clone()
+        .set("IDENTITY_MODE", "projected")
+        .set("INJECTION", "direct")
+        .set("CLUSTER_NAME", "prod-eu-1");
+
+    // GIVEN the cluster is not registered yet
+    let before = cli(&projected, &["doctor"]).await.unwrap();
+    assert!(!before.success, "{}", before.stdout);
+    assert!(
+        before.stdout.contains(
+            "FAIL  cluster registration: prod-eu-1 is not registered, so the broker refuses its \
+             pods' tokens"
+        ),
+        "{}",
+        before.stdout
+    );
+    // AND no Kubernetes check runs: nothing there is called
+    assert!(
+        before.stdout.contains(
+            "ok    Kubernetes: not called: IDENTITY_MODE=projected without SERVICE_ACCOUNT_LOOKUP"
+        ),
+        "{}",
+        before.stdout
+    );
+    assert!(!before.stdout.contains("Kubernetes RBAC"), "{}", before.stdout);
+
+    // WHEN it is registered THEN doctor passes
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = jwks_file(dir.path(), "prod.json", &["k1"]);
+    ok(&add_from_file(&env, "prod-eu-1", &jwks, ISSUER).await);
+    let after = cli(&projected, &["doctor"]).await.unwrap();
+    ok(&after);
+    assert!(
+        after.stdout.contains(&format!(
+            "ok    cluster registration: prod-eu-1 is registered (issuer {ISSUER}, 1 keys)"
+        )),
+        "{}",
+        after.stdout
+    );
+
+    // A projected stack without a cluster name is told it needs one.
+    let unnamed = env
+        .clone()
+        .set("IDENTITY_MODE", "projected")
+        .set("INJECTION", "direct");
+    let out = cli(&unnamed, &["doctor"]).await.unwrap();
+    assert!(!out.success);
+    assert!(
+        out.stdout
+            .contains("FAIL  cluster registration: IDENTITY_MODE=projected needs CLUSTER_NAME"),
+        "{}",
+        out.stdout
+    );
+
+    // With a lookup, only `get serviceaccounts` is checked (deploy/20-rbac.projected.yaml).
+    let api = KubeApi::start().await.unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path(), DEFAULT_TOKEN).unwrap();
+    api.deny("get", "serviceaccounts");
+    let lookup = projected
+        .clone()
+        .set("SERVICE_ACCOUNT_LOOKUP", "true")
+        .set("KUBECONFIG", kubeconfig.to_string_lossy());
+    let out = cli(&lookup, &["doctor"]).await.unwrap();
+    assert!(!out.success);
+    assert!(
+        out.stdout.contains(
+            "FAIL  Kubernetes RBAC get serviceaccounts: denied: apply deploy/20-rbac.projected.yaml"
+        ),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        !out.stdout.contains("RBAC create secrets"),
+        "{}",
+        out.stdout
+    );
+}

@@ -424,6 +424,27 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
             },
         }
     }
+    if config.identity_mode == iam_broker_kernel::config::IdentityMode::Projected {
+        registration(&mut checks, &config, &aws, &dynamodb_endpoint).await;
+    }
+    let (permissions, rbac_file) = match (config.identity_mode, config.service_account_lookup) {
+        (iam_broker_kernel::config::IdentityMode::Secret, _) => {
+            (iam_broker_kube::REQUIRED_PERMISSIONS, "deploy/20-rbac.yaml")
+        }
+        (_, true) => (
+            iam_broker_kube::PROJECTED_PERMISSIONS,
+            "deploy/20-rbac.projected.yaml",
+        ),
+        (_, false) => (&[][..], ""),
+    };
+    if permissions.is_empty() {
+        checks.ok(
+            "Kubernetes",
+            "not called: IDENTITY_MODE=projected without SERVICE_ACCOUNT_LOOKUP (the webhook \
+             needs no kubeconfig and no RBAC)",
+        );
+        return Ok(finish_image_check(checks, &config));
+    }
     let source = match &config.kubeconfig_parameter {
         Some(parameter) => {
             let name = "kubeconfig parameter";
@@ -455,7 +476,7 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
         None => iam_broker_kube::ClientSource::Infer,
     };
     let cluster = iam_broker_kube::KubeCluster::new(source, config.aws_call_timeout);
-    for permission in iam_broker_kube::REQUIRED_PERMISSIONS {
+    for permission in permissions {
         let name = format!(
             "Kubernetes RBAC {} {}",
             permission.verb, permission.resource
@@ -465,7 +486,7 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
         }
         match cluster.can(*permission).await {
             Ok(true) => checks.ok(&name, "allowed"),
-            Ok(false) => checks.fail(&name, "denied: apply deploy/20-rbac.yaml"),
+            Ok(false) => checks.fail(&name, format!("denied: apply {rbac_file}")),
             Err(error) => {
                 checks.fail(
                     &name,
@@ -478,6 +499,11 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
             }
         }
     }
+    Ok(finish_image_check(checks, &config))
+}
+
+/// The sidecar image check, last; whether every check passed.
+fn finish_image_check(mut checks: Checks, config: &iam_broker_kernel::Config) -> bool {
     match (&config.proxy_image, config.injection) {
         (Some(image), _) => checks.ok("sidecar image", image),
         (None, InjectionMode::Direct) => checks.ok(
@@ -490,7 +516,52 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
             "PROXY_IMAGE is not set: the webhook will inject nothing (or set INJECTION=direct)",
         ),
     }
-    Ok(checks.healthy)
+    checks.healthy
+}
+
+/// Projected mode: the webhook's cluster has a name, and that name is registered (else the
+/// broker refuses every token its pods get).
+async fn registration(
+    checks: &mut Checks,
+    config: &iam_broker_kernel::Config,
+    aws: &iam_broker_app::AwsAdapters,
+    dynamodb: &iam_broker_aws::Endpoint,
+) {
+    use iam_broker_kernel::ports::ClusterRegistry as _;
+    let name = "cluster registration";
+    let Some(cluster) = config
+        .webhook_cluster
+        .as_ref()
+        .or(config.cluster_name.as_ref())
+    else {
+        checks.fail(
+            name,
+            "IDENTITY_MODE=projected needs CLUSTER_NAME (the stack's ClusterName): the broker \
+             knows pods by the registered cluster whose key signed their token",
+        );
+        return;
+    };
+    if !checks.runs(name, &[Scope::Aws, Scope::endpoint(dynamodb)]) {
+        return;
+    }
+    match aws.clusters.cluster(cluster).await {
+        Ok(Some(registered)) => checks.ok(
+            name,
+            format!(
+                "{cluster} is registered (issuer {}, {} keys)",
+                registered.issuer,
+                registered.keys.keys().len()
+            ),
+        ),
+        Ok(None) => checks.fail(
+            name,
+            format!(
+                "{cluster} is not registered, so the broker refuses its pods' tokens: \
+                 `iam-broker cluster add {cluster} --kubeconfig ...` before registering the webhook"
+            ),
+        ),
+        Err(error) => checks.fail(name, format!("cannot read the Clusters table: {error}")),
+    }
 }
 
 /// What a failure can take down with it.

@@ -553,6 +553,13 @@ pub const REQUIRED_PERMISSIONS: &[Permission] = &[
     },
 ];
 
+/// What a `projected` webhook that reads ServiceAccounts (`SERVICE_ACCOUNT_LOOKUP`) calls:
+/// `deploy/20-rbac.projected.yaml`. Without the lookup it calls nothing.
+pub const PROJECTED_PERMISSIONS: &[Permission] = &[Permission {
+    verb: "get",
+    resource: "serviceaccounts",
+}];
+
 impl KubeCluster {
     /// Whether the client's identity may do `permission` in every namespace
     /// (`SelfSubjectAccessReview`), for `iam-broker doctor`.
