@@ -242,6 +242,12 @@ impl Env {
         self
     }
 
+    /// Removes a variable.
+    pub fn without(mut self, name: &str) -> Self {
+        self.0.retain(|(n, _)| n != name);
+        self
+    }
+
     /// Tables with names unique to one test.
     pub fn tables(self, tables: &Tables) -> Self {
         self.set("ALLOWANCES_TABLE", &tables.allowances)

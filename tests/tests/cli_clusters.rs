@@ -906,7 +906,11 @@ async fn doctor_in_projected_mode_checks_the_registration_and_no_rbac_without_a_
         "{}",
         before.stdout
     );
-    assert!(!before.stdout.contains("Kubernetes RBAC"), "{}", before.stdout);
+    assert!(
+        !before.stdout.contains("Kubernetes RBAC"),
+        "{}",
+        before.stdout
+    );
 
     // WHEN it is registered THEN doctor passes
     let dir = tempfile::tempdir().unwrap();

@@ -141,5 +141,85 @@ fn the_in_cluster_sweep_runs_hourly_as_the_webhook_with_the_brokers_tables() {
     };
     let broker = &kind(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(env(container), env(broker));
-    assert_eq!(env(container).len(), 2);
+    assert_eq!(env(container).len(), 3);
+}
+
+#[test]
+fn the_in_cluster_broker_and_sweep_hold_no_static_aws_key() {
+    let docs = documents("deploy/in-cluster/broker.yaml");
+    let text = std::fs::read_to_string(
+        iam_broker_tests::workspace_root().join("deploy/in-cluster/broker.yaml"),
+    )
+    .unwrap();
+    assert!(
+        !text.contains("AWS_ACCESS_KEY_ID") && !text.contains("envFrom"),
+        "no key, no Secret of keys"
+    );
+    // The profile every container uses is a credential_process (tests/tests/keyless.rs runs one)
+    // whose certificate and key are mounted where it reads them.
+    let config = kind(&docs, "ConfigMap")["data"]["config"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        config.starts_with(
+            "[profile roles-anywhere]\ncredential_process = /aws_signing_helper credential-process"
+        ),
+        "{config}"
+    );
+    for pod in [
+        &kind(&docs, "Deployment")["spec"]["template"]["spec"],
+        &kind(&docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+    ] {
+        let container = &pod["containers"][0];
+        let env: BTreeSet<String> = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}={}",
+                    e["name"].as_str().unwrap(),
+                    e["value"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        assert!(
+            env.contains("AWS_PROFILE=roles-anywhere")
+                && env.contains("AWS_CONFIG_FILE=/aws/config"),
+            "{env:?}"
+        );
+        let mounts: BTreeSet<&str> = container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["mountPath"].as_str().unwrap())
+            .collect();
+        for path in ["/aws", "/roles-anywhere"] {
+            assert!(mounts.contains(path), "{path}: {mounts:?}");
+        }
+        for argument in ["/roles-anywhere/tls.crt", "/roles-anywhere/tls.key"] {
+            assert!(config.contains(argument), "{argument}");
+        }
+        let volumes: BTreeSet<&str> = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            volumes.contains("aws-config") && volumes.contains("roles-anywhere"),
+            "{volumes:?}"
+        );
+    }
+    let broker = &kind(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+    let names: BTreeSet<&str> = broker["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    for name in ["CLUSTERS_TABLE", "IDENTITY_MODE"] {
+        assert!(names.contains(name), "{name}");
+    }
 }
