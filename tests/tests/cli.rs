@@ -653,3 +653,41 @@ fn scripts_print_their_usage_on_help_and_refuse_unknown_arguments() {
         );
     }
 }
+
+/// The newest released version in CHANGELOG.md (`## [x.y.z] - date`).
+fn changelog_version() -> String {
+    let text =
+        std::fs::read_to_string(iam_broker_tests::workspace_root().join("CHANGELOG.md")).unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("## ["))
+        .filter_map(|l| l.split_once(']').map(|(v, _)| v))
+        .find(|v| v.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .expect("a released version in CHANGELOG.md")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn every_shipped_binary_prints_the_version_in_the_changelog() {
+    let version = changelog_version();
+    assert_eq!(
+        version,
+        env!("CARGO_PKG_VERSION"),
+        "Cargo.toml and CHANGELOG.md"
+    );
+    for (binary, expected) in [
+        ("iam-broker", format!("iam-broker {version}")),
+        ("iam-broker-proxy", format!("iam-broker-proxy {version}")),
+        ("bootstrap", format!("bootstrap (iam-broker) {version}")),
+    ] {
+        let out = iam_broker_tests::run_program(
+            &iam_broker_tests::binary(binary).unwrap(),
+            &Env::new(),
+            &["--version"],
+            None,
+        )
+        .await
+        .unwrap();
+        assert!(out.success, "{binary}: {}", out.stderr);
+        assert_eq!(out.stdout.trim(), expected, "{binary}");
+    }
+}

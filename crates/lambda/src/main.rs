@@ -13,6 +13,11 @@ use lambda_http::lambda_runtime::{self, LambdaEvent, service_fn};
 /// add start-up time, memory and cross-thread wake-ups (BENCHMARKS.md, "Cold start").
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
+    // Lambda starts `bootstrap` without arguments; `--version` is for people and release checks.
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("bootstrap (iam-broker) {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
     telemetry::init_json_logging();
     let handler = match Handler::from_setting(std::env::var("_HANDLER").ok().as_deref()) {
         Ok(handler) => handler,
