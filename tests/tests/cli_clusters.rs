@@ -663,7 +663,8 @@ async fn the_projected_registration_example_is_what_render_webhook_prints() {
     .unwrap();
     ok(&out);
     let example = std::fs::read_to_string(
-        workspace_root().join("deploy/30-mutatingwebhook.projected.example.yaml"),
+        workspace_root()
+            .join("deploy/overlays/projected/30-mutatingwebhook.projected.example.yaml"),
     )
     .unwrap();
     let body: String = example
@@ -673,7 +674,7 @@ async fn the_projected_registration_example_is_what_render_webhook_prints() {
         .collect();
     assert_eq!(
         out.stdout, body,
-        "deploy/30-mutatingwebhook.projected.example.yaml is stale"
+        "deploy/overlays/projected/30-mutatingwebhook.projected.example.yaml is stale"
     );
     assert!(body.contains("sideEffects: None\n") && !body.contains("DELETE"));
 }
@@ -940,7 +941,7 @@ async fn doctor_in_projected_mode_checks_the_registration_and_no_rbac_without_a_
         out.stdout
     );
 
-    // With a lookup, only `get serviceaccounts` is checked (deploy/20-rbac.projected.yaml).
+    // With a lookup, only `get serviceaccounts` is checked (deploy/components/rbac-projected/20-rbac.projected.yaml).
     let api = KubeApi::start().await.unwrap();
     let kubeconfig = api.write_kubeconfig(dir.path(), DEFAULT_TOKEN).unwrap();
     api.deny("get", "serviceaccounts");
@@ -952,7 +953,7 @@ async fn doctor_in_projected_mode_checks_the_registration_and_no_rbac_without_a_
     assert!(!out.success);
     assert!(
         out.stdout.contains(
-            "FAIL  Kubernetes RBAC get serviceaccounts: denied: apply deploy/20-rbac.projected.yaml"
+            "FAIL  Kubernetes RBAC get serviceaccounts: denied: apply deploy/components/rbac-projected/20-rbac.projected.yaml"
         ),
         "{}",
         out.stdout

@@ -28,9 +28,10 @@ async fn render_webhook_matches_the_committed_example_and_refuses_plain_http() {
         .await
         .unwrap();
     ok(&out);
-    let example =
-        std::fs::read_to_string(workspace_root().join("deploy/30-mutatingwebhook.example.yaml"))
-            .unwrap();
+    let example = std::fs::read_to_string(
+        workspace_root().join("deploy/overlays/secret/30-mutatingwebhook.example.yaml"),
+    )
+    .unwrap();
     let body: String = example
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -38,7 +39,7 @@ async fn render_webhook_matches_the_committed_example_and_refuses_plain_http() {
         .collect();
     assert_eq!(
         out.stdout, body,
-        "deploy/30-mutatingwebhook.example.yaml is stale"
+        "deploy/overlays/secret/30-mutatingwebhook.example.yaml is stale"
     );
 
     let fail = cli(

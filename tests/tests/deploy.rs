@@ -24,7 +24,7 @@ fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
 
 #[test]
 fn rbac_grants_exactly_what_the_webhook_uses() {
-    let docs = documents("deploy/20-rbac.yaml");
+    let docs = documents("deploy/components/rbac-secret/20-rbac.yaml");
     let role = kind(&docs, "ClusterRole");
     let mut granted = BTreeSet::new();
     for rule in role["rules"].as_array().unwrap() {
@@ -55,7 +55,7 @@ fn rbac_grants_exactly_what_the_webhook_uses() {
 
 #[test]
 fn the_service_account_and_its_token_secret_match_the_kubeconfig_command() {
-    let docs = documents("deploy/10-serviceaccount.yaml");
+    let docs = documents("deploy/components/webhook-identity/10-serviceaccount.yaml");
     let secret = kind(&docs, "Secret");
     assert_eq!(secret["type"], "kubernetes.io/service-account-token");
     assert_eq!(
@@ -69,7 +69,7 @@ fn the_service_account_and_its_token_secret_match_the_kubeconfig_command() {
 
 #[test]
 fn the_in_cluster_broker_is_restricted_and_serves_tls() {
-    let docs = documents("deploy/in-cluster/broker.yaml");
+    let docs = documents("deploy/overlays/in-cluster/broker.yaml");
     let deployment = kind(&docs, "Deployment");
     let pod = &deployment["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "iam-broker-webhook");
@@ -109,7 +109,7 @@ fn the_in_cluster_broker_is_restricted_and_serves_tls() {
 
 #[test]
 fn the_namespace_enforces_the_restricted_pod_security_level() {
-    let docs = documents("deploy/00-namespace.yaml");
+    let docs = documents("deploy/base/00-namespace.yaml");
     assert_eq!(
         kind(&docs, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
         "restricted"
@@ -118,7 +118,7 @@ fn the_namespace_enforces_the_restricted_pod_security_level() {
 
 #[test]
 fn the_in_cluster_sweep_runs_hourly_as_the_webhook_with_the_brokers_tables() {
-    let docs = documents("deploy/in-cluster/broker.yaml");
+    let docs = documents("deploy/overlays/in-cluster/broker.yaml");
     let cron = kind(&docs, "CronJob");
     assert_eq!(cron["spec"]["concurrencyPolicy"], "Forbid");
     let schedule = cron["spec"]["schedule"].as_str().unwrap();
@@ -146,9 +146,9 @@ fn the_in_cluster_sweep_runs_hourly_as_the_webhook_with_the_brokers_tables() {
 
 #[test]
 fn the_in_cluster_broker_and_sweep_hold_no_static_aws_key() {
-    let docs = documents("deploy/in-cluster/broker.yaml");
+    let docs = documents("deploy/overlays/in-cluster/broker.yaml");
     let text = std::fs::read_to_string(
-        iam_broker_tests::workspace_root().join("deploy/in-cluster/broker.yaml"),
+        iam_broker_tests::workspace_root().join("deploy/overlays/in-cluster/broker.yaml"),
     )
     .unwrap();
     assert!(

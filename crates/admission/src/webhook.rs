@@ -983,7 +983,7 @@ impl Webhook {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(reason = notice.reason,
                 error = %clip(&error.to_string(), MAX_MESSAGE),
-                "could not record the Kubernetes Event (RBAC: create events, deploy/20-rbac.yaml)"),
+                "could not record the Kubernetes Event (RBAC: create events, deploy/components/rbac-secret/20-rbac.yaml)"),
             Err(_) => tracing::warn!(
                 reason = notice.reason,
                 "recording the Kubernetes Event timed out"

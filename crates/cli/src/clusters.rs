@@ -3,7 +3,7 @@
 //!
 //! A cluster's issuer and keys come from its API server (`/.well-known/openid-configuration`
 //! and `/openid/v1/jwks`, which the built-in ClusterRole `system:service-account-issuer-discovery`
-//! allows; see `deploy/25-issuer-discovery.yaml`) or from a JWKS file. Before
+//! allows; see `deploy/components/issuer-discovery/25-issuer-discovery.yaml`) or from a JWKS file. Before
 //! anything is stored, the keys are validated and checked against every other registered
 //! cluster: two clusters of one issuer must not share a key, or their tokens could not be told
 //! apart. A kubeconfig is read only to reach the API server: its contents and credentials are
@@ -457,7 +457,7 @@ async fn get(client: &kube::Client, server: &str, path: &str) -> anyhow::Result<
         Ok(Err(kube::Error::Api(status))) if status.code == 401 || status.code == 403 => bail!(
             "{server} refused GET {path} ({} {}): the kubeconfig's identity needs the ClusterRole \
              system:service-account-issuer-discovery (see \
-             deploy/25-issuer-discovery.yaml)",
+             deploy/components/issuer-discovery/25-issuer-discovery.yaml)",
             status.code,
             status.reason
         ),

@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the router (broker and webhook; the same router as the Lambda function) over HTTP,
-    /// or HTTPS with --tls-cert and --tls-key (in-cluster deployment, see deploy/in-cluster).
+    /// or HTTPS with --tls-cert and --tls-key (in-cluster deployment, see deploy/overlays/in-cluster).
     Serve {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]

@@ -428,12 +428,13 @@ pub async fn doctor(environment: &Environment) -> anyhow::Result<bool> {
         registration(&mut checks, &config, &aws, &dynamodb_endpoint).await;
     }
     let (permissions, rbac_file) = match (config.identity_mode, config.service_account_lookup) {
-        (iam_broker_kernel::config::IdentityMode::Secret, _) => {
-            (iam_broker_kube::REQUIRED_PERMISSIONS, "deploy/20-rbac.yaml")
-        }
+        (iam_broker_kernel::config::IdentityMode::Secret, _) => (
+            iam_broker_kube::REQUIRED_PERMISSIONS,
+            "deploy/components/rbac-secret/20-rbac.yaml",
+        ),
         (_, true) => (
             iam_broker_kube::PROJECTED_PERMISSIONS,
-            "deploy/20-rbac.projected.yaml",
+            "deploy/components/rbac-projected/20-rbac.projected.yaml",
         ),
         (_, false) => (&[][..], ""),
     };

@@ -6,7 +6,7 @@
 //! ServiceAccount). It is built on first use, so a process that never calls Kubernetes never
 //! needs access to it. Every call runs under a deadline.
 //!
-//! RBAC the webhook's identity needs (and nothing more; see `deploy/20-rbac.yaml`):
+//! RBAC the webhook's identity needs (and nothing more; see `deploy/components/rbac-secret/20-rbac.yaml`):
 //!
 //! | verb | resource | why |
 //! |---|---|---|
@@ -554,7 +554,7 @@ pub const REQUIRED_PERMISSIONS: &[Permission] = &[
 ];
 
 /// What a `projected` webhook that reads ServiceAccounts (`SERVICE_ACCOUNT_LOOKUP`) calls:
-/// `deploy/20-rbac.projected.yaml`. Without the lookup it calls nothing.
+/// `deploy/components/rbac-projected/20-rbac.projected.yaml`. Without the lookup it calls nothing.
 pub const PROJECTED_PERMISSIONS: &[Permission] = &[Permission {
     verb: "get",
     resource: "serviceaccounts",
