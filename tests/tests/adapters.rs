@@ -444,3 +444,113 @@ async fn sts_issues_credentials_with_the_requested_duration() {
     let lifetime = (creds.expiration - before).whole_seconds();
     assert!((895..=905).contains(&lifetime), "{lifetime}");
 }
+
+#[tokio::test]
+async fn revocations_live_on_their_row_outlive_its_roles_and_go_when_lifted() {
+    use iam_broker_kernel::ports::RevocationChange as C;
+    let (_moto, _client, _tables, store, _) = stores().await;
+    let app = Subject::service_account("ns", "app").unwrap();
+    let other = Subject::service_account("ns", "other").unwrap();
+
+    // A revocation of a ServiceAccount no row names creates its row, with no role.
+    let row = store
+        .revise(
+            &other,
+            &C::Scope {
+                at: 7,
+                denied_roles: vec![A.to_owned()],
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(row.allowed_roles.is_empty());
+    assert_eq!(row.revocation.at, Some(7));
+    assert!(row.revocation.denied_roles.contains(A));
+
+    // On an allowed row: roles and revocation side by side, each written alone.
+    store.allow(&app, A, None).await.unwrap();
+    store
+        .revise(
+            &app,
+            &C::Pod {
+                pod: "web-1".to_owned(),
+                denied_roles: vec![A.to_owned()],
+            },
+        )
+        .await
+        .unwrap();
+    store.allow(&app, B, None).await.unwrap();
+    let row = store.allowance(&app).await.unwrap().unwrap();
+    assert_eq!(row.allowed_roles.len(), 2);
+    assert!(row.revocation.pods.contains("web-1"));
+    // Read back through the batch path the broker uses.
+    let rows = store.rows_for(&app).await.unwrap();
+    assert!(iam_broker_kernel::allowance::revoked(&rows, Some("web-1")).is_some());
+    assert!(iam_broker_kernel::allowance::revoked(&rows, Some("web-2")).is_none());
+
+    // Every role withdrawn: the roles go, the revocation stays.
+    let left = store.disallow(&app, None).await.unwrap().unwrap();
+    assert!(left.allowed_roles.is_empty() && left.external_ids.is_empty());
+    assert!(left.revocation.pods.contains("web-1"));
+    // Lifting the pod keeps the row while a deny is recorded; forgetting the deny removes it.
+    let lifted = store
+        .revise(&app, &C::LiftPod("web-1".to_owned()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(lifted.revocation.pods.is_empty());
+    assert!(
+        store
+            .revise(&app, &C::Undenied(vec![A.to_owned()]))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        store.allowance(&app).await.unwrap(),
+        None,
+        "nothing left: no row"
+    );
+
+    // Lifting what no row holds changes nothing.
+    let ghost = Subject::service_account("ns", "ghost").unwrap();
+    assert_eq!(store.revise(&ghost, &C::LiftScope).await.unwrap(), None);
+    assert_eq!(store.allowance(&ghost).await.unwrap(), None);
+    // A lifted scope with its deny still recorded keeps the row.
+    let row = store.revise(&other, &C::LiftScope).await.unwrap().unwrap();
+    assert_eq!(row.revocation.at, None);
+    assert!(row.revocation.denied_roles.contains(A));
+}
+
+#[tokio::test]
+async fn a_mistyped_revocation_makes_its_row_unreadable_not_an_outage() {
+    let (_moto, client, tables, store, _) = stores().await;
+    client
+        .put_item()
+        .table_name(&tables.allowances)
+        .set_item(Some(HashMap::from([
+            ("namespace".to_owned(), AttributeValue::S("ns".into())),
+            (
+                "service_account".to_owned(),
+                AttributeValue::S("app".into()),
+            ),
+            (
+                "allowed_roles".to_owned(),
+                AttributeValue::Ss(vec![A.into()]),
+            ),
+            (
+                "revoked_at".to_owned(),
+                AttributeValue::S("yesterday".into()),
+            ),
+        ])))
+        .send()
+        .await
+        .unwrap();
+    let app = Subject::service_account("ns", "app").unwrap();
+    let rows = store.rows_for(&app).await.unwrap();
+    assert!(
+        matches!(&rows[0], Row::Unreadable(u) if u.problem.contains("revoked_at")),
+        "{rows:?}"
+    );
+}

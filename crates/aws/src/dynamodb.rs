@@ -339,6 +339,54 @@ impl DynamoAllowanceStore {
 }
 
 impl DynamoAllowanceStore {
+    /// Sends an `UpdateItem` (`ReturnValues: ALL_NEW`) and reads the row it left; `None` when
+    /// its condition did not hold.
+    async fn updated(
+        &self,
+        update: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+    ) -> Result<Option<Allowance>, StoreError> {
+        let output = match update.return_values(ReturnValue::AllNew).send().await {
+            Ok(output) => output,
+            Err(e) if is_conditional_failure(&e) => return Ok(None),
+            Err(e) => return Err(self.table.unavailable(e)),
+        };
+        output
+            .attributes
+            .as_ref()
+            .map(|item| self.read_item(item))
+            .transpose()
+    }
+
+    /// Deletes the row unless it carries a revocation (which must outlive its roles) or, with
+    /// `only_without_roles`, a role (one re-added meanwhile). Whether it was deleted.
+    async fn delete_bare(
+        &self,
+        subject: &Subject,
+        only_without_roles: bool,
+    ) -> Result<bool, StoreError> {
+        let mut condition = "attribute_not_exists(#rev) AND attribute_not_exists(#pods) AND \
+                             attribute_not_exists(#denied)"
+            .to_owned();
+        let mut delete = self
+            .table
+            .client
+            .delete_item()
+            .table_name(&self.table.name)
+            .set_key(Some(Self::key(subject)))
+            .expression_attribute_names("#rev", aa::REVOKED_AT)
+            .expression_attribute_names("#pods", aa::REVOKED_PODS)
+            .expression_attribute_names("#denied", aa::DENIED_ROLES);
+        if only_without_roles {
+            condition.push_str(" AND attribute_not_exists(#roles)");
+            delete = delete.expression_attribute_names("#roles", aa::ALLOWED_ROLES);
+        }
+        match delete.condition_expression(condition).send().await {
+            Ok(_) => Ok(true),
+            Err(e) if is_conditional_failure(&e) => Ok(false),
+            Err(e) => Err(self.table.unavailable(e)),
+        }
+    }
+
     /// Removes `row`'s roles (with their `ExternalId`s and session policies), keeping the rest.
     async fn remove_roles(
         &self,
@@ -351,8 +399,7 @@ impl DynamoAllowanceStore {
             .update_item()
             .table_name(&self.table.name)
             .set_key(Some(Self::key(subject)))
-            .expression_attribute_names("#roles", aa::ALLOWED_ROLES)
-            .return_values(ReturnValue::AllNew);
+            .expression_attribute_names("#roles", aa::ALLOWED_ROLES);
         let mut names = vec!["#roles".to_owned()];
         for (i, role) in row.allowed_roles.iter().enumerate() {
             update = update
@@ -367,16 +414,8 @@ impl DynamoAllowanceStore {
             names.push(format!("#e{i}"));
             names.push(format!("#p{i}"));
         }
-        let output = update
-            .update_expression(format!("REMOVE {}", names.join(", ")))
-            .send()
+        self.updated(update.update_expression(format!("REMOVE {}", names.join(", "))))
             .await
-            .map_err(|e| self.table.unavailable(e))?;
-        output
-            .attributes
-            .as_ref()
-            .map(|item| self.read_item(item))
-            .transpose()
     }
 }
 
@@ -559,7 +598,7 @@ impl AllowanceStore for DynamoAllowanceStore {
         role_arn: Option<&str>,
     ) -> Result<Option<Allowance>, StoreError> {
         if let Some(role_arn) = role_arn {
-            let output = self
+            let update = self
                 .table
                 .client
                 .update_item()
@@ -574,61 +613,29 @@ impl AllowanceStore for DynamoAllowanceStore {
                     format!("{}{role_arn}", aa::SESSION_POLICY_PREFIX),
                 )
                 .expression_attribute_names("#ns", aa::NAMESPACE)
-                .expression_attribute_values(":role", AttributeValue::Ss(vec![role_arn.to_owned()]))
-                .return_values(ReturnValue::AllNew)
-                .send()
-                .await;
-            let output = match output {
-                Ok(output) => output,
-                Err(e) if is_conditional_failure(&e) => return Ok(None),
-                Err(e) => return Err(self.table.unavailable(e)),
+                .expression_attribute_values(
+                    ":role",
+                    AttributeValue::Ss(vec![role_arn.to_owned()]),
+                );
+            // `None`: there was no row.
+            let Some(remaining) = self.updated(update).await? else {
+                return Ok(None);
             };
-            let remaining = output
-                .attributes
-                .as_ref()
-                .map(|item| self.read_item(item))
-                .transpose()?;
-            if remaining
-                .as_ref()
-                .is_some_and(|a| !a.allowed_roles.is_empty())
-            {
-                return Ok(remaining);
+            if !remaining.allowed_roles.is_empty() {
+                return Ok(Some(remaining));
             }
         }
-        // Remove the row: all roles were asked for, or the last one just went. The condition
-        // keeps a role that someone re-added in between, and a row that carries a revocation
-        // (`sessions revoke`), which must outlive its roles.
-        let mut condition = "attribute_not_exists(#rev) AND attribute_not_exists(#pods) AND \
-                             attribute_not_exists(#denied)"
-            .to_owned();
-        if role_arn.is_some() {
-            condition.push_str(" AND attribute_not_exists(#roles)");
+        // Remove the row: all roles were asked for, or the last one just went. A role someone
+        // re-added in between stays, and so does a row that carries a revocation.
+        if self.delete_bare(subject, role_arn.is_some()).await? {
+            return Ok(None);
         }
-        let mut delete = self
-            .table
-            .client
-            .delete_item()
-            .table_name(&self.table.name)
-            .set_key(Some(Self::key(subject)))
-            .condition_expression(condition)
-            .expression_attribute_names("#rev", aa::REVOKED_AT)
-            .expression_attribute_names("#pods", aa::REVOKED_PODS)
-            .expression_attribute_names("#denied", aa::DENIED_ROLES);
-        if role_arn.is_some() {
-            delete = delete.expression_attribute_names("#roles", aa::ALLOWED_ROLES);
-        }
-        match delete.send().await {
-            Ok(_) => Ok(None),
-            Err(e) if is_conditional_failure(&e) => {
-                match (role_arn, self.allowance(subject).await?) {
-                    // Every role withdrawn from a revoked row: the roles go, the revocation stays.
-                    (None, Some(row)) if !row.allowed_roles.is_empty() => {
-                        self.remove_roles(subject, &row).await
-                    }
-                    (_, row) => Ok(row),
-                }
+        match (role_arn, self.allowance(subject).await?) {
+            // Every role withdrawn from a revoked row: the roles go, the revocation stays.
+            (None, Some(row)) if !row.allowed_roles.is_empty() => {
+                self.remove_roles(subject, &row).await
             }
-            Err(e) => Err(self.table.unavailable(e)),
+            (_, row) => Ok(row),
         }
     }
 
@@ -644,8 +651,7 @@ impl AllowanceStore for DynamoAllowanceStore {
             .client
             .update_item()
             .table_name(&self.table.name)
-            .set_key(Some(Self::key(subject)))
-            .return_values(ReturnValue::AllNew);
+            .set_key(Some(Self::key(subject)));
         let with_roles = |expression: &str, roles: &[String]| {
             if roles.is_empty() {
                 expression.to_owned()
@@ -701,40 +707,15 @@ impl AllowanceStore for DynamoAllowanceStore {
                 .expression_attribute_names("#denied", aa::DENIED_ROLES)
                 .expression_attribute_values(":roles", set(roles));
         }
-        let output = match update.update_expression(expression).send().await {
-            Ok(output) => output,
-            Err(e) if is_conditional_failure(&e) => return Ok(None),
-            Err(e) => return Err(self.table.unavailable(e)),
-        };
-        let row = output
-            .attributes
-            .as_ref()
-            .map(|item| self.read_item(item))
-            .transpose()?;
-        // A row that only held a lifted revocation goes, as `disallow` leaves none behind; the
-        // condition keeps one that got roles or a revocation meanwhile.
+        let row = self.updated(update.update_expression(expression)).await?;
+        // A row that only held a lifted revocation goes, as `disallow` leaves none behind; one
+        // that got roles or a revocation meanwhile stays.
         match row {
             Some(row) if row.allowed_roles.is_empty() && row.revocation.is_empty() => {
-                let deleted = self
-                    .table
-                    .client
-                    .delete_item()
-                    .table_name(&self.table.name)
-                    .set_key(Some(Self::key(subject)))
-                    .condition_expression(
-                        "attribute_not_exists(#roles) AND attribute_not_exists(#rev) AND \
-                         attribute_not_exists(#pods) AND attribute_not_exists(#denied)",
-                    )
-                    .expression_attribute_names("#roles", aa::ALLOWED_ROLES)
-                    .expression_attribute_names("#rev", aa::REVOKED_AT)
-                    .expression_attribute_names("#pods", aa::REVOKED_PODS)
-                    .expression_attribute_names("#denied", aa::DENIED_ROLES)
-                    .send()
-                    .await;
-                match deleted {
-                    Ok(_) => Ok(None),
-                    Err(e) if is_conditional_failure(&e) => self.allowance(subject).await,
-                    Err(e) => Err(self.table.unavailable(e)),
+                if self.delete_bare(subject, true).await? {
+                    Ok(None)
+                } else {
+                    self.allowance(subject).await
                 }
             }
             other => Ok(other),
