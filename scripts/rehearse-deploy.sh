@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The deploy rehearsal: README's Deploy -> wire -> first pod -> validate path, proven without an
-# AWS account (see scripts/rehearse_deploy/__main__.py for every step).
+# The deploy rehearsal: README's Deploy section (the secret-mode path and its move to projected,
+# then the projected-first path run from README's own code blocks) -> first pods -> validate,
+# proven without an AWS account (see scripts/rehearse_deploy/__main__.py for every step).
 #   scripts/rehearse-deploy.sh          build the binaries, run the rehearsal
 #   scripts/rehearse-deploy.sh --keep   keep the work folder (function, moto and sidecar logs)
 #   scripts/rehearse-deploy.sh --help   print this text

@@ -2,11 +2,18 @@
 
     python -m rehearse_deploy --root . --bin target/debug --moto-server scripts/moto-iam-server.py
 
-1. template.yaml (with samconfig.toml's parameter overrides, plus ProxyImage and a fresh
-   WebhookPathSecret as README's `sam deploy` passes them) is expanded by the SAM translator.
+Two stacks in one moto, against one Kubernetes API stand-in: README's secret-mode path (items 1
+to 8, and the move to projected), then README's projected-first path (item 9).
+
+1. template.yaml (with samconfig.toml's parameter overrides, plus KubeconfigParameterName,
+   ProxyImage and a fresh WebhookPathSecret as README's secret-mode `sam deploy` passes them) is
+   expanded by the SAM translator. The parameters must pass what CloudFormation checks before it
+   creates anything (each parameter's constraints, then the template's Rules); without
+   KubeconfigParameterName the Rules refuse a secret-mode stack.
 2. In moto with IAM enforcement on (INITIAL_NO_AUTH_ACTION_COUNT), the rehearsal creates what the
    code depends on, from the expanded template: the three tables as their properties say, each
-   function's execution role with its policies, the stack's outputs (DescribeStacks).
+   function's execution role with its policies, the stack's outputs (DescribeStacks; an output
+   with a Condition only when it holds).
 3. Each AWS::Lambda::Function runs the real `bootstrap` under a Lambda Runtime API emulator, with
    its resolved Environment.Variables and its role's session credentials, behind an API Gateway
    emulator routed by the expanded swagger.
@@ -25,7 +32,7 @@
    `"cache":"miss"` (one AssumeRole) for the pod and `"cache":"hit"` for its other fetches, and
    the AWS CLI without the CA is refused at the handshake.
 6. Projected identity: the cluster is registered from its API server with the identity of
-   deploy/25-issuer-discovery.yaml (`iam-broker cluster add --kubeconfig`), a pod's projected
+   deploy/components/issuer-discovery/25-issuer-discovery.yaml (`iam-broker cluster add --kubeconfig`), a pod's projected
    ServiceAccount token (TokenRequest, bound to the pod) gets credentials from the broker, whose
    role reads the Clusters table with dynamodb:Scan. Then direct: the token in a file, the three
    SDKs at `BrokerUrl?role=<role>` with `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` get the role;
@@ -44,6 +51,29 @@
    the functions wrote on stdout during the rehearsal are read back: each is one the dashboard
    knows, and the metrics this path exercises (CredentialsServed, Admissions, CredentialsDenied
    with Code AssumeRoleFailed, ...) are among them.
+   Before that, README's "Moving from secret to projected" on this stack: redeployed with
+   IdentityMode=projected and ClusterName, the kubeconfig kept, the functions restart with their
+   new environment; a new pod gets a projected token for its ServiceAccount's annotated role, the
+   registration stays the secret-mode one (`render-webhook --identity-mode secret` renders it
+   again), the DELETE of each pod admitted in secret mode removes its Secret until the managed
+   Secrets' list is empty, and then `render-webhook` (the IdentityMode output) registers Pod
+   CREATE only.
+9. README's projected-first path (Deploy, steps 1 to 4) on a second stack: its marked code blocks
+   run as written, as one script in a fresh bash (readme_shell.py; the real `iam-broker`, `sam`
+   and `kubectl` played by this script): `sam deploy` with IdentityMode=projected, ClusterName
+   and no KubeconfigParameterName, in README's region; `cluster add` from the issuer-discovery
+   identity; `doctor` (the registration, Kubernetes not called); `allow --cluster`;
+   `render-webhook` last, projected from the IdentityMode output. Then: the stack has no
+   CleanupFunction, no KubeconfigParameterName output, a webhook with no kubeconfig whose role
+   only reads Allowances (SSM and token records denied); the cluster got the namespace and the
+   issuer-discovery identity only, and a CREATE-only registration with sideEffects None. Step 5:
+   a pod of a ServiceAccount allowed one role, unannotated, is patched (projected token volume,
+   the sidecar at BrokerUrl?role=) and, with the token of the kubelet's TokenRequest in its file,
+   `aws sts get-caller-identity` through the sidecar is that role; a ServiceAccount allowed two
+   roles and annotated in the cluster: its unannotated pod is skipped with the warning naming
+   iam-broker.io/role-arn and no Event (the webhook read neither the ServiceAccount nor wrote
+   anything), its pod annotated with the second role gets that one. The two functions log no
+   AccessDenied and no warning.
 
 Three translations stand in for the network only: the stack's https://<api>.execute-api... URLs
 reach the API Gateway emulator on 127.0.0.1, over plain http for the rehearsal and the sidecar
@@ -66,6 +96,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -75,7 +106,7 @@ import botocore.exceptions
 import jsonpatch
 import yaml
 
-from . import cfn, cloudwatch
+from . import cfn, cloudwatch, readme_shell
 from .lambda_emulator import Function, InvocationError, RestApi, http_request
 
 REGION = "us-east-1"
@@ -85,6 +116,13 @@ ALLOWED_ROLE_NAME = "s3_reader"
 ASSUMED_ROLE = f":assumed-role/{ALLOWED_ROLE_NAME}/"
 DIRECT = {"iam-broker.io/injection": "direct"}
 OUTSIDE_ROLE_NAME = "legacy_reader"  # created at / (no path): outside AllowedRoleArnPattern
+# deploy/'s manifests, as README's commands name them
+MANIFESTS = {
+    "namespace": "deploy/base/00-namespace.yaml",
+    "webhook identity": "deploy/components/webhook-identity/10-serviceaccount.yaml",
+    "secret RBAC": "deploy/components/rbac-secret/20-rbac.yaml",
+    "issuer discovery": "deploy/components/issuer-discovery/25-issuer-discovery.yaml",
+}
 
 
 class RehearsalFailed(Exception):
@@ -136,6 +174,12 @@ def denied(call, codes=("AccessDenied", "AccessDeniedException")):
 
 
 class Rehearsal:
+    """The secret-mode stack (README: *Secret mode*), projected identity on the same stack, and
+    its move to projected (*Moving from secret to projected*)."""
+
+    region = REGION
+    stack = STACK
+
     def __init__(self, args, work):
         self.args = args
         self.work = work
@@ -180,7 +224,7 @@ class Rehearsal:
                  "moto")
 
     def client(self, service, credentials):
-        return boto3.client(service, region_name=REGION, endpoint_url=self.endpoint,
+        return boto3.client(service, region_name=self.region, endpoint_url=self.endpoint,
                             aws_access_key_id=credentials["AccessKeyId"],
                             aws_secret_access_key=credentials["SecretAccessKey"],
                             aws_session_token=credentials.get("SessionToken"))
@@ -239,14 +283,19 @@ class Rehearsal:
         return next(f for f in self.functions.values() if f.name == name or
                     self.resolver.attributes[(f.logical, "Arn")] == name)
 
-    def kubectl_apply(self, path):
-        """`kubectl apply -f` for the kinds the stand-in serves (the rest is RBAC and the
-        namespace, which the stand-in does not model)."""
+    def kubectl_apply(self, path=None, documents=None):
+        """`kubectl apply -f` (a file, or `documents` from stdin) for the kinds the stand-in
+        serves, and the webhook registration, which this script plays the API server for (the
+        rest is RBAC and the namespace, which the stand-in does not model)."""
         applied = []
-        for document in yaml.safe_load_all(open(path)):
+        for document in documents if documents is not None else yaml.safe_load_all(open(path)):
             if not document:
                 continue
             kind = document["kind"]
+            if kind == "MutatingWebhookConfiguration":
+                self.registration = document
+                applied.append(f"{kind} {document['metadata']['name']}")
+                continue
             resource = {"ServiceAccount": "serviceaccounts", "Secret": "secrets"}.get(kind)
             if resource is None:
                 continue
@@ -259,29 +308,83 @@ class Rehearsal:
                     "namespace": base64.b64encode(namespace.encode()).decode(),
                 }
             status, answer = self.kube("POST", f"/api/v1/namespaces/{namespace}/{resource}", document)
-            check(status == 201, f"kubectl apply {kind} {namespace}: {status} {answer}")
-            applied.append(f"{kind} {namespace}/{document['metadata']['name']}")
+            # applied before (the first stack's steps): kubectl apply leaves it as it is
+            check(status in (201, 409), f"kubectl apply {kind} {namespace}: {status} {answer}")
+            applied.append(f"{kind} {namespace}/{document['metadata']['name']}"
+                           + (" (unchanged)" if status == 409 else ""))
         return applied
 
     # ------------------------------------------------------------------ the stack
-    def deploy_stack(self):
-        template = cfn.load_template(os.path.join(self.root, "template.yaml"))
-        parameters = cfn.samconfig_overrides(os.path.join(self.root, "samconfig.toml"))
-        self.path_secret = secrets.token_urlsafe(32)  # README: openssl rand -base64 32 | tr ...
-        parameters.update({"ProxyImage": "registry.example/iam-broker-proxy:0.1.0",
-                           "WebhookPathSecret": self.path_secret})
+    def expanded_template(self, parameters):
+        return cfn.expand(cfn.load_template(os.path.join(self.root, "template.yaml")), parameters,
+                          self.region, "s3://iam-broker-artifacts/bootstrap.zip")
+
+    def expand_checked(self, parameters):
+        """The template expanded with `parameters`, once CloudFormation would accept them (their
+        constraints, then the Rules)."""
         self.parameters = parameters
-        self.expanded = cfn.expand(template, parameters, REGION,
-                                   "s3://iam-broker-artifacts/bootstrap.zip")
+        self.path_secret = parameters["WebhookPathSecret"]
+        self.expanded = self.expanded_template(parameters)
         with open(os.path.join(self.work, "expanded.json"), "w") as f:
             json.dump(self.expanded, f, indent=1, default=str)
-        self.resolver = cfn.Resolver(self.expanded, parameters, STACK, REGION)
-        resources = self.expanded["Resources"]
+        refusals = (cfn.parameter_refusals(self.expanded, parameters)
+                    or cfn.rule_refusals(self.expanded, parameters))
+        check(not refusals, "CloudFormation would refuse the stack:\n    " + "\n    ".join(refusals))
+
+    def active_by_type(self):
         by_type = {}
-        for logical, resource in resources.items():
+        for logical, resource in self.expanded["Resources"].items():
             if self.resolver.active(logical):
                 by_type.setdefault(resource["Type"], []).append(logical)
-        expected = {"AWS::DynamoDB::Table": 3, "AWS::Lambda::Function": 3,
+        return by_type
+
+    def publish_outputs(self, create):
+        """The template's outputs, as DescribeStacks shows them. moto's CloudFormation cannot
+        create this template's API Gateway stage, Lambda functions or schedules; the stack it
+        holds carries the outputs the template computes (resolved from the resources created
+        through the service APIs, the dashboard and the alarms through CloudWatch's)."""
+        # an output with a Condition exists only when it holds (ClusterName, KubeconfigParameterName)
+        self.outputs = {k: str(self.resolver.resolve(v["Value"]))
+                        for k, v in self.expanded.get("Outputs", {}).items()
+                        if "Condition" not in v or self.resolver.condition(v["Condition"])}
+        cloudformation = self.client("cloudformation", self.admin)
+        (cloudformation.create_stack if create else cloudformation.update_stack)(
+            StackName=self.stack, TemplateBody=json.dumps({
+                "Resources": {"Placeholder": {"Type": "AWS::CloudFormation::WaitConditionHandle"}},
+                "Outputs": {k: {"Value": v} for k, v in self.outputs.items()},
+            }))
+        described = cloudformation.describe_stacks(StackName=self.stack)["Stacks"][0].get("Outputs", [])
+        check({o["OutputKey"]: o["OutputValue"] for o in described} == self.outputs,
+              "DescribeStacks does not return the template's outputs")
+
+    def update_stack(self, parameters):
+        """`sam deploy` of the deployed stack with other parameters: the resources stay (this
+        rehearsal's updates add or remove none), the functions restart with their new
+        environment, the outputs follow."""
+        before = self.active_by_type()
+        physical, attributes = self.resolver.physical, self.resolver.attributes
+        self.expand_checked(parameters)
+        self.resolver = cfn.Resolver(self.expanded, parameters, self.stack, self.region)
+        self.resolver.physical, self.resolver.attributes = physical, attributes
+        by_type = self.active_by_type()
+        check(by_type == before, f"the update would change the stack's resources: {by_type}")
+        for function in self.functions.values():
+            function.stop()
+        self.api.stop()
+        self.functions = {}
+        self.start_functions(by_type)
+        self.publish_outputs(create=False)
+
+    def deploy_stack(self, parameters):
+        """`sam deploy` with `parameters` (its --parameter-overrides): the template's Rules must
+        hold, as CloudFormation checks them first; then what the stack creates."""
+        self.expand_checked(parameters)
+        self.resolver = cfn.Resolver(self.expanded, parameters, self.stack, self.region)
+        resources = self.expanded["Resources"]
+        by_type = self.active_by_type()
+        # the cleanup function (Secrets of secret-mode pods) exists only with a kubeconfig
+        kubeconfig = bool(self.resolver.parameters["KubeconfigParameterName"])
+        expected = {"AWS::DynamoDB::Table": 3, "AWS::Lambda::Function": 3 if kubeconfig else 2,
                     "AWS::ApiGateway::RestApi": 1, "AWS::CloudWatch::Dashboard": 1,
                     "AWS::CloudWatch::Alarm": 5}
         for kind, count in expected.items():
@@ -294,10 +397,10 @@ class Rehearsal:
             self.create_table(dynamodb, logical, resources[logical]["Properties"])
         # function names are chosen up front: the scheduler's role names the webhook function
         for logical in by_type["AWS::Lambda::Function"]:
-            name = f"{STACK}-{logical}-{secrets.token_hex(6).upper()}"
+            name = f"{self.stack}-{logical}-{secrets.token_hex(6).upper()}"
             self.resolver.physical[logical] = name
             self.resolver.attributes[(logical, "Arn")] = \
-                f"arn:aws:lambda:{REGION}:{cfn.ACCOUNT}:function:{name}"
+                f"arn:aws:lambda:{self.region}:{cfn.ACCOUNT}:function:{name}"
         for logical in by_type.get("AWS::IAM::Role", []):
             self.create_role(iam, logical, resources[logical]["Properties"])
         api_logical = by_type["AWS::ApiGateway::RestApi"][0]
@@ -309,25 +412,12 @@ class Rehearsal:
             self.create_alarm(cloudwatch_client, logical, resources[logical]["Properties"])
         for logical in by_type["AWS::CloudWatch::Dashboard"]:
             self.create_dashboard(cloudwatch_client, logical, resources[logical]["Properties"])
-        self.outputs = {k: str(self.resolver.resolve(v["Value"]))
-                        for k, v in self.expanded.get("Outputs", {}).items()}
-        cloudformation = admin("cloudformation", self.admin)
-        # moto's CloudFormation cannot create this template's API Gateway stage, Lambda
-        # functions or schedules; the stack that DescribeStacks shows carries the outputs the
-        # template computes (resolved above from the resources created through the service APIs,
-        # the dashboard and the alarms through CloudWatch's).
-        cloudformation.create_stack(StackName=STACK, TemplateBody=json.dumps({
-            "Resources": {"Placeholder": {"Type": "AWS::CloudFormation::WaitConditionHandle"}},
-            "Outputs": {k: {"Value": v} for k, v in self.outputs.items()},
-        }))
-        described = cloudformation.describe_stacks(StackName=STACK)["Stacks"][0].get("Outputs", [])
-        check({o["OutputKey"]: o["OutputValue"] for o in described} == self.outputs,
-              "DescribeStacks does not return the template's outputs")
+        self.publish_outputs(create=True)
         return by_type
 
     def create_table(self, dynamodb, logical, properties):
         p = self.resolver.resolve(properties)
-        name = f"{STACK}-{logical}-{secrets.token_hex(6).upper()}"
+        name = f"{self.stack}-{logical}-{secrets.token_hex(6).upper()}"
         request = {"TableName": name, "AttributeDefinitions": p["AttributeDefinitions"],
                    "KeySchema": p["KeySchema"], "BillingMode": p.get("BillingMode", "PROVISIONED")}
         if "StreamSpecification" in p:
@@ -361,7 +451,7 @@ class Rehearsal:
 
     def create_role(self, iam, logical, properties):
         p = self.resolver.resolve(properties)
-        name = f"{STACK}-{logical}-{secrets.token_hex(6).upper()}"[:64]
+        name = f"{self.stack}-{logical}-{secrets.token_hex(6).upper()}"[:64]
         role = iam.create_role(RoleName=name, Path=p.get("Path", "/"),
                                AssumeRolePolicyDocument=json.dumps(p["AssumeRolePolicyDocument"]))
         for arn in p.get("ManagedPolicyArns", []):
@@ -395,7 +485,7 @@ class Rehearsal:
 
     def create_alarm(self, cloudwatch_client, logical, properties):
         request = self.alarm_request(self.resolver.resolve(properties))
-        request.setdefault("AlarmName", f"{STACK}-{logical}-{secrets.token_hex(6).upper()}")
+        request.setdefault("AlarmName", f"{self.stack}-{logical}-{secrets.token_hex(6).upper()}")
         cloudwatch_client.put_metric_alarm(**request)
         alarms = cloudwatch_client.describe_alarms(
             AlarmNames=[request["AlarmName"]])["MetricAlarms"]
@@ -406,7 +496,7 @@ class Rehearsal:
 
     def create_dashboard(self, cloudwatch_client, logical, properties):
         p = self.resolver.resolve(properties)
-        name = p.get("DashboardName") or f"{STACK}-{logical}-{secrets.token_hex(6).upper()}"
+        name = p.get("DashboardName") or f"{self.stack}-{logical}-{secrets.token_hex(6).upper()}"
         try:
             json.loads(p["DashboardBody"])
         except ValueError as error:
@@ -439,8 +529,8 @@ class Rehearsal:
                 "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{name}",
                 "AWS_LAMBDA_LOG_STREAM_NAME": "rehearsal",
                 "AWS_LAMBDA_LOG_FORMAT": p.get("LoggingConfig", {}).get("LogFormat", "Text"),
-                "AWS_REGION": REGION,
-                "AWS_DEFAULT_REGION": REGION,
+                "AWS_REGION": self.region,
+                "AWS_DEFAULT_REGION": self.region,
                 "AWS_ACCESS_KEY_ID": session["AccessKeyId"],
                 "AWS_SECRET_ACCESS_KEY": session["SecretAccessKey"],
                 "AWS_SESSION_TOKEN": session["SessionToken"],
@@ -465,7 +555,7 @@ class Rehearsal:
         stages = [r["Properties"]["StageName"] for r in resources.values()
                   if r["Type"] == "AWS::ApiGateway::Stage"]
         check(len(stages) == 1, f"expected one API stage, found {stages}")
-        self.api = RestApi(self.api_id, stages[0], REGION, routes)
+        self.api = RestApi(self.api_id, stages[0], self.region, routes)
         for method, path, target in routes:
             print(f"    {method.upper():5} /{stages[0]}{path} -> {target.logical}", file=sys.stderr)
 
@@ -474,14 +564,14 @@ class Rehearsal:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": self.work,
-            "AWS_REGION": REGION,
+            "AWS_REGION": self.region,
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_ACCESS_KEY_ID": self.admin["AccessKeyId"],
             "AWS_SECRET_ACCESS_KEY": self.admin["SecretAccessKey"],
             "AWS_CONFIG_FILE": "/dev/null",
             "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
             "KUBECONFIG": self.admin_kubeconfig,
-            "IAM_BROKER_STACK": STACK,
+            "IAM_BROKER_STACK": self.stack,
             "RUST_LOG": "warn",
         }
         env.update(extra_env or {})
@@ -496,6 +586,7 @@ class Rehearsal:
         """What the API server does for one Pod CREATE / DELETE: pick the matching webhooks of
         the registered configuration, call each, apply the patches."""
         review_uid = secrets.token_hex(8)
+        self.warnings = []
         namespace = (pod or old)["metadata"]["namespace"]
         for hook in self.registration["webhooks"]:
             if not self.hook_matches(hook, operation, namespace, pod if operation == "CREATE" else old):
@@ -518,6 +609,8 @@ class Rehearsal:
             response = json.loads(body)["response"]
             check(response["uid"] == review_uid and response["allowed"],
                   f"webhook {hook['name']}: {response}")
+            # what kubectl prints as "Warning: ..."
+            self.warnings += response.get("warnings") or []
             if response.get("patch"):
                 check(operation == "CREATE", "a DELETE answer carries a patch")
                 patch = json.loads(base64.b64decode(response["patch"]))
@@ -554,6 +647,21 @@ class Rehearsal:
         check(status == 200, f"deleting pod {pod['metadata']['name']}: {status}")
         return called
 
+    def token_request(self, pod, audience):
+        """The kubelet's TokenRequest for `pod`'s projected volume: a token of its ServiceAccount
+        for `audience`, bound to the pod (its name and uid)."""
+        account = pod["spec"].get("serviceAccountName") or "default"
+        status, answer = self.kube(
+            "POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/{account}/token", {
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": [audience], "expirationSeconds": 3600,
+                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
+                                            "name": pod["metadata"]["name"],
+                                            "uid": pod["metadata"]["uid"]}}})
+        check(status == 201, f"the kubelet's TokenRequest for {pod['metadata']['name']}: "
+              f"{status} {answer}")
+        return answer["status"]["token"]
+
     def container_env(self, container):
         env = {}
         for item in container.get("env", []):
@@ -567,17 +675,23 @@ class Rehearsal:
                 env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
         return env
 
-    def run_pod(self, pod):
+    def run_pod(self, pod, token_file=None):
         """The kubelet's part: the sidecar and the app container, with the env the patch gave
-        them. Returns (app exit code, stdout, stderr)."""
+        them (`token_file`: where the kubelet wrote the pod's projected token). Returns (app exit
+        code, stdout, stderr)."""
         containers = pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
         sidecar = next(c for c in containers if c["name"] == "iam-broker-proxy")
         app = next(c for c in pod["spec"]["containers"] if c["name"] == "app")
         sidecar_env = self.container_env(sidecar)
         app_env = self.container_env(app)
-        check(sidecar_env.get("BROKER_URL") == self.outputs["BrokerUrl"],
+        # projected: BrokerUrl?role=<the pod's role>
+        check(sidecar_env.get("BROKER_URL", "").split("?")[0] == self.outputs["BrokerUrl"],
               f"the sidecar calls {sidecar_env.get('BROKER_URL')}, the stack's BrokerUrl is "
               f"{self.outputs['BrokerUrl']}")
+        if token_file:
+            check(app_env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"),
+                  f"the app has no AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE: {sorted(app_env)}")
+            app_env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"] = token_file
         pod_port = free_port()
         listen = sidecar_env.get("LISTEN_ADDR", "127.0.0.1:53080")
         sidecar_env["BROKER_URL"] = self.api.local_url(sidecar_env["BROKER_URL"])
@@ -596,7 +710,7 @@ class Rehearsal:
                 "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                 "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
                 "AWS_ENDPOINT_URL": self.endpoint,
-                "AWS_DEFAULT_REGION": app_env.get("AWS_DEFAULT_REGION", REGION),
+                "AWS_DEFAULT_REGION": app_env.get("AWS_DEFAULT_REGION", self.region),
             })
             result = subprocess.run([self.args.aws, *app["args"], "--output", "json"],
                                     env=app_env, capture_output=True, text=True, timeout=60)
@@ -650,7 +764,7 @@ class Rehearsal:
             "AWS_EC2_METADATA_DISABLED": "true",
             "AWS_ENDPOINT_URL": self.endpoint,
         })
-        env.setdefault("AWS_REGION", env.get("AWS_DEFAULT_REGION", REGION))
+        env.setdefault("AWS_REGION", env.get("AWS_DEFAULT_REGION", self.region))
         env.setdefault("AWS_DEFAULT_REGION", env["AWS_REGION"])
         if trust:
             env.update(self.sdk_trust())
@@ -749,23 +863,38 @@ class Rehearsal:
         step("SAM expansion of template.yaml, moto with IAM enforcement")
         self.start_moto()
         self.bootstrap_identities()
-        step("create the stack's tables and roles from the expanded template")
-        by_type = self.deploy_stack()
+        step("README Secret mode: sam deploy, the tables and roles from the expanded template")
+        # README: sam deploy --parameter-overrides KubeconfigParameterName=... ProxyImage=...
+        # WebhookPathSecret="$(openssl rand -base64 32 | tr '+/' '-_' | tr -d '=')"
+        parameters = cfn.samconfig_overrides(os.path.join(self.root, "samconfig.toml"))
+        parameters.update({"KubeconfigParameterName": "/iam-broker/webhook-kubeconfig",
+                           "ProxyImage": "registry.example/iam-broker-proxy:0.1.0",
+                           "WebhookPathSecret": secrets.token_urlsafe(32)})
+        without = {k: v for k, v in parameters.items() if k != "KubeconfigParameterName"}
+        refusals = cfn.rule_refusals(self.expanded_template(without), without)
+        check(any("KubeconfigParameterName is required when IdentityMode is secret" in r
+                  for r in refusals),
+              f"a secret-mode stack without KubeconfigParameterName is not refused: {refusals}")
+        print(f"    refused without KubeconfigParameterName: {refusals[0]}", file=sys.stderr)
+        by_type = self.deploy_stack(parameters)
         for key, value in sorted(self.outputs.items()):
             print(f"    output {key} = {value}", file=sys.stderr)
         for name in ("BrokerUrl", "WebhookUrlWithoutSecret", "AllowancesTableName",
                      "AuthorizationsTableName", "ClustersTableName", "BrokerFunctionRoleArn",
-                     "KubeconfigParameterName", "DashboardName", "DashboardUrl", "AlarmNames"):
+                     "KubeconfigParameterName", "IdentityMode", "DashboardName", "DashboardUrl",
+                     "AlarmNames"):
             check(name in self.outputs, f"the stack has no output {name}")
+        check(self.outputs["IdentityMode"] == "secret",
+              f"the IdentityMode output is {self.outputs['IdentityMode']}")
         step("the dashboard and the alarms read the metrics the functions write")
         self.check_dashboard_and_alarms()
-        step("start both functions under the Lambda runtime emulator, API Gateway in front")
+        step("start the functions under the Lambda runtime emulator, API Gateway in front")
         self.start_functions(by_type)
         self.start_cluster()
 
-        step("README Deploy 2: kubectl apply deploy/; iam-broker kubeconfig --store; render-webhook")
-        for path in ("00-namespace.yaml", "10-serviceaccount.yaml", "20-rbac.yaml"):
-            for applied in self.kubectl_apply(os.path.join(self.root, "deploy", path)):
+        step("README Secret mode: kubectl apply deploy/; iam-broker kubeconfig --store; render-webhook")
+        for path in (MANIFESTS["namespace"], MANIFESTS["webhook identity"], MANIFESTS["secret RBAC"]):
+            for applied in self.kubectl_apply(os.path.join(self.root, path)):
                 print(f"    applied {applied}", file=sys.stderr)
         self.cli("kubeconfig", "--from-secret", "iam-broker/iam-broker-webhook-token", "--store")
         ssm = self.client("ssm", self.admin)
@@ -785,7 +914,7 @@ class Rehearsal:
               f"the registration points at {urls}")
         self.namespace_labels = {}
 
-        step("README Deploy 2: iam-broker doctor, from the operator's machine")
+        step("README Secret mode: iam-broker doctor, from the operator's machine")
         doctor = self.cli("doctor", expect_ok=False)
         print("    " + doctor.stdout.strip().replace("\n", "\n    "), file=sys.stderr)
         check(doctor.returncode == 0, f"doctor failed:\n{doctor.stdout}{doctor.stderr}")
@@ -959,6 +1088,8 @@ class Rehearsal:
         print(f"    {consumer.logical} cleaned the stream batch: {json.dumps(cleaned)}",
               file=sys.stderr)
 
+        self.move_to_projected(allowed_role)
+
         step("every call the functions made was allowed")
         for function in self.functions.values():
             with open(os.path.join(self.work, f"{function.logical}.log"), errors="replace") as f:
@@ -986,7 +1117,67 @@ class Rehearsal:
         self.check_emitted_metrics()
         step("every setting a function reads is a template parameter or a documented edit")
         self.check_settings_reachable()
-        step("the deploy rehearsal passed")
+
+    def move_to_projected(self, role):
+        """README, Moving from secret to projected, on this stack: its cluster is registered
+        (`rehearsal`, above); redeploy with IdentityMode=projected and ClusterName, keeping the
+        kubeconfig; the secret-mode registration stays, so the DELETE of a pod admitted in secret
+        mode still removes its Secret; new pods get projected tokens; once no managed Secret is
+        left, the projected registration replaces it (no DELETE webhook)."""
+        step("README Moving from secret to projected: redeploy projected keeping the kubeconfig, "
+             "keep the DELETE webhook until no secret-mode pod is left")
+        # sam deploy --parameter-overrides IdentityMode=projected ClusterName="$CLUSTER_NAME":
+        # every parameter not named keeps its value
+        self.update_stack({**self.parameters, "IdentityMode": "projected",
+                           "ClusterName": "rehearsal"})
+        check(self.outputs["IdentityMode"] == "projected"
+              and self.outputs.get("KubeconfigParameterName") == "/iam-broker/webhook-kubeconfig"
+              and "CleanupFunction" in self.functions,
+              f"after the redeploy: outputs {self.outputs}, functions {sorted(self.functions)}")
+        selector = urllib.parse.quote("app.kubernetes.io/managed-by=iam-broker")
+
+        def managed_secrets():  # kubectl get secrets -A -l app.kubernetes.io/managed-by=iam-broker
+            status, listed = self.kube("GET", f"/api/v1/secrets?labelSelector={selector}")
+            check(status == 200, f"listing the managed Secrets: {status} {listed}")
+            return [f"{s['metadata']['namespace']}/{s['metadata']['name']}" for s in listed["items"]]
+
+        left = managed_secrets()
+        check(left, "no secret-mode pod is left to rehearse the move with")
+        # the registration in the cluster is still the secret-mode one; re-rendered during the
+        # move, it needs --identity-mode secret (the stack's output now says projected)
+        secret_mode = yaml.safe_load(self.cli("render-webhook", "--identity-mode", "secret", extra_env={
+            "WEBHOOK_PATH_SECRET": self.path_secret}).stdout)
+        check(secret_mode == self.registration,
+              "render-webhook --identity-mode secret differs from the secret-mode registration")
+        pod, _ = self.create_pod("migrated", "app-sa")
+        volumes = [v["name"] for v in pod["spec"].get("volumes", []) if "projected" in v]
+        sidecar = next(c for c in pod["spec"]["containers"] if c["name"] == "iam-broker-proxy")
+        check(volumes and "iam-broker.io/secret-name" not in pod["metadata"].get("annotations", {})
+              and self.container_env(sidecar)["BROKER_URL"].endswith(
+                  f"?role={urllib.parse.quote(role, safe=':/@,-._~')}"),
+              f"a pod admitted after the redeploy did not get a projected token for the "
+              f"ServiceAccount's role: {json.dumps(pod['spec'])[:400]}")
+        print(f"    a new pod: projected token, role {role} from the ServiceAccount's annotation "
+              f"(the webhook reads it with the kubeconfig); secret-mode Secrets left: "
+              f"{', '.join(left)}", file=sys.stderr)
+        status, pods = self.kube("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")
+        check(status == 200, f"listing pods: {status}")
+        old = [p for p in pods["items"]
+               if "iam-broker.io/secret-name" in (p["metadata"].get("annotations") or {})]
+        for pod in old:
+            check(self.delete_pod(pod), f"the DELETE of {pod['metadata']['name']} reached no "
+                  "webhook: the secret-mode registration lost its DELETE webhook")
+        left = managed_secrets()
+        check(not left, f"Secrets of deleted secret-mode pods are left: {left}")
+        print(f"    deleted {', '.join(p['metadata']['name'] for p in old)} through the kept "
+              "DELETE webhook: kubectl get secrets -A -l app.kubernetes.io/managed-by=iam-broker "
+              "lists nothing", file=sys.stderr)
+        self.registration = yaml.safe_load(self.cli("render-webhook", extra_env={
+            "WEBHOOK_PATH_SECRET": self.path_secret}).stdout)
+        operations = [r["operations"] for h in self.registration["webhooks"] for r in h["rules"]]
+        check(operations == [["CREATE"]], f"the projected registration registers {operations}")
+        print("    render-webhook | kubectl apply -f -: from the IdentityMode output, Pod CREATE "
+              "only", file=sys.stderr)
 
     def projected_identity(self, role, broker):
         """Projected mode on the same stack: the operator registers the cluster from its API
@@ -994,7 +1185,7 @@ class Rehearsal:
         ServiceAccount gets the role's credentials from the broker."""
         step("projected identity: cluster add from the API server, allow --cluster, a pod's "
              "projected token at the broker")
-        for applied in self.kubectl_apply(os.path.join(self.root, "deploy", "25-issuer-discovery.yaml")):
+        for applied in self.kubectl_apply(os.path.join(self.root, MANIFESTS["issuer discovery"])):
             print(f"    applied {applied}", file=sys.stderr)
         discovery = self.cli("kubeconfig", "--from-secret",
                              "iam-broker/iam-broker-issuer-discovery-token")
@@ -1022,15 +1213,7 @@ class Rehearsal:
                      "containers": [{"name": "app", "image": "busybox"}]}})
         check(status == 201, f"creating pod projected-1: {status} {pod}")
         audience = self.functions["BrokerFunction"].variables.get("PROJECTED_AUDIENCE", "iam-broker")
-        status, answer = self.kube(
-            "POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/app-sa/token", {
-                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                "spec": {"audiences": [audience], "expirationSeconds": 3600,
-                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
-                                            "name": "projected-1",
-                                            "uid": pod["metadata"]["uid"]}}})
-        check(status == 201, f"the kubelet's TokenRequest: {status} {answer}")
-        token = answer["status"]["token"]
+        token = self.token_request(pod, audience)
         status, headers, body = http_request("GET", broker,
                                              headers={"Authorization": f"Bearer {token}"})
         check(status == 200 and json.loads(body)["RoleArn"] == role,
@@ -1056,15 +1239,7 @@ class Rehearsal:
         env = self.direct_env({"AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": token_file}, uri)
         before = len(self.served("projected-1"))
         self.three_sdks(env)
-        status, answer = self.kube(
-            "POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/app-sa/token", {
-                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                "spec": {"audiences": [audience], "expirationSeconds": 3600,
-                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
-                                            "name": "projected-1",
-                                            "uid": pod["metadata"]["uid"]}}})
-        check(status == 201, f"the kubelet's second TokenRequest: {status} {answer}")
-        rotated = answer["status"]["token"]
+        rotated = self.token_request(pod, audience)
         check(rotated != token, "the kubelet's second TokenRequest returned the same token")
         kubelet_writes(rotated)
         print("    the kubelet rotated the token file", file=sys.stderr)
@@ -1115,7 +1290,7 @@ class Rehearsal:
         check(name == self.resolver.physical[logicals("AWS::CloudWatch::Dashboard")[0]],
               f"the DashboardName output {name} is not the dashboard the template creates")
         check(self.outputs["DashboardUrl"].endswith(f"#dashboards/dashboard/{name}")
-              and f"region={REGION}" in self.outputs["DashboardUrl"],
+              and f"region={self.region}" in self.outputs["DashboardUrl"],
               f"the DashboardUrl output {self.outputs['DashboardUrl']} does not open {name}")
         body = json.loads(client.get_dashboard(DashboardName=name)["DashboardBody"])
         metrics, searches, alarm_arns = cloudwatch.dashboard_references(body)
@@ -1136,7 +1311,7 @@ class Rehearsal:
               f"dashboard {name}: API Gateway {sorted(api_shown)}")
         regions = {w["properties"].get("region") for w in body["widgets"]
                    if w.get("type") == "metric"}
-        check(regions == {REGION}, f"dashboard {name}: widgets of regions {regions}")
+        check(regions == {self.region}, f"dashboard {name}: widgets of regions {regions}")
         print(f"    dashboard {name}: {len(body['widgets'])} widgets; iam-broker "
               f"{', '.join(sorted(shown))} ({len(searches)} SEARCH expressions), Lambda metrics of "
               f"{len(functions)} functions, API {api_dimensions['ApiName']}/"
@@ -1187,9 +1362,9 @@ class Rehearsal:
         check(durations == {"p99"}, f"the broker's duration alarm reads {durations}, not p99")
 
         # with AlarmTopicArn set, every alarm notifies it, into ALARM and back to OK
-        topic = f"arn:aws:sns:{REGION}:{cfn.ACCOUNT}:iam-broker-alarms"
+        topic = f"arn:aws:sns:{self.region}:{cfn.ACCOUNT}:iam-broker-alarms"
         notifying = cfn.Resolver(self.expanded, {**self.parameters, "AlarmTopicArn": topic},
-                                 STACK, REGION)
+                                 self.stack, self.region)
         notifying.physical, notifying.attributes = self.resolver.physical, self.resolver.attributes
         for logical in logicals("AWS::CloudWatch::Alarm"):
             p = notifying.resolve(resources[logical]["Properties"])
@@ -1279,6 +1454,271 @@ class Rehearsal:
               f"{len(names & documented)} documented as template edits", file=sys.stderr)
 
 
+class ProjectedFirst(Rehearsal):
+    """README's projected-first path (Deploy, steps 1 to 5) on a second stack, in the same moto
+    and against the same cluster as the first: README's blocks run as written, as one script in
+    a fresh bash (readme_shell), `sam deploy` with no KubeconfigParameterName; then the API
+    server's and the kubelet's part for the pods of step 5."""
+
+    def __init__(self, first):
+        super().__init__(first.args, os.path.join(first.work, "projected-first"))
+        os.makedirs(self.work)
+        # the first stack's AWS (moto) and cluster (the Kubernetes API stand-in)
+        for name in ("endpoint", "admin", "lambda_service", "admin_kubeconfig", "kube_server",
+                     "kube_ca", "kube_token", "kube_tls"):
+            setattr(self, name, getattr(first, name))
+        self.namespace_labels = {}
+        self.applied_files = []
+        self.registration = None
+
+    # ------------------------------------------------------------------ sam and kubectl
+    def shell_command(self, tool, argv, stdin, env, cwd):
+        """A `sam` or `kubectl` command of README's script: (exit code, stdout, stderr)."""
+        if tool == "sam" and argv[:1] == ["build"]:
+            return 0, "", "(rehearsal: the SAM translator expands template.yaml at sam deploy)\n"
+        if tool == "sam" and argv[:1] == ["deploy"]:
+            return self.sam_deploy(argv[1:], env)
+        if tool == "kubectl" and argv[:1] == ["apply"] and len(argv) > 1:
+            return self.kubectl_apply_command(argv[1:], stdin, cwd)
+        return 2, "", f"rehearsal: `{tool} {' '.join(argv)}` is not modelled\n"
+
+    def sam_deploy(self, argv, env):
+        """`sam deploy` of a new stack: its --parameter-overrides (samconfig.toml's are replaced
+        by them), the other parameters at their defaults, in sam's region."""
+        options, overrides, rest = {}, {}, list(argv)
+        while rest:
+            option = rest.pop(0)
+            if option == "--parameter-overrides":
+                while rest and not rest[0].startswith("--"):
+                    name, _, value = rest.pop(0).partition("=")
+                    # sam reads K="" as the empty string
+                    overrides[name] = value[1:-1] if value[:1] == value[-1:] == '"' else value
+            elif option in ("--stack-name", "--region") and rest:
+                options[option] = rest.pop(0)
+            else:
+                return 2, "", f"rehearsal: sam deploy {option} is not modelled\n"
+        # sam's boto3 reads AWS_DEFAULT_REGION, not AWS_REGION (which iam-broker reads)
+        region = options.get("--region") or env.get("AWS_DEFAULT_REGION")
+        check(region, "sam deploy has no region: it reads --region or AWS_DEFAULT_REGION")
+        check(env.get("AWS_REGION") == region,
+              f"sam deploys to {region}, iam-broker would look in AWS_REGION={env.get('AWS_REGION')}")
+        self.region = region
+        with open(os.path.join(self.root, "samconfig.toml"), "rb") as f:
+            samconfig = tomllib.load(f)
+        self.stack = options.get("--stack-name") or \
+            samconfig["default"]["global"]["parameters"]["stack_name"]
+        self.overrides = overrides
+        by_type = self.deploy_stack(dict(overrides))
+        self.start_functions(by_type)
+        return 0, f"Successfully created/updated stack - {self.stack} in {region}\n", ""
+
+    def kubectl_apply_command(self, argv, stdin, cwd):
+        check(len(argv) % 2 == 0 and all(a == "-f" for a in argv[::2]),
+              f"kubectl apply {' '.join(argv)}: the rehearsal models `apply -f FILE|-` only")
+        applied = []
+        for name in argv[1::2]:
+            if name == "-":
+                applied += self.kubectl_apply(documents=list(yaml.safe_load_all(stdin)))
+            else:
+                self.applied_files.append(os.path.relpath(os.path.realpath(os.path.join(cwd, name)),
+                                                          self.root))
+                applied += self.kubectl_apply(os.path.join(cwd, name))
+        return 0, "".join(f"{a} applied\n" for a in applied), ""
+
+    # ------------------------------------------------------------------ the rehearsal
+    def run(self):
+        step("README Deploy, projected first: steps 1 to 4 as written, one script in a fresh bash")
+        with open(os.path.join(self.root, "README.md")) as f:
+            script = readme_shell.blocks(f.read(), "projected-first")
+        check(len(script) == 4, f"README has {len(script)} blocks marked 'rehearsed: "
+              "projected-first', expected steps 1 to 4")
+        # no pod is admitted before its cluster is registered and its role allowed
+        order = [next((i for i, b in enumerate(script) if command in b), None)
+                 for command in ("sam deploy", "cluster add", "iam-broker allow", "render-webhook")]
+        check(None not in order and order == sorted(order) and len(set(order)) == 4,
+              f"README's steps 1 to 4 are not deploy, cluster add, allow, render-webhook: {order}")
+        status, transcript = readme_shell.run(
+            script, os.path.join(self.work, "readme"), self.root,
+            os.path.join(self.bin, "iam-broker"), self.shell_command,
+            {  # what the operator's workstation has: credentials and a kubeconfig
+                "AWS_ACCESS_KEY_ID": self.admin["AccessKeyId"],
+                "AWS_SECRET_ACCESS_KEY": self.admin["SecretAccessKey"],
+                "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+                "KUBECONFIG": self.admin_kubeconfig,
+                "AWS_ENDPOINT_URL": self.endpoint,  # the translation: AWS is moto
+                "RUST_LOG": "warn",
+            },
+            ["deploy", "template.yaml", "samconfig.toml"])
+        check(status == 0, f"README's projected-first script stopped (exit {status})")
+        # iam-broker doctor, in step 2: the registration, and no Kubernetes to check
+        for line in ("cluster registration: {} is registered", "Kubernetes: not called"):
+            line = line.format(self.outputs["ClusterName"])
+            check(re.search(rf"^\s*ok\s+{re.escape(line)}", transcript, re.M),
+                  f"iam-broker doctor did not say `ok {line}`")
+
+        step("the projected-first stack: no kubeconfig, no SSM, no cleanup; the registration")
+        self.check_cluster_free_stack()
+        step("the dashboard and the alarms of a stack with two functions")
+        self.check_dashboard_and_alarms()
+
+        step("README Deploy 5: pods and their roles, admitted by a webhook that never calls the "
+             "cluster")
+        self.pods_and_roles()
+        step("every call the projected-first stack's functions made was allowed")
+        for function in self.functions.values():
+            with open(os.path.join(self.work, f"{function.logical}.log"), errors="replace") as f:
+                lines = f.read().splitlines()
+            troubles = [line for line in lines if "AccessDenied" in line
+                        and cloudwatch.emf_record(line) is None
+                        or '"level":"WARN"' in line or '"level":"ERROR"' in line]
+            check(not troubles, f"{function.logical} logged trouble:\n" + "\n".join(troubles[:5]))
+            check(not any("panicked" in line for line in lines), f"{function.logical} panicked")
+            print(f"    {function.logical}: {len(lines)} log lines, no AccessDenied, no warning",
+                  file=sys.stderr)
+
+    def check_cluster_free_stack(self):
+        """What README's step 1 deployed is the cluster-free stack of issue 23, and steps 2 to 4
+        left the cluster with nothing of the webhook's but its registration."""
+        overrides = self.overrides
+        check(overrides.get("IdentityMode") == "projected" and overrides.get("ClusterName")
+              and not overrides.get("KubeconfigParameterName"),
+              f"README's sam deploy passes {sorted(overrides)}: expected IdentityMode=projected, "
+              "ClusterName and no KubeconfigParameterName")
+        check(self.outputs.get("IdentityMode") == "projected"
+              and self.outputs.get("ClusterName") == overrides["ClusterName"]
+              and "KubeconfigParameterName" not in self.outputs,
+              f"the stack's outputs: {self.outputs}")
+        check(set(self.functions) == {"BrokerFunction", "WebhookFunction"},
+              f"the stack runs {sorted(self.functions)}: no CleanupFunction without a kubeconfig")
+        webhook = self.functions["WebhookFunction"]
+        check(not {"KUBECONFIG_PARAMETER", "KUBECONFIG"} & set(webhook.variables),
+              f"the webhook function is given a kubeconfig: {sorted(webhook.variables)}")
+        role = self.resolver.resolve(self.expanded["Resources"]["WebhookFunctionRole"]["Properties"])
+        actions = {a for policy in role.get("Policies", [])
+                   for statement in policy["PolicyDocument"]["Statement"]
+                   for a in ([statement["Action"]] if isinstance(statement["Action"], str)
+                             else statement["Action"])}
+        check(actions == {"dynamodb:GetItem", "dynamodb:BatchGetItem"},
+              f"the webhook's role may {sorted(actions)}; without a kubeconfig: read Allowances only")
+        credentials = webhook.credentials
+        for what, call in {
+            "webhook cannot read an SSM parameter": lambda: self.client("ssm", credentials)
+            .get_parameter(Name="/iam-broker/webhook-kubeconfig", WithDecryption=True),
+            "webhook cannot write token records": lambda: self.client("dynamodb", credentials)
+            .put_item(TableName=self.outputs["AuthorizationsTableName"],
+                      Item={"token_hash": {"S": "0" * 64}}),
+        }.items():
+            check(denied(call), f"expected AccessDenied: {what}")
+            print(f"    denied as it should be: {what}", file=sys.stderr)
+        print(f"    outputs IdentityMode={self.outputs['IdentityMode']} ClusterName="
+              f"{self.outputs['ClusterName']}, no KubeconfigParameterName; functions "
+              f"{', '.join(sorted(self.functions))}; the webhook's role: {', '.join(sorted(actions))} "
+              "on Allowances", file=sys.stderr)
+        applied = sorted(set(self.applied_files))
+        check(applied == sorted([MANIFESTS["namespace"], MANIFESTS["issuer discovery"]]),
+              f"README applied {applied}: a cluster-free webhook needs no identity and no RBAC")
+        hooks = self.registration["webhooks"] if self.registration else []
+        check(len(hooks) == 1 and hooks[0]["sideEffects"] == "None"
+              and [r["operations"] for r in hooks[0]["rules"]] == [["CREATE"]],
+              f"render-webhook did not register the projected webhook (CREATE only, sideEffects "
+              f"None): {json.dumps(hooks)[:400]}")
+        check(hooks[0]["clientConfig"]["url"] == self.outputs["WebhookUrlWithoutSecret"]
+              + self.path_secret, f"the registration calls {hooks[0]['clientConfig']['url']}")
+        listed = json.loads(self.cli("cluster", "list", "--output", "json").stdout)
+        check([c["name"] for c in listed] == [self.outputs["ClusterName"]],
+              f"the Clusters table holds {listed}")
+        print(f"    kubectl applied {', '.join(applied)}; registration {hooks[0]['name']}: Pod "
+              f"CREATE, sideEffects None; cluster {listed[0]['name']} registered", file=sys.stderr)
+
+    def pods_and_roles(self):
+        """README step 5: the one allowed role, two allowed roles and no annotation (skipped, the
+        warning), the pod's annotation; each token the kubelet mounts is served by the broker."""
+        cluster = self.outputs["ClusterName"]
+        rows = json.loads(self.cli("allowances", "--output", "json").stdout)
+        check(len(rows) == 1 and rows[0]["service_account"] == "app-sa",
+              f"README's allow left {rows}")
+        (reader,) = rows[0]["allowed_roles"]
+        # the operator's IAM part: the roles trust this stack's broker too
+        iam = self.client("iam", self.admin)
+        trust = {"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": {"AWS": self.outputs["BrokerFunctionRoleArn"]},
+            "Action": ["sts:AssumeRole", "sts:TagSession"]}]}
+        check(reader.endswith(f":role/iam-broker/{ALLOWED_ROLE_NAME}"), f"README allows {reader}")
+        # one statement naming both brokers (moto reads a statement naming another principal as
+        # a deny, where IAM would pass over it)
+        (statement,) = iam.get_role(RoleName=ALLOWED_ROLE_NAME)["Role"][
+            "AssumeRolePolicyDocument"]["Statement"]
+        principals = statement["Principal"]["AWS"]
+        statement["Principal"]["AWS"] = [*([principals] if isinstance(principals, str)
+                                           else principals), self.outputs["BrokerFunctionRoleArn"]]
+        iam.update_assume_role_policy(RoleName=ALLOWED_ROLE_NAME, PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [statement]}))
+        writer = iam.create_role(RoleName="s3_writer", Path="/iam-broker/",
+                                 AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+        audience = self.functions["WebhookFunction"].variables.get("PROJECTED_AUDIENCE",
+                                                                   "iam-broker")
+
+        def patched(pod, role):
+            check(pod["metadata"].get("labels", {}).get("iam-broker.io/injected") == "true",
+                  f"pod {pod['metadata']['name']} was not injected: {self.warnings}")
+            volumes = [v for v in pod["spec"].get("volumes", []) if "projected" in v]
+            sources = [s["serviceAccountToken"] for v in volumes for s in v["projected"]["sources"]]
+            check([s["audience"] for s in sources] == [audience],
+                  f"pod {pod['metadata']['name']}'s projected token: {sources}")
+            sidecar = next(c for c in pod["spec"]["containers"] if c["name"] == "iam-broker-proxy")
+            url = self.container_env(sidecar)["BROKER_URL"]
+            check(url == f"{self.outputs['BrokerUrl']}?role={urllib.parse.quote(role, safe=':/@,-._~')}",
+                  f"pod {pod['metadata']['name']}'s sidecar calls {url}")
+
+        def served(pod, role):
+            token_file = os.path.join(self.work, f"{pod['metadata']['name']}-token")
+            with open(token_file, "w", opener=lambda p, f: os.open(p, f, 0o600)) as f:
+                f.write(self.token_request(pod, audience))
+            result = self.run_pod(pod, token_file)
+            check(result.returncode == 0, f"aws sts get-caller-identity in pod "
+                  f"{pod['metadata']['name']} failed:\n{result.stderr}")
+            arn = json.loads(result.stdout)["Arn"]
+            check(f":assumed-role/{role.rsplit('/', 1)[1]}/" in arn,
+                  f"pod {pod['metadata']['name']} is {arn}, not a session of {role}")
+            return arn
+
+        pod, hooks = self.create_pod("pf-reports", "app-sa")
+        check(hooks, "no webhook of the registration matched the pod's CREATE")
+        patched(pod, reader)
+        check(not self.warnings, f"kubectl would warn: {self.warnings}")
+        print(f"    app-sa (one role allowed), no annotation: the sidecar asks for {reader}; "
+              f"the pod is {served(pod, reader)}", file=sys.stderr)
+
+        # a ServiceAccount allowed two roles, annotated in the cluster: the annotation the
+        # webhook would follow if it read ServiceAccounts
+        annotation = self.functions["WebhookFunction"].variables["ROLE_ARN_ANNOTATION"]
+        status, answer = self.kube("POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts", {
+            "metadata": {"name": "multi-sa", "namespace": NAMESPACE,
+                         "annotations": {annotation: reader}}})
+        check(status == 201, f"creating multi-sa: {status} {answer}")
+        for role in (reader, writer):
+            self.cli("allow", "--cluster", cluster, "--namespace", NAMESPACE,
+                     "--service-account", "multi-sa", "--role", role)
+        status, before = self.kube("GET", f"/api/v1/namespaces/{NAMESPACE}/events")
+        pod, _ = self.create_pod("pf-unnamed", "multi-sa")
+        check(pod["metadata"].get("labels", {}).get("iam-broker.io/injected") is None
+              and not any(c["name"] == "iam-broker-proxy" for c in pod["spec"]["containers"]),
+              "a pod of a ServiceAccount allowed two roles, naming none, was injected")
+        check(len(self.warnings) == 1 and "is allowed 2 roles" in self.warnings[0]
+              and "iam-broker.io/role-arn" in self.warnings[0],
+              f"kubectl would print {self.warnings}")
+        status, after = self.kube("GET", f"/api/v1/namespaces/{NAMESPACE}/events")
+        check(len(after["items"]) == len(before["items"]), "the projected webhook wrote an Event")
+        print(f"    multi-sa (two roles, the ServiceAccount annotated), no pod annotation: not "
+              f"injected, no Event; Warning: {self.warnings[0]}", file=sys.stderr)
+
+        pod, _ = self.create_pod("pf-named", "multi-sa",
+                                 annotations={"iam-broker.io/role-arn": writer})
+        patched(pod, writer)
+        print(f"    multi-sa, iam-broker.io/role-arn: {writer}: the pod is "
+              f"{served(pod, writer)}", file=sys.stderr)
+
+
 def selector_matches(selector, labels):
     for key, value in (selector.get("matchLabels") or {}).items():
         if labels.get(key) != value:
@@ -1307,8 +1747,12 @@ def main():
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="iam-broker-rehearsal-")
     rehearsal = Rehearsal(args, work)
+    stacks = [rehearsal]
     try:
         rehearsal.run()
+        stacks.append(ProjectedFirst(rehearsal))
+        stacks[-1].run()
+        step("the deploy rehearsal passed")
         return 0
     except (RehearsalFailed, cfn.Unresolvable, InvocationError,
             botocore.exceptions.ClientError) as error:
@@ -1316,7 +1760,8 @@ def main():
         args.keep = True
         return 1
     finally:
-        rehearsal.stop()
+        for stack in reversed(stacks):
+            stack.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 

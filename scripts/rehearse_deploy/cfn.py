@@ -73,6 +73,43 @@ def expand(template, parameters, region, artifact_uri):
     return transform(template, values, _NoManagedPolicies())
 
 
+def parameter_refusals(template, parameters):
+    """What CloudFormation refuses in `parameters` before the Rules: a name the template does not
+    declare, or a value outside the parameter's AllowedValues, AllowedPattern, length or range."""
+    declared = template.get("Parameters", {})
+    refusals = [f"{name}: the template has no such parameter"
+                for name in parameters if name not in declared]
+    for name, spec in declared.items():
+        value = str(parameters.get(name, spec.get("Default", "")))
+        if spec.get("Type") == "CommaDelimitedList":
+            continue
+        if "AllowedValues" in spec and value not in [str(v) for v in spec["AllowedValues"]]:
+            refusals.append(f"{name}: {value!r} is not one of {spec['AllowedValues']}")
+        if "AllowedPattern" in spec and not re.fullmatch(spec["AllowedPattern"], value):
+            refusals.append(f"{name}: {value!r} does not match {spec['AllowedPattern']}")
+        if not spec.get("MinLength", 0) <= len(value) <= spec.get("MaxLength", len(value)):
+            refusals.append(f"{name}: {len(value)} characters")
+        if spec.get("Type") == "Number" and not (
+                float(spec.get("MinValue", "-inf")) <= float(value) <= float(spec.get("MaxValue", "inf"))):
+            refusals.append(f"{name}: {value} is out of range")
+    return refusals
+
+
+def rule_refusals(template, parameters):
+    """The assertions of the template's Rules that `parameters` break, each as
+    "<rule>: <AssertDescription>": CloudFormation refuses to create or update the stack with them,
+    before it creates anything."""
+    resolver = Resolver(template, parameters, "rules", "us-east-1")
+    refusals = []
+    for name, rule in template.get("Rules", {}).items():
+        if "RuleCondition" in rule and not resolver.resolve(rule["RuleCondition"]):
+            continue
+        for assertion in rule.get("Assertions", []):
+            if not resolver.resolve(assertion["Assert"]):
+                refusals.append(f"{name}: {' '.join(assertion.get('AssertDescription', '').split())}")
+    return refusals
+
+
 class Unresolvable(Exception):
     pass
 
