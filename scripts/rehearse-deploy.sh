@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The deploy rehearsal: README's Deploy section (the secret-mode path and its move to projected,
-# then the projected-first path run from README's own code blocks) -> first pods -> validate,
+# then the projected-first path, each run from README's own code blocks) -> first pods -> validate,
 # proven without an AWS account (see scripts/rehearse_deploy/__main__.py for every step).
 #   scripts/rehearse-deploy.sh          build the binaries, run the rehearsal
 #   scripts/rehearse-deploy.sh --keep   keep the work folder (function, moto and sidecar logs)

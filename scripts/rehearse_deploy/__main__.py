@@ -3,13 +3,17 @@
     python -m rehearse_deploy --root . --bin target/debug --moto-server scripts/moto-iam-server.py
 
 Two stacks in one moto, against one Kubernetes API stand-in: README's secret-mode path (items 1
-to 8, and the move to projected), then README's projected-first path (item 9).
+to 8, and the move to projected), then README's projected-first path (item 9). Each path's
+operator steps are README's own code blocks (marked `<!-- rehearsed: secret -->`,
+`secret-to-projected`, `projected-first`), run as written in one fresh shell per path
+(readme_shell.py: the real `iam-broker`; `sam` and `kubectl` played by this script, in
+`shell_command`); between a path's blocks, this script plays the cluster and the pods.
 
-1. template.yaml (with samconfig.toml's parameter overrides, plus KubeconfigParameterName,
-   ProxyImage and a fresh WebhookPathSecret as README's secret-mode `sam deploy` passes them) is
-   expanded by the SAM translator. The parameters must pass what CloudFormation checks before it
-   creates anything (each parameter's constraints, then the template's Rules); without
-   KubeconfigParameterName the Rules refuse a secret-mode stack.
+1. template.yaml, with the parameters README's secret-mode `sam deploy` passes
+   (KubeconfigParameterName, ProxyImage, a fresh WebhookPathSecret; in the region and under the
+   stack name its block exports), is expanded by the SAM translator. The parameters must pass
+   what CloudFormation checks before it creates anything (each parameter's constraints, then the
+   template's Rules); without KubeconfigParameterName the Rules refuse a secret-mode stack.
 2. In moto with IAM enforcement on (INITIAL_NO_AUTH_ACTION_COUNT), the rehearsal creates what the
    code depends on, from the expanded template: the three tables as their properties say, each
    function's execution role with its policies, the stack's outputs (DescribeStacks; an output
@@ -17,11 +21,13 @@ to 8, and the move to projected), then README's projected-first path (item 9).
 3. Each AWS::Lambda::Function runs the real `bootstrap` under a Lambda Runtime API emulator, with
    its resolved Environment.Variables and its role's session credentials, behind an API Gateway
    emulator routed by the expanded swagger.
-4. README's steps run with the real `iam-broker` CLI and `IAM_BROKER_STACK` (no table name typed):
-   kubeconfig --store, render-webhook, doctor, allow. The Kubernetes API stand-in plays the
-   cluster; this script plays the API server (it calls the registered webhook and applies the
-   patch) and the kubelet (it starts the sidecar and the app container with the env the patch
-   gave them). The app container is `aws sts get-caller-identity`.
+4. README's Secret mode block runs as written: sam deploy; kubectl apply of the namespace, the
+   webhook's identity and its RBAC; kubeconfig --store; doctor; allow; kubectl annotate sa (of the
+   application's ServiceAccount, which this script created); render-webhook | kubectl apply -f -.
+   The Kubernetes API stand-in plays the cluster; this script plays the API server (it calls the
+   registered webhook and applies the patch) and the kubelet (it starts the sidecar and the app
+   container with the env the patch gave them). The app container is `aws sts
+   get-caller-identity`.
 5. Direct injection, secret mode: a pod annotated `iam-broker.io/injection: direct` gets no
    sidecar; its app container is pointed at the stack's BrokerUrl itself, with the token from its
    Secret. The kubelet runs it three times, one process per SDK, each fetching over HTTPS from
@@ -31,10 +37,12 @@ to 8, and the move to projected), then README's projected-first path (item 9).
    since botocore's container fetcher reads no variable); the BrokerFunction's log shows one
    `"cache":"miss"` (one AssumeRole) for the pod and `"cache":"hit"` for its other fetches, and
    the AWS CLI without the CA is refused at the handshake.
-6. Projected identity: the cluster is registered from its API server with the identity of
-   deploy/components/issuer-discovery/25-issuer-discovery.yaml (`iam-broker cluster add --kubeconfig`), a pod's projected
-   ServiceAccount token (TokenRequest, bound to the pod) gets credentials from the broker, whose
-   role reads the Clusters table with dynamodb:Scan. Then direct: the token in a file, the three
+6. Projected identity: README's "Moving from secret to projected" block 1, in the same shell,
+   registers the cluster from its API server with the identity of
+   deploy/components/issuer-discovery/25-issuer-discovery.yaml (`iam-broker cluster add
+   --kubeconfig`); on the still secret-mode stack, a pod's projected ServiceAccount token
+   (TokenRequest, bound to the pod) gets credentials from the broker, whose role reads the
+   Clusters table with dynamodb:Scan. Then direct: the token in a file, the three
    SDKs at `BrokerUrl?role=<role>` with `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` get the role;
    the kubelet rotates the file (a fresh TokenRequest) and the next fetches are still served.
 7. Least privilege, proven: every call the functions make is allowed; the broker's role cannot
@@ -51,19 +59,19 @@ to 8, and the move to projected), then README's projected-first path (item 9).
    the functions wrote on stdout during the rehearsal are read back: each is one the dashboard
    knows, and the metrics this path exercises (CredentialsServed, Admissions, CredentialsDenied
    with Code AssumeRoleFailed, ...) are among them.
-   Before that, README's "Moving from secret to projected" on this stack: redeployed with
-   IdentityMode=projected and ClusterName, the kubeconfig kept, the functions restart with their
-   new environment; a new pod gets a projected token for its ServiceAccount's annotated role, the
-   registration stays the secret-mode one (`render-webhook --identity-mode secret` renders it
-   again), the DELETE of each pod admitted in secret mode removes its Secret until the managed
-   Secrets' list is empty, and then `render-webhook` (the IdentityMode output) registers Pod
-   CREATE only.
-9. README's projected-first path (Deploy, steps 1 to 4) on a second stack: its marked code blocks
-   run as written, as one script in a fresh bash (readme_shell.py; the real `iam-broker`, `sam`
-   and `kubectl` played by this script): `sam deploy` with IdentityMode=projected, ClusterName
-   and no KubeconfigParameterName, in README's region; `cluster add` from the issuer-discovery
-   identity; `doctor` (the registration, Kubernetes not called); `allow --cluster`;
-   `render-webhook` last, projected from the IdentityMode output. Then: the stack has no
+   Before that, the rest of README's "Moving from secret to projected" on this stack, its
+   blocks 2 and 3 as written: redeployed with IdentityMode=projected and ClusterName, the
+   kubeconfig kept, the functions restart with their new environment; a new pod gets a projected
+   token for its ServiceAccount's annotated role, the registration stays the secret-mode one
+   (`render-webhook --identity-mode secret` renders it again); this script restarts the
+   secret-mode pods, the DELETE of each removes its Secret, so README's `kubectl get secrets -l`
+   lists none, and then `render-webhook` (the IdentityMode output) registers Pod CREATE only.
+9. README's projected-first path (Deploy, steps 1 to 4) on a second stack, the first deleted
+   (both paths deploy README's one stack name in README's one region): its marked code blocks
+   run as written, as one script in a fresh shell: `sam deploy` with IdentityMode=projected,
+   ClusterName and no KubeconfigParameterName, in README's region; `cluster add` from the
+   issuer-discovery identity; `doctor` (the registration, Kubernetes not called); `allow
+   --cluster`; `render-webhook` last, projected from the IdentityMode output. Then: the stack has no
    CleanupFunction, no KubeconfigParameterName output, a webhook with no kubeconfig whose role
    only reads Allowances (SSM and token records denied); the cluster got the namespace and the
    issuer-discovery identity only, and a CREATE-only registration with sideEffects None. Step 5:
@@ -109,8 +117,6 @@ import yaml
 from . import cfn, cloudwatch, readme_shell
 from .lambda_emulator import Function, InvocationError, RestApi, http_request
 
-REGION = "us-east-1"
-STACK = "iam-broker"
 NAMESPACE = "app1"
 ALLOWED_ROLE_NAME = "s3_reader"
 ASSUMED_ROLE = f":assumed-role/{ALLOWED_ROLE_NAME}/"
@@ -123,6 +129,8 @@ MANIFESTS = {
     "secret RBAC": "deploy/components/rbac-secret/20-rbac.yaml",
     "issuer discovery": "deploy/components/issuer-discovery/25-issuer-discovery.yaml",
 }
+# the Secrets of secret-mode pods, as README's `kubectl get secrets -l` selects them
+MANAGED_SECRETS = "app.kubernetes.io/managed-by=iam-broker"
 
 
 class RehearsalFailed(Exception):
@@ -173,12 +181,25 @@ def denied(call, codes=("AccessDenied", "AccessDeniedException")):
     return False
 
 
+def in_order(text, commands):
+    """Whether each of `commands` occurs in `text`, in this order."""
+    at = [text.find(command) for command in commands]
+    return -1 not in at and at == sorted(at)
+
+
+def doctor_said_ok(transcript, line):
+    """Whether `iam-broker doctor`, in a README script's transcript, printed `ok  <line>`."""
+    return re.search(rf"^\s*ok\s+{re.escape(line)}", transcript, re.M) is not None
+
+
 class Rehearsal:
     """The secret-mode stack (README: *Secret mode*), projected identity on the same stack, and
-    its move to projected (*Moving from secret to projected*)."""
+    its move to projected (*Moving from secret to projected*): README's blocks run as written in
+    one operator's shell, the rehearsal playing the cluster and the pods between them."""
 
-    region = REGION
-    stack = STACK
+    # IAM's (global) region until README's `sam deploy` names the stack's region and name
+    region = "us-east-1"
+    stack = None
 
     def __init__(self, args, work):
         self.args = args
@@ -188,6 +209,12 @@ class Rehearsal:
         self.processes = []
         self.functions = {}
         self.api = None
+        self.outputs = {}  # DescribeStacks' outputs, once README's `sam deploy` created the stack
+        self.shell = None  # the operator's shell (readme_shell.Shell), at README's first block
+        self.namespace_labels = {}
+        self.applied_files = []  # what README's `kubectl apply -f` applied, checkout-relative
+        self.registration = None  # the MutatingWebhookConfiguration the cluster holds
+        self.listed_secrets = None  # what README's last `kubectl get secrets` listed
 
     # ------------------------------------------------------------------ infrastructure
     def spawn(self, argv, log, env=None):
@@ -197,6 +224,8 @@ class Rehearsal:
         return process
 
     def stop(self):
+        if self.shell:
+            self.shell.close()
         for function in self.functions.values():
             function.stop()
         if self.api:
@@ -559,6 +588,139 @@ class Rehearsal:
         for method, path, target in routes:
             print(f"    {method.upper():5} /{stages[0]}{path} -> {target.logical}", file=sys.stderr)
 
+    # ------------------------------------------------------------------ README's shell
+    def readme_blocks(self, path, count, what):
+        """README's code blocks marked `rehearsed: <path>`: `count` of them, README's `what`."""
+        with open(os.path.join(self.root, "README.md")) as f:
+            found = readme_shell.blocks(f.read(), path)
+        check(len(found) == count, f"README has {len(found)} blocks marked 'rehearsed: {path}', "
+              f"expected {count}: {what}")
+        return found
+
+    def run_readme(self, blocks, what):
+        """Runs README's `blocks` as written in the operator's shell (a fresh one at the first
+        call; later calls continue in it): the real `iam-broker`, `sam` and `kubectl` played by
+        `shell_command`. Returns the transcript."""
+        if self.shell is None:
+            self.shell = readme_shell.Shell(
+                os.path.join(self.work, "readme"), self.root, os.path.join(self.bin, "iam-broker"),
+                self.shell_command,
+                {  # what the operator's workstation has: credentials and a kubeconfig
+                    "AWS_ACCESS_KEY_ID": self.admin["AccessKeyId"],
+                    "AWS_SECRET_ACCESS_KEY": self.admin["SecretAccessKey"],
+                    "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+                    "KUBECONFIG": self.admin_kubeconfig,
+                    "AWS_ENDPOINT_URL": self.endpoint,  # the translation: AWS is moto
+                    "RUST_LOG": "warn",
+                },
+                ["deploy", "template.yaml", "samconfig.toml"])
+        status, transcript = self.shell.run(blocks)
+        check(status == 0, f"README's {what} stopped (exit {status})")
+        return transcript
+
+    def shell_command(self, tool, argv, stdin, env, cwd):
+        """A `sam` or `kubectl` command of README's script: (exit code, stdout, stderr)."""
+        if tool == "sam" and argv[:1] == ["build"]:
+            return 0, "", "(rehearsal: the SAM translator expands template.yaml at sam deploy)\n"
+        if tool == "sam" and argv[:1] == ["deploy"]:
+            return self.sam_deploy(argv[1:], env)
+        if tool == "kubectl":
+            namespace, rest = (argv[1], argv[2:]) if argv[:1] == ["-n"] and len(argv) > 1 \
+                else (None, argv)
+            if rest[:1] == ["apply"] and len(rest) > 1 and namespace is None:
+                return self.kubectl_apply_command(rest[1:], stdin, cwd)
+            if rest[:2] == ["annotate", "sa"] and len(rest) == 4 and namespace:
+                return self.kubectl_annotate_sa(namespace, *rest[2:])
+            if rest[:4] == ["get", "secrets", "-A", "-l"] and len(rest) == 5 and namespace is None:
+                return self.kubectl_get_secrets(rest[4])
+        return 2, "", f"rehearsal: `{tool} {' '.join(argv)}` is not modelled\n"
+
+    def sam_deploy(self, argv, env):
+        """`sam deploy` in sam's region: a new stack with its --parameter-overrides
+        (samconfig.toml's are replaced by them, the other parameters at their defaults), or the
+        stack deployed before again, every parameter not named keeping its value."""
+        options, overrides, rest = {}, {}, list(argv)
+        while rest:
+            option = rest.pop(0)
+            if option == "--parameter-overrides":
+                while rest and not rest[0].startswith("--"):
+                    name, _, value = rest.pop(0).partition("=")
+                    # sam reads K="" as the empty string
+                    overrides[name] = value[1:-1] if value[:1] == value[-1:] == '"' else value
+            elif option in ("--stack-name", "--region") and rest:
+                options[option] = rest.pop(0)
+            else:
+                return 2, "", f"rehearsal: sam deploy {option} is not modelled\n"
+        # sam's boto3 reads AWS_DEFAULT_REGION, not AWS_REGION (which iam-broker reads)
+        region = options.get("--region") or env.get("AWS_DEFAULT_REGION")
+        check(region, "sam deploy has no region: it reads --region or AWS_DEFAULT_REGION")
+        check(env.get("AWS_REGION") == region, f"sam deploys to {region}, iam-broker would look "
+              f"in AWS_REGION={env.get('AWS_REGION')}")
+        with open(os.path.join(self.root, "samconfig.toml"), "rb") as f:
+            samconfig = tomllib.load(f)
+        stack = options.get("--stack-name") or \
+            samconfig["default"]["global"]["parameters"]["stack_name"]
+        self.overrides = overrides
+        if self.outputs:
+            check((stack, region) == (self.stack, self.region),
+                  f"sam deploy of {stack} in {region}: this path deployed {self.stack} in "
+                  f"{self.region}")
+            self.update_stack({**self.parameters, **overrides})
+        else:
+            self.region, self.stack = region, stack
+            self.start_functions(self.deploy_stack(dict(overrides)))
+        return 0, f"Successfully created/updated stack - {self.stack} in {region}\n", ""
+
+    def kubectl_apply_command(self, argv, stdin, cwd):
+        check(len(argv) % 2 == 0 and all(a == "-f" for a in argv[::2]),
+              f"kubectl apply {' '.join(argv)}: the rehearsal models `apply -f FILE|-` only")
+        applied = []
+        for name in argv[1::2]:
+            if name == "-":
+                applied += self.kubectl_apply(documents=list(yaml.safe_load_all(stdin)))
+            else:
+                self.applied_files.append(os.path.relpath(os.path.realpath(os.path.join(cwd, name)),
+                                                          self.root))
+                applied += self.kubectl_apply(os.path.join(cwd, name))
+        return 0, "".join(f"{a} applied\n" for a in applied), ""
+
+    def kubectl_annotate_sa(self, namespace, name, annotation):
+        """`kubectl -n NS annotate sa NAME KEY=VALUE` (no --overwrite). The stand-in updates no
+        object in place: the ServiceAccount is replaced by itself with the annotation, its uid
+        and creation time kept."""
+        key, equals, value = annotation.partition("=")
+        check(key and equals, f"kubectl annotate {annotation}: the rehearsal models KEY=VALUE only")
+        path = f"/api/v1/namespaces/{namespace}/serviceaccounts"
+        status, account = self.kube("GET", f"{path}/{name}")
+        if status == 404:
+            return 1, "", f'Error from server (NotFound): serviceaccounts "{name}" not found\n'
+        check(status == 200, f"reading ServiceAccount {namespace}/{name}: {status} {account}")
+        annotations = account["metadata"].get("annotations") or {}
+        if annotations.get(key, value) != value:
+            return 1, "", (f"error: --overwrite is false but found the following declared "
+                           f"annotation(s): '{key}' already has a value ({annotations[key]})\n")
+        account["metadata"]["annotations"] = {**annotations, key: value}
+        for method, at, body in (("DELETE", f"{path}/{name}", None), ("POST", path, account)):
+            status, answer = self.kube(method, at, body)
+            check(status in (200, 201), f"annotating ServiceAccount {namespace}/{name}: {method} "
+                  f"{status} {answer}")
+        return 0, f"serviceaccount/{name} annotated\n", ""
+
+    def labelled_secrets(self, selector):
+        """The Secrets of every namespace carrying labels `selector`, as namespace/name."""
+        status, listed = self.kube(
+            "GET", f"/api/v1/secrets?labelSelector={urllib.parse.quote(selector)}")
+        check(status == 200, f"listing the Secrets labelled {selector}: {status} {listed}")
+        return [f"{s['metadata']['namespace']}/{s['metadata']['name']}" for s in listed["items"]]
+
+    def kubectl_get_secrets(self, selector):
+        """`kubectl get secrets -A -l SELECTOR`: kubectl's table, or its "No resources found"."""
+        self.listed_secrets = self.labelled_secrets(selector)
+        if not self.listed_secrets:
+            return 0, "", "No resources found\n"
+        return 0, "NAMESPACE   NAME\n" + "".join(
+            "   ".join(s.split("/", 1)) + "\n" for s in self.listed_secrets), ""
+
     # ------------------------------------------------------------------ the operator's steps
     def cli(self, *argv, stdin=None, extra_env=None, expect_ok=True):
         env = {
@@ -860,23 +1022,34 @@ class Rehearsal:
 
     # ------------------------------------------------------------------ the rehearsal
     def run(self):
-        step("SAM expansion of template.yaml, moto with IAM enforcement")
+        step("SAM expansion of template.yaml, moto with IAM enforcement; the cluster")
         self.start_moto()
         self.bootstrap_identities()
-        step("README Secret mode: sam deploy, the tables and roles from the expanded template")
-        # README: sam deploy --parameter-overrides KubeconfigParameterName=... ProxyImage=...
-        # WebhookPathSecret="$(openssl rand -base64 32 | tr '+/' '-_' | tr -d '=')"
-        parameters = cfn.samconfig_overrides(os.path.join(self.root, "samconfig.toml"))
-        parameters.update({"KubeconfigParameterName": "/iam-broker/webhook-kubeconfig",
-                           "ProxyImage": "registry.example/iam-broker-proxy:0.1.0",
-                           "WebhookPathSecret": secrets.token_urlsafe(32)})
+        self.start_cluster()
+        # the application's ServiceAccount, which README's `kubectl annotate sa` finds in place
+        status, answer = self.kube("POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts",
+                                   {"metadata": {"name": "app-sa", "namespace": NAMESPACE}})
+        check(status == 201, f"creating ServiceAccount app-sa: {status} {answer}")
+
+        step("README Secret mode as written, in the operator's shell: sam deploy, kubectl apply "
+             "deploy/, kubeconfig --store, doctor, allow, annotate, render-webhook")
+        (block,) = self.readme_blocks("secret", 1, "Secret mode's")
+        # the webhook is registered last: the first pod finds its kubeconfig, allowance and role
+        order = ("sam deploy", "kubectl apply", "--store", "iam-broker doctor", "iam-broker allow",
+                 "annotate sa", "render-webhook")
+        check(in_order(block, order), f"README's Secret mode block is not in the order {order}")
+        transcript = self.run_readme([block], "Secret mode block")
+
+        step("what README's sam deploy created: a secret-mode stack")
+        parameters = self.parameters
+        check(parameters.get("KubeconfigParameterName"),
+              f"README's sam deploy passes {sorted(parameters)}: no KubeconfigParameterName")
         without = {k: v for k, v in parameters.items() if k != "KubeconfigParameterName"}
         refusals = cfn.rule_refusals(self.expanded_template(without), without)
         check(any("KubeconfigParameterName is required when IdentityMode is secret" in r
                   for r in refusals),
               f"a secret-mode stack without KubeconfigParameterName is not refused: {refusals}")
         print(f"    refused without KubeconfigParameterName: {refusals[0]}", file=sys.stderr)
-        by_type = self.deploy_stack(parameters)
         for key, value in sorted(self.outputs.items()):
             print(f"    output {key} = {value}", file=sys.stderr)
         for name in ("BrokerUrl", "WebhookUrlWithoutSecret", "AllowancesTableName",
@@ -886,40 +1059,44 @@ class Rehearsal:
             check(name in self.outputs, f"the stack has no output {name}")
         check(self.outputs["IdentityMode"] == "secret",
               f"the IdentityMode output is {self.outputs['IdentityMode']}")
+        check("CleanupFunction" in self.functions,
+              f"the stack runs {sorted(self.functions)}: no CleanupFunction with a kubeconfig")
         step("the dashboard and the alarms read the metrics the functions write")
         self.check_dashboard_and_alarms()
-        step("start the functions under the Lambda runtime emulator, API Gateway in front")
-        self.start_functions(by_type)
-        self.start_cluster()
 
-        step("README Secret mode: kubectl apply deploy/; iam-broker kubeconfig --store; render-webhook")
-        for path in (MANIFESTS["namespace"], MANIFESTS["webhook identity"], MANIFESTS["secret RBAC"]):
-            for applied in self.kubectl_apply(os.path.join(self.root, path)):
-                print(f"    applied {applied}", file=sys.stderr)
-        self.cli("kubeconfig", "--from-secret", "iam-broker/iam-broker-webhook-token", "--store")
+        step("what README's kubectl apply, kubeconfig --store, doctor and render-webhook did")
+        applied = sorted(set(self.applied_files))
+        check(applied == sorted(MANIFESTS[m] for m in ("namespace", "webhook identity",
+                                                       "secret RBAC")),
+              f"README applied {applied}: secret mode needs the webhook's identity and RBAC")
         ssm = self.client("ssm", self.admin)
         parameter = ssm.get_parameter(Name=self.outputs["KubeconfigParameterName"],
                                       WithDecryption=True)["Parameter"]
         check(parameter["Type"] == "SecureString", "the kubeconfig parameter is not a SecureString")
+        for line in (f"kubeconfig parameter: {self.outputs['KubeconfigParameterName']} decrypts",
+                     "Kubernetes RBAC get serviceaccounts: allowed",
+                     "Kubernetes RBAC create secrets: allowed",
+                     "Kubernetes RBAC delete secrets: allowed",
+                     f"sidecar image: {self.outputs['ProxyImage']}"):
+            check(doctor_said_ok(transcript, line), f"iam-broker doctor did not say `ok {line}`")
         missing = self.cli("render-webhook", expect_ok=False)
         check(missing.returncode != 0 and "WEBHOOK_PATH_SECRET" in missing.stderr,
               f"render-webhook without the path secret did not refuse: {missing.stderr}")
         short = self.cli("render-webhook", "--url", self.outputs["WebhookUrlWithoutSecret"],
                          expect_ok=False)
         check(short.returncode != 0, "render-webhook accepted a /mutate/ URL without a secret")
-        rendered = self.cli("render-webhook", extra_env={"WEBHOOK_PATH_SECRET": self.path_secret})
-        self.registration = yaml.safe_load(rendered.stdout)
-        urls = {h["clientConfig"]["url"] for h in self.registration["webhooks"]}
+        hooks = self.registration["webhooks"] if self.registration else []
+        urls = {h["clientConfig"]["url"] for h in hooks}
         check(urls == {self.outputs["WebhookUrlWithoutSecret"] + self.path_secret},
               f"the registration points at {urls}")
-        self.namespace_labels = {}
+        check(sorted(o for h in hooks for r in h["rules"] for o in r["operations"])
+              == ["CREATE", "DELETE"], f"the secret-mode registration: {json.dumps(hooks)[:400]}")
+        print(f"    kubectl applied {', '.join(applied)}; the kubeconfig a SecureString; "
+              f"registration {self.registration['metadata']['name']}: Pod CREATE and DELETE",
+              file=sys.stderr)
 
-        step("README Secret mode: iam-broker doctor, from the operator's machine")
-        doctor = self.cli("doctor", expect_ok=False)
-        print("    " + doctor.stdout.strip().replace("\n", "\n    "), file=sys.stderr)
-        check(doctor.returncode == 0, f"doctor failed:\n{doctor.stdout}{doctor.stderr}")
-
-        step("README Use: a role under AllowedRoleArnPattern, allowed and annotated")
+        step("README Use: the role README allowed, trusting the broker; the ServiceAccount "
+             "annotated; and a role outside AllowedRoleArnPattern")
         iam = self.client("iam", self.admin)
         trust = {"Version": "2012-10-17", "Statement": [{
             "Effect": "Allow", "Principal": {"AWS": self.outputs["BrokerFunctionRoleArn"]},
@@ -928,16 +1105,26 @@ class Rehearsal:
                                        AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
         outside_role = iam.create_role(RoleName=OUTSIDE_ROLE_NAME, Path="/",
                                        AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+        listed = json.loads(self.cli("allowances", "--output", "json").stdout)
+        check([(r["service_account"], r["allowed_roles"]) for r in listed]
+              == [("app-sa", [allowed_role])], f"README's allow left {listed}")
         annotation = self.functions["WebhookFunction"].variables.get(
             "ROLE_ARN_ANNOTATION", "eks.amazonaws.com/role-arn")
-        for account, role in (("app-sa", allowed_role), ("legacy-sa", outside_role)):
-            self.cli("allow", "--namespace", NAMESPACE, "--service-account", account, "--role", role)
-            status, answer = self.kube("POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts", {
-                "metadata": {"name": account, "namespace": NAMESPACE,
-                             "annotations": {annotation: role}}})
-            check(status == 201, f"annotating {account}: {status} {answer}")
+        status, account = self.kube("GET", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/app-sa")
+        annotations = account.get("metadata", {}).get("annotations")
+        check(status == 200 and annotations == {annotation: allowed_role},
+              f"README's kubectl annotate left app-sa with {annotations}; the webhook reads "
+              f"{annotation}")
+        self.cli("allow", "--namespace", NAMESPACE, "--service-account", "legacy-sa",
+                 "--role", outside_role)
+        status, answer = self.kube("POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts", {
+            "metadata": {"name": "legacy-sa", "namespace": NAMESPACE,
+                         "annotations": {annotation: outside_role}}})
+        check(status == 201, f"annotating legacy-sa: {status} {answer}")
         listed = json.loads(self.cli("allowances", "--output", "json").stdout)
         check(len(listed) == 2, f"allowances lists {listed}")
+        print(f"    {allowed_role} trusts the broker; app-sa: {annotation}: {allowed_role}",
+              file=sys.stderr)
 
         step("the first pod: admission through API Gateway, then the sidecar and `aws sts get-caller-identity`")
         pod, hooks = self.create_pod("s3-listing", "app-sa")
@@ -1009,7 +1196,7 @@ class Rehearsal:
         allowances = self.outputs["AllowancesTableName"]
         clusters = self.outputs["ClustersTableName"]
         scanned = self.client("dynamodb", broker_fn).scan(TableName=clusters)
-        check([i["cluster"]["S"] for i in scanned["Items"]] == ["rehearsal"],
+        check([i["cluster"]["S"] for i in scanned["Items"]] == [self.cluster],
               f"the broker's role scanned {scanned['Items']}")
         print("    allowed as it should be: broker scans the Clusters table", file=sys.stderr)
         checks = {
@@ -1040,7 +1227,7 @@ class Rehearsal:
                                                 "issuer": {"S": "https://forged"},
                                                 "jwks": {"S": "{}"}}),
             "broker cannot delete from the Clusters table": lambda: self.client("dynamodb", broker_fn)
-            .delete_item(TableName=clusters, Key={"cluster": {"S": "rehearsal"}}),
+            .delete_item(TableName=clusters, Key={"cluster": {"S": self.cluster}}),
             "webhook cannot read the Clusters table": lambda: self.client("dynamodb", webhook_fn)
             .scan(TableName=clusters),
             "cleanup cannot read the Clusters table": lambda: self.client("dynamodb", cleanup_fn)
@@ -1119,29 +1306,28 @@ class Rehearsal:
         self.check_settings_reachable()
 
     def move_to_projected(self, role):
-        """README, Moving from secret to projected, on this stack: its cluster is registered
-        (`rehearsal`, above); redeploy with IdentityMode=projected and ClusterName, keeping the
-        kubeconfig; the secret-mode registration stays, so the DELETE of a pod admitted in secret
-        mode still removes its Secret; new pods get projected tokens; once no managed Secret is
-        left, the projected registration replaces it (no DELETE webhook)."""
-        step("README Moving from secret to projected: redeploy projected keeping the kubeconfig, "
-             "keep the DELETE webhook until no secret-mode pod is left")
-        # sam deploy --parameter-overrides IdentityMode=projected ClusterName="$CLUSTER_NAME":
-        # every parameter not named keeps its value
-        self.update_stack({**self.parameters, "IdentityMode": "projected",
-                           "ClusterName": "rehearsal"})
+        """README, Moving from secret to projected, steps 2 to 4 as written, in the shell of the
+        secret-mode deploy: its cluster is registered (step 1, `projected_identity`); redeployed
+        with IdentityMode=projected and ClusterName, the kubeconfig kept; the secret-mode
+        registration stays, so the DELETE of a pod admitted in secret mode still removes its
+        Secret; new pods get projected tokens; once `kubectl get secrets` lists no managed Secret,
+        the projected registration replaces it (no DELETE webhook)."""
+        step("README Moving from secret to projected, 2 as written: sam deploy IdentityMode="
+             "projected ClusterName=..., every other parameter kept (the kubeconfig among them)")
+        self.run_readme(self.migration[1:2], "Moving from secret to projected block 2")
+        check(self.overrides == {"IdentityMode": "projected", "ClusterName": self.cluster},
+              f"README's redeploy passes {self.overrides}: IdentityMode=projected and the "
+              f"registered cluster's name {self.cluster} expected")
         check(self.outputs["IdentityMode"] == "projected"
-              and self.outputs.get("KubeconfigParameterName") == "/iam-broker/webhook-kubeconfig"
+              and self.outputs.get("ClusterName") == self.cluster
+              and self.outputs.get("KubeconfigParameterName") == self.parameters[
+                  "KubeconfigParameterName"]
               and "CleanupFunction" in self.functions,
               f"after the redeploy: outputs {self.outputs}, functions {sorted(self.functions)}")
-        selector = urllib.parse.quote("app.kubernetes.io/managed-by=iam-broker")
 
-        def managed_secrets():  # kubectl get secrets -A -l app.kubernetes.io/managed-by=iam-broker
-            status, listed = self.kube("GET", f"/api/v1/secrets?labelSelector={selector}")
-            check(status == 200, f"listing the managed Secrets: {status} {listed}")
-            return [f"{s['metadata']['namespace']}/{s['metadata']['name']}" for s in listed["items"]]
-
-        left = managed_secrets()
+        step("the move, the cluster's part: the secret-mode registration kept, a new pod "
+             "projected, the secret-mode pods' workloads restarted")
+        left = self.labelled_secrets(MANAGED_SECRETS)
         check(left, "no secret-mode pod is left to rehearse the move with")
         # the registration in the cluster is still the secret-mode one; re-rendered during the
         # move, it needs --identity-mode secret (the stack's output now says projected)
@@ -1167,44 +1353,57 @@ class Rehearsal:
         for pod in old:
             check(self.delete_pod(pod), f"the DELETE of {pod['metadata']['name']} reached no "
                   "webhook: the secret-mode registration lost its DELETE webhook")
-        left = managed_secrets()
-        check(not left, f"Secrets of deleted secret-mode pods are left: {left}")
         print(f"    deleted {', '.join(p['metadata']['name'] for p in old)} through the kept "
-              "DELETE webhook: kubectl get secrets -A -l app.kubernetes.io/managed-by=iam-broker "
-              "lists nothing", file=sys.stderr)
-        self.registration = yaml.safe_load(self.cli("render-webhook", extra_env={
-            "WEBHOOK_PATH_SECRET": self.path_secret}).stdout)
+              "DELETE webhook", file=sys.stderr)
+
+        step("README Moving from secret to projected, 3 and 4 as written: kubectl get secrets "
+             "lists nothing; render-webhook | kubectl apply -f -")
+        self.run_readme(self.migration[2:], "Moving from secret to projected block 3")
+        check(self.listed_secrets == [],
+              f"Secrets of deleted secret-mode pods are left: {self.listed_secrets}")
         operations = [r["operations"] for h in self.registration["webhooks"] for r in h["rules"]]
         check(operations == [["CREATE"]], f"the projected registration registers {operations}")
-        print("    render-webhook | kubectl apply -f -: from the IdentityMode output, Pod CREATE "
-              "only", file=sys.stderr)
+        print("    kubectl get secrets -A -l app.kubernetes.io/managed-by=iam-broker: No resources "
+              "found; render-webhook, from the IdentityMode output: Pod CREATE only",
+              file=sys.stderr)
 
     def projected_identity(self, role, broker):
-        """Projected mode on the same stack: the operator registers the cluster from its API
-        server and allows a ServiceAccount of it; the kubelet's token for a pod of that
-        ServiceAccount gets the role's credentials from the broker."""
-        step("projected identity: cluster add from the API server, allow --cluster, a pod's "
-             "projected token at the broker")
-        for applied in self.kubectl_apply(os.path.join(self.root, MANIFESTS["issuer discovery"])):
-            print(f"    applied {applied}", file=sys.stderr)
-        discovery = self.cli("kubeconfig", "--from-secret",
-                             "iam-broker/iam-broker-issuer-discovery-token")
-        kubeconfig = os.path.join(self.work, "discovery-kubeconfig")
-        with open(kubeconfig, "w") as f:
-            f.write(discovery.stdout)
-        added = self.cli("cluster", "add", "rehearsal", "--kubeconfig", kubeconfig)
-        print(f"    {added.stdout.splitlines()[0]}", file=sys.stderr)
-        check(self.kube_token not in added.stdout + added.stderr,
-              "cluster add printed the kubeconfig's token")
-        again = self.cli("cluster", "add", "rehearsal", "--kubeconfig", kubeconfig,
-                         expect_ok=False)
-        check(again.returncode != 0 and "cluster refresh rehearsal" in again.stderr,
-              f"a second cluster add was not refused: {again.stderr}")
+        """README, Moving from secret to projected, step 1 as written, in the shell of the
+        secret-mode deploy: the cluster registered from its API server. Then projected identity
+        on the secret-mode stack: the operator allows a ServiceAccount of the cluster; the
+        kubelet's token for a pod of that ServiceAccount gets the role's credentials from the
+        broker."""
+        step("README Moving from secret to projected, 1 as written: kubectl apply the "
+             "issuer-discovery identity, cluster add from the API server")
+        self.migration = self.readme_blocks(
+            "secret-to-projected", 3, "Moving from secret to projected's cluster add, redeploy, "
+            "then the projected registration")
+        order = [next((i for i, b in enumerate(self.migration) if command in b), None)
+                 for command in ("cluster add", "sam deploy", "kubectl get secrets",
+                                 "render-webhook")]
+        check(order == [0, 1, 2, 2]
+              and in_order(self.migration[2], ("get secrets", "render-webhook")),
+              f"README's move is not cluster add; sam deploy; kubectl get secrets, render-webhook: "
+              f"{order}")
+        transcript = self.run_readme(self.migration[:1], "Moving from secret to projected block 1")
+        check(MANIFESTS["issuer discovery"] in self.applied_files,
+              f"README's move applied {self.applied_files}, not the issuer-discovery identity")
+        check(self.kube_token not in transcript, "cluster add printed the kubeconfig's token")
         listed = json.loads(self.cli("cluster", "list", "--json").stdout)
-        check([c["name"] for c in listed] == ["rehearsal"]
-              and listed[0]["source"] == f"api-server {self.kube_server}",
+        check(len(listed) == 1 and listed[0]["source"] == f"api-server {self.kube_server}",
               f"cluster list shows {listed}")
-        self.cli("allow", "--cluster", "rehearsal", "--namespace", NAMESPACE,
+        self.cluster = listed[0]["name"]
+        kubeconfig = os.path.join(self.shell.folder, "discovery.kubeconfig")
+        again = self.cli("cluster", "add", self.cluster, "--kubeconfig", kubeconfig,
+                         expect_ok=False)
+        check(again.returncode != 0 and f"cluster refresh {self.cluster}" in again.stderr,
+              f"a second cluster add was not refused: {again.stderr}")
+        print(f"    cluster {self.cluster} registered from {self.kube_server}; a second "
+              "cluster add is refused", file=sys.stderr)
+
+        step("projected identity on the secret-mode stack: allow --cluster, a pod's projected "
+             "token at the broker")
+        self.cli("allow", "--cluster", self.cluster, "--namespace", NAMESPACE,
                  "--service-account", "app-sa", "--role", role)
         status, pod = self.kube("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", {
             "apiVersion": "v1", "kind": "Pod",
@@ -1457,8 +1656,8 @@ class Rehearsal:
 class ProjectedFirst(Rehearsal):
     """README's projected-first path (Deploy, steps 1 to 5) on a second stack, in the same moto
     and against the same cluster as the first: README's blocks run as written, as one script in
-    a fresh bash (readme_shell), `sam deploy` with no KubeconfigParameterName; then the API
-    server's and the kubelet's part for the pods of step 5."""
+    a fresh operator's shell (readme_shell), `sam deploy` with no KubeconfigParameterName; then
+    the API server's and the kubelet's part for the pods of step 5."""
 
     def __init__(self, first):
         super().__init__(first.args, os.path.join(first.work, "projected-first"))
@@ -1467,94 +1666,24 @@ class ProjectedFirst(Rehearsal):
         for name in ("endpoint", "admin", "lambda_service", "admin_kubeconfig", "kube_server",
                      "kube_ca", "kube_token", "kube_tls"):
             setattr(self, name, getattr(first, name))
-        self.namespace_labels = {}
-        self.applied_files = []
-        self.registration = None
-
-    # ------------------------------------------------------------------ sam and kubectl
-    def shell_command(self, tool, argv, stdin, env, cwd):
-        """A `sam` or `kubectl` command of README's script: (exit code, stdout, stderr)."""
-        if tool == "sam" and argv[:1] == ["build"]:
-            return 0, "", "(rehearsal: the SAM translator expands template.yaml at sam deploy)\n"
-        if tool == "sam" and argv[:1] == ["deploy"]:
-            return self.sam_deploy(argv[1:], env)
-        if tool == "kubectl" and argv[:1] == ["apply"] and len(argv) > 1:
-            return self.kubectl_apply_command(argv[1:], stdin, cwd)
-        return 2, "", f"rehearsal: `{tool} {' '.join(argv)}` is not modelled\n"
-
-    def sam_deploy(self, argv, env):
-        """`sam deploy` of a new stack: its --parameter-overrides (samconfig.toml's are replaced
-        by them), the other parameters at their defaults, in sam's region."""
-        options, overrides, rest = {}, {}, list(argv)
-        while rest:
-            option = rest.pop(0)
-            if option == "--parameter-overrides":
-                while rest and not rest[0].startswith("--"):
-                    name, _, value = rest.pop(0).partition("=")
-                    # sam reads K="" as the empty string
-                    overrides[name] = value[1:-1] if value[:1] == value[-1:] == '"' else value
-            elif option in ("--stack-name", "--region") and rest:
-                options[option] = rest.pop(0)
-            else:
-                return 2, "", f"rehearsal: sam deploy {option} is not modelled\n"
-        # sam's boto3 reads AWS_DEFAULT_REGION, not AWS_REGION (which iam-broker reads)
-        region = options.get("--region") or env.get("AWS_DEFAULT_REGION")
-        check(region, "sam deploy has no region: it reads --region or AWS_DEFAULT_REGION")
-        check(env.get("AWS_REGION") == region,
-              f"sam deploys to {region}, iam-broker would look in AWS_REGION={env.get('AWS_REGION')}")
-        self.region = region
-        with open(os.path.join(self.root, "samconfig.toml"), "rb") as f:
-            samconfig = tomllib.load(f)
-        self.stack = options.get("--stack-name") or \
-            samconfig["default"]["global"]["parameters"]["stack_name"]
-        self.overrides = overrides
-        by_type = self.deploy_stack(dict(overrides))
-        self.start_functions(by_type)
-        return 0, f"Successfully created/updated stack - {self.stack} in {region}\n", ""
-
-    def kubectl_apply_command(self, argv, stdin, cwd):
-        check(len(argv) % 2 == 0 and all(a == "-f" for a in argv[::2]),
-              f"kubectl apply {' '.join(argv)}: the rehearsal models `apply -f FILE|-` only")
-        applied = []
-        for name in argv[1::2]:
-            if name == "-":
-                applied += self.kubectl_apply(documents=list(yaml.safe_load_all(stdin)))
-            else:
-                self.applied_files.append(os.path.relpath(os.path.realpath(os.path.join(cwd, name)),
-                                                          self.root))
-                applied += self.kubectl_apply(os.path.join(cwd, name))
-        return 0, "".join(f"{a} applied\n" for a in applied), ""
+        # README's two paths are alternatives for one stack (one name, one region): the first
+        # goes, as `sam delete` would take it, before README's sam deploy creates this one
+        first.client("cloudformation", first.admin).delete_stack(StackName=first.stack)
 
     # ------------------------------------------------------------------ the rehearsal
     def run(self):
         step("README Deploy, projected first: steps 1 to 4 as written, one script in a fresh bash")
-        with open(os.path.join(self.root, "README.md")) as f:
-            script = readme_shell.blocks(f.read(), "projected-first")
-        check(len(script) == 4, f"README has {len(script)} blocks marked 'rehearsed: "
-              "projected-first', expected steps 1 to 4")
+        script = self.readme_blocks("projected-first", 4, "Deploy's steps 1 to 4")
         # no pod is admitted before its cluster is registered and its role allowed
         order = [next((i for i, b in enumerate(script) if command in b), None)
                  for command in ("sam deploy", "cluster add", "iam-broker allow", "render-webhook")]
         check(None not in order and order == sorted(order) and len(set(order)) == 4,
               f"README's steps 1 to 4 are not deploy, cluster add, allow, render-webhook: {order}")
-        status, transcript = readme_shell.run(
-            script, os.path.join(self.work, "readme"), self.root,
-            os.path.join(self.bin, "iam-broker"), self.shell_command,
-            {  # what the operator's workstation has: credentials and a kubeconfig
-                "AWS_ACCESS_KEY_ID": self.admin["AccessKeyId"],
-                "AWS_SECRET_ACCESS_KEY": self.admin["SecretAccessKey"],
-                "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-                "KUBECONFIG": self.admin_kubeconfig,
-                "AWS_ENDPOINT_URL": self.endpoint,  # the translation: AWS is moto
-                "RUST_LOG": "warn",
-            },
-            ["deploy", "template.yaml", "samconfig.toml"])
-        check(status == 0, f"README's projected-first script stopped (exit {status})")
+        transcript = self.run_readme(script, "projected-first script")
         # iam-broker doctor, in step 2: the registration, and no Kubernetes to check
         for line in ("cluster registration: {} is registered", "Kubernetes: not called"):
             line = line.format(self.outputs["ClusterName"])
-            check(re.search(rf"^\s*ok\s+{re.escape(line)}", transcript, re.M),
-                  f"iam-broker doctor did not say `ok {line}`")
+            check(doctor_said_ok(transcript, line), f"iam-broker doctor did not say `ok {line}`")
 
         step("the projected-first stack: no kubeconfig, no SSM, no cleanup; the registration")
         self.check_cluster_free_stack()
