@@ -384,6 +384,26 @@ pub async fn allow(
     Ok(())
 }
 
+/// `iam-broker disallow` of every role of a ServiceAccount; fails with the CLI's message unless
+/// it succeeds.
+pub async fn disallow(env: &Env, namespace: &str, service_account: &str) -> anyhow::Result<()> {
+    let out = cli(
+        env,
+        &[
+            "disallow",
+            "--namespace",
+            namespace,
+            "--service-account",
+            service_account,
+        ],
+    )
+    .await?;
+    if !out.success {
+        bail!("iam-broker disallow failed: {}", out.stderr);
+    }
+    Ok(())
+}
+
 /// `iam-broker token create` (pod `web-1`); the token it printed.
 pub async fn mint_token(
     env: &Env,

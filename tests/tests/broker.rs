@@ -466,19 +466,9 @@ async fn changing_or_deleting_the_allowance_revokes_at_the_next_fetch() {
     // WHEN it is granted again, then the whole row deleted
     w.allow("team-a", "app", ROLE).await;
     assert_eq!(server.get("/", Some(&token)).await.unwrap().status, 200);
-    let out = cli(
-        &w.env,
-        &[
-            "disallow",
-            "--namespace",
-            "team-a",
-            "--service-account",
-            "app",
-        ],
-    )
-    .await
-    .unwrap();
-    assert!(out.success, "{}", out.stderr);
+    iam_broker_tests::disallow(&w.env, "team-a", "app")
+        .await
+        .unwrap();
     let answer = server.get("/", Some(&token)).await.unwrap();
     assert_eq!((answer.status, answer.code()), (403, "AllowanceRevoked"));
 }

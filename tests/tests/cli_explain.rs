@@ -369,19 +369,9 @@ async fn an_allowed_pod_is_injected_and_its_token_served_until_disallowed() {
     );
 
     // Disallowed: the webhook skips, and the broker refuses the token it issued before.
-    let disallow = cli(
-        &w.env,
-        &[
-            "disallow",
-            "--namespace",
-            "team-a",
-            "--service-account",
-            "app",
-        ],
-    )
-    .await
-    .unwrap();
-    assert!(disallow.success, "{}", disallow.stderr);
+    iam_broker_tests::disallow(&w.env, "team-a", "app")
+        .await
+        .unwrap();
     let (out, json) = explain(&w, &pod("team-a", "app"), &[]).await;
     assert_eq!(exit_code(&out), 2);
     assert_eq!(json["webhook"]["decision"], "skipped");
