@@ -1,7 +1,8 @@
 //! Broker benchmarks (run with `cargo bench -p iam-broker-tests --bench broker`, after
 //! `cargo build --release --bins`):
 //!
-//! 1. overhead of the router + broker handler per request, with in-memory ports (no I/O);
+//! 1. overhead of the router + broker handler per request, with in-memory ports (no I/O), without
+//!    and with Prometheus metrics;
 //! 2. the same request through the real DynamoDB and STS adapters, with the AWS round trips
 //!    served by a fast local endpoint that answers canned DynamoDB / STS responses;
 //! 3. time from spawning `iam-broker serve` to the first credentials it serves;
@@ -106,6 +107,14 @@ async fn measure(app: axum::Router, warmup: usize, runs: usize) -> Stats {
 }
 
 async fn in_memory_router() -> axum::Router {
+    in_memory_router_with(None).await
+}
+
+/// [`in_memory_router`], keeping Prometheus metrics as `serve --metrics-listen` does when given
+/// (every request counted, every stage timed).
+async fn in_memory_router_with(
+    prometheus: Option<Arc<iam_broker_router::prometheus::Prometheus>>,
+) -> axum::Router {
     let allowances = Arc::new(MemoryAllowanceStore::default());
     let tokens = Arc::new(MemoryTokenStore::default());
     let subject = Subject::service_account("team-a", "app").expect("valid");
@@ -135,10 +144,17 @@ async fn in_memory_router() -> axum::Router {
         Arc::new(SystemClock),
         settings(),
     );
+    let (broker, metrics) = match prometheus {
+        Some(p) => (
+            broker.with_observer(p.clone()),
+            iam_broker_router::metrics::Metrics::off().with_prometheus(p),
+        ),
+        None => (broker, Default::default()),
+    };
     router(AppState {
         broker: Arc::new(broker),
         webhook: Arc::new(memory_webhook(allowances_for_webhook().await)),
-        metrics: Default::default(),
+        metrics,
     })
 }
 
@@ -252,6 +268,17 @@ async fn canned_aws(headers: HeaderMap, body: Bytes) -> axum::response::Response
         "DynamoDB_20120810.GetItem" => json(format!(
             r#"{{"Item":{{"namespace":{{"S":"team-a"}},"service_account":{{"S":"app"}},"allowed_roles":{{"SS":["{ROLE}"]}}}}}}"#
         )),
+        // The Allowances rows, in one BatchGetItem: the exact row allows ROLE, no `*` row.
+        "DynamoDB_20120810.BatchGetItem" => {
+            let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let table = request["RequestItems"]
+                .as_object()
+                .and_then(|tables| tables.keys().next().cloned())
+                .unwrap_or_default();
+            json(format!(
+                r#"{{"Responses":{{"{table}":[{{"namespace":{{"S":"team-a"}},"service_account":{{"S":"app"}},"allowed_roles":{{"SS":["{ROLE}"]}}}}]}},"UnprocessedKeys":{{}}}}"#
+            ))
+        }
         "DynamoDB_20120810.UpdateItem" => json("{}".into()),
         _ if text.contains("Action=AssumeRole") => {
             let expiration = (OffsetDateTime::now_utc() + time::Duration::hours(1))
@@ -374,6 +401,18 @@ async fn main() {
         &overhead,
     );
 
+    let prometheus = Arc::new(iam_broker_router::prometheus::Prometheus::new());
+    let counted = measure(
+        in_memory_router_with(Some(prometheus.clone())).await,
+        2_000,
+        50_000,
+    )
+    .await;
+    row(
+        "the same, with Prometheus metrics kept (`serve --metrics-listen`)",
+        &counted,
+    );
+
     let admission = measure_admission(1_000, 20_000).await;
     row(
         "router + admission webhook per CREATE, in-memory ports (own overhead)",
@@ -388,7 +427,7 @@ async fn main() {
     );
     let adapters = measure(adapter_router(&endpoint).await, 200, 5_000).await;
     row(
-        "router + handler + DynamoDB/STS SDK adapters, canned local endpoint (3 sequential round trips)",
+        "router + handler + DynamoDB/STS SDK adapters, canned local endpoint (GetItem, BatchGetItem, AssumeRole: 3 sequential round trips)",
         &adapters,
     );
     match start_to_first_credentials(&endpoint, 20).await {
