@@ -795,16 +795,19 @@ impl Webhook {
         let retracted = match timeout_at(deadline, self.tokens.retract(&tombstone)).await {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
-                tracing::error!(token = hash, error = %e, "undo: could not retract the token record");
+                tracing::error!(token_hash = hash, error = %e, "undo: could not retract the token record");
                 false
             }
             Err(_) => {
-                tracing::error!(token = hash, "undo: retracting the token record timed out");
+                tracing::error!(
+                    token_hash = hash,
+                    "undo: retracting the token record timed out"
+                );
                 false
             }
         };
         if !retracted && written.record_sent {
-            tracing::error!(namespace, secret = %secret_name, token = hash,
+            tracing::error!(namespace, secret = %secret_name, token_hash = hash,
                 "undo: the token record may exist, so its Secret is kept with it; the pair \
                  grants nothing to any pod and lapses at its expiry");
             return;

@@ -197,8 +197,8 @@ impl Scope {
     }
 }
 
-/// `2026-12-05T19:30:00Z`.
-fn iso(at: OffsetDateTime) -> String {
+/// `2026-12-05T19:30:00Z`: the form of the statements' time condition, and of `sessions`' output.
+pub fn iso(at: OffsetDateTime) -> String {
     at.replace_nanosecond(0)
         .unwrap_or(at)
         .format(&Rfc3339)

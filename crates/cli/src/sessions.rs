@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 
 use iam_broker_aws::iam::{RolePolicies, role_name};
 use iam_broker_broker::revocation::{
-    self, IdentityBasis, POLICY_NAME, SID_PREFIX, Scope, with_statement,
+    self, IdentityBasis, POLICY_NAME, SID_PREFIX, Scope, iso, with_statement,
 };
 use iam_broker_kernel::allowance::{
     Allowance, RoleArn, Subject, WILDCARD_SERVICE_ACCOUNT, deciding_subjects,
@@ -447,22 +447,10 @@ async fn list(world: &World, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// When the latest iam-broker statement of a document may go.
+/// When the latest iam-broker statement of a document may go (`None`: all may go now).
 fn latest_until(document: Option<&str>, lifetime: Duration) -> Option<OffsetDateTime> {
-    let lifetime = time::Duration::try_from(lifetime).ok()?;
-    let value: serde_json::Value = serde_json::from_str(document?).ok()?;
-    value["Statement"]
-        .as_array()?
-        .iter()
-        .filter(|s| {
-            s["Sid"]
-                .as_str()
-                .is_some_and(|sid| sid.starts_with(SID_PREFIX))
-        })
-        .filter_map(revocation::revoked_at)
-        .map(|at| at + lifetime)
-        .filter(|until| *until > OffsetDateTime::now_utc())
-        .max()
+    let pruned = revocation::prune(document, None, OffsetDateTime::now_utc(), lifetime).ok()?;
+    pruned.kept.into_iter().map(|(_, until)| until).max()
 }
 
 fn describe(scope: &Scope) -> String {
@@ -476,11 +464,4 @@ fn describe(scope: &Scope) -> String {
         (Some(sa), None) => format!("{cluster}{}/{sa}", scope.namespace),
         _ => format!("namespace {cluster}{}", scope.namespace),
     }
-}
-
-fn iso(at: OffsetDateTime) -> String {
-    at.replace_nanosecond(0)
-        .unwrap_or(at)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
